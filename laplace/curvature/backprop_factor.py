@@ -1,0 +1,227 @@
+r"""Exact outer-product curvatures from a backpropagated factor of the output Hessian.
+
+The GGN, the Monte-Carlo Fisher and the empirical Fisher of a summed loss all take the
+form
+
+.. math::
+    H = \sum_n \sum_k v_{nk} v_{nk}^\top, \qquad v_{nk} = J_n^\top M_n[:, k],
+
+with :math:`J_n` the Jacobian ``(C, P)`` of the network output for datum ``n`` and a
+factor ``M`` of shape ``(N, C, K)``: a square root of the output Hessian (GGN), sampled
+loss gradients (MC Fisher) or the loss gradient itself (EF, ``K = 1``).
+
+Instead of building the Jacobian ``(N, C, P)``, one batched backward pass carries the
+``K`` columns of ``M`` to the output of every ``nn.Linear``/``nn.Conv2d`` layer
+(``g``, shape ``(K, N, out...)``). With the layer input ``a`` captured on the forward
+pass, the per-example vectors of a linear layer are ``g a^T`` and
+
+- the diagonal is ``sum_{n} (sum_k g_{nk}^2) (a_n^2)^T``: one ``(out, N) @ (N, in)``
+  product per layer, no per-example tensor at all;
+- the dense matrix is ``V^T V`` with ``V`` ``(K N, P)``: one symmetric rank-``KN``
+  update per batch.
+
+Models with parameters in other layers (or layers called twice) fall back to the
+Jacobian computed by ``torch.func``; the result is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+from torch.nn import functional as F
+
+FactorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _is_fast_layer(module: nn.Module) -> bool:
+    if type(module) is nn.Linear:
+        return True
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _owners(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[int, nn.Module]:
+    """Map ``id(param)`` to the module that holds it directly."""
+    wanted = {id(p) for p in params}
+    owner: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in wanted:
+                owner.setdefault(id(p), module)
+    return owner
+
+
+class _Tape:
+    """Forward hooks that record the input and output of the given layers."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        self.layers = list(layers)
+        self.records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {
+            id(m): [] for m in self.layers
+        }
+
+    def __enter__(self) -> _Tape:
+        def hook(module, inputs, output):
+            self.records[id(module)].append((inputs[0].detach(), output))
+
+        self.handles = [m.register_forward_hook(hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def single_calls(self) -> bool:
+        return all(len(r) == 1 for r in self.records.values())
+
+
+def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """Input patches ``(N, in*kh*kw, T)`` of a Conv2d layer."""
+    return F.unfold(
+        a,
+        module.kernel_size,
+        dilation=module.dilation,
+        padding=module.padding,
+        stride=module.stride,
+    )
+
+
+def _layer_terms(
+    module: nn.Module, a: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring a layer to the form of a linear map ``out = W a`` over positions ``T``.
+
+    Returns ``a`` as ``(N, T, in)`` and ``g`` as ``(K, N, T, out)``.
+    """
+    K, N = g.shape[:2]
+    if isinstance(module, nn.Conv2d):
+        a = _unfold(module, a).transpose(1, 2)
+        g = g.flatten(start_dim=3).transpose(2, 3)
+        return a, g
+    return a.reshape(N, -1, a.shape[-1]), g.reshape(K, N, -1, g.shape[-1])
+
+
+def _layer_diag(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
+    """Diagonal contributions ``{param_name: (numel,)}`` of one layer."""
+    a, g = _layer_terms(module, a, g)
+    out: dict[str, torch.Tensor] = {}
+    if a.shape[1] == 1:  # no weight sharing: never form per-example gradients
+        s = g[:, :, 0].square().sum(0)  # (N, out)
+        out["weight"] = (s.T @ a[:, 0].square()).flatten()
+        if module.bias is not None:
+            out["bias"] = s.sum(0)
+        return out
+    vectors = _layer_vectors(module, a, g, prepared=True)
+    return {name: v.square().sum((0, 1)) for name, v in vectors.items()}
+
+
+def _layer_vectors(module, a, g, prepared: bool = False):
+    """Per-example vectors ``{param_name: (K, N, numel)}`` of one layer."""
+    if not prepared:
+        a, g = _layer_terms(module, a, g)
+    K, N = g.shape[:2]
+    out = {"weight": torch.einsum("knto,nti->knoi", g, a).reshape(K, N, -1)}
+    if module.bias is not None:
+        out["bias"] = g.sum(2)
+    return out
+
+
+def _fast_route(model, params, x, factor_fn, diagonal: bool):
+    owner = _owners(model, params)
+    layers = list({id(m): m for m in owner.values()}.values())
+    if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
+        return None
+    with _Tape(layers) as tape:
+        f = model(x)
+    if not tape.single_calls() or not all(
+        tape.records[id(m)][0][1].requires_grad for m in layers
+    ):
+        return None
+    f_detached = f.detach()
+    M = factor_fn(f_detached)  # (N, C, K)
+    outputs = [tape.records[id(m)][0][1] for m in layers]
+    grads = torch.autograd.grad(
+        f, outputs, grad_outputs=M.permute(2, 0, 1), is_grads_batched=True
+    )
+    per_param: dict[int, torch.Tensor] = {}
+    for module, g in zip(layers, grads):
+        a = tape.records[id(module)][0][0]
+        terms = (_layer_diag if diagonal else _layer_vectors)(module, a, g)
+        for name, value in terms.items():
+            per_param[id(getattr(module, name))] = value
+    pieces = [per_param[id(p)] for p in params]
+    return f_detached, torch.cat(pieces, dim=-1)
+
+
+def jacobian(
+    model: nn.Module, params: Sequence[nn.Parameter], x, create_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jacobian ``(N, C, P)`` of the outputs w.r.t. ``params`` and outputs ``(N, C)``.
+
+    Computed per example with ``torch.func`` (``vmap`` of ``jacrev``); mapping inputs
+    are mapped over the leading dimension of every tensor they hold.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    primals = {names[id(p)]: p.detach() for p in params}
+    rebuild = _mapping_rebuilder(x)
+
+    def forward(theta, xi):
+        xi = _unsqueeze(xi)
+        out = functional_call(model, theta, (rebuild(xi),)).squeeze(0)
+        return out, out
+
+    data = dict(x) if isinstance(x, MutableMapping) else x
+    jac, f = vmap(jacrev(forward, has_aux=True), in_dims=(None, 0))(primals, data)
+    J = torch.cat([jac[name].flatten(start_dim=2) for name in primals], dim=-1)
+    if not create_graph:
+        J, f = J.detach(), f.detach()
+    return J, f
+
+
+def _unsqueeze(xi):
+    if isinstance(xi, dict):
+        return {k: v.unsqueeze(0) for k, v in xi.items()}
+    return xi.unsqueeze(0)
+
+
+def _mapping_rebuilder(x):
+    if isinstance(x, MutableMapping) and type(x) is not dict:
+        cls = type(x)
+        return lambda d: cls(d)
+    return lambda d: d
+
+
+def _generic_route(model, params, x, factor_fn, diagonal: bool):
+    J, f = jacobian(model, params, x)
+    M = factor_fn(f)
+    V = torch.einsum("ncp,nck->knp", J, M)
+    return f, (V.square().sum((0, 1)) if diagonal else V)
+
+
+def per_example_vectors(model, params, x, factor_fn: FactorFn):
+    """Return outputs ``f`` ``(N, C)`` and vectors ``V`` ``(K, N, P)``."""
+    result = _fast_route(model, params, x, factor_fn, diagonal=False)
+    return result or _generic_route(model, params, x, factor_fn, diagonal=False)
+
+
+def outer_product_diag(model, params, x, factor_fn: FactorFn):
+    """Return outputs ``f`` ``(N, C)`` and ``diag(sum_nk v_nk v_nk^T)`` ``(P,)``."""
+    result = _fast_route(model, params, x, factor_fn, diagonal=True)
+    return result or _generic_route(model, params, x, factor_fn, diagonal=True)
+
+
+def outer_product_full(model, params, x, factor_fn: FactorFn, indices=None):
+    """Return outputs ``f`` and ``sum_nk v_nk v_nk^T`` ``(P, P)`` (or its submatrix
+    over ``indices``) as one symmetric rank-``KN`` update."""
+    f, V = per_example_vectors(model, params, x, factor_fn)
+    V = V.reshape(-1, V.shape[-1])
+    if indices is not None:
+        V = V[:, indices]
+    return f, V.T @ V

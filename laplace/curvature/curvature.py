@@ -1,0 +1,287 @@
+"""The curvature interface: what every backend offers and what they share.
+
+A backend computes, for one batch ``(x, y)``, the curvature of the summed loss of
+DESIGN.md section 3 with respect to the parameters that require grad (or the last
+layer's, or a subnetwork's), in one of three structures:
+
+- ``full``: a dense ``(P, P)`` matrix;
+- ``kron``: a :class:`~laplace.utils.matrix.Kron` with one factor pair per layer;
+- ``diag``: its diagonal ``(P,)``.
+
+Each method returns ``(loss, H)`` with ``loss`` the summed loss of the batch.
+Subclasses state what they support in ``supported_structures`` and
+``supports_dict_inputs``; unsupported use fails before any work is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from laplace.curvature import backprop_factor
+from laplace.data import Inputs, batch_size
+from laplace.likelihood import get_likelihood
+from laplace.utils.enums import Likelihood
+from laplace.utils.feature_extractor import FeatureExtractor
+
+STRUCTURES = ("full", "kron", "diag")
+
+
+class CurvatureInterface:
+    """Interface to the curvature of a model and likelihood.
+
+    Parameters
+    ----------
+    model : nn.Module or FeatureExtractor
+    likelihood : Likelihood or str in {'classification', 'regression',
+        'reward_modeling'}; reward modeling uses the classification curvature.
+    last_layer : bool, default=False
+        only the parameters of the last ``nn.Linear`` layer (the model is wrapped in a
+        :class:`FeatureExtractor` unless it is one).
+    subnetwork_indices : torch.LongTensor, optional
+        indices into the flattened parameter vector; ``full`` and ``diag`` then return
+        the curvature of these entries only.
+    dict_key_x, dict_key_y : str
+        keys of inputs and targets when batches are mappings.
+
+    Attributes
+    ----------
+    lossfunc : torch.nn.MSELoss or torch.nn.CrossEntropyLoss (sum-reduced)
+    factor : float
+        ``0.5`` for regression (from ``MSELoss`` to ``N(f, 1)``), ``1`` otherwise.
+    """
+
+    #: structures this backend can compute, a subset of ``STRUCTURES``
+    supported_structures: ClassVar[frozenset[str]] = frozenset()
+    #: whether batches may be mappings (Hugging Face style)
+    supports_dict_inputs: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+    ) -> None:
+        self.lik = get_likelihood(likelihood)
+        self.likelihood = self.lik.name
+        if last_layer and not isinstance(model, FeatureExtractor):
+            model = FeatureExtractor(model)
+        self.model = model
+        self.last_layer = last_layer
+        self.subnetwork_indices = subnetwork_indices
+        self.dict_key_x = dict_key_x
+        self.dict_key_y = dict_key_y
+        self.lossfunc = self.lik.loss_module()
+        self.factor = self.lik.factor
+
+    # -- what is differentiated -------------------------------------------------
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters the curvature is taken over, in model order."""
+        module = self.model.last_layer if self.last_layer else self.model
+        if module is None:
+            raise RuntimeError(
+                "The last layer is not known yet; it is found on the first forward "
+                "pass (or name it with last_layer_name=...)."
+            )
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def _target(self, x: Inputs) -> tuple[nn.Module, Inputs]:
+        """The module and inputs whose parameters the curvature is taken over.
+
+        For the last layer these are the last ``nn.Linear`` and its input features,
+        so that every structure of every backend works on the last layer alone.
+        """
+        if not self.last_layer:
+            return self.model, x
+        _, features = self.model.forward_with_features(x)
+        return self.model.last_layer, features.detach()
+
+    def _check_batch(self, x: Inputs, y: torch.Tensor | None = None) -> None:
+        if isinstance(x, MutableMapping) and not self.supports_dict_inputs:
+            raise ValueError(
+                f"{type(self).__name__} cannot take mapping (dict) inputs; use "
+                "CurvlinopsGGN/CurvlinopsEF (the default) or the Asdl backends."
+            )
+        n = batch_size(x, self.dict_key_x)
+        if n == 0:
+            raise ValueError("The batch is empty: it must hold at least one datum.")
+        if y is not None and y.shape[:1] != (n,):
+            raise ValueError(
+                f"Targets of shape {tuple(y.shape)} do not match a batch of {n} inputs."
+            )
+
+    def _check_structure(self, structure: str) -> None:
+        if structure not in self.supported_structures:
+            from laplace.curvature import backends_supporting
+
+            others = ", ".join(backends_supporting(structure)) or "none"
+            raise ValueError(
+                f"{type(self).__name__} cannot compute the {structure!r} structure "
+                f"(it supports {sorted(self.supported_structures)}); backends that "
+                f"can: {others}."
+            )
+
+    def _subnet(self, H: torch.Tensor) -> torch.Tensor:
+        idx = self.subnetwork_indices
+        if idx is None:
+            return H
+        return H[idx] if H.ndim == 1 else H[idx][:, idx]
+
+    # -- Jacobians and gradients --------------------------------------------------
+    def jacobians(
+        self, x: Inputs, enable_backprop: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, outputs, parameters)`` and outputs ``(batch, outputs)``
+        at the current parameters, via ``torch.func``; with ``enable_backprop`` both
+        stay differentiable w.r.t. ``x``."""
+        self._check_batch(x)
+        model = self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.set_grad_enabled(enable_backprop or torch.is_grad_enabled()):
+            return backprop_factor.jacobian(model, params, x, enable_backprop)
+
+    def last_layer_jacobians(
+        self, x: Inputs, enable_backprop: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, outputs, last-layer parameters)`` and outputs.
+
+        For a linear last layer ``f = W phi + b`` the Jacobian is ``I (x) phi^T`` for
+        ``W`` and ``I`` for ``b``; it is formed from the features, not by autodiff.
+        """
+        self._check_batch(x)
+        model = self.model
+        if not isinstance(model, FeatureExtractor):
+            model = self.model = FeatureExtractor(model)
+        f, phi = model.forward_with_features(x)
+        if enable_backprop is False:
+            f, phi = f.detach(), phi.detach()
+        return last_layer_jacobian(model.last_layer, phi), f
+
+    def gradients(
+        self, x: Inputs, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example loss gradients ``(batch, parameters)`` and the summed loss."""
+        self._check_batch(x, y)
+        module, inputs = self._target(x)
+        targets: dict[str, torch.Tensor] = {}
+
+        def factor(f):
+            targets["y"] = self.lik.check_targets(f, y)
+            return self.lik.loss_gradient(f, targets["y"]).unsqueeze(-1)
+
+        f, V = backprop_factor.per_example_vectors(module, self.params, inputs, factor)
+        return V[0], self.lik.loss(f, targets["y"])
+
+    # -- structures ---------------------------------------------------------------
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        """Dense curvature ``(P, P)`` of the summed loss; returns ``(loss, H)``."""
+        self._check_structure("full")
+        raise NotImplementedError
+
+    def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
+        """Kronecker-factored curvature (KFAC) over a data set of ``N`` points;
+        returns ``(loss, Kron)``, rescaled as DESIGN.md section 3 says."""
+        self._check_structure("kron")
+        raise NotImplementedError
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        """Diagonal ``(P,)`` of the curvature; returns ``(loss, H)``."""
+        self._check_structure("diag")
+        raise NotImplementedError
+
+
+def last_layer_jacobian(layer: nn.Linear, phi: torch.Tensor) -> torch.Tensor:
+    """Jacobian ``(N, C, C*D [+ C])`` of ``f = W phi + b`` w.r.t. ``(W, b)``."""
+    N, C = phi.shape[0], layer.out_features
+    eye = torch.eye(C, dtype=phi.dtype, device=phi.device)
+    pieces = []
+    if layer.weight.requires_grad:
+        pieces.append(torch.einsum("ce,nd->nced", eye, phi).reshape(N, C, -1))
+    if layer.bias is not None and layer.bias.requires_grad:
+        pieces.append(eye.expand(N, C, C))
+    return torch.cat(pieces, dim=-1)
+
+
+class _OuterProductCurvature(CurvatureInterface):
+    """Full and diagonal curvature as ``sum_nk v_nk v_nk^T`` with ``v = J^T M``
+    (see :mod:`laplace.curvature.backprop_factor`); subclasses choose ``M``."""
+
+    def _output_factor(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _outer_product(self, x, y, diagonal: bool):
+        module, inputs = self._target(x)
+        targets: dict[str, torch.Tensor] = {}
+
+        def factor(f):
+            targets["y"] = self.lik.check_targets(f, y)
+            return self._output_factor(f, targets["y"])
+
+        if diagonal:
+            f, H = backprop_factor.outer_product_diag(
+                module, self.params, inputs, factor
+            )
+            H = self._subnet(H)
+        else:
+            f, H = backprop_factor.outer_product_full(
+                module, self.params, inputs, factor, self.subnetwork_indices
+            )
+        return self.lik.loss(f, targets["y"]).detach(), H
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("full")
+        self._check_batch(x, y)
+        return self._outer_product(x, y, diagonal=False)
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("diag")
+        self._check_batch(x, y)
+        return self._outer_product(x, y, diagonal=True)
+
+
+class GGNInterface(_OuterProductCurvature):
+    """Generalized Gauss-Newton ``sum_n J_n^T Lambda_n J_n`` (the Fisher for these
+    likelihoods), or with ``stochastic=True`` its Monte-Carlo estimate from
+    ``num_samples`` targets drawn per datum from the model's predictive."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        stochastic: bool = False,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if int(num_samples) < 1:
+            raise ValueError(
+                f"num_samples must be a positive integer; got {num_samples}."
+            )
+        super().__init__(
+            model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y
+        )
+        self.stochastic = stochastic
+        self.num_samples = int(num_samples)
+        self.generator = generator
+
+    def _output_factor(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.stochastic:
+            return self.lik.sampled_gradients(f, self.num_samples, self.generator)
+        return self.lik.hessian_sqrt(f)
+
+
+class EFInterface(_OuterProductCurvature):
+    """Empirical Fisher ``sum_n g_n g_n^T`` of the per-example loss gradients."""
+
+    def _output_factor(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lik.loss_gradient(f, y).unsqueeze(-1)

@@ -1,0 +1,161 @@
+"""Curvature from Curvlinops, the default backend.
+
+- ``kron``: Curvlinops' ``KFACLinearOperator`` (type-2 Fisher = exact GGN factors,
+  Monte-Carlo with ``stochastic=True``, empirical for the EF);
+- ``full`` and ``diag`` of the GGN/EF: one backward pass of a factor of the output
+  Hessian (:mod:`laplace.curvature.backprop_factor`), exact and far cheaper than
+  multiplying Curvlinops' ``GGNLinearOperator`` with ``P`` unit vectors;
+- ``full`` and ``diag`` of the Hessian: Curvlinops' ``HessianLinearOperator``
+  applied to blocks of unit vectors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+
+from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.curvature.kron_assembly import assemble_kron, kfac_layers
+from laplace.data import Inputs, batch_size
+
+
+def _curvlinops():
+    try:
+        import curvlinops
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The Curvlinops backend needs the package curvlinops-for-pytorch: "
+            "pip install curvlinops-for-pytorch"
+        ) from err
+    return curvlinops
+
+
+class CurvlinopsInterface(CurvatureInterface):
+    """Interface for the Curvlinops backend (https://github.com/f-dangel/curvlinops)."""
+
+    supported_structures = frozenset({"full", "kron", "diag"})
+    supports_dict_inputs = True
+    #: Curvlinops' ``fisher_type`` of the Kronecker factors
+    _fisher_type = "type-2"
+    _seeds = itertools.count(2147483647, -1)
+
+    def _library_inputs(self, x: Inputs, y: torch.Tensor):
+        """Arguments shared by every Curvlinops operator for one batch."""
+        module, inputs = self._target(x)
+        kwargs: dict[str, Any] = {
+            "check_deterministic": False,
+            "num_data": batch_size(x, self.dict_key_x),
+        }
+        if isinstance(inputs, MutableMapping):
+            key = self.dict_key_x
+            kwargs["batch_size_fn"] = lambda batch: batch[key].shape[0]
+        return module, inputs, kwargs
+
+    def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
+        self._check_structure("kron")
+        self._check_batch(x, y)
+        module, inputs, lib_kwargs = self._library_inputs(x, y)
+        params = self.params
+        layers = kfac_layers(module, params)
+        with torch.no_grad():
+            f = module(inputs)
+        y = self.lik.check_targets(f, y)
+        stochastic = getattr(self, "stochastic", False)
+        operator = _curvlinops().KFACLinearOperator(
+            module,
+            self.lossfunc,
+            params,
+            [(inputs, y)],
+            fisher_type="mc" if stochastic else self._fisher_type,
+            mc_samples=getattr(self, "num_samples", 1) if stochastic else 1,
+            seed=next(self._seeds),
+            separate_weight_and_bias=True,
+            num_per_example_loss_terms=1,
+            **lib_kwargs,
+        )
+        operator.compute_kronecker_factors()
+        state = operator.state_dict()
+        M = lib_kwargs["num_data"]
+        # Curvlinops: A = batch mean of patches averaged over positions, G = sum of
+        # gradient outer products of lossfunc, whereas our loss is factor * lossfunc.
+        scale = self.factor**2 if self._fisher_type == "empirical" else self.factor
+        factors = {
+            name: (
+                scale * state["gradient_covariances"][name],
+                state["input_covariances"].get(name, _no_input(module)) * M,
+            )
+            for name, module in layers
+        }
+        return self.lik.loss(f, y), assemble_kron(params, layers, factors, N)
+
+
+def _no_input(module) -> torch.Tensor:
+    return torch.zeros(0, 0, dtype=module.weight.dtype, device=module.weight.device)
+
+
+class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
+    """GGN (or Monte-Carlo Fisher with ``stochastic=True``) through Curvlinops."""
+
+
+class CurvlinopsEF(CurvlinopsInterface, EFInterface):
+    """Empirical Fisher through Curvlinops."""
+
+    _fisher_type = "empirical"
+
+
+class CurvlinopsHessian(CurvlinopsInterface):
+    """The exact Hessian of the summed loss through Curvlinops (full and diag)."""
+
+    supported_structures = frozenset({"full", "diag"})
+    #: unit vectors multiplied per Hessian-matrix product (bounds memory at P x this)
+    block_size = 512
+
+    def _hessian_blocks(self, x: Inputs, y: torch.Tensor):
+        """Summed loss, the indices of the columns, and a generator of
+        ``(chunk, H[:, chunk])`` column blocks over them."""
+        module, inputs, lib_kwargs = self._library_inputs(x, y)
+        params = self.params
+        indices = self._indices()
+        with torch.no_grad():
+            f = module(inputs)
+        y = self.lik.check_targets(f, y)
+        operator = _curvlinops().HessianLinearOperator(
+            module, self.lossfunc, params, [(inputs, y)], **lib_kwargs
+        )
+        P = sum(p.numel() for p in params)
+        ref = params[0]
+
+        def blocks():
+            for chunk in indices.split(self.block_size):
+                E = torch.zeros(P, len(chunk), dtype=ref.dtype, device=ref.device)
+                E[chunk, torch.arange(len(chunk), device=ref.device)] = 1.0
+                yield chunk, self.factor * (operator @ E)
+
+        return self.lik.loss(f, y), indices, blocks()
+
+    def _indices(self) -> torch.Tensor:
+        if self.subnetwork_indices is not None:
+            return torch.as_tensor(self.subnetwork_indices)
+        P = sum(p.numel() for p in self.params)
+        return torch.arange(P, device=self.params[0].device)
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("full")
+        self._check_batch(x, y)
+        loss, idx, blocks = self._hessian_blocks(x, y)
+        H = torch.cat([columns[idx] for _, columns in blocks], dim=1)
+        return loss, (H + H.T) / 2
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("diag")
+        self._check_batch(x, y)
+        loss, idx, blocks = self._hessian_blocks(x, y)
+        cols = torch.arange(len(idx), device=idx.device)
+        diag = [columns[chunk, cols[: len(chunk)]] for chunk, columns in blocks]
+        return loss, torch.cat(diag)
+
+
+__all__ = ["CurvlinopsInterface", "CurvlinopsGGN", "CurvlinopsEF", "CurvlinopsHessian"]

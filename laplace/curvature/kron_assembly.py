@@ -1,0 +1,84 @@
+r"""Kronecker-factored curvature assembled once for every backend.
+
+Each backend reports, per layer and batch, the two KFAC factors in one canonical
+normalization:
+
+- ``G``: the output-side factor summed over the batch,
+  ``sum_{n,k,t} g_{nkt} g_{nkt}^T`` (``k`` indexes the columns of the output-Hessian
+  factor, ``t`` the positions of a weight-shared layer);
+- ``A_sum``: the input-side factor summed over the batch and averaged over positions,
+  ``sum_n (1/T) sum_t a_{nt} a_{nt}^T``.
+
+:func:`assemble_kron` then averages the input side over the ``N`` points of the data
+set, so that a batch of ``M`` contributes ``M/N`` of its batch mean, and orders the
+blocks as the parameters: a weight gets ``[G, A_sum / N]`` (``kron(G, A)`` is its
+block in row-major order) and a bias gets ``[G]``. Adding the ``Kron`` of all batches
+factor by factor gives ``(sum G) (x) (mean A)``, which is exact for a single datum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from laplace.utils.matrix import Kron
+
+KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def kfac_layers(
+    model: nn.Module, params: Sequence[nn.Parameter]
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` of every layer holding ``params``, in model order.
+
+    Raises
+    ------
+    ValueError
+        naming the first layer that holds a parameter but has no KFAC form.
+    """
+    wanted = {id(p) for p in params}
+    layers = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
+        if not own:
+            continue
+        if not isinstance(module, KFAC_LAYERS):
+            raise ValueError(
+                f"KFAC cannot handle layer {name!r} ({type(module).__name__}) whose "
+                "parameters require grad: only nn.Linear and nn.Conv2d have Kronecker "
+                "factors. Use hessian_structure='diag' or 'full', freeze the layer, "
+                "or use last-layer Laplace."
+            )
+        layers.append((name, module))
+    return layers
+
+
+def assemble_kron(
+    params: Sequence[nn.Parameter],
+    layers: Sequence[tuple[str, nn.Module]],
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    N: int,
+) -> Kron:
+    """Build the ``Kron`` of one batch from canonical per-layer factors.
+
+    Parameters
+    ----------
+    params : the parameters, in model order
+    layers : ``(name, module)`` pairs from :func:`kfac_layers`
+    factors : ``{name: (G, A_sum)}`` with ``G`` ``(out, out)`` and ``A_sum``
+        ``(in, in)`` in the canonical normalization above (``A_sum`` unused for a
+        layer whose weight is frozen)
+    N : number of data points of the whole data set
+    """
+    if N <= 0:
+        raise ValueError(f"N must be the positive size of the data set; got {N}.")
+    blocks: dict[int, list[torch.Tensor]] = {}
+    for name, module in layers:
+        G, A_sum = factors[name]
+        weight, bias = module.weight, getattr(module, "bias", None)
+        blocks[id(weight)] = [G, A_sum / N]
+        if bias is not None:
+            blocks[id(bias)] = [G]
+    return Kron([blocks[id(p)] for p in params])

@@ -1,0 +1,30 @@
+"""Utilities: Kronecker matrices, feature extraction and enums."""
+
+from laplace.utils.enums import (
+    FeatureReduction,
+    FunctionalApproximation,
+    HessianStructure,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    SubsetOfWeights,
+    TuningMethod,
+)
+from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.matrix import Kron, KronDecomposed
+
+__all__ = [
+    "FeatureExtractor",
+    "FeatureReduction",
+    "FunctionalApproximation",
+    "HessianStructure",
+    "Kron",
+    "KronDecomposed",
+    "Likelihood",
+    "LinkApprox",
+    "PredType",
+    "PriorStructure",
+    "SubsetOfWeights",
+    "TuningMethod",
+]

@@ -1,0 +1,125 @@
+"""Wrap a model so that one forward pass returns its output and last-layer features."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from laplace.utils.enums import FeatureReduction, parse_enum
+
+
+class FeatureExtractor(nn.Module):
+    """Expose the input of a model's last ``nn.Linear`` layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        the network; its output must be the output of the last-layer ``nn.Linear``.
+    last_layer_name : str, optional
+        the name of the last layer in ``model.named_modules()``; when omitted, it is
+        found on the first forward pass as the ``nn.Linear`` that produced the output.
+    enable_backprop : bool, default=False
+        keep the graph of the features (for gradients with respect to the input).
+    feature_reduction : FeatureReduction or str, optional
+        how to reduce features of shape ``(batch, seq_len, dim)`` to ``(batch, dim)``
+        (``pick_first``, ``pick_last`` or ``average``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        last_layer_name: str | None = None,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.enable_backprop = enable_backprop
+        self.feature_reduction = (
+            None
+            if feature_reduction is None
+            else parse_enum(FeatureReduction, feature_reduction, "feature_reduction")
+        )
+        self.last_layer_name: str | None = None
+        self.last_layer: nn.Linear | None = None
+        if last_layer_name is not None:
+            self.set_last_layer(last_layer_name)
+
+    def set_last_layer(self, last_layer_name: str) -> None:
+        modules = dict(self.model.named_modules())
+        if last_layer_name not in modules:
+            linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ValueError(
+                f"last_layer_name={last_layer_name!r} is not a module of the model; "
+                f"its nn.Linear modules are {linear}."
+            )
+        layer = modules[last_layer_name]
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"The last layer {last_layer_name!r} is a {type(layer).__name__}; "
+                "last-layer Laplace needs an nn.Linear."
+            )
+        self.last_layer_name, self.last_layer = last_layer_name, layer
+
+    def forward(self, x: torch.Tensor | MutableMapping[str, Any]) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(
+        self, x: torch.Tensor | MutableMapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(outputs, features)``; features are the last layer's input."""
+        if self.last_layer is None:
+            return self._find_last_layer(x)
+        captured: list[torch.Tensor] = []
+        handle = self.last_layer.register_forward_hook(
+            lambda _m, inputs, _out: captured.append(inputs[0])
+        )
+        try:
+            out = self.model(x)
+        finally:
+            handle.remove()
+        return out, self._reduce(captured[-1])
+
+    def _find_last_layer(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        handles = [
+            m.register_forward_hook(
+                lambda _m, inputs, out, name=name: calls.append((name, inputs[0], out))
+            )
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.Linear)
+        ]
+        try:
+            out = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, features, layer_out in reversed(calls):
+            if layer_out is out:
+                self.set_last_layer(name)
+                return out, self._reduce(features)
+        raise ValueError(
+            "Could not find the last layer: the model's output is not produced by an "
+            "nn.Linear module. Last-layer Laplace needs a linear output layer; name it "
+            "with last_layer_name=... if the output passes through it unchanged."
+        )
+
+    def _reduce(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.enable_backprop:
+            features = features.detach()
+        if features.ndim <= 2:
+            return features
+        if self.feature_reduction is None:
+            raise ValueError(
+                f"Last-layer features have shape {tuple(features.shape)}; pass "
+                "feature_reduction='pick_first', 'pick_last' or 'average' to reduce "
+                "them to (batch, dim)."
+            )
+        if self.feature_reduction is FeatureReduction.PICK_FIRST:
+            return features[:, 0]
+        if self.feature_reduction is FeatureReduction.PICK_LAST:
+            return features[:, -1]
+        return features.mean(dim=1)

@@ -1,0 +1,465 @@
+"""Block-diagonal Kronecker-factored curvature matrices.
+
+A network with parameter tensors ("layers") ``theta_1, ..., theta_L`` gets a
+block-diagonal curvature ``H = blockdiag(H_1, ..., H_L)`` of size ``(P, P)``, with the
+blocks in ``model.parameters()`` order and each parameter flattened row-major (as
+:func:`torch.nn.utils.parameters_to_vector` does). A block is either
+
+* a Kronecker pair ``H_l = G (x) A``, with ``G`` of shape ``(p_out, p_out)`` on the
+  output side and ``A`` of shape ``(p_in, p_in)`` on the input side, for a weight of
+  shape ``(p_out, ...)`` with ``p_in = prod(...)``; or
+* a single dense block ``H_l = B`` of shape ``(n, n)`` (biases, norm weights, ...).
+
+With row-major vectorisation, ``(G (x) A) vec(X) = vec(G X A^T)`` for ``X`` of shape
+``(p_out, p_in)``, so every product below works on the factors and never forms a
+Kronecker product, except in the ``to_matrix`` methods meant for testing.
+
+:class:`Kron` holds the factors; :class:`KronDecomposed` holds their eigenpairs plus
+additive ``deltas`` (e.g. a prior precision) and supports arbitrary real powers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from numbers import Number
+
+import torch
+from torch import nn
+
+__all__ = ["Kron", "KronDecomposed"]
+
+Tensor = torch.Tensor
+_Blocks = list[list[Tensor]]
+
+
+def _check_blocks(blocks: Sequence[Sequence[Tensor]], name: str) -> _Blocks:
+    """Return ``blocks`` as a list of lists, checking each has one or two entries."""
+    out = [list(block) for block in blocks]
+    for i, block in enumerate(out):
+        if len(block) not in (1, 2):
+            raise ValueError(
+                f"{name}[{i}] must hold 1 (dense block) or 2 (Kronecker pair) "
+                f"tensors, got {len(block)}."
+            )
+    return out
+
+
+def _block_sizes(blocks: _Blocks) -> list[int]:
+    """Number of parameters of each block: ``p_out * p_in`` for a pair, else ``n``."""
+    return [math.prod(f.shape[0] for f in block) for block in blocks]
+
+
+def _as_scalar(scalar: Number | Tensor) -> Number | Tensor:
+    """Validate a multiplier: a real number or a one-element tensor (made 0-dim)."""
+    if isinstance(scalar, Tensor):
+        if scalar.numel() != 1:
+            raise ValueError(
+                f"Can only multiply by a scalar, got a tensor of shape "
+                f"{tuple(scalar.shape)}."
+            )
+        return scalar.reshape(())
+    if isinstance(scalar, Number) and not isinstance(scalar, complex):
+        return scalar
+    raise TypeError(f"Can only multiply by a scalar, got {type(scalar).__name__}.")
+
+
+def _apply_blockwise(
+    W: Tensor, sizes: list[int], fns: list[Callable[[Tensor], Tensor]]
+) -> Tensor:
+    """Apply ``fns[l]`` to the columns of ``W`` that belong to block ``l``.
+
+    ``W`` is ``(batch, k, P)`` or ``(k, P)``; ``fns[l]`` maps ``(..., sizes[l])`` to
+    the same shape, so the result has the shape of ``W``.
+    """
+    if W.ndim not in (2, 3):
+        raise ValueError(
+            f"W must have shape (batch, k, P) or (k, P), got {tuple(W.shape)}."
+        )
+    if W.shape[-1] != sum(sizes):
+        raise ValueError(
+            f"The last dimension of W ({W.shape[-1]}) must equal the number of "
+            f"parameters ({sum(sizes)})."
+        )
+    parts = torch.split(W, sizes, dim=-1)
+    return torch.cat([fn(part) for fn, part in zip(fns, parts, strict=True)], dim=-1)
+
+
+def _kron(factors: list[Tensor]) -> Tensor:
+    """Dense block: ``G (x) A`` for a pair, ``B`` for a single matrix."""
+    return torch.kron(*factors) if len(factors) == 2 else factors[0]
+
+
+def _block_matmul(factors: list[Tensor], X: Tensor) -> Tensor:
+    """``K x`` for each row ``x`` of ``X`` (``(..., n)``) with ``K = _kron(factors)``.
+
+    A pair ``(G, A)`` reshapes rows to ``(p_out, p_in)`` and computes ``G X A^T``.
+    """
+    if len(factors) == 1:
+        return X @ factors[0].mT
+    G, A = factors
+    Xm = X.reshape(*X.shape[:-1], G.shape[0], A.shape[0])
+    return (G @ Xm @ A.mT).reshape(X.shape)
+
+
+def _eigen_matmul(Qs: list[Tensor], lam: Tensor, X: Tensor) -> Tensor:
+    """``Q diag(lam) Q^T x`` for each row ``x`` of ``X``, with ``Q = _kron(Qs)``."""
+    rotated = _block_matmul([Q.mT for Q in Qs], X)
+    return _block_matmul(Qs, rotated * lam.flatten())
+
+
+class Kron:
+    """Block-diagonal curvature whose blocks are Kronecker pairs or dense matrices.
+
+    Parameters
+    ----------
+    kfacs : list[list[torch.Tensor]]
+        One entry per parameter tensor: ``[G, A]`` (output-side ``(p_out, p_out)``,
+        input-side ``(p_in, p_in)``) representing ``G (x) A``, or ``[B]`` with a dense
+        ``(n, n)`` block.
+    """
+
+    def __init__(self, kfacs: Sequence[Sequence[Tensor]]) -> None:
+        self.kfacs = _check_blocks(kfacs, "kfacs")
+
+    @staticmethod
+    def init_from_model(
+        model: nn.Module | Iterable[nn.Parameter],
+        device: torch.device | str | None,
+        dtype: torch.dtype | None = None,
+    ) -> Kron:
+        """Zero factors matching the parameters that require grad.
+
+        A parameter of shape ``(p_out, *rest)`` with at least two dimensions gets the
+        pair ``[zeros(p_out, p_out), zeros(p_in, p_in)]`` with ``p_in = prod(rest)``;
+        a parameter with fewer dimensions gets one ``(n, n)`` block, ``n = numel``.
+
+        Parameters
+        ----------
+        model : nn.Module or iterable of parameters, e.g. ``model.parameters()``
+        device : torch.device
+            Device of the factors; ``None`` keeps each parameter's device.
+        dtype : torch.dtype, optional
+            Dtype of the factors; defaults to each parameter's dtype.
+
+        Returns
+        -------
+        kron : Kron
+        """
+        params = model.parameters() if isinstance(model, nn.Module) else model
+        kfacs = []
+        for p in params:
+            if not p.requires_grad:
+                continue
+            kw = {"device": p.device if device is None else device}
+            kw["dtype"] = p.dtype if dtype is None else dtype
+            if p.ndim >= 2:
+                p_in = p.numel() // p.shape[0]
+                kfacs.append(
+                    [
+                        torch.zeros(p.shape[0], p.shape[0], **kw),
+                        torch.zeros(p_in, p_in, **kw),
+                    ]
+                )
+            else:
+                kfacs.append([torch.zeros(p.numel(), p.numel(), **kw)])
+        return Kron(kfacs)
+
+    def __len__(self) -> int:
+        return len(self.kfacs)
+
+    def __add__(self, other: Kron) -> Kron:
+        """Add factor by factor: ``[G1 + G2, A1 + A2]`` and ``[B1 + B2]``.
+
+        This accumulates factors over batches; it is *not* the sum of the two
+        Kronecker products, ``G1 (x) A1 + G2 (x) A2``.
+        """
+        if not isinstance(other, Kron):
+            raise TypeError(f"Can only add Kron to Kron, got {type(other).__name__}.")
+        if self._shapes() != other._shapes():
+            raise ValueError(
+                "Cannot add Kron objects with different factor shapes: "
+                f"{self._shapes()} vs {other._shapes()}."
+            )
+        return Kron(
+            [
+                [f + g for f, g in zip(a, b, strict=True)]
+                for a, b in zip(self.kfacs, other.kfacs, strict=True)
+            ]
+        )
+
+    def _shapes(self) -> list[list[tuple[int, ...]]]:
+        return [[tuple(f.shape) for f in block] for block in self.kfacs]
+
+    def __mul__(self, scalar: Number | Tensor) -> Kron:
+        """Scale the matrix: ``c (G (x) A) = (c G) (x) A`` and ``c B``."""
+        scalar = _as_scalar(scalar)
+        return Kron([[scalar * block[0], *block[1:]] for block in self.kfacs])
+
+    __rmul__ = __mul__
+
+    def decompose(self, damping: bool = False) -> KronDecomposed:
+        """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``).
+
+        The factors are PSD by construction, so eigenvalues are clamped at zero to
+        remove round-off; a warning is emitted if a clearly negative one is found.
+
+        Parameters
+        ----------
+        damping : bool, default=False
+            Use the damped combination with deltas, see :class:`KronDecomposed`.
+
+        Returns
+        -------
+        kron_decomposed : KronDecomposed
+        """
+        eigvecs, eigvals = [], []
+        for block in self.kfacs:
+            vecs, vals = [], []
+            for factor in block:
+                lam, Q = torch.linalg.eigh(factor)
+                tol = torch.finfo(lam.dtype).eps ** 0.5
+                if lam.numel() and bool((lam < -tol * lam.abs().max()).any()):
+                    warnings.warn(
+                        "Kronecker factor has clearly negative eigenvalues "
+                        f"(min {lam.min().item():.3g}); clamping them to 0.",
+                        stacklevel=2,
+                    )
+                vecs.append(Q)
+                vals.append(lam.clamp(min=0))
+            eigvecs.append(vecs)
+            eigvals.append(vals)
+        return KronDecomposed(eigvecs, eigvals, damping=damping)
+
+    def bmm(self, W: Tensor, exponent: float = 1) -> Tensor:
+        """Compute ``H w`` for every row ``w`` of ``W``, block by block.
+
+        Parameters
+        ----------
+        W : torch.Tensor
+            ``(batch, k, P)`` or ``(k, P)``.
+        exponent : float, default=1
+            Must be 1; decompose first (:meth:`decompose`) for other powers.
+
+        Returns
+        -------
+        SW : torch.Tensor
+            Same shape as ``W``, ``SW[b, c] = H W[b, c]``.
+        """
+        if exponent != 1:
+            raise ValueError(
+                f"Kron.bmm only supports exponent=1, got {exponent}; use "
+                "Kron.decompose().bmm(W, exponent) for other exponents."
+            )
+        fns = [lambda X, b=b: _block_matmul(b, X) for b in self.kfacs]
+        return _apply_blockwise(W, _block_sizes(self.kfacs), fns)
+
+    def logdet(self) -> Tensor:
+        """Log determinant of ``H`` (0-dim), summed over the blocks.
+
+        A pair contributes ``log det(G (x) A) = p_in log det G + p_out log det A``.
+        """
+        terms = []
+        for block in self.kfacs:
+            if len(block) == 1:
+                terms.append(torch.logdet(block[0]))
+            else:
+                G, A = block
+                terms.append(
+                    A.shape[0] * torch.logdet(G) + G.shape[0] * torch.logdet(A)
+                )
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def diag(self) -> Tensor:
+        """Diagonal of ``H``, ``(P,)``; ``diag(G (x) A) = diag(G) (x) diag(A)``."""
+        return torch.cat(
+            [
+                torch.outer(b[0].diagonal(), b[1].diagonal()).flatten()
+                if len(b) == 2
+                else b[0].diagonal()
+                for b in self.kfacs
+            ]
+        )
+
+    def to_matrix(self) -> Tensor:
+        """Dense ``(P, P)`` block-diagonal matrix. Memory heavy: for testing only."""
+        return torch.block_diag(*[_kron(b) for b in self.kfacs])
+
+
+class KronDecomposed:
+    """Eigendecomposed :class:`Kron` plus additive per-block deltas.
+
+    Block ``l`` with eigenpairs ``(Q_G, l_G), (Q_A, l_A)`` and delta ``d`` represents
+    ``Q diag(lam) Q^T`` with ``Q = Q_G (x) Q_A`` and
+
+    * ``lam = l_G (x) l_A + d`` (``damping=False``): the exact ``G (x) A + d I``;
+    * ``lam = (l_G + sqrt(d)) (x) (l_A + sqrt(d))`` (``damping=True``): the damped
+      ``(G + sqrt(d) I) (x) (A + sqrt(d) I)``.
+
+    A single block ``(Q, l)`` always gives ``lam = l + d``. Powers act on ``lam``.
+    Deltas can be added; other Kron or KronDecomposed cannot.
+
+    Parameters
+    ----------
+    eigenvectors : list[list[torch.Tensor]]
+        ``[Q_G, Q_A]`` or ``[Q]`` per block, mirroring ``Kron.kfacs``.
+    eigenvalues : list[list[torch.Tensor]]
+        ``[l_G, l_A]`` or ``[l]`` per block.
+    deltas : torch.Tensor, optional
+        Added to each block, e.g. a prior precision: a scalar (shape ``()`` or
+        ``(1,)``) or one value per block, shape ``(n_blocks,)``. Defaults to zeros.
+    damping : bool, default=False
+        Combine deltas with the Kronecker pairs multiplicatively, as above.
+    """
+
+    def __init__(
+        self,
+        eigenvectors: Sequence[Sequence[Tensor]],
+        eigenvalues: Sequence[Sequence[Tensor]],
+        deltas: Tensor | float | None = None,
+        damping: bool = False,
+    ) -> None:
+        self.eigenvectors = _check_blocks(eigenvectors, "eigenvectors")
+        self.eigenvalues = _check_blocks(eigenvalues, "eigenvalues")
+        if [len(b) for b in self.eigenvectors] != [len(b) for b in self.eigenvalues]:
+            raise ValueError(
+                "eigenvectors and eigenvalues must have the same structure."
+            )
+        self.damping = damping
+        self.deltas = self._check_deltas(0.0 if deltas is None else deltas)
+
+    def _check_deltas(self, deltas: Tensor | float) -> Tensor:
+        """Return ``deltas`` as a ``(n_blocks,)`` tensor on the factors' device."""
+        ref = self.eigenvalues[0][0] if self.eigenvalues else torch.empty(0)
+        deltas = torch.as_tensor(deltas, dtype=ref.dtype, device=ref.device)
+        n = len(self)
+        if deltas.numel() == 1 and deltas.ndim <= 1:
+            return deltas.reshape(1).expand(n)
+        if deltas.shape != (n,):
+            raise ValueError(
+                f"deltas must be a scalar or have shape ({n},) (one per block), got "
+                f"shape {tuple(deltas.shape)}."
+            )
+        return deltas
+
+    def __len__(self) -> int:
+        return len(self.eigenvectors)
+
+    def __add__(self, deltas: Tensor | float) -> KronDecomposed:
+        """Copy with ``deltas`` (scalar or ``(n_blocks,)``) added to its deltas."""
+        if isinstance(deltas, (Kron, KronDecomposed)):
+            raise TypeError(
+                "Can only add scalar or per-block deltas to KronDecomposed, not "
+                f"{type(deltas).__name__}; add Kron objects before decomposing."
+            )
+        return KronDecomposed(
+            self.eigenvectors,
+            self.eigenvalues,
+            self.deltas + self._check_deltas(deltas),
+            self.damping,
+        )
+
+    __radd__ = __add__
+
+    def __mul__(self, scalar: Number | Tensor) -> KronDecomposed:
+        """Scale the curvature part only: ``c H + d``, deltas unchanged.
+
+        For a pair ``l_G`` is scaled, for a single block ``l``.
+        """
+        scalar = _as_scalar(scalar)
+        eigvals = [[scalar * block[0], *block[1:]] for block in self.eigenvalues]
+        return KronDecomposed(self.eigenvectors, eigvals, self.deltas, self.damping)
+
+    __rmul__ = __mul__
+
+    def detach(self) -> KronDecomposed:
+        """Copy with all tensors detached from the autograd graph."""
+        return KronDecomposed(
+            [[Q.detach() for Q in b] for b in self.eigenvectors],
+            [[lam.detach() for lam in b] for b in self.eigenvalues],
+            self.deltas.detach(),
+            self.damping,
+        )
+
+    def _block_eigenvalues(self, i: int, exponent: float = 1) -> Tensor:
+        """``lam ** exponent`` of block ``i``: shape ``(p_out, p_in)`` or ``(n,)``."""
+        vals, delta = self.eigenvalues[i], self.deltas[i]
+        if len(vals) == 1:
+            lam = vals[0] + delta
+        elif self.damping:
+            lam = torch.outer(vals[0] + delta.sqrt(), vals[1] + delta.sqrt())
+        else:
+            lam = torch.outer(vals[0], vals[1]) + delta
+        return lam if exponent == 1 else lam**exponent
+
+    def logdet(self) -> Tensor:
+        """Log determinant ``sum log lam`` over all blocks, deltas included (0-dim)."""
+        return sum(
+            (self._block_eigenvalues(i).log().sum() for i in range(len(self))),
+            start=torch.zeros((), dtype=self.deltas.dtype, device=self.deltas.device),
+        )
+
+    def bmm(self, W: Tensor, exponent: float = -1) -> Tensor:
+        """Compute ``M^exponent w`` for every row ``w`` of ``W``, in the eigenbasis.
+
+        Parameters
+        ----------
+        W : torch.Tensor
+            ``(batch, k, P)`` or ``(k, P)``.
+        exponent : float, default=-1
+            Any real power of the represented matrix ``M``.
+
+        Returns
+        -------
+        SW : torch.Tensor
+            Same shape as ``W``.
+        """
+        fns = [
+            lambda X, i=i: _eigen_matmul(
+                self.eigenvectors[i], self._block_eigenvalues(i, exponent), X
+            )
+            for i in range(len(self))
+        ]
+        return _apply_blockwise(W, _block_sizes(self.eigenvectors), fns)
+
+    def inv_square_form(self, W: Tensor) -> Tensor:
+        """``W M^-1 W^T`` per batch element, computed as ``V V^T``, ``V = W M^-1/2``.
+
+        Parameters
+        ----------
+        W : torch.Tensor
+            ``(batch, k, P)`` or ``(k, P)``, e.g. Jacobians.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, k, k)`` or ``(k, k)``, symmetric PSD.
+        """
+        V = self.bmm(W, exponent=-0.5)
+        return V @ V.mT
+
+    def diag(self, exponent: float = 1) -> Tensor:
+        """Diagonal of ``M^exponent``, shape ``(P,)``, without forming blocks.
+
+        ``diag(Q diag(lam) Q^T) = (Q * Q) lam``; for ``Q = Q_G (x) Q_A`` this is
+        ``Q_G^2 lam Q_A^2^T`` with ``lam`` of shape ``(p_out, p_in)``.
+        """
+        diags = []
+        for i, Qs in enumerate(self.eigenvectors):
+            lam = self._block_eigenvalues(i, exponent)
+            if len(Qs) == 1:
+                diags.append(Qs[0].square() @ lam)
+            else:
+                QG2, QA2 = Qs[0].square(), Qs[1].square()
+                diags.append(torch.einsum("ij,kl,jl->ik", QG2, QA2, lam).flatten())
+        return torch.cat(diags)
+
+    def to_matrix(self, exponent: float = 1) -> Tensor:
+        """Dense ``(P, P)`` block-diagonal ``M^exponent``; memory heavy, for tests."""
+        blocks = []
+        for i, Qs in enumerate(self.eigenvectors):
+            Q = _kron(Qs)
+            lam = self._block_eigenvalues(i, exponent).flatten()
+            blocks.append((Q * lam) @ Q.mT)
+        return torch.block_diag(*blocks)

@@ -1,0 +1,49 @@
+"""The likelihood objects against their closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracles
+from laplace.likelihood import get_likelihood
+from laplace.utils.enums import Likelihood
+
+
+@pytest.mark.parametrize("name", ["regression", "classification"])
+def test_hessian_sqrt_factors_the_output_hessian(name):
+    f = torch.randn(5, 4, dtype=torch.float64)
+    L = get_likelihood(name).hessian_sqrt(f)
+    torch.testing.assert_close(L @ L.transpose(1, 2), oracles.output_hessian(name, f))
+
+
+@pytest.mark.parametrize("name", ["regression", "classification"])
+def test_loss_gradient_is_the_autograd_gradient(name):
+    lik = get_likelihood(name)
+    f = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (5,)) if name == "classification" else torch.randn_like(f)
+    (expected,) = torch.autograd.grad(oracles.loss(name, f, y), f)
+    torch.testing.assert_close(lik.loss_gradient(f.detach(), y), expected)
+    torch.testing.assert_close(lik.loss(f, y), oracles.loss(name, f, y))
+
+
+@pytest.mark.parametrize("name", ["regression", "classification"])
+def test_sampled_gradients_estimate_the_output_hessian(name):
+    f = torch.randn(3, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    M = get_likelihood(name).sampled_gradients(f, 200_000, g)
+    estimate = M @ M.transpose(1, 2)
+    torch.testing.assert_close(
+        estimate, oracles.output_hessian(name, f), atol=0.02, rtol=0.0
+    )
+
+
+def test_reward_modeling_uses_the_classification_curvature():
+    lik = get_likelihood("reward_modeling")
+    assert lik.name is Likelihood.CLASSIFICATION and lik.factor == 1.0
+
+
+def test_regression_accepts_flat_targets_for_one_output():
+    lik = get_likelihood("regression")
+    f, y = torch.randn(5, 1), torch.randn(5)
+    assert lik.check_targets(f, y).shape == (5, 1)
