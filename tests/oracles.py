@@ -99,14 +99,18 @@ def true_hessian(model, x, y, likelihood) -> torch.Tensor:
     return hessian(l)(flat(params[k] for k in names))
 
 
-def kfac_blocks(model, x, likelihood, N=None, y=None) -> list[torch.Tensor]:
+def kfac_blocks(
+    model, x, likelihood, N=None, y=None, reduce_positions=False
+) -> list[torch.Tensor]:
     """Dense KFAC blocks in parameter order, from explicit A and G per layer.
 
     ``G = sum_n sum_t J_n^T Lambda_n J_n`` at the layer output, ``A`` the mean over
     data of the (position-averaged) input outer products; a bias block is ``G``.
     With targets ``y`` the empirical Fisher's ``Lambda_n = r_n r_n^T`` is used, ``r_n``
     the loss gradient w.r.t. the output.
-    Only for models of Linear/Conv2d layers on 2-D features.
+    With ``reduce_positions`` a conv layer's ``G`` sums ``J`` over positions before
+    the outer product (BackPACK's flavour). Only for models of Linear/Conv2d layers
+    on 2-D features.
     """
     records = {}
     hooks = [
@@ -136,7 +140,11 @@ def kfac_blocks(model, x, likelihood, N=None, y=None) -> list[torch.Tensor]:
             Jout = Jout.flatten(3)  # (N, C, out, T)
             u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
             T = u.shape[-1]
-            G = torch.einsum("ncot,ncd,ndpt->op", Jout, L, Jout)
+            if reduce_positions:
+                Js = Jout.sum(-1)
+                G = torch.einsum("nco,ncd,ndp->op", Js, L, Js)
+            else:
+                G = torch.einsum("ncot,ncd,ndpt->op", Jout, L, Jout)
             A = torch.einsum("nit,njt->ij", u, u) / T / N
         else:
             G = torch.einsum("nco,ncd,ndp->op", Jout, L, Jout)

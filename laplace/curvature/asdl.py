@@ -1,19 +1,265 @@
-"""Curvature from ASDL (being written)."""
+"""Curvature from ASDL (asdfghjkl 0.1a4, imported as ``asdl``).
+
+- GGN: ASDL's ``FisherMaker`` with ``FISHER_EXACT`` (``FISHER_MC`` with
+  ``stochastic=True``) in the shapes ``SHAPE_FULL``, ``SHAPE_KRON``, ``SHAPE_DIAG``;
+- EF: the same with ``FISHER_EMP``;
+- Hessian: ASDL's ``HessianMaker`` in ``SHAPE_FULL`` and ``SHAPE_DIAG``.
+
+ASDL leaves its results as attributes on the modules; they are read and removed after
+every batch, so the model is left as it was. Its GGN of ``LOSS_MSE`` already is the
+Gaussian ``N(f, 1)`` one of DESIGN.md section 3; its empirical Fisher and Hessian are
+those of the summed ``MSELoss`` and are rescaled (by ``factor**2`` and ``factor``).
+ASDL sums (rather than averages) Monte-Carlo samples twice over; the estimate is
+brought back to an average over ``num_samples``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
 
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.curvature.kron_assembly import assemble_kron, kfac_layers
+from laplace.data import Inputs
+from laplace.utils.enums import Likelihood
+
+
+def _asdl():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import asdl
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The ASDL backends need the package asdfghjkl 0.1a4: "
+            "pip install asdfghjkl==0.1a4"
+        ) from err
+    return asdl
+
+
+#: attribute ASDL leaves on every parameter after restoring ``requires_grad``
+_ASDL_MARKER = "_original_requires_grad"
+
+
+class _CheckedLoss(nn.Module):
+    """The likelihood's loss module, validating targets first; ASDL reads and sets
+    its ``reduction``."""
+
+    def __init__(self, likelihood) -> None:
+        super().__init__()
+        self.lik = likelihood
+        self.inner = likelihood.loss_module()
+        self.reduction = self.inner.reduction
+
+    def forward(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.inner.reduction = self.reduction
+        return self.inner(f, self.lik.check_targets(f, y))
 
 
 class AsdlInterface(CurvatureInterface):
-    pass
+    """Interface for the ASDL backends.
+
+    Parameters
+    ----------
+    fisher_kwargs : dict, optional
+        extra arguments of ASDL's ``FisherConfig`` (``asdl_fisher_kwargs`` of the
+        Laplace classes), for example ``{"ignore_modules": [...]}``.
+    (the others as :class:`CurvatureInterface`)
+    """
+
+    supports_dict_inputs = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        fisher_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            model,
+            likelihood,
+            last_layer,
+            subnetwork_indices,
+            dict_key_x,
+            dict_key_y,
+            **kwargs,
+        )
+        self.fisher_kwargs = dict(fisher_kwargs or {})
+
+    # -- running ASDL -------------------------------------------------------------
+    def _run(self, x: Inputs, y: torch.Tensor, shape: str):
+        """Run ASDL's maker for ``shape`` on one batch; return ``(module, loss)``
+        with the results left on ``module`` and its submodules."""
+        module, inputs = self._target(x)
+        maker = self._maker(module, shape)
+        loss_fn = _CheckedLoss(self.lik)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dummy = maker.setup_model_call(module, inputs)
+            maker.setup_loss_call(loss_fn, dummy, y)
+            out = maker.forward_and_backward()
+        for p in module.parameters():  # ASDL's marker of the original flag
+            if hasattr(p, _ASDL_MARKER):
+                delattr(p, _ASDL_MARKER)
+        if isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
+            f = out[0].detach()
+        else:  # the Hessian maker returns nothing
+            with torch.no_grad():
+                f = module(inputs)
+        return module, maker, self.lik.loss(f, self.lik.check_targets(f, y))
+
+    def _maker(self, module: nn.Module, shape: str):
+        raise NotImplementedError
+
+    def _scale(self) -> float:
+        """Factor from ASDL's normalization to DESIGN.md section 3."""
+        raise NotImplementedError
+
+    _attribute = "fisher"
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("full")
+        self._check_batch(x, y)
+        shape = _asdl().SHAPE_FULL
+        module, maker, loss = self._run(x, y, shape)
+        H = self._read(module, maker, shape)
+        return loss, self._subnet(self._scale() * H)
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("diag")
+        self._check_batch(x, y)
+        shape = _asdl().SHAPE_DIAG
+        module, maker, loss = self._run(x, y, shape)
+        per_param = self._read(module, maker, shape)
+        pieces = []
+        for p in self.params:
+            sub, diag = per_param[id(p)]
+            pieces.append((diag.weight if p is sub.weight else diag.bias).flatten())
+        return loss, self._subnet(self._scale() * torch.cat(pieces))
+
+    def _read(self, module: nn.Module, maker, shape: str):
+        """Results of ``shape`` in parameter order, removed from the modules."""
+        asdl = _asdl()
+        params = self.params
+        try:
+            if shape == asdl.SHAPE_FULL:
+                return getattr(module, self._attribute).data
+            per_param: dict[int, Any] = {}
+            for sub in module.modules():
+                result = getattr(sub, self._attribute, None)
+                if result is None:
+                    continue
+                part = result.diag if shape == asdl.SHAPE_DIAG else result.kron
+                if part is None:
+                    continue
+                for name in ("weight", "bias"):
+                    p = getattr(sub, name, None)
+                    if isinstance(p, nn.Parameter) and p.requires_grad:
+                        per_param[id(p)] = (sub, part)
+            missing = [i for i, p in enumerate(params) if id(p) not in per_param]
+            if missing:
+                raise ValueError(
+                    f"ASDL returned no curvature for {len(missing)} parameter "
+                    "tensor(s); it supports Linear, Conv2d, BatchNorm, LayerNorm and "
+                    "Embedding layers. Use Curvlinops (the default) for this model."
+                )
+            return per_param
+        finally:
+            self._clean(maker)
+
+    def _clean(self, maker) -> None:
+        maker.zero_fisher()
 
 
-class AsdlGGN(AsdlInterface, GGNInterface):
-    pass
+class AsdlFisher(AsdlInterface):
+    """GGN, Monte-Carlo Fisher and empirical Fisher through ASDL's ``FisherMaker``."""
+
+    supported_structures = frozenset({"full", "kron", "diag"})
+
+    def _fisher_type(self) -> str:
+        raise NotImplementedError
+
+    def _maker(self, module: nn.Module, shape: str):
+        asdl = _asdl()
+        config = {
+            "fisher_type": self._fisher_type(),
+            "fisher_shapes": [shape],
+            "loss_type": (
+                asdl.LOSS_MSE if self.factor != 1 else asdl.LOSS_CROSS_ENTROPY
+            ),
+            "data_size": 1,  # sums over the batch, as DESIGN.md section 3
+            **self.fisher_kwargs,
+        }
+        if getattr(self, "stochastic", False):
+            config["n_mc_samples"] = self.num_samples
+            if self.generator is not None:
+                seed = int(torch.randint(2**31, (), generator=self.generator))
+                config["seed"] = seed
+        return asdl.get_fisher_maker(module, asdl.FisherConfig(**config))
+
+    def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
+        self._check_structure("kron")
+        self._check_batch(x, y)
+        module, _ = self._target(x)
+        layers = kfac_layers(module, self.params)
+        shape = _asdl().SHAPE_KRON
+        module, maker, loss = self._run(x, y, shape)
+        per_param = self._read(module, maker, shape)
+        scale = self._scale()
+        factors = {}
+        for name, layer in layers:
+            p = layer.weight if layer.weight.requires_grad else layer.bias
+            _, kron = per_param[id(p)]
+            # ASDL: B = output factor summed over the batch, A = input factor
+            # summed over the batch (averaged over positions): the canonical pair
+            factors[name] = (scale * kron.B, kron.A)
+        return loss, assemble_kron(self.params, layers, factors, N)
 
 
-class AsdlEF(AsdlInterface, EFInterface):
-    pass
+class AsdlGGN(AsdlFisher, GGNInterface):
+    """GGN (or Monte-Carlo Fisher with ``stochastic=True``) through ASDL."""
+
+    def _fisher_type(self) -> str:
+        asdl = _asdl()
+        return asdl.FISHER_MC if self.stochastic else asdl.FISHER_EXACT
+
+    def _scale(self) -> float:
+        return float(self.num_samples) if self.stochastic else 1.0
+
+
+class AsdlEF(AsdlFisher, EFInterface):
+    """Empirical Fisher through ASDL."""
+
+    def _fisher_type(self) -> str:
+        return _asdl().FISHER_EMP
+
+    def _scale(self) -> float:
+        return self.factor**2
 
 
 class AsdlHessian(AsdlInterface):
-    pass
+    """The exact Hessian of the summed loss through ASDL (full and diag)."""
+
+    supported_structures = frozenset({"full", "diag"})
+    _attribute = "hessian"
+
+    def _maker(self, module: nn.Module, shape: str):
+        asdl = _asdl()
+        return asdl.HessianMaker(module, asdl.HessianConfig(hessian_shapes=[shape]))
+
+    def _clean(self, maker) -> None:
+        maker.zero_hessian()
+
+    def _scale(self) -> float:
+        return self.factor
+
+
+__all__ = ["AsdlInterface", "AsdlGGN", "AsdlEF", "AsdlHessian"]

@@ -1,15 +1,217 @@
-"""Curvature from BackPACK (being written)."""
+"""Curvature from BackPACK (https://backpack.pt).
+
+BackPACK extends ``backward`` with quantities gathered per layer:
+
+- GGN ``diag``: ``DiagGGNExact`` (``DiagGGNMC`` with ``stochastic=True``);
+- GGN ``full``: ``SqrtGGNExact`` (``SqrtGGNMC``), a factor ``V`` with ``H = V^T V``;
+- GGN ``kron``: ``KFLR`` (``KFAC`` with ``stochastic=True``);
+- EF ``diag`` and ``full``: ``SumGradSquared`` and ``BatchGrad``.
+
+BackPACK needs its own module hooks: the model (or, with ``last_layer=True``, the last
+layer) is copied once, sharing its parameters and buffers, and the copy is extended
+with ``backpack.extend``: BackPACK's hooks never touch the user's model. The model
+must be built from modules BackPACK knows (for anything else use Curvlinops, the
+default). Mapping (dict) batches are not supported.
+
+BackPACK works with ``torch.nn.MSELoss``, whose GGN is twice ours (DESIGN.md
+section 3), so its results are multiplied by :attr:`factor` (``factor**2`` for
+gradients). For ``Conv2d``, BackPACK's ``KFLR`` sums the backpropagated factor over
+the output positions before the outer product (the *reduce* flavour of KFAC), and
+its input factor sums over positions; the latter is brought to the canonical mean
+over positions, the former is kept, so on convolutions BackPACK's ``kron`` is exact
+for inputs that are constant over positions rather than matching Curvlinops' and
+ASDL's *expand* flavour. On ``Linear`` layers all three agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
 
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.curvature.kron_assembly import assemble_kron, kfac_layers
+from laplace.data import Inputs
+
+
+def _backpack():
+    try:
+        import backpack
+        import backpack.extensions
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The BackPACK backend needs the package backpack-for-pytorch: "
+            "pip install backpack-for-pytorch"
+        ) from err
+    return backpack
 
 
 class BackPackInterface(CurvatureInterface):
+    """Interface for the BackPACK backend (arguments as :class:`CurvatureInterface`)."""
+
     supports_dict_inputs = False
+
+    def _backward(self, x: Inputs, y: torch.Tensor, *extensions) -> torch.Tensor:
+        """One forward and backward pass with BackPACK ``extensions`` active.
+
+        The results stay on the parameters (read them with :meth:`_collect`);
+        returns the summed loss of DESIGN.md section 3.
+        """
+        bp = _backpack()
+        module, inputs = self._target(x)
+        module = self._extended(module)
+        lossfunc = bp.extend(self.lik.loss_module())
+        params = self.params
+        with self._rng(), bp.backpack(*extensions), warnings.catch_warnings():
+            # BackPACK's hooks fire on outputs when inputs need no grad, as intended
+            warnings.filterwarnings("ignore", "Full backward hook is firing")
+            f = module(inputs)
+            y = self.lik.check_targets(f, y)
+            torch.autograd.grad(lossfunc(f, y), params)
+        return self.lik.loss(f.detach(), y)
+
+    def _extended(self, module: nn.Module) -> nn.Module:
+        """A BackPACK-extended twin of ``module`` sharing its parameters and
+        buffers, made once; BackPACK's hooks never touch the user's model (they
+        would break ``torch.func`` on it)."""
+        cached = getattr(self, "_twin", None)
+        if cached is not None and cached[0] is module:
+            return cached[1]
+        shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+        twin = _backpack().extend(copy.deepcopy(module, shared))
+        self._twin = (module, twin)
+        return twin
+
+    def _rng(self):
+        """Draw BackPACK's Monte-Carlo samples from ``generator`` when one is set."""
+        generator = getattr(self, "generator", None)
+        if generator is None:
+            return contextlib.nullcontext()
+        seed = int(torch.randint(2**62, (), generator=generator))
+        devices = [] if self.params[0].device.type == "cpu" else [self.params[0].device]
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        torch.manual_seed(seed)
+        return stack
+
+    def _collect(self, attribute: str) -> list[Any]:
+        """Remove BackPACK's ``attribute`` from every parameter and return them."""
+        values = []
+        for p in self.params:
+            values.append(getattr(p, attribute))
+            delattr(p, attribute)
+        return values
+
+    def _diag(self, x, y, extension, attribute: str, scale: float):
+        loss = self._backward(x, y, extension)
+        diag = torch.cat([d.flatten() for d in self._collect(attribute)])
+        return loss, self._subnet(scale * diag)
+
+    def _full_from_rows(self, loss, rows: torch.Tensor, scale: float):
+        """``H = scale * V^T V`` from rows ``V`` of shape ``(K, P)``."""
+        idx = self.subnetwork_indices
+        if idx is not None:
+            rows = rows[:, idx]
+        return loss, scale * (rows.T @ rows)
 
 
 class BackPackGGN(BackPackInterface, GGNInterface):
-    pass
+    """GGN (or Monte-Carlo Fisher with ``stochastic=True``) through BackPACK."""
+
+    supported_structures = frozenset({"full", "kron", "diag"})
+
+    def _extension(self, exact: str, sampled: str):
+        ext = _backpack().extensions
+        if self.stochastic:
+            return getattr(ext, sampled)(mc_samples=self.num_samples)
+        return getattr(ext, exact)()
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("diag")
+        self._check_batch(x, y)
+        extension = self._extension("DiagGGNExact", "DiagGGNMC")
+        attribute = "diag_ggn_mc" if self.stochastic else "diag_ggn_exact"
+        return self._diag(x, y, extension, attribute, self.factor)
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("full")
+        self._check_batch(x, y)
+        extension = self._extension("SqrtGGNExact", "SqrtGGNMC")
+        attribute = "sqrt_ggn_mc" if self.stochastic else "sqrt_ggn_exact"
+        loss = self._backward(x, y, extension)
+        # each factor is (K, batch, *param.shape): one row of V per (k, n)
+        rows = torch.cat([V.flatten(2) for V in self._collect(attribute)], dim=2)
+        return self._full_from_rows(loss, rows.flatten(0, 1), self.factor)
+
+    def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
+        self._check_structure("kron")
+        self._check_batch(x, y)
+        module, _ = self._target(x)
+        layers = kfac_layers(module, self.params)
+        extension = self._extension("KFLR", "KFAC")
+        attribute = "kfac" if self.stochastic else "kflr"
+        twin_layers = kfac_layers(self._extended(module), self.params)
+        with _output_positions(twin_layers) as positions:
+            loss = self._backward(x, y, extension)
+        M = len(y)
+        factors = {}
+        for name, layer in layers:
+            weight, bias = layer.weight, getattr(layer, "bias", None)
+            if weight.requires_grad:
+                G, A = getattr(weight, attribute)
+                delattr(weight, attribute)
+                # BackPACK: A = sum over batch and positions / batch size
+                A_sum = A * M / positions.get(name, 1)
+            else:
+                G, A_sum = getattr(bias, attribute)[0], None
+            if bias is not None and bias.requires_grad:
+                delattr(bias, attribute)
+            factors[name] = (self.factor * G, A_sum)
+        return loss, assemble_kron(self.params, layers, factors, N)
+
+
+@contextlib.contextmanager
+def _output_positions(layers):
+    """``{name: number of output positions}`` of the conv layers in ``layers``,
+    filled during the forward passes inside the context."""
+    positions: dict[str, int] = {}
+    handles = [
+        layer.register_forward_hook(
+            lambda mod, inp, out, name=name: positions.__setitem__(
+                name, out.shape[-1] * out.shape[-2]
+            )
+        )
+        for name, layer in layers
+        if isinstance(layer, nn.Conv2d)
+    ]
+    try:
+        yield positions
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class BackPackEF(BackPackInterface, EFInterface):
-    pass
+    """Empirical Fisher through BackPACK."""
+
+    supported_structures = frozenset({"full", "diag"})
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("diag")
+        self._check_batch(x, y)
+        extension = _backpack().extensions.SumGradSquared()
+        return self._diag(x, y, extension, "sum_grad_squared", self.factor**2)
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("full")
+        self._check_batch(x, y)
+        loss = self._backward(x, y, _backpack().extensions.BatchGrad())
+        rows = torch.cat([g.flatten(1) for g in self._collect("grad_batch")], dim=1)
+        return self._full_from_rows(loss, rows, self.factor**2)
+
+
+__all__ = ["BackPackInterface", "BackPackGGN", "BackPackEF"]

@@ -1,0 +1,111 @@
+"""What the BackPACK and ASDL adapters promise beyond matching the oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracles
+from laplace.curvature import (
+    BACKENDS,
+    AsdlEF,
+    AsdlGGN,
+    AsdlHessian,
+    BackPackEF,
+    BackPackGGN,
+)
+from models import DictModel, data, model
+
+LIBRARY_CASES = [
+    pytest.param(b, s, id=f"{b.__name__}-{s}")
+    for b in (BackPackGGN, BackPackEF, AsdlGGN, AsdlEF, AsdlHessian)
+    for s in ("full", "kron", "diag")
+    if s in b.supported_structures
+]
+
+
+def run(backend, structure, x, y):
+    if structure == "kron":
+        return backend.kron(x, y, N=len(y))
+    return getattr(backend, structure)(x, y)
+
+
+@pytest.mark.parametrize("backend_cls,structure", LIBRARY_CASES)
+def test_the_model_is_left_as_it_was(backend_cls, structure):
+    """No attributes, gradients or hooks stay behind, and torch.func still works."""
+    m = model("cnn")
+    x, y = data("cnn", "classification")
+    before_attrs = {id(p): set(vars(p)) for p in m.parameters()}
+    before_modules = {name: set(vars(mod)) for name, mod in m.named_modules()}
+    run(backend_cls(m, "classification"), structure, x, y)
+    run(backend_cls(m, "classification"), structure, x, y)
+    assert {id(p): set(vars(p)) for p in m.parameters()} == before_attrs
+    assert {n: set(vars(mod)) for n, mod in m.named_modules()} == before_modules
+    assert all(p.grad is None for p in m.parameters())
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._backward_hooks
+    oracles.jacobian(m, x)  # torch.func on the model still works
+
+
+@pytest.mark.parametrize("backend_cls", [BackPackGGN, AsdlGGN])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_monte_carlo_fisher_approaches_the_ggn(backend_cls, structure):
+    m = model("mlp", n_out=3)
+    x, y = data("mlp", "classification", n=4, n_out=3)
+    if structure == "kron":
+        exact = torch.block_diag(*oracles.kfac_blocks(m, x, "classification"))
+    else:
+        exact = oracles.ggn(m, x, "classification")
+        exact = exact.diag() if structure == "diag" else exact
+    errors = []
+    for num_samples in (1, 4000):
+        torch.manual_seed(0)
+        backend = backend_cls(
+            m, "classification", stochastic=True, num_samples=num_samples
+        )
+        _, H = run(backend, structure, x, y)
+        H = H.to_matrix() if structure == "kron" else H
+        errors.append(((H - exact).norm() / exact.norm()).item())
+    assert errors[1] < errors[0]
+    assert errors[1] < 0.08  # about 3/sqrt(4000)
+
+
+@pytest.mark.parametrize("backend_cls", [BackPackGGN, AsdlGGN])
+def test_monte_carlo_samples_follow_the_generator(backend_cls):
+    m = model("mlp", n_out=3)
+    x, y = data("mlp", "classification", n_out=3)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        backend = backend_cls(m, "classification", stochastic=True, generator=g)
+        return backend.diag(x, y)[1]
+
+    torch.testing.assert_close(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+def test_backpack_refuses_dict_batches_and_names_alternatives():
+    m = DictModel().double()
+    x, y = data("mlp", "classification")
+    batch = {"input_ids": x, "scale": torch.ones(len(x), 1, dtype=x.dtype)}
+    with pytest.raises(ValueError, match="mapping.*Curvlinops"):
+        BackPackGGN(m, "classification").diag(batch, y)
+
+
+def test_asdl_fisher_kwargs_reach_asdl():
+    m = model("mlp")
+    x, y = data("mlp", "regression")
+    _, plain = AsdlGGN(m, "regression").diag(x, y)
+    _, scaled = AsdlGGN(m, "regression", fisher_kwargs={"scale": 3.0}).diag(x, y)
+    torch.testing.assert_close(scaled, 3 * plain)
+
+
+def test_every_backend_works_with_a_bare_model_and_batch():
+    """As the spec shows: construct on a model, call on a batch, nothing else."""
+    m = model("mlp")
+    x, y = data("mlp", "regression")
+    for backend_cls in BACKENDS:
+        backend = backend_cls(m, "regression")
+        loss, H = backend.diag(x, y)
+        assert H.shape == (sum(p.numel() for p in m.parameters() if p.requires_grad),)
+        torch.testing.assert_close(loss, oracles.loss("regression", m(x), y).detach())
