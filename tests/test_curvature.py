@@ -139,6 +139,8 @@ def test_kron_accumulates_over_batches(backend_cls):
     _, K2 = backend.kron(x[3:], y[3:], N=8)
     _, K = backend.kron(x, y, N=8)
     torch.testing.assert_close((K1 + K2).to_matrix(), K.to_matrix())
+    K1 += K2  # in place, as a fit accumulates: no factor may be shared
+    torch.testing.assert_close(K1.to_matrix(), K.to_matrix())
     kind = kind_of(backend_cls)
     expected = oracle(kind, "kron", m, x, y, "classification")
     torch.testing.assert_close(K.to_matrix(), expected)
@@ -314,3 +316,23 @@ def test_default_backend_never_builds_the_jacobian(monkeypatch, arch, structure)
     x, y = data(arch, "classification", n_out=3)
     _, H = getattr(CurvlinopsGGN(m, "classification"), structure)(x, y)
     torch.testing.assert_close(H, oracle("ggn", structure, m, x, y, "classification"))
+
+
+@pytest.mark.parametrize("freeze", [None, "bias", "weight"])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("backend_cls", [CurvlinopsGGN, CurvlinopsEF])
+def test_last_layer_full_closed_form(backend_cls, likelihood, freeze):
+    """The last layer's full curvature from Lambda (x) phi phi^T equals the block of
+    the oracle, with a frozen bias or weight, and restricted to a subnetwork."""
+    m = model("mlp", n_out=3)
+    if freeze is not None:
+        getattr(m[-1], freeze).requires_grad_(False)
+    x, y = data("mlp", likelihood, n=40, n_out=3)  # more data than one chunk
+    _, H = backend_cls(m, likelihood, last_layer=True).full(x, y)
+    full = oracle(kind_of(backend_cls), "full", m, x, y, likelihood)
+    n_last = sum(p.numel() for p in m[-1].parameters() if p.requires_grad)
+    torch.testing.assert_close(H, full[-n_last:, -n_last:])
+    idx = torch.tensor([n_last - 1, 0, 2])
+    backend = backend_cls(m, likelihood, last_layer=True, subnetwork_indices=idx)
+    _, H_sub = backend.full(x, y)
+    torch.testing.assert_close(H_sub, full[-n_last:, -n_last:][idx][:, idx])

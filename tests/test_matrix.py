@@ -118,6 +118,18 @@ def test_add_is_factorwise(kfacs):
         Kron(kfacs) + 1.0
 
 
+def test_inplace_add_accumulates_like_add(kfacs):
+    other = make_kfacs(seed=5)
+    expected = (Kron(kfacs) + Kron(other)).to_matrix()
+    total = Kron([[f.clone() for f in block] for block in kfacs])
+    alias = total
+    total += Kron(other)
+    assert total is alias
+    assert_close(total.to_matrix(), expected)
+    with pytest.raises(ValueError, match="shapes"):
+        total += Kron(other[:-1])
+
+
 @pytest.mark.parametrize("scalar", [2.5, torch.tensor(0.3, dtype=DTYPE)])
 def test_mul_scales_matrix(kfacs, scalar):
     kron = Kron(kfacs)

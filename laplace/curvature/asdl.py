@@ -21,8 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
-from laplace.curvature.kron_assembly import assemble_kron, kfac_layers
+from laplace.curvature.curvature import (
+    CurvatureInterface,
+    EFInterface,
+    GGNInterface,
+    _scaled,
+)
+from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
 from laplace.utils.enums import Likelihood
 
@@ -99,7 +104,11 @@ class AsdlInterface(CurvatureInterface):
         """Run ASDL's maker for ``shape`` on one batch; return ``(module, loss)``
         with the results left on ``module`` and its submodules."""
         module, inputs = self._target(x)
-        maker = self._maker(module, shape)
+        key = (id(module), shape)
+        makers = self.__dict__.setdefault("_makers", {})
+        if key not in makers:  # one maker per module and shape, reused over batches
+            makers[key] = (module, self._maker(module, shape))
+        maker = makers[key][1]
         loss_fn = _CheckedLoss(self.lik)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -131,7 +140,7 @@ class AsdlInterface(CurvatureInterface):
         shape = _asdl().SHAPE_FULL
         module, maker, loss = self._run(x, y, shape)
         H = self._read(module, maker, shape)
-        return loss, self._subnet(self._scale() * H)
+        return loss, _scaled(self._subnet(H), self._scale())
 
     def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
         self._check_structure("diag")
@@ -143,7 +152,7 @@ class AsdlInterface(CurvatureInterface):
         for p in self.params:
             sub, diag = per_param[id(p)]
             pieces.append((diag.weight if p is sub.weight else diag.bias).flatten())
-        return loss, self._subnet(self._scale() * torch.cat(pieces))
+        return loss, _scaled(self._subnet(torch.cat(pieces)), self._scale())
 
     def _read(self, module: nn.Module, maker, shape: str):
         """Results of ``shape`` in parameter order, removed from the modules."""
@@ -220,7 +229,7 @@ class AsdlFisher(AsdlInterface):
             _, kron = per_param[id(p)]
             # ASDL: B = output factor summed over the batch, A = input factor
             # summed over the batch (averaged over positions): the canonical pair
-            factors[name] = (scale * kron.B, kron.A)
+            factors[name] = LayerFactors(kron.B, kron.A, g_scale=scale)
         return loss, assemble_kron(self.params, layers, factors, N)
 
 

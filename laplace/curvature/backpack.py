@@ -33,8 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
-from laplace.curvature.kron_assembly import assemble_kron, kfac_layers
+from laplace.curvature.curvature import (
+    CurvatureInterface,
+    EFInterface,
+    GGNInterface,
+    _scaled,
+)
+from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
 
 
@@ -109,14 +114,14 @@ class BackPackInterface(CurvatureInterface):
     def _diag(self, x, y, extension, attribute: str, scale: float):
         loss = self._backward(x, y, extension)
         diag = torch.cat([d.flatten() for d in self._collect(attribute)])
-        return loss, self._subnet(scale * diag)
+        return loss, _scaled(self._subnet(diag), scale)
 
     def _full_from_rows(self, loss, rows: torch.Tensor, scale: float):
         """``H = scale * V^T V`` from rows ``V`` of shape ``(K, P)``."""
         idx = self.subnetwork_indices
         if idx is not None:
             rows = rows[:, idx]
-        return loss, scale * (rows.T @ rows)
+        return loss, _scaled(rows.T @ rows, scale)
 
 
 class BackPackGGN(BackPackInterface, GGNInterface):
@@ -163,14 +168,14 @@ class BackPackGGN(BackPackInterface, GGNInterface):
             weight, bias = layer.weight, getattr(layer, "bias", None)
             if weight.requires_grad:
                 G, A = getattr(weight, attribute)
-                delattr(weight, attribute)
                 # BackPACK: A = sum over batch and positions / batch size
-                A_sum = A * M / positions.get(name, 1)
+                a_scale = M / positions.get(name, 1)
             else:
-                G, A_sum = getattr(bias, attribute)[0], None
-            if bias is not None and bias.requires_grad:
-                delattr(bias, attribute)
-            factors[name] = (self.factor * G, A_sum)
+                (G,), A, a_scale = getattr(bias, attribute), None, 1.0
+            for p in (weight, bias):
+                if p is not None and p.requires_grad:
+                    delattr(p, attribute)
+            factors[name] = LayerFactors(G, A, self.factor, a_scale)
         return loss, assemble_kron(self.params, layers, factors, N)
 
 

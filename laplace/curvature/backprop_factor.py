@@ -225,3 +225,50 @@ def outer_product_full(model, params, x, factor_fn: FactorFn, indices=None):
     if indices is not None:
         V = V[:, indices]
     return f, V.T @ V
+
+
+def linear_layer_full(
+    layer: nn.Linear, phi: torch.Tensor, factor_fn: FactorFn, indices=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Outputs and ``sum_n Lambda_n (x) phi~_n phi~_n^T`` for one linear layer.
+
+    For ``f = W phi + b`` every vector ``v_nk = J_n^T M_n[:, k]`` is
+    ``M_n[:, k] (x) phi~_n`` with ``phi~ = [phi, 1]``, so the outer products sum to
+    ``Lambda_n (x) phi~_n phi~_n^T`` with ``Lambda_n = M_n M_n^T``: ``N C^2 D^2``
+    multiply-adds instead of the ``N C (C D)^2`` of ``V^T V``. The result is ordered as
+    the layer's trainable parameters (weight row-major, then bias) or restricted to
+    ``indices`` of them.
+    """
+    with torch.no_grad():
+        f = layer(phi)
+        M = factor_fn(f)  # (N, C, K)
+        Lam = M @ M.transpose(1, 2)  # (N, C, C)
+    N, C = Lam.shape[:2]
+    has_bias = layer.bias is not None and layer.bias.requires_grad
+    if has_bias:
+        phi = torch.cat([phi, phi.new_ones(N, 1)], dim=1)
+    D = phi.shape[1]
+    # H[(c, c'), d, d'] = sum_n Lam[n, c, c'] phi[n, d] phi[n, d'], in chunks of data
+    # whose intermediate (n, C^2, D) stays below the size of the result
+    H = phi.new_zeros(C * C * D, D)
+    chunk = max(D, 32)
+    for start in range(0, N, chunk):
+        lam, ph = Lam[start : start + chunk], phi[start : start + chunk]
+        Z = (lam.reshape(-1, C * C, 1) * ph[:, None, :]).reshape(len(ph), -1)
+        H.addmm_(Z.T, ph)
+    H = H.reshape(C, C, D, D).permute(0, 2, 1, 3).reshape(C * D, C * D)
+    order = _linear_parameter_order(layer, C, D, has_bias, phi.device)
+    if indices is not None:
+        order = order[torch.as_tensor(indices, device=order.device)]
+    return f, H[order][:, order]
+
+
+def _linear_parameter_order(layer, C, D, has_bias, device) -> torch.Tensor:
+    """Positions in the ``(class, feature~)`` layout of the trainable parameters."""
+    grid = torch.arange(C * D, device=device).reshape(C, D)
+    pieces = []
+    if layer.weight.requires_grad:
+        pieces.append((grid[:, :-1] if has_bias else grid).flatten())
+    if has_bias:
+        pieces.append(grid[:, -1])
+    return torch.cat(pieces)

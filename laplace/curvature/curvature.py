@@ -197,6 +197,11 @@ class CurvatureInterface:
         raise NotImplementedError
 
 
+def _scaled(H: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * H``, in place and only when ``scale`` is not 1 (``H`` is fresh)."""
+    return H if scale == 1 else H.mul_(scale)
+
+
 def last_layer_jacobian(layer: nn.Linear, phi: torch.Tensor) -> torch.Tensor:
     """Jacobian ``(N, C, C*D [+ C])`` of ``f = W phi + b`` w.r.t. ``(W, b)``."""
     N, C = phi.shape[0], layer.out_features
@@ -224,7 +229,14 @@ class _OuterProductCurvature(CurvatureInterface):
             targets["y"] = self.lik.check_targets(f, y)
             return self._output_factor(f, targets["y"])
 
-        if diagonal:
+        closed_form = (
+            self.last_layer and isinstance(module, nn.Linear) and inputs.ndim == 2
+        )
+        if closed_form and not diagonal:
+            f, H = backprop_factor.linear_layer_full(
+                module, inputs, factor, self.subnetwork_indices
+            )
+        elif diagonal:
             f, H = backprop_factor.outer_product_diag(
                 module, self.params, inputs, factor
             )

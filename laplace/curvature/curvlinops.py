@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import MutableMapping
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
-from laplace.curvature.kron_assembly import assemble_kron, kfac_layers
+from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs, batch_size
 
 
@@ -60,9 +61,7 @@ class CurvlinopsInterface(CurvatureInterface):
         module, inputs, lib_kwargs = self._library_inputs(x, y)
         params = self.params
         layers = kfac_layers(module, params)
-        with torch.no_grad():
-            f = module(inputs)
-        y = self.lik.check_targets(f, y)
+        y = self._checked_targets(module, inputs, y)
         stochastic = getattr(self, "stochastic", False)
         operator = _curvlinops().KFACLinearOperator(
             module,
@@ -76,24 +75,42 @@ class CurvlinopsInterface(CurvatureInterface):
             num_per_example_loss_terms=1,
             **lib_kwargs,
         )
-        operator.compute_kronecker_factors()
+        with _last_output(module) as output:
+            operator.compute_kronecker_factors()
         state = operator.state_dict()
-        M = lib_kwargs["num_data"]
+        G, A = state["gradient_covariances"], state["input_covariances"]
         # Curvlinops: A = batch mean of patches averaged over positions, G = sum of
         # gradient outer products of lossfunc, whereas our loss is factor * lossfunc.
-        scale = self.factor**2 if self._fisher_type == "empirical" else self.factor
+        g_scale = self.factor**2 if self._fisher_type == "empirical" else self.factor
+        M = lib_kwargs["num_data"]
         factors = {
-            name: (
-                scale * state["gradient_covariances"][name],
-                state["input_covariances"].get(name, _no_input(module)) * M,
-            )
-            for name, module in layers
+            name: LayerFactors(G[name], A.get(name), g_scale, a_scale=M)
+            for name, _ in layers
         }
-        return self.lik.loss(f, y), assemble_kron(params, layers, factors, N)
+        loss = self.lik.loss(output["f"], y)
+        return loss, assemble_kron(params, layers, factors, N)
+
+    def _checked_targets(self, module, inputs, y: torch.Tensor) -> torch.Tensor:
+        """Targets validated against the output shape, which is found by one forward
+        pass on the first batch and remembered (the library makes its own pass)."""
+        if getattr(self, "_output_shape", None) is None:
+            with torch.no_grad():
+                self._output_shape = module(inputs).shape[1:]
+        f = torch.empty((len(y), *self._output_shape), device="meta")
+        return self.lik.check_targets(f, y)
 
 
-def _no_input(module) -> torch.Tensor:
-    return torch.zeros(0, 0, dtype=module.weight.dtype, device=module.weight.device)
+@contextlib.contextmanager
+def _last_output(module: torch.nn.Module):
+    """``{"f": output}`` of the last forward pass of ``module`` inside the context."""
+    output: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(
+        lambda mod, inp, out: output.__setitem__("f", out.detach())
+    )
+    try:
+        yield output
+    finally:
+        handle.remove()
 
 
 class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):

@@ -19,6 +19,7 @@ factor by factor gives ``(sum G) (x) (mean A)``, which is exact for a single dat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,30 +56,47 @@ def kfac_layers(
     return layers
 
 
+@dataclass
+class LayerFactors:
+    """The two KFAC factors of one layer for one batch, as a backend reports them.
+
+    ``g_scale * G`` and ``a_scale * A`` must be the canonical ``G`` and ``A_sum``
+    above; :func:`assemble_kron` applies the scales in place, so the tensors must be
+    the caller's to give away. ``A`` is None for a layer whose weight is frozen.
+    """
+
+    G: torch.Tensor
+    A: torch.Tensor | None
+    g_scale: float = 1.0
+    a_scale: float = 1.0
+
+
 def assemble_kron(
     params: Sequence[nn.Parameter],
     layers: Sequence[tuple[str, nn.Module]],
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: Mapping[str, LayerFactors],
     N: int,
 ) -> Kron:
-    """Build the ``Kron`` of one batch from canonical per-layer factors.
+    """Build the ``Kron`` of one batch from the per-layer factors of a backend.
 
     Parameters
     ----------
     params : the parameters, in model order
     layers : ``(name, module)`` pairs from :func:`kfac_layers`
-    factors : ``{name: (G, A_sum)}`` with ``G`` ``(out, out)`` and ``A_sum``
-        ``(in, in)`` in the canonical normalization above (``A_sum`` unused for a
-        layer whose weight is frozen)
+    factors : ``{name: LayerFactors}``, brought to the canonical normalization by
+        their scales (in place)
     N : number of data points of the whole data set
     """
     if N <= 0:
         raise ValueError(f"N must be the positive size of the data set; got {N}.")
     blocks: dict[int, list[torch.Tensor]] = {}
     for name, module in layers:
-        G, A_sum = factors[name]
+        layer = factors[name]
+        G = layer.G if layer.g_scale == 1 else layer.G.mul_(layer.g_scale)
         weight, bias = module.weight, getattr(module, "bias", None)
-        blocks[id(weight)] = [G, A_sum / N]
+        if layer.A is not None:
+            blocks[id(weight)] = [G, layer.A.mul_(layer.a_scale / N)]
         if bias is not None:
-            blocks[id(bias)] = [G]
+            # its own copy: Kron accumulates in place, block by block
+            blocks[id(bias)] = [G.clone() if layer.A is not None else G]
     return Kron([blocks[id(p)] for p in params])

@@ -175,6 +175,23 @@ class Kron:
         This accumulates factors over batches; it is *not* the sum of the two
         Kronecker products, ``G1 (x) A1 + G2 (x) A2``.
         """
+        self._check_addable(other)
+        return Kron(
+            [
+                [f + g for f, g in zip(a, b, strict=True)]
+                for a, b in zip(self.kfacs, other.kfacs, strict=True)
+            ]
+        )
+
+    def __iadd__(self, other: Kron) -> Kron:
+        """Accumulate ``other`` into these factors in place (as ``+`` does)."""
+        self._check_addable(other)
+        for a, b in zip(self.kfacs, other.kfacs, strict=True):
+            for f, g in zip(a, b, strict=True):
+                f.add_(g)
+        return self
+
+    def _check_addable(self, other: Kron) -> None:
         if not isinstance(other, Kron):
             raise TypeError(f"Can only add Kron to Kron, got {type(other).__name__}.")
         if self._shapes() != other._shapes():
@@ -182,12 +199,6 @@ class Kron:
                 "Cannot add Kron objects with different factor shapes: "
                 f"{self._shapes()} vs {other._shapes()}."
             )
-        return Kron(
-            [
-                [f + g for f, g in zip(a, b, strict=True)]
-                for a, b in zip(self.kfacs, other.kfacs, strict=True)
-            ]
-        )
 
     def _shapes(self) -> list[list[tuple[int, ...]]]:
         return [[tuple(f.shape) for f in block] for block in self.kfacs]
