@@ -318,6 +318,8 @@ def report(results: dict[str, Measurement], rounds: int) -> str:
     errors = []
     for model_name, structure in CASES:
         rows = {n: results.get(f"{model_name}|{structure}|{n}") for n in ADAPTERS}
+        if not any(k.startswith(f"{model_name}|{structure}|") for k in results):
+            continue  # not measured in this run (--only)
         ok = [m for m in rows.values() if m is not None and not m.error]
         fastest = min(ok, key=lambda m: m.seconds) if ok else None
         for name in ADAPTERS:
