@@ -1,4 +1,4 @@
-"""Utilities: Kronecker matrices, feature extraction and enums."""
+"""Utilities: Kronecker matrices, feature extraction, metrics and enums."""
 
 from laplace.utils.enums import (
     FeatureReduction,
@@ -13,6 +13,7 @@ from laplace.utils.enums import (
 )
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.matrix import Kron, KronDecomposed
+from laplace.utils.metrics import RunningNLLMetric
 
 __all__ = [
     "FeatureExtractor",
@@ -25,6 +26,7 @@ __all__ = [
     "LinkApprox",
     "PredType",
     "PriorStructure",
+    "RunningNLLMetric",
     "SubsetOfWeights",
     "TuningMethod",
 ]
