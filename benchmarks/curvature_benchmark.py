@@ -95,6 +95,28 @@ def build(model_name: str) -> nn.Module:
     return MODELS[model_name][0]()
 
 
+def differentiated(model_name: str, model: nn.Sequential):
+    """The module whose curvature is taken and the (frozen) map to its inputs."""
+    if model_name.endswith("last layer"):
+        return model[-1], model[:-1]
+    return model, nn.Identity()
+
+
+def fit_loop(data, step):
+    """``run()`` adding up ``step(x, y)`` over the batches in place, as a fit does."""
+
+    def run():
+        total = None
+        for x, y in data:
+            H = step(x, y)
+            if total is None:
+                total = H
+            else:
+                total += H
+
+    return run
+
+
 # -- the adapters ------------------------------------------------------------------
 def adapter_workload(model_name: str, structure: str, backend_name: str):
     import laplace.curvature as curvature
@@ -111,16 +133,7 @@ def adapter_workload(model_name: str, structure: str, backend_name: str):
             return backend.kron(x, y, N=N_DATA)[1]
         return getattr(backend, structure)(x, y)[1]
 
-    def run():
-        total = None
-        for x, y in data:
-            H = step(x, y)
-            if total is None:
-                total = H
-            else:  # in place, as a fit accumulates
-                total += H
-
-    return run, lambda: step(*data[0])
+    return fit_loop(data, step), lambda: step(*data[0])
 
 
 # -- the libraries, called directly --------------------------------------------------
@@ -166,11 +179,11 @@ def backpack_workload(model_name: str, structure: str):
     from backpack import backpack, extend
     from backpack.extensions import KFLR, DiagGGNExact, SqrtGGNExact
 
+    from laplace.utils.matrix import Kron
+
     model = build(model_name)
     data = batches(model_name)
-    module, features = model, nn.Identity()
-    if model_name.endswith("last layer"):  # the last layer on its features
-        module, features = model[-1], model[:-1]
+    module, features = differentiated(model_name, model)
     module = extend(copy.deepcopy(module))
     lossfunc = extend(nn.CrossEntropyLoss(reduction="sum"))
     params = list(module.parameters())
@@ -193,22 +206,9 @@ def backpack_workload(model_name: str, structure: str):
         if structure == "full":
             V = torch.cat([v.flatten(2) for v in values], dim=2).flatten(0, 1)
             return V.T @ V
-        return values
+        return Kron(values)  # only to add the factors up as the adapter does
 
-    def run():
-        total = None
-        for x, y in data:
-            H = step(x, y)
-            if total is None:
-                total = H
-            elif structure == "kron":  # sum the factors in place, as Kron does
-                for t, h in zip(total, H):
-                    for a, b in zip(t, h):
-                        a.add_(b)
-            else:
-                total += H
-
-    return run, lambda: step(*data[0])
+    return fit_loop(data, step), lambda: step(*data[0])
 
 
 def asdl_workload(model_name: str, structure: str):
@@ -218,9 +218,7 @@ def asdl_workload(model_name: str, structure: str):
 
     model = build(model_name)
     data = batches(model_name)
-    module, features = model, nn.Identity()
-    if model_name.endswith("last layer"):  # the last layer on its features
-        module, features = model[-1], model[:-1]
+    module, features = differentiated(model_name, model)
     shape = {
         "kron": asdl.SHAPE_KRON,
         "diag": asdl.SHAPE_DIAG,

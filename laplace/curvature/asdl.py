@@ -26,23 +26,14 @@ from laplace.curvature.curvature import (
     EFInterface,
     GGNInterface,
     _scaled,
+    import_library,
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
-from laplace.utils.enums import Likelihood
 
 
 def _asdl():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import asdl
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The ASDL backends need the package asdfghjkl 0.1a4: "
-            "pip install asdfghjkl==0.1a4"
-        ) from err
-    return asdl
+    return import_library("asdl", "asdfghjkl==0.1a4", "ASDL")
 
 
 #: attribute ASDL leaves on every parameter after restoring ``requires_grad``
@@ -78,32 +69,17 @@ class AsdlInterface(CurvatureInterface):
     supports_dict_inputs = True
 
     def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        last_layer: bool = False,
-        subnetwork_indices: torch.LongTensor | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        fisher_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, *args: Any, fisher_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(
-            model,
-            likelihood,
-            last_layer,
-            subnetwork_indices,
-            dict_key_x,
-            dict_key_y,
-            **kwargs,
-        )
+        super().__init__(*args, **kwargs)
         self.fisher_kwargs = dict(fisher_kwargs or {})
 
     # -- running ASDL -------------------------------------------------------------
-    def _run(self, x: Inputs, y: torch.Tensor, shape: str):
-        """Run ASDL's maker for ``shape`` on one batch; return ``(module, loss)``
-        with the results left on ``module`` and its submodules."""
-        module, inputs = self._target(x)
+    def _run(self, x: Inputs, y: torch.Tensor, shape: str, target=None):
+        """Run ASDL's maker for ``shape`` on one batch; return ``(module, maker,
+        loss)`` with the results left on ``module`` and its submodules. ``target``
+        is :meth:`_target` of ``x`` when the caller has it already."""
+        module, inputs = target or self._target(x)
         key = (id(module), shape)
         makers = self.__dict__.setdefault("_makers", {})
         if key not in makers:  # one maker per module and shape, reused over batches
@@ -217,10 +193,10 @@ class AsdlFisher(AsdlInterface):
     def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
         self._check_structure("kron")
         self._check_batch(x, y)
-        module, _ = self._target(x)
-        layers = kfac_layers(module, self.params)
+        target = self._target(x)
+        layers = kfac_layers(target[0], self.params)
         shape = _asdl().SHAPE_KRON
-        module, maker, loss = self._run(x, y, shape)
+        module, maker, loss = self._run(x, y, shape, target)
         per_param = self._read(module, maker, shape)
         scale = self._scale()
         factors = {}

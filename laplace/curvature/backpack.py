@@ -38,21 +38,16 @@ from laplace.curvature.curvature import (
     EFInterface,
     GGNInterface,
     _scaled,
+    import_library,
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
 
 
 def _backpack():
-    try:
-        import backpack
-        import backpack.extensions
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The BackPACK backend needs the package backpack-for-pytorch: "
-            "pip install backpack-for-pytorch"
-        ) from err
-    return backpack
+    """The ``backpack`` package, with its ``extensions`` loaded."""
+    import_library("backpack.extensions", "backpack-for-pytorch", "BackPACK")
+    return import_library("backpack", "backpack-for-pytorch", "BackPACK")
 
 
 class BackPackInterface(CurvatureInterface):
@@ -60,14 +55,17 @@ class BackPackInterface(CurvatureInterface):
 
     supports_dict_inputs = False
 
-    def _backward(self, x: Inputs, y: torch.Tensor, *extensions) -> torch.Tensor:
+    def _backward(
+        self, x: Inputs, y: torch.Tensor, *extensions, target=None
+    ) -> torch.Tensor:
         """One forward and backward pass with BackPACK ``extensions`` active.
 
         The results stay on the parameters (read them with :meth:`_collect`);
-        returns the summed loss of DESIGN.md section 3.
+        returns the summed loss of DESIGN.md section 3. ``target`` is
+        :meth:`_target` of ``x`` when the caller has it already.
         """
         bp = _backpack()
-        module, inputs = self._target(x)
+        module, inputs = target or self._target(x)
         module = self._extended(module)
         lossfunc = bp.extend(self.lik.loss_module())
         params = self.params
@@ -155,13 +153,14 @@ class BackPackGGN(BackPackInterface, GGNInterface):
     def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
         self._check_structure("kron")
         self._check_batch(x, y)
-        module, _ = self._target(x)
+        target = self._target(x)
+        module = target[0]
         layers = kfac_layers(module, self.params)
         extension = self._extension("KFLR", "KFAC")
         attribute = "kfac" if self.stochastic else "kflr"
         twin_layers = kfac_layers(self._extended(module), self.params)
         with _output_positions(twin_layers) as positions:
-            loss = self._backward(x, y, extension)
+            loss = self._backward(x, y, extension, target=target)
         M = len(y)
         factors = {}
         for name, layer in layers:

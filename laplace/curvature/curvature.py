@@ -15,7 +15,10 @@ Subclasses state what they support in ``supported_structures`` and
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from collections.abc import MutableMapping
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -195,6 +198,25 @@ class CurvatureInterface:
         """Diagonal ``(P,)`` of the curvature; returns ``(loss, H)``."""
         self._check_structure("diag")
         raise NotImplementedError
+
+
+def import_library(module: str, package: str, backend: str) -> ModuleType:
+    """Import an optional backend library when it is first used.
+
+    Raises
+    ------
+    ImportError
+        saying which package to install, so a missing library never breaks
+        ``import laplace``, only the use of its backend.
+    """
+    try:
+        with warnings.catch_warnings():  # some libraries warn on import
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"The {backend} backend needs the package {package}: pip install {package}"
+        ) from err
 
 
 def _scaled(H: torch.Tensor, scale: float) -> torch.Tensor:

@@ -18,20 +18,18 @@ from typing import Any
 
 import torch
 
-from laplace.curvature.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.curvature.curvature import (
+    CurvatureInterface,
+    EFInterface,
+    GGNInterface,
+    import_library,
+)
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs, batch_size
 
 
 def _curvlinops():
-    try:
-        import curvlinops
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The Curvlinops backend needs the package curvlinops-for-pytorch: "
-            "pip install curvlinops-for-pytorch"
-        ) from err
-    return curvlinops
+    return import_library("curvlinops", "curvlinops-for-pytorch", "Curvlinops")
 
 
 class CurvlinopsInterface(CurvatureInterface):
