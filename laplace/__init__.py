@@ -1,9 +1,18 @@
 """laplace: post-hoc Laplace approximations for PyTorch networks.
 
-The curvature layer (:mod:`laplace.curvature`) and the Kronecker matrices
-(:mod:`laplace.utils.matrix`) are in place; the Laplace classes build on them.
+``Laplace(model, likelihood, subset_of_weights, hessian_structure)`` builds one of the
+classes below; see :mod:`laplace.baselaplace` for their common interface.
 """
 
+from laplace.baselaplace import BaseLaplace
+from laplace.laplace import Laplace
+from laplace.parametric import (
+    DiagLaplace,
+    FullLaplace,
+    KronLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
 from laplace.utils.enums import (
     FeatureReduction,
     FunctionalApproximation,
@@ -19,6 +28,13 @@ from laplace.utils.enums import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Laplace",
+    "BaseLaplace",
+    "ParametricLaplace",
+    "FullLaplace",
+    "KronLaplace",
+    "DiagLaplace",
+    "LowRankLaplace",
     "FeatureReduction",
     "FunctionalApproximation",
     "HessianStructure",

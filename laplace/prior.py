@@ -1,4 +1,4 @@
-"""Gaussian prior precision: its three structures and their expansion.
+"""Gaussian prior precision: its three structures, their expansion, and tuning.
 
 The prior is ``N(mu_0, diag(p_0)^-1)`` over the ``P`` parameters that require grad.
 Its precision is given in one of three structures (:class:`PriorStructure`):
@@ -10,15 +10,24 @@ Its precision is given in one of three structures (:class:`PriorStructure`):
 Everything downstream works with the expanded diagonal ``p_0`` of shape ``(P,)``;
 :func:`expand_prior_precision` is the one place that builds it, so gradients w.r.t.
 the structured precision flow through it.
+
+Tuning (:func:`tune_by_marglik`, :func:`tune_by_gridsearch`) works on any Laplace
+object through its public evidence and predictive; the object supplies the parts that
+do not depend on the prior precision so that they are computed once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
-from laplace.utils.enums import PriorStructure, parse_enum
+from laplace.utils.enums import LinkApprox, PredType, PriorStructure, parse_enum
+
+if TYPE_CHECKING:  # pragma: no cover
+    from laplace.baselaplace import BaseLaplace
 
 
 def parameters_per_layer(params: Sequence[torch.Tensor]) -> list[int]:
@@ -122,9 +131,126 @@ def prior_precision_of_structure(
     return value.detach().clone()
 
 
+def check_marglik_arguments(n_steps: int, lr: float) -> None:
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}.")
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number; got {lr!r}.")
+
+
+def check_gridsearch_arguments(
+    val_loader: Any, loss: Any, log_min: float, log_max: float, grid_size: int
+) -> None:
+    if val_loader is None:
+        raise ValueError(
+            "method='gridsearch' needs val_loader=, a DataLoader of validation data."
+        )
+    if loss is not None and not callable(loss):
+        raise TypeError(
+            "loss must be a torchmetrics.Metric or a callable(predictions, targets); "
+            f"got {type(loss).__name__}."
+        )
+    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
+        raise ValueError(f"grid_size must be a positive integer; got {grid_size!r}.")
+    if not log_min <= log_max:
+        raise ValueError(
+            f"log_prior_prec_min ({log_min}) must not exceed log_prior_prec_max "
+            f"({log_max})."
+        )
+
+
+def tune_by_marglik(
+    la: BaseLaplace, init: torch.Tensor, n_steps: int, lr: float, progress_bar: bool
+) -> None:
+    """Maximise the Laplace evidence over the log prior precision with Adam.
+
+    On a non-finite evidence the previous prior precision is restored and a
+    ``RuntimeError`` names the step.
+    """
+    previous = la.prior_precision
+    log_prec = init.log().requires_grad_(True)
+    optimizer = torch.optim.Adam([log_prec], lr=lr)
+    try:
+        for step in tqdm(range(n_steps), disable=not progress_bar, desc="marglik"):
+            optimizer.zero_grad()
+            neg_marglik = -la.log_marginal_likelihood(prior_precision=log_prec.exp())
+            if not torch.isfinite(neg_marglik):
+                raise RuntimeError(
+                    f"The log marginal likelihood became {float(-neg_marglik)} at step "
+                    f"{step}; try a smaller lr or another init_prior_prec."
+                )
+            neg_marglik.backward()
+            optimizer.step()
+    except BaseException:
+        la.prior_precision = previous
+        raise
+    la.prior_precision = log_prec.detach().exp()
+
+
+def default_loss(la: BaseLaplace):
+    """Running NLL for classification, running mean squared error for regression."""
+    if la._predicts_regression:
+        from torchmetrics import MeanSquaredError
+
+        return MeanSquaredError()
+    from laplace.utils.metrics import RunningNLLMetric
+
+    return RunningNLLMetric()
+
+
+def _evaluate(loss: Any, predictions: Callable[[], Any]) -> float:
+    """The loss of all validation predictions: running (Metric) or at once."""
+    from torchmetrics import Metric
+
+    if isinstance(loss, Metric):
+        loss.reset()
+        for pred, y in predictions():
+            loss.update(pred, y.reshape(pred.shape) if y.numel() == pred.numel() else y)
+        return float(loss.compute())
+    preds, targets = zip(*predictions())
+    return float(loss(torch.cat(preds), torch.cat(targets)))
+
+
+def tune_by_gridsearch(
+    la: BaseLaplace,
+    grid: torch.Tensor,
+    length: int,
+    val_loader: Any,
+    loss: Any,
+    pred_type: PredType,
+    link_approx: LinkApprox,
+    n_samples: int,
+    progress_bar: bool,
+) -> None:
+    """Pick the value of ``grid`` (as a precision of ``length`` entries) with the
+    lowest validation ``loss``; non-finite losses are skipped."""
+    loss = default_loss(la) if loss is None else loss
+    previous = la.prior_precision
+    predictions = la._validation_predictions(
+        val_loader, pred_type, link_approx, n_samples
+    )
+    results = []
+    try:
+        for value in tqdm(grid.tolist(), disable=not progress_bar, desc="gridsearch"):
+            la.prior_precision = torch.full((length,), value)
+            results.append(_evaluate(loss, predictions))
+    except BaseException:
+        la.prior_precision = previous
+        raise
+    values = torch.tensor(results)
+    finite = torch.isfinite(values)
+    if not finite.any():
+        la.prior_precision = previous
+        raise RuntimeError("The validation loss is not finite for any grid value.")
+    best = int(torch.where(finite, values, torch.inf).argmin())
+    la.prior_precision = torch.full((length,), grid[best].item())
+
+
 __all__ = [
     "parameters_per_layer",
     "as_prior_precision",
     "expand_prior_precision",
     "prior_precision_of_structure",
+    "tune_by_marglik",
+    "tune_by_gridsearch",
 ]

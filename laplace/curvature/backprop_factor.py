@@ -272,3 +272,49 @@ def _linear_parameter_order(layer, C, D, has_bias, device) -> torch.Tensor:
     if has_bias:
         pieces.append(grid[:, -1])
     return torch.cat(pieces)
+
+
+def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
+    r"""The Jacobian of every output, layer by layer, without forming it.
+
+    For a weight of an ``nn.Linear``/``nn.Conv2d`` layer the Jacobian of output ``c``
+    is ``sum_t g_{ct} a_t^T``, with ``a`` the layer input (patches for a convolution)
+    at position ``t`` and ``g_c`` the derivative of output ``c`` w.r.t. the layer
+    output; for its bias it is ``sum_t g_{ct}``. One batched backward pass of the
+    identity gives every ``g``.
+
+    Returns
+    -------
+    None, when a parameter lives outside such layers (or a layer is called twice);
+    otherwise ``(f, factors)`` with ``f`` the detached outputs ``(N, C)`` and one
+    entry per parameter of ``params``: ``(a, g)`` with ``a`` ``(N, T, in)`` and ``g``
+    ``(C, N, T, out)`` for a weight, ``(None, g)`` with ``g`` ``(C, N, out)`` for a
+    bias.
+    """
+    owner = _owners(model, params)
+    layers = list({id(m): m for m in owner.values()}.values())
+    if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
+        return None
+    with _Tape(layers) as tape:
+        f = model(x)
+    if f.ndim != 2 or not tape.single_calls():
+        return None
+    if not all(tape.records[id(m)][0][1].requires_grad for m in layers):
+        return None
+    C = f.shape[1]
+    eye = torch.eye(C, dtype=f.dtype, device=f.device)
+    outputs = [tape.records[id(m)][0][1] for m in layers]
+    grads = torch.autograd.grad(
+        f,
+        outputs,
+        grad_outputs=eye.unsqueeze(1).expand(C, *f.shape),
+        is_grads_batched=True,
+    )
+    per_param: dict[int, tuple] = {}
+    for module, g in zip(layers, grads):
+        a, g = _layer_terms(module, tape.records[id(module)][0][0], g)
+        if module.weight.requires_grad:
+            per_param[id(module.weight)] = (a, g)
+        if module.bias is not None and module.bias.requires_grad:
+            per_param[id(module.bias)] = (None, g.sum(2))
+    return f.detach(), [per_param[id(p)] for p in params]

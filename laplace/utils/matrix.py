@@ -393,7 +393,7 @@ class KronDecomposed:
             self.damping,
         )
 
-    def _block_eigenvalues(self, i: int, exponent: float = 1) -> Tensor:
+    def block_eigenvalues(self, i: int, exponent: float = 1) -> Tensor:
         """``lam ** exponent`` of block ``i``: shape ``(p_out, p_in)`` or ``(n,)``."""
         vals, delta = self.eigenvalues[i], self.deltas[i]
         if len(vals) == 1:
@@ -407,7 +407,7 @@ class KronDecomposed:
     def logdet(self) -> Tensor:
         """Log determinant ``sum log lam`` over all blocks, deltas included (0-dim)."""
         return sum(
-            (self._block_eigenvalues(i).log().sum() for i in range(len(self))),
+            (self.block_eigenvalues(i).log().sum() for i in range(len(self))),
             start=torch.zeros((), dtype=self.deltas.dtype, device=self.deltas.device),
         )
 
@@ -428,7 +428,7 @@ class KronDecomposed:
         """
         fns = [
             lambda X, i=i: _eigen_matmul(
-                self.eigenvectors[i], self._block_eigenvalues(i, exponent), X
+                self.eigenvectors[i], self.block_eigenvalues(i, exponent), X
             )
             for i in range(len(self))
         ]
@@ -458,7 +458,7 @@ class KronDecomposed:
         """
         diags = []
         for i, Qs in enumerate(self.eigenvectors):
-            lam = self._block_eigenvalues(i, exponent)
+            lam = self.block_eigenvalues(i, exponent)
             if len(Qs) == 1:
                 diags.append(Qs[0].square() @ lam)
             else:
@@ -471,6 +471,6 @@ class KronDecomposed:
         blocks = []
         for i, Qs in enumerate(self.eigenvectors):
             Q = _kron(Qs)
-            lam = self._block_eigenvalues(i, exponent).flatten()
+            lam = self.block_eigenvalues(i, exponent).flatten()
             blocks.append((Q * lam) @ Q.mT)
         return torch.block_diag(*blocks)

@@ -1,0 +1,540 @@
+"""BaseLaplace: the model, the likelihood, the hyperparameters and the predictive.
+
+What every Laplace approximation shares lives here: validated hyperparameters
+(``prior_precision``, ``prior_mean``, ``sigma_noise``, ``temperature``), the curvature
+backend, the log likelihood and the Laplace evidence built from it, the predictive
+entry point ``la(x, ...)`` with its argument checks, and prior-precision tuning.
+Subclasses say how the posterior is represented (:mod:`laplace.parametric`).
+
+Conventions (DESIGN.md section 3): the loss is summed over the data,
+``0.5 * sum((f - y)^2)`` for regression and the cross-entropy for classification; the
+posterior precision is ``P = H / (sigma_noise^2 * temperature) + diag(p0)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from laplace import prior
+from laplace.curvature.curvature import CurvatureInterface
+from laplace.data import Inputs, split_batch, to_device
+from laplace.predictive.links import link as apply_link
+from laplace.utils.enums import (
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    TuningMethod,
+    parse_enum,
+)
+
+Tensor = torch.Tensor
+
+
+class BaseLaplace:
+    """Base class of all Laplace approximations.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        the trained network; its parameters that require grad are the ones treated.
+    likelihood : Likelihood or str in {'classification', 'regression',
+        'reward_modeling'}
+        'reward_modeling' fits with the classification likelihood on pairs
+        (``x`` of shape ``(batch, 2, dim)``, ``y`` of shape ``(batch,)``) and predicts
+        as regression on ``(batch, dim)``.
+    sigma_noise : float or torch.Tensor, default=1
+        observation noise of regression; must be 1 otherwise.
+    prior_precision : float or torch.Tensor, default=1
+        precision of the Gaussian prior: a scalar, one value per parameter tensor, or
+        one value per parameter.
+    prior_mean : float or torch.Tensor, default=0
+        mean of the prior: a scalar or one value per parameter.
+    temperature : float, default=1
+        temperature of the likelihood; the curvature is divided by it.
+    enable_backprop : bool, default=False
+        keep the predictive differentiable w.r.t. the input ``x``.
+    dict_key_x, dict_key_y : str
+        keys of inputs and targets in mapping (dict-like) batches.
+    backend : subclass of CurvatureInterface, optional
+        curvature backend; :class:`~laplace.curvature.CurvlinopsGGN` by default.
+    backend_kwargs : dict, optional
+        keyword arguments of the backend, e.g. ``{"stochastic": True}``.
+    asdl_fisher_kwargs : dict, optional
+        passed to ASDL backends as ``fisher_kwargs`` (ASDL's ``FisherConfig``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module; got {type(model).__name__}."
+            )
+        self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
+        self.model = model
+        self.params = self._select_params()
+        if not self.params:
+            raise ValueError(
+                "The model has no parameters that require grad: nothing to treat."
+            )
+        self.n_params = sum(p.numel() for p in self.params)
+        self.n_layers = len(self.params)
+        self._device, self._dtype = self.params[0].device, self.params[0].dtype
+        self.enable_backprop = bool(enable_backprop)
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        self._backend_cls = _check_backend(backend)
+        self.backend_kwargs = dict(backend_kwargs or {})
+        self.asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
+        self._backend: CurvatureInterface | None = None
+        self._posterior_cache: Any = None
+        self.temperature = temperature
+        self.sigma_noise = sigma_noise
+        self.prior_precision = prior_precision
+        self.prior_mean = prior_mean
+        self.loss = torch.zeros((), dtype=self._dtype, device=self._device)
+        self.n_data = 0
+        self.n_outputs: int | None = None
+        #: whether ``fit`` has run; predictives and tuning need it
+        self.fitted = False
+
+    # -- what is treated -----------------------------------------------------------
+    def _select_params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def backend(self) -> CurvatureInterface:
+        """The curvature backend, built on first use."""
+        if self._backend is None:
+            kwargs = dict(self.backend_kwargs)
+            if self.asdl_fisher_kwargs:
+                from laplace.curvature.asdl import AsdlInterface
+
+                if issubclass(self._backend_cls, AsdlInterface):
+                    kwargs.setdefault("fisher_kwargs", self.asdl_fisher_kwargs)
+            self._backend = self._backend_cls(
+                self.model,
+                self.likelihood,
+                dict_key_x=self.dict_key_x,
+                dict_key_y=self.dict_key_y,
+                **self._backend_arguments(),
+                **kwargs,
+            )
+        return self._backend
+
+    def _backend_arguments(self) -> dict[str, Any]:
+        """Extra backend arguments of a subclass (e.g. ``last_layer=True``)."""
+        return {}
+
+    # -- hyperparameters -----------------------------------------------------------
+    @property
+    def prior_precision(self) -> Tensor:
+        """Prior precision: shape ``(1,)``, ``(n_layers,)`` or ``(n_params,)``."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        value = prior.as_prior_precision(
+            value, self.n_layers, self.n_params, dtype=self._dtype, device=self._device
+        )
+        self._check_prior_precision(value)
+        self._prior_precision = value
+        self._posterior_cache = None
+
+    def _check_prior_precision(self, value: Tensor) -> None:
+        """Refuse prior structures the posterior form cannot hold (subclasses)."""
+
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """The diagonal ``p0`` ``(n_params,)`` of the prior precision."""
+        return prior.expand_prior_precision(self.prior_precision, self.params)
+
+    @property
+    def prior_mean(self) -> Tensor:
+        """Prior mean: shape ``()`` or ``(n_params,)``."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | Tensor) -> None:
+        value = torch.as_tensor(value, dtype=self._dtype, device=self._device)
+        if value.numel() == 1:
+            value = value.reshape(())
+        elif value.shape != (self.n_params,):
+            raise ValueError(
+                f"prior_mean must be a scalar or of shape ({self.n_params},); got "
+                f"shape {tuple(value.shape)}."
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError("prior_mean must be finite.")
+        self._prior_mean = value
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        """Observation noise standard deviation (0-dim)."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        value = torch.as_tensor(value, dtype=self._dtype, device=self._device)
+        if value.numel() != 1:
+            raise ValueError(
+                f"sigma_noise must be a scalar; got shape {tuple(value.shape)}."
+            )
+        value = value.reshape(())
+        with torch.no_grad():
+            if not torch.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"sigma_noise must be positive and finite; got {value}."
+                )
+            if self.likelihood != Likelihood.REGRESSION and value != 1:
+                raise ValueError(
+                    f"sigma_noise must be 1 for likelihood={self.likelihood.value!r}; "
+                    f"only regression has observation noise (got {float(value)})."
+                )
+        self._sigma_noise = value
+        self._posterior_cache = None
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if (
+            not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"temperature must be a positive number; got {value!r}.")
+        self._temperature = float(value)
+        self._posterior_cache = None
+
+    @property
+    def _h_factor(self) -> Tensor:
+        """``1 / (sigma_noise^2 * temperature)``, the scale of the curvature."""
+        return 1 / (self.sigma_noise.square() * self.temperature)
+
+    # -- evidence ------------------------------------------------------------------
+    def _check_fitted(self, action: str) -> None:
+        if not self.fitted:
+            raise RuntimeError(
+                f"{type(self).__name__} is not fitted: call fit(train_loader) before "
+                f"{action}."
+            )
+
+    @property
+    def log_likelihood(self) -> Tensor:
+        """Log likelihood of the training data at the MAP, from the summed loss.
+
+        Classification: ``-loss / T``; regression:
+        ``-loss / (sigma^2 T) - N C log(sigma sqrt(2 pi))``. Differentiable in
+        ``sigma_noise``.
+        """
+        self._check_fitted("log_likelihood")
+        value = -self._h_factor * self.loss
+        if self.likelihood == Likelihood.REGRESSION:
+            n_terms = self.n_data * self.n_outputs
+            value = value - n_terms * torch.log(
+                self.sigma_noise * math.sqrt(2 * math.pi)
+            )
+        return value
+
+    @property
+    def log_det_ratio(self) -> Tensor:
+        """``log det P - log det P0``."""
+        raise NotImplementedError
+
+    @property
+    def scatter(self) -> Tensor:
+        raise NotImplementedError
+
+    def log_marginal_likelihood(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> Tensor:
+        """Laplace evidence ``log_lik - 0.5 (log det P - log det P0 + scatter)``.
+
+        Parameters
+        ----------
+        prior_precision : torch.Tensor, optional
+            replaces the current prior precision (kept as given, so the result is
+            differentiable in it).
+        sigma_noise : torch.Tensor, optional
+            replaces the current observation noise (regression only).
+
+        Returns
+        -------
+        log_marglik : torch.Tensor (0-dim)
+        """
+        self._check_fitted("log_marginal_likelihood")
+        if prior_precision is not None:
+            self.prior_precision = prior_precision
+        if sigma_noise is not None:
+            self.sigma_noise = sigma_noise
+        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+
+    # -- predictive ----------------------------------------------------------------
+    @property
+    def _predicts_regression(self) -> bool:
+        return self.likelihood in (Likelihood.REGRESSION, Likelihood.REWARD_MODELING)
+
+    def __call__(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        joint: bool = False,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Posterior predictive at ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            inputs ``(batch, ...)``.
+        pred_type : {'glm', 'nn'}
+            linearized (GLM) predictive, or network evaluated at posterior samples.
+        joint : bool
+            regression with 'glm': the joint covariance over the batch,
+            ``(batch * outputs, batch * outputs)``, with the mean flattened.
+        link_approx : {'probit', 'bridge', 'bridge_norm', 'mc'}
+            classification with 'glm'; 'nn' needs 'mc'.
+        n_samples : int
+            samples of 'mc' and of 'nn'.
+        diagonal_output : bool
+            'glm' only: keep only the output variances.
+        generator : torch.Generator, optional
+
+        Returns
+        -------
+        classification: probabilities ``(batch, classes)``; regression: ``(f_mu,
+        f_var)`` with ``f_mu`` ``(batch, outputs)`` and ``f_var`` ``(batch, outputs,
+        outputs)`` ('glm'), ``(batch, outputs)`` ('nn' or ``diagonal_output``).
+        """
+        pred_type = _parse_pred_type(pred_type, type(self).__name__)
+        link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
+        if pred_type == PredType.NN and link_approx != LinkApprox.MC:
+            raise ValueError(
+                "pred_type='nn' averages the network over posterior samples: it needs "
+                f"link_approx='mc' (got {link_approx.value!r})."
+            )
+        _check_n_samples(n_samples)
+        self._check_fitted("predicting")
+        x = to_device(x, self._device)
+        if pred_type == PredType.NN:
+            f = self._nn_samples(x, n_samples, generator)
+            if self._predicts_regression:
+                return f.mean(0), f.var(0)
+            return torch.softmax(f, dim=-1).mean(0)
+        if self._predicts_regression:
+            return self._glm_distribution(x, joint, diagonal_output)
+        f_mu, f_var = self._glm_distribution(x, False, diagonal_output)
+        return apply_link(link_approx, f_mu, f_var, n_samples, generator)
+
+    predictive = __call__
+
+    def predictive_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples ``(n_samples, batch, outputs)`` of the predictive at ``x``.
+
+        'glm' samples the Gaussian ``N(f_mu, f_var)`` of the linearized network,
+        'nn' evaluates the network at weight samples; classification returns the
+        softmax of the samples.
+        """
+        pred_type = _parse_pred_type(pred_type, type(self).__name__)
+        _check_n_samples(n_samples)
+        self._check_fitted("sampling the predictive")
+        x = to_device(x, self._device)
+        if pred_type == PredType.NN:
+            f = self._nn_samples(x, n_samples, generator)
+        else:
+            from laplace.predictive.links import sample_outputs
+
+            f_mu, f_var = self._glm_distribution(x, False, diagonal_output)
+            f = sample_outputs(f_mu, f_var, n_samples, generator)
+        return f if self._predicts_regression else torch.softmax(f, dim=-1)
+
+    def _glm_distribution(
+        self, x: Inputs, joint: bool, diagonal_output: bool
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _nn_samples(
+        self, x: Inputs, n_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
+        """A callable yielding ``(prediction, y)`` per validation batch at the current
+        hyperparameters (regression: the predictive mean)."""
+
+        def predictions():
+            with torch.no_grad():
+                for batch in val_loader:
+                    x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+                    pred = self(
+                        x, pred_type, link_approx=link_approx, n_samples=n_samples
+                    )
+                    pred = pred[0] if self._predicts_regression else pred
+                    yield pred, y.to(self._device)
+
+        return predictions
+
+    # -- prior tuning --------------------------------------------------------------
+    def optimize_prior_precision(
+        self,
+        pred_type: PredType | str = PredType.GLM,
+        method: TuningMethod | str = TuningMethod.MARGLIK,
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | Tensor = 1.0,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
+        val_loader: DataLoader | None = None,
+        loss: Callable[[Tensor, Tensor], Tensor | float] | None = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+    ) -> None:
+        """Tune the prior precision post hoc.
+
+        Parameters
+        ----------
+        pred_type : {'glm', 'nn'}
+            predictive of the grid search.
+        method : {'marglik', 'gridsearch'}
+            'marglik': ``n_steps`` Adam steps of size ``lr`` on the log prior
+            precision, maximising the Laplace evidence. 'gridsearch': the value of
+            ``grid_size`` log-spaced values in ``[10^log_prior_prec_min,
+            10^log_prior_prec_max]`` with the lowest ``loss`` on ``val_loader``.
+        init_prior_prec : float or torch.Tensor
+            start of 'marglik'; a tensor keeps its own structure.
+        prior_structure : {'scalar', 'layerwise', 'diag'}
+            structure of the tuned precision when ``init_prior_prec`` is a scalar.
+        val_loader : DataLoader
+            validation data, needed by 'gridsearch'.
+        loss : torchmetrics.Metric or callable, optional
+            a Metric is updated batch by batch (a running value); a callable gets
+            all predictions and targets at once. Defaults to the running NLL
+            (classification) or running mean squared error (regression).
+        link_approx, n_samples : link approximation of the classification
+            predictive and its number of samples.
+        verbose : bool
+            print the tuned prior precision.
+        progress_bar : bool
+            show progress over the steps or the grid.
+        """
+        method = parse_enum(TuningMethod, method, "method")
+        pred_type = _parse_pred_type(pred_type, type(self).__name__)
+        # the 'nn' predictive has one link: the average over weight samples
+        link_approx = (
+            LinkApprox.MC
+            if pred_type == PredType.NN
+            else parse_enum(LinkApprox, link_approx, "link_approx")
+        )
+        _check_n_samples(n_samples)
+        init = prior.prior_precision_of_structure(
+            init_prior_prec,
+            prior_structure,
+            self.n_layers,
+            self.n_params,
+            dtype=self._dtype,
+            device=self._device,
+        )
+        self._check_prior_precision(init)
+        if method == TuningMethod.MARGLIK:
+            prior.check_marglik_arguments(n_steps, lr)
+            self._check_fitted("optimize_prior_precision")
+            prior.tune_by_marglik(self, init, n_steps, lr, progress_bar)
+        else:
+            prior.check_gridsearch_arguments(
+                val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size
+            )
+            self._check_fitted("optimize_prior_precision")
+            grid = torch.logspace(
+                log_prior_prec_min, log_prior_prec_max, grid_size, dtype=self._dtype
+            )
+            prior.tune_by_gridsearch(
+                self,
+                grid,
+                init.numel(),
+                val_loader,
+                loss,
+                pred_type,
+                link_approx,
+                n_samples,
+                progress_bar,
+            )
+        if verbose:
+            print(f"Optimized prior precision: {self.prior_precision}")
+
+    # -- serialization -------------------------------------------------------------
+    def _parameter_names(self) -> list[str]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names.get(id(p), "?") for p in self.params]
+
+
+def _check_backend(backend: Any) -> type[CurvatureInterface]:
+    if backend is None:
+        from laplace.curvature.curvlinops import CurvlinopsGGN
+
+        return CurvlinopsGGN
+    if not (isinstance(backend, type) and issubclass(backend, CurvatureInterface)):
+        raise TypeError(
+            "backend must be a CurvatureInterface subclass such as CurvlinopsGGN, "
+            f"BackPackGGN or AsdlGGN (the class, not an instance); got {backend!r}."
+        )
+    return backend
+
+
+def _parse_pred_type(pred_type: PredType | str, owner: str) -> PredType:
+    pred_type = parse_enum(PredType, pred_type, "pred_type")
+    if pred_type not in (PredType.GLM, PredType.NN):
+        raise ValueError(
+            f"pred_type={pred_type.value!r} is not available for {owner}; use 'glm' "
+            "or 'nn'."
+        )
+    return pred_type
+
+
+def _check_n_samples(n_samples: int) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+
+
+def __getattr__(name: str):
+    # the all-weights classes live in laplace.parametric; importing them here lazily
+    # keeps ``from laplace.baselaplace import FullLaplace`` working without a cycle
+    import laplace.parametric as parametric
+
+    if name in parametric.__all__:
+        return getattr(parametric, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

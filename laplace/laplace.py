@@ -1,0 +1,79 @@
+"""The ``Laplace()`` factory: one explicit table from ``(subset_of_weights,
+hessian_structure)`` to the class that implements it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from laplace.baselaplace import BaseLaplace
+from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, LowRankLaplace
+from laplace.utils.enums import (
+    HessianStructure,
+    Likelihood,
+    SubsetOfWeights,
+    parse_enum,
+)
+
+#: ``(subset_of_weights, hessian_structure) -> class``
+REGISTRY: dict[tuple[SubsetOfWeights, HessianStructure], type[BaseLaplace]] = {
+    (SubsetOfWeights.ALL, HessianStructure.FULL): FullLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.KRON): KronLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.DIAG): DiagLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.LOWRANK): LowRankLaplace,
+}
+
+
+def register(
+    subset_of_weights: SubsetOfWeights | str,
+    hessian_structure: HessianStructure | str,
+    cls: type[BaseLaplace],
+) -> None:
+    """Add ``cls`` to the table of :func:`Laplace`."""
+    key = (
+        parse_enum(SubsetOfWeights, subset_of_weights, "subset_of_weights"),
+        parse_enum(HessianStructure, hessian_structure, "hessian_structure"),
+    )
+    REGISTRY[key] = cls
+
+
+def Laplace(
+    model: nn.Module,
+    likelihood: Likelihood | str,
+    subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,
+    hessian_structure: HessianStructure | str = HessianStructure.KRON,
+    *args: Any,
+    **kwargs: Any,
+) -> BaseLaplace:
+    """Build the Laplace approximation for a subset of weights and a structure.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    likelihood : {'classification', 'regression', 'reward_modeling'}
+    subset_of_weights : {'last_layer', 'subnetwork', 'all'}, default='last_layer'
+    hessian_structure : {'full', 'kron', 'diag', 'lowrank', 'gp'}, default='kron'
+    *args, **kwargs
+        passed to the class (see :class:`~laplace.baselaplace.BaseLaplace`).
+
+    Raises
+    ------
+    ValueError
+        for a combination without an implementation, listing the valid ones.
+    """
+    subset = parse_enum(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+    structure = parse_enum(HessianStructure, hessian_structure, "hessian_structure")
+    cls = REGISTRY.get((subset, structure))
+    if cls is None:
+        valid = ", ".join(
+            f"({s.value!r}, {h.value!r})" for s, h in sorted(REGISTRY, key=str)
+        )
+        raise ValueError(
+            f"No Laplace approximation for subset_of_weights={subset.value!r} with "
+            f"hessian_structure={structure.value!r}; valid combinations: {valid}."
+        )
+    return cls(model, likelihood, *args, **kwargs)
+
+
+__all__ = ["Laplace", "REGISTRY", "register"]

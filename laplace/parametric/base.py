@@ -1,0 +1,405 @@
+r"""ParametricLaplace: a Gaussian ``N(theta_MAP, P^-1)`` over the treated weights.
+
+The posterior precision is ``P = factor * H + diag(p0)`` with ``H`` the curvature of
+the summed training loss, ``factor = 1 / (sigma_noise^2 * temperature)`` and ``p0``
+the prior precision. A subclass says how ``H`` is stored and accumulated and which
+:class:`~laplace.parametric.precision.PrecisionForm` represents ``P``; everything else
+(evidence terms, ``log_prob``, sampling, the functional variance and both
+predictives, serialization) is written once here in terms of that form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from laplace.baselaplace import BaseLaplace
+from laplace.curvature import backprop_factor
+from laplace.data import Inputs, split_batch, to_device
+from laplace.parametric.precision import PrecisionForm
+from laplace.predictive import glm
+from laplace.predictive.links import link as apply_link
+from laplace.utils.enums import PredType
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class GLMTerms:
+    """What the GLM predictive at some inputs needs that the prior does not change:
+    the outputs and either the Jacobian factors in the eigenbasis of the posterior
+    (:mod:`laplace.predictive.glm`) or the Jacobians ``(N, C, P)``."""
+
+    f: Tensor
+    factors: list | None = None
+    J: Tensor | None = None
+
+
+class ParametricLaplace(BaseLaplace):
+    """Laplace approximation with a posterior precision over the treated weights.
+
+    See :class:`~laplace.baselaplace.BaseLaplace` for the parameters. Subclasses
+    implement ``_init_H``, ``_curvature_batch``, ``_add_curvature`` and
+    ``_build_form``.
+    """
+
+    #: ``(subset_of_weights, hessian_structure)`` of the class, for the registry and
+    #: for state dicts
+    key: ClassVar[tuple[str, str]]
+
+    def __init__(self, model, likelihood, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, likelihood, *args, **kwargs)
+        self.mean = parameters_to_vector(self.params).detach()
+        self.H: Any = None
+        self._on_new_curvature()
+
+    # -- curvature: what a structure supplies ----------------------------------------
+    def _init_H(self) -> Any:
+        raise NotImplementedError
+
+    def _curvature_batch(self, x: Inputs, y: Tensor, N: int) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def _add_curvature(self, H: Any, H_batch: Any) -> Any:
+        """``H + H_batch``; ``H`` is a fresh accumulator and may be updated in place."""
+        raise NotImplementedError
+
+    def _combine_fits(self, H_old: Any, H_new: Any, n_old: int, n_new: int) -> Any:
+        """Curvature of two data sets fit one after the other (``override=False``)."""
+        return self._add_curvature(H_old, H_new)
+
+    def _build_form(self) -> PrecisionForm:
+        raise NotImplementedError
+
+    @staticmethod
+    def _is_finite(H: Any) -> bool:
+        return bool(torch.isfinite(H).all())
+
+    # -- fit ---------------------------------------------------------------------------
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Fit the Laplace approximation at the current parameters of the model.
+
+        Parameters
+        ----------
+        train_loader : DataLoader
+            batches ``(x, y)`` or mappings with ``dict_key_x``/``dict_key_y``;
+            ``train_loader.dataset`` gives the number of data ``N``.
+        override : bool, default=True
+            start afresh; ``False`` adds this data set to the curvature, loss and
+            number of data of the previous fits (a sequential posterior).
+        progress_bar : bool, default=False
+
+        Raises
+        ------
+        RuntimeError
+            if the loss or curvature of a batch is not finite (naming the batch); the
+            object keeps its previous state.
+        """
+        N = _dataset_size(train_loader)
+        accumulate = not override and self.fitted
+        self.model.eval()
+        mean = parameters_to_vector(self.params).detach()
+        H, loss, n_outputs = self._init_H(), torch.zeros_like(self.loss), None
+        batches = tqdm(train_loader, disable=not progress_bar, desc="fit")
+        for i, batch in enumerate(batches):
+            x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+            x, y = to_device(x, self._device), y.to(self._device)
+            if n_outputs is None:
+                with torch.no_grad():
+                    n_outputs = self.model(x).shape[-1]
+            loss_b, H_b = self._curvature_batch(x, y, N)
+            if not torch.isfinite(loss_b) or not self._is_finite(H_b):
+                what = "loss" if not torch.isfinite(loss_b) else "curvature"
+                raise RuntimeError(
+                    f"The {what} of batch {i} is not finite (NaN or inf); check the "
+                    "inputs and targets of that batch and the model's outputs. The "
+                    "Laplace approximation was left as it was."
+                )
+            H = self._add_curvature(H, H_b)
+            loss = loss + loss_b.detach()
+        if n_outputs is None:
+            raise ValueError("train_loader yielded no batches.")
+        if accumulate:
+            H = self._combine_fits(self.H, H, self.n_data, N)
+            loss, N = self.loss + loss, self.n_data + N
+        self.H, self.loss, self.n_data, self.n_outputs = H, loss, N, n_outputs
+        self.mean = mean
+        self.fitted = True
+        self._on_new_curvature()
+
+    def _on_new_curvature(self) -> None:
+        """Drop whatever was derived from the previous curvature."""
+        self._posterior_cache = None
+
+    # -- the posterior -------------------------------------------------------------
+    @property
+    def _posterior(self) -> PrecisionForm:
+        """The posterior precision form; cached unless a hyperparameter is being
+        differentiated (then each call builds a fresh graph)."""
+        self._check_fitted("using the posterior")
+        tracking = self.prior_precision.requires_grad or self.sigma_noise.requires_grad
+        if tracking:
+            return self._build_form()
+        if self._posterior_cache is None:
+            self._posterior_cache = self._build_form()
+        return self._posterior_cache
+
+    @property
+    def scatter(self) -> Tensor:
+        """``(theta_MAP - mu0)^T P0 (theta_MAP - mu0)``."""
+        delta = self.mean - self.prior_mean
+        return (delta.square() * self.prior_precision_diag).sum()
+
+    @property
+    def log_det_prior_precision(self) -> Tensor:
+        """``log det P0``."""
+        return self.prior_precision_diag.log().sum()
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """``log det P``."""
+        return self._posterior.logdet()
+
+    @property
+    def log_det_ratio(self) -> Tensor:
+        """``log det P - log det P0``."""
+        return self.log_det_posterior_precision - self.log_det_prior_precision
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """Marginal posterior variances ``diag(P^-1)`` ``(n_params,)``."""
+        return self._posterior.inv_diag()
+
+    def square_norm(self, value: Tensor) -> Tensor:
+        """``(value - theta_MAP)^T P (value - theta_MAP)`` for ``value`` ``(P,)`` or
+        ``(n, P)``."""
+        return self._posterior.square_form(self._check_weights(value) - self.mean)
+
+    def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
+        """Log density of ``value`` (``(P,)`` or ``(n, P)``) under
+        ``N(theta_MAP, P^-1)``; without ``normalized`` only the term that depends on
+        ``value``."""
+        log_prob = -0.5 * self.square_norm(value)
+        if normalized:
+            log_prob = log_prob + 0.5 * (
+                self.log_det_posterior_precision - self.n_params * math.log(2 * math.pi)
+            )
+        return log_prob
+
+    def _check_weights(self, value: Tensor) -> Tensor:
+        if not isinstance(value, Tensor) or value.shape[-1:] != (self.n_params,):
+            raise ValueError(
+                f"Expected weights of shape ({self.n_params},) or "
+                f"(n, {self.n_params}); "
+                f"got {getattr(value, 'shape', type(value).__name__)}."
+            )
+        return value.to(self._device, self._dtype)
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Weights ``theta ~ N(theta_MAP, P^-1)``, shape ``(n_samples, n_params)``."""
+        if (
+            isinstance(n_samples, bool)
+            or not isinstance(n_samples, int)
+            or n_samples < 1
+        ):
+            raise ValueError(
+                f"n_samples must be a positive integer; got {n_samples!r}."
+            )
+        return self.mean + self._posterior.sample(n_samples, generator)
+
+    def functional_variance(self, Js: Tensor) -> Tensor:
+        """``J P^-1 J^T`` per datum: ``Js`` ``(N, C, P)`` -> ``(N, C, C)``."""
+        if Js.ndim != 3 or Js.shape[-1] != self.n_params:
+            raise ValueError(
+                f"Js must have shape (batch, outputs, {self.n_params}); got "
+                f"{tuple(Js.shape)}."
+            )
+        return self._posterior.inv_square_form(Js)
+
+    def functional_covariance(self, Js: Tensor) -> Tensor:
+        """Joint ``J P^-1 J^T`` over a batch: ``Js`` ``(N, C, P)`` or ``(N*C, P)`` ->
+        ``(N*C, N*C)``, ordered datum-major."""
+        if Js.shape[-1] != self.n_params or Js.ndim not in (2, 3):
+            raise ValueError(
+                f"Js must have shape (batch, outputs, {self.n_params}) or "
+                f"(batch * outputs, {self.n_params}); got {tuple(Js.shape)}."
+            )
+        return self._posterior.inv_square_form(Js.reshape(1, -1, self.n_params))[0]
+
+    # -- predictives ---------------------------------------------------------------
+    def _jacobians(self, x: Inputs) -> tuple[Tensor, Tensor]:
+        """Jacobians ``(N, C, P)`` and outputs ``(N, C)`` at the MAP."""
+        if self.enable_backprop:
+            return backprop_factor.jacobian(self.model, self.params, x, True)
+
+        def identity(f: Tensor) -> Tensor:
+            eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+            return eye.expand(f.shape[0], -1, -1)
+
+        f, V = backprop_factor.per_example_vectors(self.model, self.params, x, identity)
+        return V.transpose(0, 1), f
+
+    def _glm_terms(self, x: Inputs) -> GLMTerms:
+        bases = self._posterior.eigenbases()
+        if bases is not None and not self.enable_backprop:
+            found = backprop_factor.jacobian_factors(self.model, self.params, x)
+            if found is not None:
+                f, factors = found
+                return GLMTerms(f, factors=glm.rotate(factors, bases))
+        J, f = self._jacobians(x)
+        return GLMTerms(f, J=J)
+
+    def _glm_variance(self, terms: GLMTerms) -> Tensor:
+        form = self._posterior
+        if terms.factors is not None:
+            return glm.inv_square_form(terms.factors, form.inverse_eigenvalues())
+        return form.inv_square_form(terms.J)
+
+    def _glm_distribution(self, x, joint, diagonal_output):
+        if joint:
+            J, f = self._jacobians(x)
+            return f.flatten(), self.functional_covariance(J)
+        terms = self._glm_terms(x)
+        f_var = self._glm_variance(terms)
+        if diagonal_output:
+            f_var = f_var.diagonal(dim1=-2, dim2=-1)
+        return terms.f, f_var
+
+    def _nn_samples(self, x, n_samples, generator):
+        names = self._parameter_names()
+        shapes = [p.shape for p in self.params]
+        outputs = []
+        with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
+            for theta in self.sample(n_samples, generator):
+                tensors = torch.split(theta, [math.prod(s) for s in shapes])
+                weights = {n: t.view(s) for n, t, s in zip(names, tensors, shapes)}
+                outputs.append(functional_call(self.model, weights, (x,)))
+        return torch.stack(outputs)
+
+    def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
+        """A callable yielding ``(prediction, y)`` per validation batch at the current
+        prior; for 'glm' the prior-independent terms are computed once."""
+        if pred_type != PredType.GLM:
+            return super()._validation_predictions(
+                val_loader, pred_type, link_approx, n_samples
+            )
+        cached = []
+        with torch.no_grad():
+            for batch in val_loader:
+                x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+                x = to_device(x, self._device)
+                cached.append((self._glm_terms(x), y.to(self._device)))
+
+        def predictions():
+            with torch.no_grad():
+                for terms, y in cached:
+                    if self._predicts_regression:
+                        yield terms.f, y
+                        continue
+                    f_var = self._glm_variance(terms)
+                    yield apply_link(link_approx, terms.f, f_var, n_samples), y
+
+        return predictions
+
+    # -- serialization -------------------------------------------------------------
+    def _H_state(self) -> Any:
+        return self.H
+
+    def _load_H(self, state: Any) -> Any:
+        return state.to(self._device, self._dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted state as plain tensors, numbers and strings (no pickled code)."""
+        return {
+            "cls_name": type(self).__name__,
+            "likelihood": self.likelihood.value,
+            "param_shapes": [list(p.shape) for p in self.params],
+            "mean": self.mean,
+            "H": self._H_state(),
+            "loss": self.loss.detach(),
+            "n_data": self.n_data,
+            "n_outputs": self.n_outputs,
+            "prior_precision": self.prior_precision.detach(),
+            "prior_mean": self.prior_mean.detach(),
+            "sigma_noise": self.sigma_noise.detach(),
+            "temperature": self.temperature,
+            "enable_backprop": self.enable_backprop,
+            "fitted": self.fitted,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a fitted state (also onto another device or dtype: tensors are
+        moved to this model's). The model's treated weights are set to the stored
+        MAP ``mean``.
+
+        Raises
+        ------
+        ValueError
+            if the state is of another class, likelihood or parameter layout.
+        """
+        missing = {"cls_name", "likelihood", "param_shapes", "mean", "H"} - set(
+            state_dict
+        )
+        if missing:
+            raise ValueError(
+                f"Not a Laplace state dict: missing keys {sorted(missing)}."
+            )
+        if state_dict["cls_name"] != type(self).__name__:
+            raise ValueError(
+                f"The state dict is of a {state_dict['cls_name']}, not of a "
+                f"{type(self).__name__}: create the Laplace object with the structure "
+                "and subset it was saved with."
+            )
+        if state_dict["likelihood"] != self.likelihood.value:
+            raise ValueError(
+                f"The state dict is for likelihood={state_dict['likelihood']!r}, not "
+                f"{self.likelihood.value!r}."
+            )
+        shapes = [list(p.shape) for p in self.params]
+        if state_dict["param_shapes"] != shapes:
+            raise ValueError(
+                "The state dict belongs to another model: its treated parameters have "
+                f"shapes {state_dict['param_shapes']}, this model's have {shapes}."
+            )
+        to = {"device": self._device, "dtype": self._dtype}
+        H = self._load_H(state_dict["H"])
+        self.temperature = state_dict["temperature"]
+        self.sigma_noise = state_dict["sigma_noise"].to(**to)
+        self.prior_precision = state_dict["prior_precision"].to(**to)
+        self.prior_mean = state_dict["prior_mean"].to(**to)
+        self.H = H
+        self.mean = state_dict["mean"].to(**to)
+        self.loss = state_dict["loss"].to(**to)
+        self.n_data, self.n_outputs = state_dict["n_data"], state_dict["n_outputs"]
+        self.enable_backprop = state_dict["enable_backprop"]
+        self.fitted = state_dict["fitted"]
+        with torch.no_grad():
+            vector_to_parameters(self.mean, self.params)
+        self._on_new_curvature()
+
+
+def _dataset_size(loader: DataLoader) -> int:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError) as err:
+        raise TypeError(
+            "train_loader must be a DataLoader whose dataset has a length (the number "
+            "of training data N)."
+        ) from err
+
+
+__all__ = ["ParametricLaplace", "GLMTerms"]

@@ -1,0 +1,45 @@
+"""DiagLaplace: a diagonal posterior precision."""
+
+from __future__ import annotations
+
+import torch
+
+from laplace.parametric.base import ParametricLaplace
+from laplace.parametric.precision import DiagPrecision
+
+Tensor = torch.Tensor
+
+
+class DiagLaplace(ParametricLaplace):
+    """Laplace approximation with the diagonal of the curvature, ``P = factor *
+    diag(H) + diag(p0)``; see :class:`ParametricLaplace`."""
+
+    key = ("all", "diag")
+
+    def _init_H(self) -> Tensor:
+        return torch.zeros(self.n_params, dtype=self._dtype, device=self._device)
+
+    def _curvature_batch(self, x, y, N):
+        return self.backend.diag(x, y)
+
+    def _add_curvature(self, H, H_batch):
+        return H.add_(H_batch)
+
+    def _build_form(self) -> DiagPrecision:
+        p = self._h_factor * self.H + self.prior_precision_diag
+        return DiagPrecision(p, [p_.shape for p_ in self.params])
+
+    @property
+    def posterior_precision(self) -> Tensor:
+        """Diagonal ``p`` of ``P`` ``(n_params,)``."""
+        return self._posterior.p
+
+    @property
+    def posterior_scale(self) -> Tensor:
+        """``p^-1/2`` ``(n_params,)``."""
+        return self.posterior_precision.rsqrt()
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """``p^-1`` ``(n_params,)``."""
+        return 1 / self.posterior_precision

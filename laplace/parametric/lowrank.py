@@ -1,0 +1,240 @@
+r"""LowRankLaplace: ``P = factor * U diag(l) U^T + diag(p0)`` from the top eigenpairs.
+
+The eigenpairs of the curvature of the whole training set are computed matrix-free
+(block Lanczos or randomized subspace iteration, :func:`top_eigenpairs`) from
+curvature-matrix products of Curvlinops' linear operators, which iterate over the
+data loader. Sampling, the functional variance and the log-determinant then use the
+Woodbury identities of :class:`~laplace.utils.lowrank.LowRankPlusDiagonal`: ``O(P k^2)``
+and no ``(P, P)`` matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
+
+from laplace.curvature.curvature import (
+    CurvatureInterface,
+    EFInterface,
+    GGNInterface,
+    import_library,
+)
+from laplace.data import split_batch, to_device
+from laplace.parametric.base import ParametricLaplace, _dataset_size
+from laplace.parametric.precision import LowRankPrecision
+from laplace.utils.lowrank import LowRankPlusDiagonal, top_eigenpairs
+
+Tensor = torch.Tensor
+
+
+class LowRankLaplace(ParametricLaplace):
+    """Laplace approximation with a rank-``k`` curvature plus the diagonal prior.
+
+    Parameters
+    ----------
+    rank : int, default=20
+        number of eigenpairs ``k`` kept.
+    eig_method : {'lanczos', 'randomized'}, default='lanczos'
+        eigensolver of :func:`~laplace.utils.lowrank.top_eigenpairs`.
+    eig_kwargs : dict, optional
+        further arguments of the eigensolver (``n_iter``, ``tol``, ``oversampling``,
+        ``generator``).
+
+    The curvature is the one of ``backend``: the GGN (default; the Monte-Carlo Fisher
+    with ``backend_kwargs={"stochastic": True}``), the empirical Fisher for EF
+    backends, or the Hessian for Hessian backends (negative eigenvalues are clipped
+    to 0). Its products come from Curvlinops whichever library the backend wraps.
+    See :class:`ParametricLaplace` for the other parameters.
+    """
+
+    key = ("all", "lowrank")
+
+    def __init__(
+        self,
+        model,
+        likelihood,
+        backend: type[CurvatureInterface] | None = None,
+        sigma_noise=1.0,
+        prior_precision=1.0,
+        prior_mean=0.0,
+        temperature=1.0,
+        enable_backprop=False,
+        dict_key_x="input_ids",
+        dict_key_y="labels",
+        backend_kwargs=None,
+        asdl_fisher_kwargs=None,
+        *,
+        rank: int = 20,
+        eig_method: str = "lanczos",
+        eig_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank:
+            raise ValueError(f"rank must be a positive integer; got {rank!r}.")
+        if eig_method not in ("lanczos", "randomized"):
+            raise ValueError(
+                f"eig_method must be 'lanczos' or 'randomized'; got {eig_method!r}."
+            )
+        self.rank = min(rank, self.n_params)
+        self.eig_method = eig_method
+        self.eig_kwargs = dict(eig_kwargs or {})
+
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Top eigenpairs of the curvature of the whole of ``train_loader``.
+
+        ``override=False`` is refused: eigenpairs of two data sets do not add.
+        """
+        if not override:
+            raise ValueError(
+                "LowRankLaplace cannot accumulate fits (override=False): the "
+                "eigenpairs are of one data set's curvature. Fit once on all the data."
+            )
+        N = _dataset_size(train_loader)
+        self.model.eval()
+        data = _CheckedData(train_loader, self.backend, self._device)
+        loss, n_outputs = data.loss_and_outputs()
+        if not torch.isfinite(loss):
+            raise RuntimeError(
+                "The training loss is not finite (NaN or inf); check the data and the "
+                "model's outputs. The Laplace approximation was left as it was."
+            )
+        operator, scale = self._operator(data, N, progress_bar)
+
+        def matmat(X: Tensor) -> Tensor:
+            return scale * (operator @ X)
+
+        eigenvalues, U = top_eigenpairs(
+            matmat,
+            self.n_params,
+            self.rank,
+            dtype=self._dtype,
+            device=self._device,
+            method=self.eig_method,
+            **self.eig_kwargs,
+        )
+        if not (torch.isfinite(eigenvalues).all() and torch.isfinite(U).all()):
+            raise RuntimeError(
+                "The curvature's eigenpairs are not finite (NaN or inf)."
+            )
+        self.H = (U, eigenvalues)
+        self.loss, self.n_data, self.n_outputs = loss, N, n_outputs
+        self.mean = parameters_to_vector(self.params).detach()
+        self.fitted = True
+        self._on_new_curvature()
+
+    def _operator(self, data, N: int, progress_bar: bool):
+        """The Curvlinops operator of the backend's curvature and its scale to the
+        loss convention of DESIGN.md section 3."""
+        lib = import_library("curvlinops", "curvlinops-for-pytorch", "Curvlinops")
+        backend = self.backend
+        kwargs: dict[str, Any] = {
+            "check_deterministic": False,
+            "num_data": N,
+            "progressbar": progress_bar,
+        }
+        if data.mapping:
+            key = self.dict_key_x
+            kwargs["batch_size_fn"] = lambda x: x[key].shape[0]
+        args = (self.model, backend.lossfunc, self.params, data)
+        if isinstance(backend, EFInterface):
+            return lib.EFLinearOperator(*args, **kwargs), backend.factor**2
+        if isinstance(backend, GGNInterface) and backend.stochastic:
+            op = lib.FisherMCLinearOperator(
+                *args, mc_samples=backend.num_samples, **kwargs
+            )
+            return op, backend.factor
+        if isinstance(backend, GGNInterface):
+            return lib.GGNLinearOperator(*args, **kwargs), backend.factor
+        return lib.HessianLinearOperator(*args, **kwargs), backend.factor
+
+    def _build_form(self) -> LowRankPrecision:
+        U, eigenvalues = self.H
+        M = LowRankPlusDiagonal(
+            U, self._h_factor * eigenvalues, self.prior_precision_diag
+        )
+        return LowRankPrecision(M)
+
+    @property
+    def V(self) -> Tensor:
+        """Eigenvectors ``U`` ``(n_params, rank)`` of the curvature."""
+        self._check_fitted("V")
+        return self.H[0]
+
+    @property
+    def posterior_precision(self) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """``((U, factor * l), p0)``: ``P = U diag(factor * l) U^T + diag(p0)``."""
+        self._check_fitted("posterior_precision")
+        U, eigenvalues = self.H
+        return (U, self._h_factor * eigenvalues), self.prior_precision_diag
+
+    def _H_state(self) -> dict[str, Tensor]:
+        U, eigenvalues = self.H
+        return {"eigenvectors": U, "eigenvalues": eigenvalues}
+
+    def _load_H(self, state: Any) -> tuple[Tensor, Tensor]:
+        U = state["eigenvectors"].to(self._device, self._dtype)
+        eigenvalues = state["eigenvalues"].to(self._device, self._dtype)
+        if U.shape[0] != self.n_params or eigenvalues.shape != U.shape[1:]:
+            raise ValueError("The state dict's eigenpairs do not fit this model.")
+        return U, eigenvalues
+
+
+class _CheckedData:
+    """Re-iterable ``(x, y)`` over a loader, on the device, with targets shaped as
+    the backend's likelihood needs them (what Curvlinops' operators iterate over)."""
+
+    def __init__(self, loader: DataLoader, backend: CurvatureInterface, device) -> None:
+        self.loader, self.backend, self.device = loader, backend, device
+        self.mapping = False
+        self.output_shape: torch.Size | None = None
+
+    def __iter__(self):
+        backend = self.backend
+        for batch in self.loader:
+            x, y = split_batch(batch, backend.dict_key_x, backend.dict_key_y)
+            self.mapping = not isinstance(x, Tensor)
+            x, y = to_device(x, self.device), y.to(self.device)
+            backend._check_batch(x, y)
+            if self.output_shape is None:
+                with torch.no_grad():
+                    self.output_shape = backend.model(x).shape[1:]
+            f = torch.empty((len(y), *self.output_shape), device="meta")
+            yield x, backend.lik.check_targets(f, y)
+
+    def loss_and_outputs(self) -> tuple[Tensor, int]:
+        """Summed loss over the data and the number of outputs."""
+        loss, n_outputs = None, None
+        backend = self.backend
+        for x, y in self:
+            with torch.no_grad():
+                f = backend.model(x)
+            n_outputs = f.shape[-1]
+            value = backend.lik.loss(f, y)
+            loss = value if loss is None else loss + value
+        if loss is None:
+            raise ValueError("train_loader yielded no batches.")
+        return loss, n_outputs
+
+
+__all__ = ["LowRankLaplace"]

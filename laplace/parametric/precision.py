@@ -1,0 +1,233 @@
+"""Posterior precisions ``P = factor * H + diag(p0)`` behind one small interface.
+
+:class:`ParametricLaplace` never asks which structure it holds: every form below
+offers the same operations, each stated with its shapes, so that sampling, the
+functional variance, ``log_prob`` and the log-determinants are written once.
+
+=====================  ==============================================================
+``logdet()``           ``log det P`` (0-dim)
+``square_form(d)``     ``d^T P d`` for ``d`` ``(P,)`` or ``(n, P)`` -> ``()``/``(n,)``
+``inv_square_form(J)`` ``J P^-1 J^T`` for ``J`` ``(N, C, P)`` -> ``(N, C, C)``
+``inv_diag()``         ``diag(P^-1)`` ``(P,)``
+``sample(n, gen)``     ``n`` draws of ``N(0, P^-1)``, ``(n, P)``
+``to_matrix()``        dense ``P`` ``(P, P)``: for tests and small models
+=====================  ==============================================================
+
+Forms that are block diagonal over the parameter tensors with a Kronecker eigenbasis
+per block (Kron and Diag) also give ``eigenbases()`` and ``inverse_eigenvalues()``, so
+that ``J P^-1 J^T`` can be formed layer by layer from the backpropagated factors of
+the Jacobian (:mod:`laplace.predictive.glm`) instead of from the Jacobian itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from laplace.utils.lowrank import LowRankPlusDiagonal
+from laplace.utils.matrix import KronDecomposed
+
+Tensor = torch.Tensor
+#: per parameter tensor: ``(Q_out, Q_in)`` for a matrix block, ``(Q,)`` otherwise;
+#: ``None`` stands for the identity
+Basis = tuple[Tensor | None, ...]
+
+
+class NotPositiveDefiniteError(RuntimeError):
+    """The posterior precision is not positive definite."""
+
+
+def _not_pd(what: str) -> NotPositiveDefiniteError:
+    return NotPositiveDefiniteError(
+        f"The posterior precision is not positive definite ({what}). The curvature "
+        "has negative eigenvalues (e.g. the exact Hessian away from a minimum) or the "
+        "prior precision is too small: use a GGN/EF backend or a larger prior "
+        "precision."
+    )
+
+
+class PrecisionForm:
+    """Base of the forms; see the module docstring for the operations."""
+
+    def logdet(self) -> Tensor:
+        raise NotImplementedError
+
+    def square_form(self, delta: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def inv_square_form(self, J: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def inv_diag(self) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def to_matrix(self) -> Tensor:
+        raise NotImplementedError
+
+    def eigenbases(self) -> list[Basis] | None:
+        """Per-parameter eigenbases, or ``None`` if the form has none."""
+        return None
+
+    def inverse_eigenvalues(self) -> list[Tensor]:
+        raise NotImplementedError
+
+
+class DensePrecision(PrecisionForm):
+    """A dense ``(P, P)`` precision, used through its Cholesky factor ``L``."""
+
+    def __init__(self, P: Tensor) -> None:
+        self.P = P
+        self._chol: Tensor | None = None
+
+    @property
+    def cholesky(self) -> Tensor:
+        """Lower ``L`` with ``L L^T = P`` (computed once)."""
+        if self._chol is None:
+            L, info = torch.linalg.cholesky_ex(self.P)
+            if int(info) != 0:
+                raise _not_pd(f"Cholesky failed at column {int(info)}")
+            self._chol = L
+        return self._chol
+
+    def logdet(self) -> Tensor:
+        return 2 * self.cholesky.diagonal().log().sum()
+
+    def square_form(self, delta: Tensor) -> Tensor:
+        return ((delta @ self.P) * delta).sum(-1)
+
+    def inv_square_form(self, J: Tensor) -> Tensor:
+        N, C, P = J.shape
+        # W = L^-1 J^T, so that J P^-1 J^T = W^T W
+        W = torch.linalg.solve_triangular(
+            self.cholesky, J.reshape(N * C, P).T, upper=False
+        )
+        W = W.T.reshape(N, C, P)
+        return W @ W.mT
+
+    def inv_diag(self) -> Tensor:
+        return self.covariance().diagonal()
+
+    def covariance(self) -> Tensor:
+        """``P^-1`` ``(P, P)``."""
+        return torch.cholesky_inverse(self.cholesky)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        L = self.cholesky
+        eps = torch.randn(
+            L.shape[0], n, dtype=L.dtype, device=L.device, generator=generator
+        )
+        # x = L^-T eps has covariance L^-T L^-1 = P^-1
+        return torch.linalg.solve_triangular(L.mT, eps, upper=True).T
+
+    def to_matrix(self) -> Tensor:
+        return self.P
+
+
+class DiagPrecision(PrecisionForm):
+    """A diagonal precision ``p`` ``(P,)``, laid out over parameters of ``shapes``."""
+
+    def __init__(self, p: Tensor, shapes: Sequence[torch.Size]) -> None:
+        self.p = p
+        self.shapes = list(shapes)
+
+    def logdet(self) -> Tensor:
+        return self.p.log().sum()
+
+    def square_form(self, delta: Tensor) -> Tensor:
+        return (delta.square() * self.p).sum(-1)
+
+    def inv_square_form(self, J: Tensor) -> Tensor:
+        return torch.einsum("ncp,p,ndp->ncd", J, 1 / self.p, J)
+
+    def inv_diag(self) -> Tensor:
+        return 1 / self.p
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        p = self.p
+        eps = torch.randn(
+            n, p.numel(), dtype=p.dtype, device=p.device, generator=generator
+        )
+        return eps * p.rsqrt()
+
+    def to_matrix(self) -> Tensor:
+        return torch.diag(self.p)
+
+    def eigenbases(self) -> list[Basis]:
+        return [(None, None) if len(s) >= 2 else (None,) for s in self.shapes]
+
+    def inverse_eigenvalues(self) -> list[Tensor]:
+        inv = 1 / self.p
+        out, start = [], 0
+        for s in self.shapes:
+            n = math.prod(s)
+            block = inv[start : start + n]
+            out.append(block.reshape(s[0], -1) if len(s) >= 2 else block)
+            start += n
+        return out
+
+
+class KronPrecision(PrecisionForm):
+    """A :class:`KronDecomposed` (its deltas hold the prior precision)."""
+
+    def __init__(self, K: KronDecomposed) -> None:
+        self.K = K
+
+    def logdet(self) -> Tensor:
+        return self.K.logdet()
+
+    def square_form(self, delta: Tensor) -> Tensor:
+        D = delta.reshape(-1, delta.shape[-1])
+        return (self.K.bmm(D, exponent=1) * D).sum(-1).reshape(delta.shape[:-1])
+
+    def inv_square_form(self, J: Tensor) -> Tensor:
+        return self.K.inv_square_form(J)
+
+    def inv_diag(self) -> Tensor:
+        return self.K.diag(exponent=-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        ref = self.K.deltas
+        P = sum(math.prod(q.shape[0] for q in Qs) for Qs in self.K.eigenvectors)
+        eps = torch.randn(n, P, dtype=ref.dtype, device=ref.device, generator=generator)
+        # the symmetric square root P^-1/2 has P^-1/2 P^-1/2 = P^-1
+        return self.K.bmm(eps, exponent=-0.5)
+
+    def to_matrix(self) -> Tensor:
+        return self.K.to_matrix()
+
+    def eigenbases(self) -> list[Basis]:
+        return [tuple(Qs) for Qs in self.K.eigenvectors]
+
+    def inverse_eigenvalues(self) -> list[Tensor]:
+        return [self.K.block_eigenvalues(i, -1) for i in range(len(self.K))]
+
+
+class LowRankPrecision(PrecisionForm):
+    """A :class:`LowRankPlusDiagonal` ``U diag(l) U^T + diag(p0)``."""
+
+    def __init__(self, M: LowRankPlusDiagonal) -> None:
+        self.M = M
+
+    def logdet(self) -> Tensor:
+        return self.M.logdet()
+
+    def square_form(self, delta: Tensor) -> Tensor:
+        D = delta.reshape(-1, delta.shape[-1])
+        return (self.M.matmul(D.T).T * D).sum(-1).reshape(delta.shape[:-1])
+
+    def inv_square_form(self, J: Tensor) -> Tensor:
+        return self.M.inv_square_form(J)
+
+    def inv_diag(self) -> Tensor:
+        return self.M.inv_diag()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.M.sample(n, generator)
+
+    def to_matrix(self) -> Tensor:
+        return self.M.to_matrix()
