@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/nodeps.txt
 	$(PIP) $(TORCH)
 	$(PIP) --no-deps -r requirements/nodeps.txt
 	$(PIP) -r requirements/lock.txt
-	$(PIP) --no-deps --no-build-isolation -e . || $(PIP) --no-deps -e .
+	# editable_mode=compat: a plain path entry, so scripts run from any directory
+	# import this checkout (the default import hook resolved laplace as a namespace)
+	$(PIP) --no-deps --no-build-isolation -e . --config-settings editable_mode=compat \
+		|| $(PIP) --no-deps -e . --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: $(STAMP)

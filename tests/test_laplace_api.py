@@ -419,3 +419,26 @@ def test_dict_batches(structure):
     batch = next(iter(loader))
     torch.testing.assert_close(la(batch), ref(batch["features"]))
     la.optimize_prior_precision(method="gridsearch", val_loader=loader, grid_size=3)
+
+
+# -- the glm predictive of Kron and Diag never forms the Jacobian ----------------------
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_kron_and_diag_glm_predictive_never_form_the_jacobian(structure, monkeypatch):
+    from laplace.curvature import backprop_factor
+
+    la = _fitted(structure)
+    x = torch.randn(4, 4, dtype=DTYPE)
+    expected = la.functional_variance(la._jacobians(x)[0])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Jacobian was formed")
+
+    monkeypatch.setattr(backprop_factor, "per_example_vectors", refuse)
+    monkeypatch.setattr(backprop_factor, "jacobian", refuse)
+    with torch.no_grad():
+        la(x)
+        la.optimize_prior_precision(
+            method="gridsearch", val_loader=_loader("classification"), grid_size=2
+        )
+    la.prior_precision = 1.0
+    torch.testing.assert_close(la._glm_distribution(x, False, False)[1], expected)

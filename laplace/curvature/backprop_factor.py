@@ -138,7 +138,7 @@ def _fast_route(model, params, x, factor_fn, diagonal: bool):
     layers = list({id(m): m for m in owner.values()}.values())
     if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
         return None
-    with _Tape(layers) as tape:
+    with _Tape(layers) as tape, torch.enable_grad():
         f = model(x)
     if not tape.single_calls() or not all(
         tape.records[id(m)][0][1].requires_grad for m in layers
@@ -295,7 +295,7 @@ def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
     layers = list({id(m): m for m in owner.values()}.values())
     if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
         return None
-    with _Tape(layers) as tape:
+    with _Tape(layers) as tape, torch.enable_grad():  # also inside no_grad()
         f = model(x)
     if f.ndim != 2 or not tape.single_calls():
         return None
