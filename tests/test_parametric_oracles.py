@@ -1,0 +1,888 @@
+"""Parametric Laplace (full, kron, diag, lowrank) against dense brute-force oracles.
+
+Every expected number is computed here, independently of the library, from
+``tests/oracles.py`` (Jacobians by ``torch.func.jacrev``, the GGN ``sum J^T Lambda J``
+with the closed-form output Hessian, KFAC blocks from explicit layer inputs and output
+gradients) and dense ``torch.linalg`` on the resulting ``(P, P)`` posterior precision
+
+    P = factor * H + diag(p0),   factor = 1 / (sigma_noise^2 * temperature).
+
+The library's own dense forms are only ever compared, never used as oracles. The
+models are the float64 MLP 3-5-4 with a frozen bias and the tiny CNN of
+``tests/models.py``; the training data (N = 12) come in uneven batches of 5, so every
+comparison against the all-at-once oracle also proves independence of the batching.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import MultivariateNormal
+from torch.func import functional_call
+from torch.testing import assert_close
+from torch.utils.data import DataLoader, TensorDataset
+
+import oracles
+from laplace import DiagLaplace, FullLaplace, KronLaplace, Laplace, LowRankLaplace
+from models import data, model
+
+DT = torch.float64
+N, BATCH = 12, 5
+STRUCTURES = ("full", "kron", "diag", "lowrank")
+LIKELIHOODS = ("regression", "classification")
+PRIORS = ("scalar", "layerwise", "diag")
+TEMPERATURE = 0.8
+N_OUT = {"mlp": 4, "cnn": 3}
+#: (arch, structure) of the functional-variance cases: the CNN (weight sharing) for
+#: the structures with a layer-wise fast path, not for lowrank (slow eigensolver)
+ARCH_STRUCTURES = [
+    (a, s) for a in ("mlp", "cnn") for s in STRUCTURES if (a, s) != ("cnn", "lowrank")
+]
+#: (structure, prior kind) pairs a Laplace accepts: kron refuses a per-parameter prior
+STRUCTURE_PRIORS = [
+    (s, k) for s in STRUCTURES for k in PRIORS if (s, k) != ("kron", "diag")
+]
+
+
+# ---- problem set-up ------------------------------------------------------------------
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def sigma_of(likelihood: str) -> float:
+    return 0.7 if likelihood == "regression" else 1.0
+
+
+def factor_of(sigma, temperature=TEMPERATURE):
+    return 1 / (sigma**2 * temperature)
+
+
+def make_model(arch: str) -> nn.Module:
+    return model(arch, N_OUT[arch])
+
+
+def trainable_params(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in trainable_params(m))
+
+
+def theta_of(m: nn.Module) -> torch.Tensor:
+    return oracles.flat(oracles.trainable(m).values())
+
+
+def loader(x, y, batch_size=BATCH) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+@functools.cache
+def train_data(arch: str, likelihood: str):
+    return data(arch, likelihood, n=N, n_out=N_OUT[arch])
+
+
+@functools.cache
+def query_inputs(arch: str) -> torch.Tensor:
+    shape = (4, 3) if arch == "mlp" else (3, 2, 6, 6)
+    return torch.randn(*shape, generator=gen(2), dtype=DT)
+
+
+@functools.cache
+def query_jacobian(arch: str) -> torch.Tensor:
+    """Oracle Jacobian ``(n, C, P)`` at the query inputs."""
+    return oracles.jacobian(make_model(arch), query_inputs(arch))
+
+
+@functools.cache
+def train_loss(arch: str, likelihood: str) -> torch.Tensor:
+    x, y = train_data(arch, likelihood)
+    with torch.no_grad():
+        return oracles.loss(likelihood, make_model(arch)(x), y)
+
+
+@functools.cache
+def oracle_ggn(arch: str, likelihood: str) -> torch.Tensor:
+    x, _ = train_data(arch, likelihood)
+    return oracles.ggn(make_model(arch), x, likelihood)
+
+
+@functools.cache
+def oracle_curvature(arch: str, likelihood: str, structure: str) -> torch.Tensor:
+    """Dense ``H`` of a structure: the GGN (full; lowrank with rank = P), its
+    diagonal (diag), the block diagonal of ``kron(G, A)`` blocks (kron)."""
+    if structure == "kron":
+        x, _ = train_data(arch, likelihood)
+        blocks = oracles.kfac_blocks(make_model(arch), x, likelihood)
+        return torch.block_diag(*blocks).detach()
+    H = oracle_ggn(arch, likelihood)
+    return torch.diag(H.diagonal()) if structure == "diag" else H
+
+
+def prior_of(kind: str, m: nn.Module):
+    """A scalar, layer-wise or per-parameter prior precision for model ``m``."""
+    if kind == "scalar":
+        return 0.5
+    if kind == "layerwise":
+        return torch.linspace(0.3, 1.5, len(trainable_params(m)), dtype=DT)
+    return 0.2 + torch.rand(n_params(m), generator=gen(3), dtype=DT)
+
+
+def p0_of(prior, m: nn.Module) -> torch.Tensor:
+    """Oracle expansion of a prior precision to the diagonal ``(P,)``."""
+    params = trainable_params(m)
+    prior = torch.as_tensor(prior, dtype=DT).reshape(-1)
+    if prior.numel() == 1:
+        return prior * torch.ones(n_params(m), dtype=DT)
+    if prior.numel() == len(params):
+        return torch.cat(
+            [v * torch.ones(p.numel(), dtype=DT) for v, p in zip(prior, params)]
+        )
+    assert prior.numel() == n_params(m)
+    return prior
+
+
+def oracle_precision(
+    arch, likelihood, structure, prior, sigma=None, temperature=TEMPERATURE
+):
+    sigma = sigma_of(likelihood) if sigma is None else sigma
+    H = oracle_curvature(arch, likelihood, structure)
+    factor = factor_of(sigma, temperature)
+    return factor * H + torch.diag(p0_of(prior, make_model(arch)))
+
+
+def oracle_log_marglik(
+    arch,
+    likelihood,
+    structure,
+    prior,
+    sigma=None,
+    prior_mean=0.0,
+    temperature=TEMPERATURE,
+):
+    """``log_lik - 0.5 (log det P - log det P0 + scatter)`` from the dense ``P``."""
+    m = make_model(arch)
+    sigma = torch.as_tensor(sigma_of(likelihood) if sigma is None else sigma)
+    factor = factor_of(sigma, temperature)
+    log_lik = -factor * train_loss(arch, likelihood)
+    if likelihood == "regression":
+        n_terms = N * N_OUT[arch]
+        log_lik = log_lik - n_terms * torch.log(sigma * math.sqrt(2 * math.pi))
+    p0 = p0_of(prior, m)
+    P = factor * oracle_curvature(arch, likelihood, structure) + torch.diag(p0)
+    sign, logdet = torch.linalg.slogdet(P)
+    assert sign == 1
+    scatter = (p0 * (theta_of(m) - prior_mean) ** 2).sum()
+    return log_lik - 0.5 * (logdet - p0.log().sum() + scatter)
+
+
+def fitted(arch, likelihood, structure, batch_size=BATCH, **kwargs):
+    """A Laplace of ``structure`` fit on the training data in batches."""
+    m = make_model(arch)
+    kwargs.setdefault("sigma_noise", sigma_of(likelihood))
+    kwargs.setdefault("temperature", TEMPERATURE)
+    if structure == "lowrank":
+        kwargs.setdefault("rank", n_params(m))
+    la = Laplace(m, likelihood, "all", structure, **kwargs)
+    la.fit(loader(*train_data(arch, likelihood), batch_size=batch_size))
+    return la
+
+
+def dense_precision(la) -> torch.Tensor:
+    """The library's posterior precision as a dense ``(P, P)`` matrix."""
+    pp = la.posterior_precision
+    if isinstance(la, FullLaplace):
+        return pp
+    if isinstance(la, DiagLaplace):
+        return torch.diag(pp)
+    if isinstance(la, KronLaplace):
+        return pp.to_matrix()
+    assert isinstance(la, LowRankLaplace)
+    (U, eigenvalues), p0 = pp
+    return U @ torch.diag(eigenvalues) @ U.T + torch.diag(p0)
+
+
+def oracle_glm(arch, likelihood, structure, prior):
+    """``f_mu`` ``(n, C)`` and ``f_var = J P^-1 J^T`` ``(n, C, C)`` at the queries."""
+    J = query_jacobian(arch)
+    Sigma = torch.linalg.inv(oracle_precision(arch, likelihood, structure, prior))
+    with torch.no_grad():
+        f_mu = make_model(arch)(query_inputs(arch))
+    return f_mu, torch.einsum("ncp,pq,ndq->ncd", J, Sigma, J)
+
+
+def network_at(m: nn.Module, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The network with its trainable parameters replaced by the vector ``theta``."""
+    named = oracles.trainable(m)
+    chunks = torch.split(theta, [p.numel() for p in named.values()])
+    weights = {k: c.view(p.shape) for (k, p), c in zip(named.items(), chunks)}
+    with torch.no_grad():
+        return functional_call(m, weights, (x,))
+
+
+def a_prior_for(structure: str, m: nn.Module):
+    """The richest prior a structure takes (kron: one value per layer)."""
+    return prior_of("layerwise" if structure == "kron" else "diag", m)
+
+
+# ---- 1. posterior precision ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior_kind", PRIORS)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_posterior_precision_is_factor_H_plus_prior(structure, likelihood, prior_kind):
+    prior = prior_of(prior_kind, make_model("mlp"))
+    if structure == "kron" and prior_kind == "diag":
+        with pytest.raises(ValueError):
+            fitted("mlp", likelihood, structure, prior_precision=prior)
+        return
+    la = fitted("mlp", likelihood, structure, prior_precision=prior)
+    expected = oracle_precision("mlp", likelihood, structure, prior)
+    assert_close(dense_precision(la), expected)
+    Sigma = torch.linalg.inv(expected)
+    assert_close(la.posterior_variance, Sigma.diagonal())
+    if structure == "full":
+        assert_close(la.posterior_covariance, Sigma)
+        S = la.posterior_scale
+        assert_close(S @ S.T, Sigma)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, N])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_cnn_posterior_precision_does_not_depend_on_batching(structure, batch_size):
+    """Weight sharing: conv KFAC sums ``G`` over positions and averages ``A``."""
+    prior = prior_of("layerwise", make_model("cnn"))
+    la = fitted(
+        "cnn", "regression", structure, batch_size=batch_size, prior_precision=prior
+    )
+    expected = oracle_precision("cnn", "regression", structure, prior)
+    assert_close(dense_precision(la), expected)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_lowrank_keeps_the_top_eigenpairs_of_the_ggn(likelihood):
+    k = 10
+    m = make_model("mlp")
+    prior = prior_of("diag", m)
+    la = fitted("mlp", likelihood, "lowrank", rank=k, prior_precision=prior)
+    factor = factor_of(sigma_of(likelihood))
+    lam, V = torch.linalg.eigh(oracle_ggn("mlp", likelihood))
+    lam, V = lam.flip(0)[:k], V.flip(1)[:, :k]
+    # a gap after the k-th eigenvalue makes the top-k eigenspace well defined
+    assert lam[-1] > 1.05 * torch.linalg.eigvalsh(oracle_ggn("mlp", likelihood))[-k - 1]
+    (U, eigenvalues), p0 = la.posterior_precision
+    assert U.shape == (n_params(m), k)
+    assert_close(eigenvalues, factor * lam)
+    assert_close(U.T @ U, torch.eye(k, dtype=DT))
+    assert_close(p0, p0_of(prior, m))
+    expected = factor * V @ torch.diag(lam) @ V.T + torch.diag(p0_of(prior, m))
+    assert_close(dense_precision(la), expected)
+    Sigma = torch.linalg.inv(expected)
+    assert_close(la.posterior_variance, Sigma.diagonal())
+    # evidence and functional variance of the truncated precision
+    p0 = p0_of(prior, m)
+    log_lik = -factor * train_loss("mlp", likelihood)
+    if likelihood == "regression":
+        sigma = sigma_of(likelihood)
+        log_lik = log_lik - N * N_OUT["mlp"] * math.log(sigma * math.sqrt(2 * math.pi))
+    logdet = torch.linalg.slogdet(expected)[1]
+    scatter = (p0 * theta_of(m) ** 2).sum()
+    lml = log_lik - 0.5 * (logdet - p0.log().sum() + scatter)
+    assert_close(la.log_det_posterior_precision, logdet)
+    assert_close(la.log_marginal_likelihood(), lml)
+    J = query_jacobian("mlp")
+    assert_close(la.functional_variance(J), J @ Sigma @ J.mT)
+
+
+# ---- 2. evidence terms ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure,prior_kind", STRUCTURE_PRIORS)
+def test_evidence_terms_match_dense_formulas(structure, prior_kind, likelihood):
+    m = make_model("mlp")
+    prior = prior_of(prior_kind, m)
+    mu0 = 0.1 * torch.randn(n_params(m), generator=gen(4), dtype=DT)
+    la = fitted("mlp", likelihood, structure, prior_precision=prior, prior_mean=mu0)
+
+    sigma = sigma_of(likelihood)
+    factor = factor_of(sigma)
+    log_lik = -factor * train_loss("mlp", likelihood)
+    if likelihood == "regression":
+        log_lik = log_lik - N * N_OUT["mlp"] * math.log(sigma * math.sqrt(2 * math.pi))
+    p0 = p0_of(prior, m)
+    P = oracle_precision("mlp", likelihood, structure, prior)
+    sign, logdet_P = torch.linalg.slogdet(P)
+    assert sign == 1
+    scatter = (p0 * (theta_of(m) - mu0) ** 2).sum()
+
+    assert_close(la.log_likelihood, log_lik)
+    assert_close(la.scatter, scatter)
+    assert_close(la.log_det_posterior_precision, logdet_P)
+    assert_close(la.log_det_prior_precision, p0.log().sum())
+    assert_close(la.log_det_ratio, logdet_P - p0.log().sum())
+    expected = log_lik - 0.5 * (logdet_P - p0.log().sum() + scatter)
+    assert_close(la.log_marginal_likelihood(), expected)
+    assert_close(
+        expected, oracle_log_marglik("mlp", likelihood, structure, prior, None, mu0)
+    )
+
+    # new hyperparameters passed to log_marginal_likelihood replace the current ones
+    new_prior = 2.5 * torch.as_tensor(prior, dtype=DT).reshape(-1)
+    new_sigma = 1.3 if likelihood == "regression" else None
+    value = la.log_marginal_likelihood(
+        prior_precision=new_prior,
+        sigma_noise=None if new_sigma is None else torch.tensor(new_sigma, dtype=DT),
+    )
+    assert_close(
+        value,
+        oracle_log_marglik("mlp", likelihood, structure, new_prior, new_sigma, mu0),
+    )
+    # a scalar prior mean
+    la.prior_mean = 0.3
+    assert_close(la.scatter, (p0_of(new_prior, m) * (theta_of(m) - 0.3) ** 2).sum())
+
+
+# ---- 3. functional variance and the GLM predictive -----------------------------------
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("arch,structure", ARCH_STRUCTURES)
+def test_functional_variance_is_J_Pinv_Jt(arch, structure, likelihood):
+    m = make_model(arch)
+    prior = a_prior_for(structure, m)
+    la = fitted(arch, likelihood, structure, prior_precision=prior)
+    J = query_jacobian(arch)
+    f_mu, f_var = oracle_glm(arch, likelihood, structure, prior)
+    assert_close(la.functional_variance(J), f_var)
+
+    Sigma = torch.linalg.inv(oracle_precision(arch, likelihood, structure, prior))
+    J_flat = J.reshape(-1, J.shape[-1])
+    f_cov = J_flat @ Sigma @ J_flat.T
+    assert_close(la.functional_covariance(J), f_cov)
+    assert_close(la.functional_covariance(J_flat), f_cov)
+
+    if likelihood != "regression":
+        return
+    x = query_inputs(arch)
+    mean, var = la(x)
+    assert_close(mean, f_mu)
+    assert_close(var, f_var)
+    mean, var = la(x, diagonal_output=True)
+    assert_close(mean, f_mu)
+    assert_close(var, f_var.diagonal(dim1=-2, dim2=-1))
+    mean, cov = la(x, joint=True)
+    assert_close(mean, f_mu.flatten())
+    assert_close(cov, f_cov)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_changed_hyperparameters_and_refits_reach_every_quantity(structure, likelihood):
+    """A posterior cached at an old curvature, prior, noise or temperature must not
+    leak into the precision, the evidence (also its gradient path) or the
+    predictive: each change is followed by a check against the oracle."""
+    m = make_model("mlp")
+    x, y = train_data("mlp", likelihood)
+    xq, J = query_inputs("mlp"), query_jacobian("mlp")
+    with torch.no_grad():
+        f_mu = m(xq)
+
+    def check(prior, sigma, temperature):
+        P = oracle_precision("mlp", likelihood, structure, prior, sigma, temperature)
+        assert_close(dense_precision(la), P)
+        f_var = J @ torch.linalg.inv(P) @ J.mT
+        assert_close(la.functional_variance(J), f_var)
+        if likelihood == "regression":
+            assert_close(la(xq)[1], f_var)
+        else:
+            var = f_var.diagonal(dim1=-2, dim2=-1)
+            assert_close(
+                la(xq), torch.softmax(f_mu / (1 + math.pi / 8 * var).sqrt(), -1)
+            )
+        args = ("mlp", likelihood, structure)
+        expected = oracle_log_marglik(*args, prior, sigma, temperature=temperature)
+        assert_close(la.log_marginal_likelihood(), expected)
+        # differentiable priors (full + scalar: the eigenvalue path of the log-det)
+        for value in (prior, 0.7):
+            tracked = torch.as_tensor(value, dtype=DT).reshape(-1).clone()
+            assert_close(
+                la.log_marginal_likelihood(tracked.requires_grad_(True)),
+                oracle_log_marglik(*args, value, sigma, temperature=temperature),
+            )
+        la.prior_precision = prior  # back from the tracked values ...
+        assert_close(dense_precision(la), P)  # ... and the posterior cached again
+
+    sigma = sigma_of(likelihood)
+    la = fitted("mlp", likelihood, structure, prior_precision=0.5)
+    la.fit(loader(x[:6], y[:6]))  # another curvature, used by every quantity ...
+    dense_precision(la), la.functional_variance(J), la(xq), la.log_marginal_likelihood()
+    for value in (0.5, 0.7):
+        la.log_marginal_likelihood(torch.tensor([value], dtype=DT, requires_grad=True))
+    la.prior_precision = 0.5
+    la.fit(loader(x, y))  # ... then a refit on all the data
+    check(0.5, sigma, TEMPERATURE)
+    prior = a_prior_for(structure, m)
+    la.prior_precision = prior
+    check(prior, sigma, TEMPERATURE)
+    if likelihood == "regression":
+        la.sigma_noise = sigma = 1.3
+        check(prior, sigma, TEMPERATURE)
+    la.temperature = 0.6
+    check(prior, sigma, 0.6)
+
+
+@pytest.mark.parametrize("structure", ["full", "kron"])
+def test_glm_predictive_samples_have_the_glm_moments(structure):
+    m = make_model("mlp")
+    prior = a_prior_for(structure, m)
+    la = fitted("mlp", "regression", structure, prior_precision=prior)
+    x = query_inputs("mlp")
+    f_mu, f_var = oracle_glm("mlp", "regression", structure, prior)
+    n = 20_000
+    f = la.predictive_samples(x, "glm", n_samples=n, generator=gen(18))
+    assert f.shape == (n, *f_mu.shape)
+    # mean within 5 and each covariance entry within 6 standard errors (see
+    # test_samples_have_the_posterior_moments)
+    var = f_var.diagonal(dim1=-2, dim2=-1)
+    assert ((f.mean(0) - f_mu).abs() < 5 * (var / n).sqrt()).all()
+    cov = torch.einsum("snc,snd->ncd", f - f.mean(0), f - f.mean(0)) / (n - 1)
+    se = ((f_var**2 + var[:, :, None] * var[:, None, :]) / n).sqrt()
+    assert ((cov - f_var).abs() < 6 * se).all()
+    diag = la.predictive_samples(
+        x, "glm", n_samples=n, diagonal_output=True, generator=gen(18)
+    )
+    assert ((diag.var(0) - var).abs() < 6 * (2 * var**2 / n).sqrt()).all()
+
+
+# ---- 4. classification links ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,structure", ARCH_STRUCTURES)
+def test_probit_and_bridges(arch, structure):
+    m = make_model(arch)
+    prior = a_prior_for(structure, m)
+    la = fitted(arch, "classification", structure, prior_precision=prior)
+    x = query_inputs(arch)
+    f_mu, f_var = oracle_glm(arch, "classification", structure, prior)
+    kappa = 1 / torch.sqrt(1 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1))
+    expected = torch.softmax(kappa * f_mu, dim=-1)
+    assert_close(la(x, link_approx="probit"), expected)
+    assert_close(la(x), expected)  # probit is the default
+    assert_close(la(x, link_approx="probit", diagonal_output=True), expected)
+    for link in ("bridge", "bridge_norm"):
+        probs = la(x, link_approx=link)
+        assert probs.shape == f_mu.shape
+        assert ((probs >= 0) & (probs <= 1)).all()
+        assert_close(probs.sum(-1), torch.ones(len(x), dtype=DT))
+
+
+@pytest.mark.parametrize("structure", ["full", "kron"])
+def test_mc_link_averages_softmax_over_the_glm_gaussian(structure):
+    m = make_model("mlp")
+    prior = a_prior_for(structure, m)
+    la = fitted("mlp", "classification", structure, prior_precision=prior)
+    x = query_inputs("mlp")
+    f_mu, f_var = oracle_glm("mlp", "classification", structure, prior)
+
+    # reference E[softmax(f)], f ~ N(f_mu, f_var), from many samples of our own
+    S, S_ref = 20_000, 100_000
+    lam, V = torch.linalg.eigh(f_var)
+    root = V * lam.clamp_min(0).sqrt()[:, None, :]
+    eps = torch.randn(S_ref, *f_mu.shape, generator=gen(6), dtype=DT)
+    softmax = torch.softmax(f_mu + torch.einsum("ncd,snd->snc", root, eps), -1)
+    reference, sd = softmax.mean(0), softmax.std(0)
+
+    probs = la(x, link_approx="mc", n_samples=S, generator=gen(5))
+    # both estimates are means of i.i.d. draws of softmax(f) with standard deviation
+    # sd: a 5-standard-error band around the reference holds with overwhelming
+    # probability for each of the n * C entries
+    tol = 5 * sd * (1 / math.sqrt(S) + 1 / math.sqrt(S_ref))
+    assert ((probs - reference).abs() <= tol).all(), (probs - reference).abs() / tol
+    assert_close(probs.sum(-1), torch.ones(len(x), dtype=DT))
+    again = la(x, link_approx="mc", n_samples=S, generator=gen(5))
+    assert torch.equal(probs, again)
+
+
+# ---- 5. log density ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_log_prob_is_the_gaussian_posterior_density(structure, likelihood):
+    m = make_model("mlp")
+    prior = a_prior_for(structure, m)
+    la = fitted("mlp", likelihood, structure, prior_precision=prior)
+    P = oracle_precision("mlp", likelihood, structure, prior)
+    theta = theta_of(m)
+    mvn = MultivariateNormal(theta, precision_matrix=P)
+    values = theta + 0.05 * torch.randn(5, len(theta), generator=gen(8), dtype=DT)
+    delta = values - theta
+    square = ((delta @ P) * delta).sum(-1)
+
+    assert_close(la.log_prob(values), mvn.log_prob(values))
+    assert_close(la.log_prob(values[0]), mvn.log_prob(values[0]))
+    assert_close(la.square_norm(values), square)
+    assert_close(la.square_norm(values[0]), square[0])
+    assert_close(la.log_prob(values, normalized=False), -0.5 * square)
+    assert_close(la.log_prob(values[1], normalized=False), -0.5 * square[1])
+
+
+# ---- 6. Bayesian linear regression in closed form ------------------------------------
+
+
+def linear_problem(bias: bool, orthogonal: bool):
+    """``y = X w + noise`` and the exact posterior of ``nn.Linear(D, 1)``.
+
+    With ``orthogonal`` the columns of ``X`` are orthogonal to each other and to the
+    ones column, so ``X~^T X~`` is diagonal: then the diagonal and the KFAC (whose
+    only dropped term is the weight-bias cross term ``X^T 1``) curvatures are exact.
+    """
+    D, n, s, a = 3, 12, 0.4, 2.0
+    g = gen(9)
+    X = torch.randn(n, D, generator=g, dtype=DT)
+    if orthogonal:
+        ones = torch.ones(n, 1, dtype=DT)
+        Q = torch.linalg.qr(torch.cat([ones, X], 1)).Q[:, 1:]
+        X = Q * torch.tensor([3.0, 2.0, 1.5], dtype=DT)
+    y = X @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=DT) + 0.3
+    y = y + s * torch.randn(n, 1, generator=g, dtype=DT)
+
+    def features(Z):  # X~: a column of ones for the bias
+        return torch.cat([Z, torch.ones(len(Z), 1, dtype=DT)], 1) if bias else Z
+
+    Xt = features(X)
+    P = Xt.T @ Xt / s**2 + a * torch.eye(Xt.shape[1], dtype=DT)
+    mean = torch.linalg.solve(P, Xt.T @ y / s**2)[:, 0]
+    lin = nn.Linear(D, 1, bias=bias).to(DT)
+    with torch.no_grad():
+        lin.weight.copy_(mean[:D].reshape(1, D))
+        if bias:
+            lin.bias.copy_(mean[D:])
+    evidence = MultivariateNormal(
+        torch.zeros(n, dtype=DT), s**2 * torch.eye(n, dtype=DT) + Xt @ Xt.T / a
+    ).log_prob(y[:, 0])
+    return lin, X, y, s, a, features, P, mean, evidence
+
+
+@pytest.mark.parametrize(
+    "structure,bias,orthogonal",
+    [
+        ("full", True, False),
+        ("full", False, False),
+        ("lowrank", True, False),
+        ("kron", False, False),  # one output, no bias: kron(G, A) = X^T X exactly
+        ("kron", True, True),
+        ("diag", True, True),
+    ],
+)
+def test_bayesian_linear_regression_is_exact(structure, bias, orthogonal):
+    lin, X, y, s, a, features, P, mean, evidence = linear_problem(bias, orthogonal)
+    kwargs = {"rank": len(mean)} if structure == "lowrank" else {}
+    la = Laplace(
+        lin, "regression", "all", structure, sigma_noise=s, prior_precision=a, **kwargs
+    )
+    la.fit(loader(X, y))
+    assert_close(la.mean, mean)
+    assert_close(dense_precision(la), P)
+    xq = torch.randn(5, X.shape[1], generator=gen(10), dtype=DT)
+    f_mu, f_var = la(xq)
+    Xq = features(xq)
+    assert_close(f_mu, Xq @ mean[:, None])
+    assert_close(f_var, (Xq @ torch.linalg.solve(P, Xq.T)).diagonal()[:, None, None])
+    # the Laplace evidence of a linear-Gaussian model at the exact MAP is exact
+    assert_close(la.log_marginal_likelihood(), evidence)
+
+
+# ---- 7. gradients of the evidence ----------------------------------------------------
+
+
+def _directions(prior: torch.Tensor) -> list[torch.Tensor]:
+    if prior.numel() <= 8:  # every coordinate
+        return list(torch.eye(prior.numel(), dtype=DT))
+    g = gen(11)
+    return [torch.randn(prior.numel(), generator=g, dtype=DT) for _ in range(3)]
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure,prior_kind", STRUCTURE_PRIORS)
+def test_log_marglik_gradients_match_finite_differences(
+    structure, prior_kind, likelihood
+):
+    m = make_model("mlp")
+    prior0 = torch.as_tensor(prior_of(prior_kind, m), dtype=DT).reshape(-1)
+    sigma0 = torch.tensor(sigma_of(likelihood), dtype=DT)
+    la = fitted("mlp", likelihood, structure, prior_precision=prior0)
+
+    def oracle(prior, sigma):
+        return oracle_log_marglik("mlp", likelihood, structure, prior, sigma)
+
+    prior = prior0.clone().requires_grad_(True)
+    regression = likelihood == "regression"
+    sigma = sigma0.clone().requires_grad_(True) if regression else None
+    value = la.log_marginal_likelihood(prior_precision=prior, sigma_noise=sigma)
+    assert_close(value, oracle(prior0, sigma0).detach())
+    grads = torch.autograd.grad(value, [prior, sigma] if regression else [prior])
+
+    # central differences of the dense oracle; float64, error O(h^2) + O(eps / h)
+    h = 1e-5
+    for v in _directions(prior0):
+        fd = (oracle(prior0 + h * v, sigma0) - oracle(prior0 - h * v, sigma0)) / (2 * h)
+        assert_close(grads[0] @ v, fd, rtol=1e-6, atol=1e-7)
+    if regression:
+        fd = (oracle(prior0, sigma0 + h) - oracle(prior0, sigma0 - h)) / (2 * h)
+        assert_close(grads[1], fd, rtol=1e-6, atol=1e-7)
+
+
+# ---- 8. backpropagation to the inputs ------------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_glm_predictive_gradient_wrt_inputs(structure, likelihood):
+    la = fitted("mlp", likelihood, structure, enable_backprop=True)
+    x0 = query_inputs("mlp")[:3].clone()
+    w = torch.randn(3, N_OUT["mlp"], generator=gen(12), dtype=DT)
+
+    def outputs(x):
+        if likelihood == "regression":
+            f_mu, f_var = la(x)
+            return [(w * f_mu).sum(), f_var.sum()]
+        return [(w * la(x, link_approx="probit")).sum()]
+
+    x = x0.clone().requires_grad_(True)
+    values = outputs(x)
+    grads = [torch.autograd.grad(v, x, retain_graph=True)[0] for v in values]
+    h = 1e-6
+    fd = [torch.zeros_like(x0) for _ in values]
+    for i in range(x0.numel()):
+        xp, xm = x0.clone(), x0.clone()
+        xp.view(-1)[i] += h
+        xm.view(-1)[i] -= h
+        for k, (vp, vm) in enumerate(zip(outputs(xp), outputs(xm))):
+            fd[k].view(-1)[i] = (vp.detach() - vm.detach()) / (2 * h)
+    for g, f in zip(grads, fd):
+        assert_close(g, f, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_predictive_does_not_track_the_input_without_enable_backprop(
+    structure, likelihood
+):
+    la = fitted("mlp", likelihood, structure)
+    x = query_inputs("mlp").clone().requires_grad_(True)
+    outs = [la(x), la(x, pred_type="nn", link_approx="mc", n_samples=3)]
+    if likelihood == "regression":
+        outs.append(la(x, joint=True))
+    else:
+        outs += [la(x, link_approx=link) for link in ("bridge", "bridge_norm", "mc")]
+    for out in outs:
+        for t in out if isinstance(out, tuple) else (out,):
+            assert not t.requires_grad
+
+
+# ---- 9. sampling ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_samples_have_the_posterior_moments(structure):
+    m = make_model("mlp")
+    prior = a_prior_for(structure, m)
+    la = fitted("mlp", "regression", structure, prior_precision=prior)
+    n = 20_000
+    samples = la.sample(n, generator=gen(13))
+    P = n_params(m)
+    assert samples.shape == (n, P)
+    Sigma = torch.linalg.inv(oracle_precision("mlp", "regression", structure, prior))
+    var = Sigma.diagonal()
+
+    # mean: each coordinate within 5 standard errors sqrt(var_i / n)
+    err = (samples.mean(0) - theta_of(m)).abs()
+    assert (err < 5 * (var / n).sqrt()).all(), (err / (var / n).sqrt()).max()
+    # covariance: Var(S_ij) = (Sigma_ij^2 + Sigma_ii Sigma_jj) / n for Gaussian draws,
+    # so each entry within 6 standard errors (4761 entries; the largest |z| seen is
+    # about 3.7), and the Frobenius error within 1.5 times its root mean square
+    # sqrt(E ||S - Sigma||_F^2) = sqrt((||Sigma||_F^2 + tr(Sigma)^2) / n): the
+    # squared error is a sum of P^2 weakly dependent terms and concentrates at its
+    # mean (seen: 0.96-0.99 times the root mean square)
+    S = torch.cov(samples.T)
+    se = ((Sigma**2 + var[:, None] * var[None, :]) / n).sqrt()
+    assert ((S - Sigma).abs() < 6 * se).all(), ((S - Sigma).abs() / se).max()
+    rms = ((Sigma.square().sum() + var.sum() ** 2) / n).sqrt()
+    assert torch.linalg.norm(S - Sigma) < 1.5 * rms
+
+    assert torch.equal(la.sample(7, generator=gen(14)), la.sample(7, generator=gen(14)))
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_nn_predictive_is_the_network_at_posterior_samples(structure, likelihood):
+    m = make_model("mlp")
+    la = fitted("mlp", likelihood, structure, prior_precision=a_prior_for(structure, m))
+    x = query_inputs("mlp")
+    S = 40
+    thetas = la.sample(S, generator=gen(15))
+    f = torch.stack([network_at(m, theta, x) for theta in thetas])  # (S, n, C)
+
+    out = la(x, pred_type="nn", link_approx="mc", n_samples=S, generator=gen(15))
+    samples = la.predictive_samples(x, "nn", n_samples=S, generator=gen(15))
+    if likelihood == "regression":
+        assert_close(out[0], f.mean(0))
+        assert_close(out[1], f.var(0))
+        assert_close(samples, f)
+    else:
+        assert_close(out, torch.softmax(f, -1).mean(0))
+        assert_close(samples, torch.softmax(f, -1))
+    assert samples.shape == (S, len(x), N_OUT["mlp"])
+
+    glm = la.predictive_samples(x, "glm", n_samples=S, generator=gen(16))
+    assert glm.shape == (S, len(x), N_OUT["mlp"])
+    again = la.predictive_samples(x, "glm", n_samples=S, generator=gen(16))
+    assert torch.equal(glm, again)
+
+
+# ---- 10. sequential fits -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_fits_on_two_parts_equal_one_fit_on_the_whole(structure, likelihood):
+    x, y = train_data("mlp", likelihood)
+    m = make_model("mlp")
+    prior = prior_of("layerwise", m)
+    kwargs = dict(
+        sigma_noise=sigma_of(likelihood), temperature=TEMPERATURE, prior_precision=prior
+    )
+    la = Laplace(m, likelihood, "all", structure, **kwargs)
+    la.fit(loader(x[:5], y[:5], batch_size=2))
+    la.fit(loader(x[5:], y[5:], batch_size=3), override=False)
+    whole = fitted("mlp", likelihood, structure, **kwargs)
+
+    assert la.n_data == N
+    assert_close(dense_precision(la), dense_precision(whole))
+    assert_close(
+        dense_precision(la), oracle_precision("mlp", likelihood, structure, prior)
+    )
+    assert_close(la.log_likelihood, whole.log_likelihood)
+    assert_close(la.log_marginal_likelihood(), whole.log_marginal_likelihood())
+    assert_close(
+        la.log_marginal_likelihood(),
+        oracle_log_marglik("mlp", likelihood, structure, prior),
+    )
+
+
+def test_lowrank_refuses_to_accumulate_fits():
+    la = fitted("mlp", "regression", "lowrank", rank=5)
+    x, y = train_data("mlp", "regression")
+    with pytest.raises(ValueError):
+        la.fit(loader(x, y), override=False)
+
+
+# ---- 11. prior precision tuning ------------------------------------------------------
+
+
+def scalar_evidence_maximiser(likelihood: str, structure: str) -> float:
+    """``log p*`` maximising the dense evidence over a scalar prior ``p``.
+
+    ``d evidence / d log p = 0.5 (P - sum_i p / (f lam_i + p) - p ||theta||^2)``,
+    with ``lam`` the eigenvalues of the oracle ``H`` and ``f`` the factor, decreases
+    strictly in ``p``: its unique root is found by bisection.
+    """
+    lam = torch.linalg.eigvalsh(oracle_curvature("mlp", likelihood, structure))
+    lam = lam.clamp_min(0) * factor_of(sigma_of(likelihood))
+    r2 = theta_of(make_model("mlp")).square().sum()
+
+    def slope(log_p):
+        p = math.exp(log_p)
+        return 0.5 * (len(lam) - (p / (lam + p)).sum() - p * r2)
+
+    lo, hi = -12.0, 12.0
+    assert slope(lo) > 0 > slope(hi)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_marglik_tuning_finds_the_scalar_optimum(structure, likelihood):
+    la = fitted("mlp", likelihood, structure)
+    la.optimize_prior_precision(
+        method="marglik", n_steps=200, lr=0.1, prior_structure="scalar"
+    )
+    assert la.prior_precision.shape == (1,)
+    assert not la.prior_precision.requires_grad
+    log_p_star = scalar_evidence_maximiser(likelihood, structure)
+    assert abs(la.prior_precision.log().item() - log_p_star) < 1e-3
+
+
+@pytest.mark.parametrize("likelihood", ["regression"])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_marglik_tuning_layerwise_is_stationary(structure, likelihood):
+    la = fitted("mlp", likelihood, structure)
+    la.optimize_prior_precision(
+        method="marglik", n_steps=200, lr=0.1, prior_structure="layerwise"
+    )
+    log_p = la.prior_precision.log()
+    assert log_p.shape == (len(trainable_params(make_model("mlp"))),)
+
+    def oracle(log_prior):
+        return oracle_log_marglik("mlp", likelihood, structure, log_prior.exp())
+
+    h = 1e-5
+    for i in range(len(log_p)):
+        e = torch.zeros_like(log_p)
+        e[i] = h
+        slope = (oracle(log_p + e) - oracle(log_p - e)) / (2 * h)
+        assert abs(slope) < 1e-2, (i, slope)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_gridsearch_picks_the_grid_minimiser_of_the_validation_loss(structure):
+    la = fitted("mlp", "classification", structure)
+    m = make_model("mlp")
+    g = gen(17)
+    x_val = torch.randn(9, 3, generator=g, dtype=DT)
+    y_val = torch.randint(0, N_OUT["mlp"], (9,), generator=g)
+
+    def nll(probs, y):
+        return -probs[torch.arange(len(y)), y].log().mean()
+
+    J = oracles.jacobian(m, x_val)
+    with torch.no_grad():
+        f_mu = m(x_val)
+    H = oracle_curvature("mlp", "classification", structure)
+    grid = torch.logspace(-2, 2, 9, dtype=DT)
+    losses = []
+    for p in grid:
+        Sigma = torch.linalg.inv(H / TEMPERATURE + p * torch.eye(len(H), dtype=DT))
+        f_var = torch.einsum("ncp,pq,ncq->nc", J, Sigma, J)
+        losses.append(
+            nll(torch.softmax(f_mu / (1 + math.pi / 8 * f_var).sqrt(), -1), y_val)
+        )
+    losses = torch.stack(losses)
+    best = int(losses.argmin())
+    assert losses.sort().values[1] - losses[best] > 1e-6  # a clear winner ...
+    assert 0 < best < len(grid) - 1  # ... inside the grid
+
+    la.optimize_prior_precision(
+        pred_type="glm",
+        method="gridsearch",
+        val_loader=loader(x_val, y_val, batch_size=4),
+        loss=nll,
+        log_prior_prec_min=-2,
+        log_prior_prec_max=2,
+        grid_size=9,
+        link_approx="probit",
+        prior_structure="scalar",
+    )
+    assert_close(la.prior_precision, grid[best].reshape(1))
