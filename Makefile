@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/nodeps.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/curvature_example.py
+	$(PY) examples/regression_example.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check laplace tests examples benchmarks

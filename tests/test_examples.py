@@ -12,3 +12,20 @@ def test_curvature_example(capsys):
     runpy.run_path(str(EXAMPLES / "curvature_example.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "structure" in out and "CurvlinopsGGN" in out
+
+
+def test_regression_example(tmp_path, capsys):
+    example = runpy.run_path(str(EXAMPLES / "regression_example.py"))
+    out = tmp_path / "plots" / "regression.png"
+    argv = ["--epochs", "300", "--tune-steps", "30", "--n-test", "200"]
+    result = example["main"]([*argv, "--out", str(out)])
+    printed = capsys.readouterr().out
+
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert f"plot written to {out}" in printed
+    assert printed.count("log marginal likelihood:") == 2
+    assert printed.count("test NLL:") == 2
+    before, after = result["before"], result["after"]
+    assert after["log_marglik"] > before["log_marglik"]
+    assert after["test_nll"] < before["test_nll"]
+    assert after["sigma_noise"] < 1.0  # the data's noise is 0.3
