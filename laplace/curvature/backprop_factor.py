@@ -318,3 +318,49 @@ def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
         if module.bias is not None and module.bias.requires_grad:
             per_param[id(module.bias)] = (None, g.sum(2))
     return f.detach(), [per_param[id(p)] for p in params]
+
+
+def kfac_factors(model: nn.Module, params: Sequence[nn.Parameter], x, factor_fn):
+    r"""KFAC factors of every layer from one batched backward pass of ``M``.
+
+    With the layer input ``a`` (patches for a convolution, ``T`` positions) and the
+    backpropagated columns ``g_k`` of the output-Hessian factor ``M``:
+    ``G = sum_{n,k,t} g_{nkt} g_{nkt}^T`` and ``A_sum = sum_n (1/T) sum_t a_{nt}
+    a_{nt}^T`` (the canonical form of :mod:`laplace.curvature.kron_assembly`).
+
+    Returns
+    -------
+    None when a parameter lives outside ``nn.Linear``/``nn.Conv2d`` layers called
+    once; otherwise ``(f, {id(module): (G, A_sum or None)})`` with ``A_sum`` None
+    for a layer whose weight is frozen.
+    """
+    owner = _owners(model, params)
+    layers = list({id(m): m for m in owner.values()}.values())
+    if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
+        return None
+    with _Tape(layers) as tape, torch.enable_grad():
+        f = model(x)
+    if not tape.single_calls() or not all(
+        tape.records[id(m)][0][1].requires_grad for m in layers
+    ):
+        return None
+    f_detached = f.detach()
+    M = factor_fn(f_detached)  # (N, C, K)
+    outputs = [tape.records[id(m)][0][1] for m in layers]
+    grads = torch.autograd.grad(
+        f, outputs, grad_outputs=M.permute(2, 0, 1), is_grads_batched=True
+    )
+    factors = {}
+    for module, g in zip(layers, grads):
+        a, g = _layer_terms(module, tape.records[id(module)][0][0], g)
+        g = g.reshape(-1, g.shape[-1])
+        G = g.T @ g
+        A = None
+        if module.weight.requires_grad:
+            T = a.shape[1]
+            a = a.reshape(-1, a.shape[-1])
+            A = a.T @ a
+            if T > 1:
+                A.div_(T)
+        factors[id(module)] = (G, A)
+    return f_detached, factors

@@ -1,7 +1,10 @@
 """Curvature from Curvlinops, the default backend.
 
-- ``kron``: Curvlinops' ``KFACLinearOperator`` (type-2 Fisher = exact GGN factors,
-  Monte-Carlo with ``stochastic=True``, empirical for the EF);
+- ``kron`` of the GGN/EF (type-2 Fisher = exact GGN factors, Monte-Carlo with
+  ``stochastic=True``, empirical for the EF): the same factors as Curvlinops'
+  ``KFACLinearOperator`` from one batched backward pass of the output-Hessian factor
+  (:func:`~laplace.curvature.backprop_factor.kfac_factors`); for models outside that
+  route (a layer called twice) Curvlinops' ``KFACLinearOperator`` itself;
 - ``full`` and ``diag`` of the GGN/EF: one backward pass of a factor of the output
   Hessian (:mod:`laplace.curvature.backprop_factor`), exact and far cheaper than
   multiplying Curvlinops' ``GGNLinearOperator`` with ``P`` unit vectors;
@@ -18,10 +21,12 @@ from typing import Any
 
 import torch
 
+from laplace.curvature import backprop_factor
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
     GGNInterface,
+    _OuterProductCurvature,
     import_library,
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
@@ -59,6 +64,9 @@ class CurvlinopsInterface(CurvatureInterface):
         module, inputs, lib_kwargs = self._library_inputs(x, y)
         params = self.params
         layers = kfac_layers(module, params)
+        found = self._kron_by_backprop(module, inputs, y, params, layers, N)
+        if found is not None:
+            return found
         y = self._checked_targets(module, inputs, y)
         stochastic = getattr(self, "stochastic", False)
         operator = _curvlinops().KFACLinearOperator(
@@ -86,6 +94,27 @@ class CurvlinopsInterface(CurvatureInterface):
             for name, _ in layers
         }
         loss = self.lik.loss(output["f"], y)
+        return loss, assemble_kron(params, layers, factors, N)
+
+    def _kron_by_backprop(self, module, inputs, y, params, layers, N: int):
+        """KFAC from one batched backward pass of the output-Hessian factor of the
+        GGN / MC Fisher / EF (:func:`backprop_factor.kfac_factors`): the factors of
+        Curvlinops' ``KFACLinearOperator`` without its per-column passes. ``None``
+        when the model is outside that route (then Curvlinops computes them)."""
+        if not isinstance(self, _OuterProductCurvature):
+            return None
+        targets: dict[str, torch.Tensor] = {}
+
+        def factor(f):
+            targets["y"] = self.lik.check_targets(f, y)
+            return self._output_factor(f, targets["y"])
+
+        found = backprop_factor.kfac_factors(module, params, inputs, factor)
+        if found is None:
+            return None
+        f, per_module = found
+        factors = {name: LayerFactors(*per_module[id(m)]) for name, m in layers}
+        loss = self.lik.loss(f, targets["y"])
         return loss, assemble_kron(params, layers, factors, N)
 
     def _checked_targets(self, module, inputs, y: torch.Tensor) -> torch.Tensor:
