@@ -336,3 +336,12 @@ def test_last_layer_full_closed_form(backend_cls, likelihood, freeze):
     backend = backend_cls(m, likelihood, last_layer=True, subnetwork_indices=idx)
     _, H_sub = backend.full(x, y)
     torch.testing.assert_close(H_sub, full[-n_last:, -n_last:][idx][:, idx])
+
+
+@pytest.mark.parametrize("P", [5, 512, 513, 1500])
+@pytest.mark.parametrize("block", [7, 512])
+def test_symmetric_gram_is_the_gram_matrix(P, block):
+    from laplace.curvature.backprop_factor import symmetric_gram
+
+    V = torch.randn(37, P, dtype=torch.float64)
+    torch.testing.assert_close(symmetric_gram(V, block), V.T @ V)

@@ -224,7 +224,27 @@ def outer_product_full(model, params, x, factor_fn: FactorFn, indices=None):
     V = V.reshape(-1, V.shape[-1])
     if indices is not None:
         V = V[:, indices]
-    return f, V.T @ V
+    return f, symmetric_gram(V)
+
+
+def symmetric_gram(V: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``V^T V`` ``(P, P)`` for ``V`` ``(M, P)`` at about half the cost of ``V.T @ V``.
+
+    Only the blocks on and below the diagonal are multiplied (``P^2 M (1 + block/P)
+    / 2`` multiply-adds, the work of a symmetric rank-``M`` update); the upper
+    triangle is then copied from the lower one.
+    """
+    P = V.shape[1]
+    if P <= block:
+        return V.T @ V
+    H = V.new_empty(P, P)
+    for start in range(0, P, block):
+        stop = min(start + block, P)
+        H[start:stop, :stop] = V[:, start:stop].T @ V[:, :stop]
+    for start in range(block, P, block):
+        stop = min(start + block, P)
+        H[:start, start:stop] = H[start:stop, :start].T
+    return H
 
 
 def linear_layer_full(
