@@ -185,6 +185,7 @@ class BaseLaplace:
         if not torch.isfinite(value).all():
             raise ValueError("prior_mean must be finite.")
         self._prior_mean = value
+        self._sq_distance = None  # squared distances of the MAP to the prior mean
 
     @property
     def sigma_noise(self) -> Tensor:

@@ -140,8 +140,9 @@ class ParametricLaplace(BaseLaplace):
         self._on_new_curvature()
 
     def _on_new_curvature(self) -> None:
-        """Drop whatever was derived from the previous curvature."""
+        """Drop whatever was derived from the previous curvature (and mean)."""
         self._posterior_cache = None
+        self._sq_distance: Tensor | None = None
 
     # -- the posterior -------------------------------------------------------------
     @property
@@ -158,14 +159,30 @@ class ParametricLaplace(BaseLaplace):
 
     @property
     def scatter(self) -> Tensor:
-        """``(theta_MAP - mu0)^T P0 (theta_MAP - mu0)``."""
-        delta = self.mean - self.prior_mean
-        return (delta.square() * self.prior_precision_diag).sum()
+        """``(theta_MAP - mu0)^T P0 (theta_MAP - mu0)``; ``O(layers)`` for a scalar or
+        layer-wise prior (the squared distances per layer are kept)."""
+        prior = self.prior_precision
+        if prior.numel() == self.n_params:
+            delta = self.mean - self.prior_mean
+            return (delta.square() * prior).sum()
+        if self._sq_distance is None:
+            delta = (self.mean - self.prior_mean).square()
+            sizes = [p.numel() for p in self.params]
+            self._sq_distance = torch.stack([d.sum() for d in delta.split(sizes)])
+        if prior.numel() == 1:
+            return prior[0] * self._sq_distance.sum()
+        return (prior * self._sq_distance).sum()
 
     @property
     def log_det_prior_precision(self) -> Tensor:
         """``log det P0``."""
-        return self.prior_precision_diag.log().sum()
+        prior = self.prior_precision
+        if prior.numel() == self.n_params:
+            return prior.log().sum()
+        if prior.numel() == 1:
+            return self.n_params * prior[0].log()
+        sizes = torch.tensor([p.numel() for p in self.params], device=prior.device)
+        return (sizes * prior.log()).sum()
 
     @property
     def log_det_posterior_precision(self) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import DiagPrecision
+from laplace.utils.logdet import affine_log_sum
 
 Tensor = torch.Tensor
 
@@ -28,6 +29,20 @@ class DiagLaplace(ParametricLaplace):
     def _build_form(self) -> DiagPrecision:
         p = self._h_factor * self.H + self.prior_precision_diag
         return DiagPrecision(p, [p_.shape for p_ in self.params])
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """``log det P``; for a scalar or layer-wise prior one fused pass per layer
+        (:func:`~laplace.utils.logdet.affine_log_sum`)."""
+        prior = self.prior_precision
+        if prior.numel() not in (1, self.n_layers) or prior.numel() == self.n_params:
+            return super().log_det_posterior_precision
+        self._check_fitted("log_det_posterior_precision")
+        c = self._h_factor
+        if prior.numel() == 1:
+            return affine_log_sum(c, prior[0], self.H)
+        pieces = self.H.split([p.numel() for p in self.params])
+        return sum(affine_log_sum(c, d, h) for d, h in zip(prior, pieces))
 
     @property
     def posterior_precision(self) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import KronPrecision
+from laplace.utils.logdet import affine_log_sum
 from laplace.utils.matrix import Kron, KronDecomposed
 
 Tensor = torch.Tensor
@@ -107,9 +108,40 @@ class KronLaplace(ParametricLaplace):
     def H_decomposed(self) -> KronDecomposed:
         """Eigendecomposition of the fitted factors (computed once per fit)."""
         self._check_fitted("H_decomposed")
+        return self._decompose()
+
+    def _decompose(self) -> KronDecomposed:
         if self._decomposed is None:
             self._decomposed = self.H.decompose(damping=self.damping)
         return self._decomposed
+
+    def fit(self, train_loader, override: bool = True, progress_bar: bool = False):
+        super().fit(train_loader, override=override, progress_bar=progress_bar)
+        self._decompose()  # eigendecompose the factors once, as part of the fit
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """``log det P`` from the factors' eigenvalues, one pass per block
+        (:func:`~laplace.utils.logdet.affine_log_sum`)."""
+        K, c = self.H_decomposed, self._h_factor
+        deltas = (
+            self.prior_precision.expand(len(K))
+            if self.prior_precision.numel() == 1
+            else self.prior_precision
+        )
+        total = torch.zeros((), dtype=self._dtype, device=self._device)
+        for values, delta in zip(K.eigenvalues, deltas):
+            if len(values) == 1:
+                total = total + affine_log_sum(c, delta, values[0])
+            elif self.damping:
+                # log((c g_i + sqrt d)(a_j + sqrt d)) separates over i and j
+                root = delta.sqrt()
+                g, a = values
+                total = total + len(a) * torch.log(c * g + root).sum()
+                total = total + len(g) * torch.log(a + root).sum()
+            else:
+                total = total + affine_log_sum(c, delta, values[0], values[1])
+        return total
 
     def _build_form(self) -> KronPrecision:
         return KronPrecision(self.H_decomposed * self._h_factor + self.prior_precision)
