@@ -121,10 +121,28 @@ class ClassificationLikelihood(OutputLikelihood):
         return torch.softmax(f, dim=-1) - F.one_hot(y, f.shape[-1]).to(f.dtype)
 
     def hessian_sqrt(self, f: torch.Tensor) -> torch.Tensor:
-        # diag(p) - p p^T = L L^T with L = diag(s) - p s^T, s = sqrt(p)
+        """A factor ``(batch, C, C - 1)`` of ``diag(p) - p p^T`` (rank ``C - 1``).
+
+        ``L = diag(s) - p s^T`` with ``s = sqrt(p)`` has ``L L^T = diag(p) - p p^T``
+        and ``L s = 0``. The Householder reflection ``R`` that swaps the unit vector
+        ``s`` and the last basis vector is orthogonal, so ``(L R)(L R)^T = L L^T``,
+        and the last column of ``L R`` is ``L s = 0``: dropping it leaves ``C - 1``
+        columns, one backpropagated vector fewer per datum.
+        """
         p = torch.softmax(f, dim=-1)
         s = p.sqrt()
-        return torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)
+        L = torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)
+        C = f.shape[-1]
+        if C == 1:
+            return L
+        u = s.clone()
+        u[..., -1] -= 1
+        norm2 = u.square().sum(-1, keepdim=True)
+        # s = e_C already (u = 0): the reflection is the identity
+        scale = torch.where(norm2 > 1e-30, 2 / norm2.clamp_min(1e-30), 0.0)
+        Lu = (L @ u.unsqueeze(-1)).squeeze(-1)  # (batch, C)
+        LR = L - (scale * Lu).unsqueeze(-1) * u.unsqueeze(-2)
+        return LR[..., : C - 1]
 
     def sampled_gradients(self, f, num_samples, generator=None):
         p = torch.softmax(f, dim=-1)

@@ -47,3 +47,15 @@ def test_regression_accepts_flat_targets_for_one_output():
     lik = get_likelihood("regression")
     f, y = torch.randn(5, 1), torch.randn(5)
     assert lik.check_targets(f, y).shape == (5, 1)
+
+
+def test_classification_hessian_factor_has_rank_c_minus_1_columns():
+    lik = get_likelihood("classification")
+    f = torch.randn(6, 4, dtype=torch.float64)
+    f[0] = torch.tensor([-50.0, -50.0, -50.0, 50.0])  # p = e_C: no reflection needed
+    f[1] = torch.tensor([50.0, -50.0, -50.0, -50.0])
+    L = lik.hessian_sqrt(f)
+    assert L.shape == (6, 4, 3)
+    p = torch.softmax(f, -1)
+    expected = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    torch.testing.assert_close(L @ L.mT, expected)

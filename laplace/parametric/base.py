@@ -80,7 +80,7 @@ class ParametricLaplace(BaseLaplace):
 
     @staticmethod
     def _is_finite(H: Any) -> bool:
-        return bool(torch.isfinite(H).all())
+        return _all_finite(H)
 
     # -- fit ---------------------------------------------------------------------------
     def fit(
@@ -407,6 +407,14 @@ class ParametricLaplace(BaseLaplace):
         with torch.no_grad():
             vector_to_parameters(self.mean, self.params)
         self._on_new_curvature()
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether ``t`` holds no NaN or inf: one pass (a float64 sum cannot overflow
+    from float32 or float16 entries, and NaN or inf propagate into it)."""
+    if t.dtype == torch.float64:
+        return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
 def _dataset_size(loader: DataLoader) -> int:

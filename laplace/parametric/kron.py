@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from laplace.parametric.base import ParametricLaplace
+from laplace.parametric.base import ParametricLaplace, _all_finite
 from laplace.parametric.precision import KronPrecision
 from laplace.utils.logdet import affine_log_sum
 from laplace.utils.matrix import Kron, KronDecomposed
@@ -98,17 +98,28 @@ class KronLaplace(ParametricLaplace):
 
     @staticmethod
     def _is_finite(H: Kron) -> bool:
-        return all(bool(torch.isfinite(F).all()) for block in H.kfacs for F in block)
+        return all(_all_finite(F) for block in H.kfacs for F in block)
 
     def _on_new_curvature(self) -> None:
         super()._on_new_curvature()
         self._decomposed: KronDecomposed | None = None
+        self._flat: Tensor | None = None
 
     @property
     def H_decomposed(self) -> KronDecomposed:
         """Eigendecomposition of the fitted factors (computed once per fit)."""
         self._check_fitted("H_decomposed")
         return self._decompose()
+
+    def _flat_eigenvalues(self) -> Tensor:
+        """All eigenvalues of the fitted curvature ``(n_params,)`` (once per fit)."""
+        if self._flat is None:
+            pieces = [
+                torch.outer(*values).flatten() if len(values) == 2 else values[0]
+                for values in self._decompose().eigenvalues
+            ]
+            self._flat = torch.cat(pieces)
+        return self._flat
 
     def _decompose(self) -> KronDecomposed:
         if self._decomposed is None:
@@ -124,6 +135,9 @@ class KronLaplace(ParametricLaplace):
         """``log det P`` from the factors' eigenvalues, one pass per block
         (:func:`~laplace.utils.logdet.affine_log_sum`)."""
         K, c = self.H_decomposed, self._h_factor
+        if not self.damping and self.prior_precision.numel() == 1:
+            # every eigenvalue of P is c * h + d with the same d: one pass over all
+            return affine_log_sum(c, self.prior_precision[0], self._flat_eigenvalues())
         deltas = (
             self.prior_precision.expand(len(K))
             if self.prior_precision.numel() == 1

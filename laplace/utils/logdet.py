@@ -24,8 +24,10 @@ class _AffineLogSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c: Tensor, d: Tensor, h: Tensor, a: Tensor | None) -> Tensor:
         with torch.no_grad():
-            lam = torch.outer(h, a) if a is not None else h.clone()
-            lam.mul_(c).add_(d)
+            if a is None:
+                lam = torch.add(d, h, alpha=float(c))
+            else:
+                lam = torch.outer(h, a).mul_(c).add_(d)
             value = lam.log().sum()
             inv_sum = lam.reciprocal_().sum()
         ctx.save_for_backward(c, d, inv_sum)

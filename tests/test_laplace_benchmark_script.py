@@ -1,0 +1,43 @@
+"""The Laplace benchmark script runs and reports (a smoke test; timings are not
+tested, and laplace-torch is not run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # ~20 s: two fresh processes import torch
+def test_laplace_benchmark_quick_run_ours_only(tmp_path):
+    script = ROOT / "benchmarks" / "laplace_benchmark.py"
+    output = tmp_path / "laplace.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--ours-only",
+            "--only",
+            "predictive|MLP 196-24-10|full",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| MLP")]
+    assert len(rows) == 1, proc.stdout  # only the workload asked for
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[:3] == ["MLP 196-24-10", "full", "default"]
+    assert float(cells[3]) > 0  # a time was measured, no error
+    assert cells[4] == "–"  # laplace-torch not run
+    assert "laplace-torch not run (`--ours-only`)" in proc.stdout
+    assert output.read_text() == proc.stdout.rstrip("\n") + "\n"
