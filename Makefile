@@ -39,6 +39,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/curvature_benchmark.py
+	$(PY) benchmarks/laplace_benchmark.py
 
 clean:
 	rm -rf $(VENV)
