@@ -133,13 +133,24 @@ def _layer_vectors(module, a, g, prepared: bool = False):
     return out
 
 
-def _fast_route(model, params, x, factor_fn, diagonal: bool):
+def _backprop_to_layers(model, params, x, factor_fn, outputs_2d: bool = False):
+    """One batched backward pass of the columns of ``M = factor_fn(f)`` ``(N, C, K)``
+    to the output of every layer holding ``params``.
+
+    Returns None when a parameter lives outside ``nn.Linear``/``nn.Conv2d`` layers
+    called once (or, with ``outputs_2d``, when the outputs are not ``(N, C)``);
+    otherwise ``(f, [(module, a, g)])`` with the detached outputs ``f``, the layer
+    input ``a`` and the backpropagated ``g`` ``(K, N, out...)`` of each layer. The
+    forward pass records a graph even inside ``torch.no_grad()``.
+    """
     owner = _owners(model, params)
     layers = list({id(m): m for m in owner.values()}.values())
     if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
         return None
     with _Tape(layers) as tape, torch.enable_grad():
         f = model(x)
+    if outputs_2d and f.ndim != 2:
+        return None
     if not tape.single_calls() or not all(
         tape.records[id(m)][0][1].requires_grad for m in layers
     ):
@@ -150,14 +161,22 @@ def _fast_route(model, params, x, factor_fn, diagonal: bool):
     grads = torch.autograd.grad(
         f, outputs, grad_outputs=M.permute(2, 0, 1), is_grads_batched=True
     )
+    inputs = [tape.records[id(m)][0][0] for m in layers]
+    return f_detached, list(zip(layers, inputs, grads))
+
+
+def _fast_route(model, params, x, factor_fn, diagonal: bool):
+    found = _backprop_to_layers(model, params, x, factor_fn)
+    if found is None:
+        return None
+    f, per_layer = found
     per_param: dict[int, torch.Tensor] = {}
-    for module, g in zip(layers, grads):
-        a = tape.records[id(module)][0][0]
+    for module, a, g in per_layer:
         terms = (_layer_diag if diagonal else _layer_vectors)(module, a, g)
         for name, value in terms.items():
             per_param[id(getattr(module, name))] = value
     pieces = [per_param[id(p)] for p in params]
-    return f_detached, torch.cat(pieces, dim=-1)
+    return f, torch.cat(pieces, dim=-1)
 
 
 def jacobian(
@@ -294,6 +313,12 @@ def _linear_parameter_order(layer, C, D, has_bias, device) -> torch.Tensor:
     return torch.cat(pieces)
 
 
+def identity_factor(f: torch.Tensor) -> torch.Tensor:
+    """``M = I`` ``(N, C, C)``: backpropagating it gives every output's gradient."""
+    eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+    return eye.expand(f.shape[0], -1, -1)
+
+
 def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
     r"""The Jacobian of every output, layer by layer, without forming it.
 
@@ -311,33 +336,18 @@ def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
     ``(C, N, T, out)`` for a weight, ``(None, g)`` with ``g`` ``(C, N, out)`` for a
     bias.
     """
-    owner = _owners(model, params)
-    layers = list({id(m): m for m in owner.values()}.values())
-    if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
+    found = _backprop_to_layers(model, params, x, identity_factor, outputs_2d=True)
+    if found is None:
         return None
-    with _Tape(layers) as tape, torch.enable_grad():  # also inside no_grad()
-        f = model(x)
-    if f.ndim != 2 or not tape.single_calls():
-        return None
-    if not all(tape.records[id(m)][0][1].requires_grad for m in layers):
-        return None
-    C = f.shape[1]
-    eye = torch.eye(C, dtype=f.dtype, device=f.device)
-    outputs = [tape.records[id(m)][0][1] for m in layers]
-    grads = torch.autograd.grad(
-        f,
-        outputs,
-        grad_outputs=eye.unsqueeze(1).expand(C, *f.shape),
-        is_grads_batched=True,
-    )
+    f, per_layer = found
     per_param: dict[int, tuple] = {}
-    for module, g in zip(layers, grads):
-        a, g = _layer_terms(module, tape.records[id(module)][0][0], g)
+    for module, a, g in per_layer:
+        a, g = _layer_terms(module, a, g)
         if module.weight.requires_grad:
             per_param[id(module.weight)] = (a, g)
         if module.bias is not None and module.bias.requires_grad:
             per_param[id(module.bias)] = (None, g.sum(2))
-    return f.detach(), [per_param[id(p)] for p in params]
+    return f, [per_param[id(p)] for p in params]
 
 
 def kfac_factors(model: nn.Module, params: Sequence[nn.Parameter], x, factor_fn):
@@ -354,25 +364,13 @@ def kfac_factors(model: nn.Module, params: Sequence[nn.Parameter], x, factor_fn)
     once; otherwise ``(f, {id(module): (G, A_sum or None)})`` with ``A_sum`` None
     for a layer whose weight is frozen.
     """
-    owner = _owners(model, params)
-    layers = list({id(m): m for m in owner.values()}.values())
-    if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
+    found = _backprop_to_layers(model, params, x, factor_fn)
+    if found is None:
         return None
-    with _Tape(layers) as tape, torch.enable_grad():
-        f = model(x)
-    if not tape.single_calls() or not all(
-        tape.records[id(m)][0][1].requires_grad for m in layers
-    ):
-        return None
-    f_detached = f.detach()
-    M = factor_fn(f_detached)  # (N, C, K)
-    outputs = [tape.records[id(m)][0][1] for m in layers]
-    grads = torch.autograd.grad(
-        f, outputs, grad_outputs=M.permute(2, 0, 1), is_grads_batched=True
-    )
+    f, per_layer = found
     factors = {}
-    for module, g in zip(layers, grads):
-        a, g = _layer_terms(module, tape.records[id(module)][0][0], g)
+    for module, a, g in per_layer:
+        a, g = _layer_terms(module, a, g)
         g = g.reshape(-1, g.shape[-1])
         G = g.T @ g
         A = None
@@ -383,4 +381,4 @@ def kfac_factors(model: nn.Module, params: Sequence[nn.Parameter], x, factor_fn)
             if T > 1:
                 A.div_(T)
         factors[id(module)] = (G, A)
-    return f_detached, factors
+    return f, factors

@@ -262,12 +262,9 @@ class ParametricLaplace(BaseLaplace):
         """Jacobians ``(N, C, P)`` and outputs ``(N, C)`` at the MAP."""
         if self.enable_backprop:
             return backprop_factor.jacobian(self.model, self.params, x, True)
-
-        def identity(f: Tensor) -> Tensor:
-            eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-            return eye.expand(f.shape[0], -1, -1)
-
-        f, V = backprop_factor.per_example_vectors(self.model, self.params, x, identity)
+        f, V = backprop_factor.per_example_vectors(
+            self.model, self.params, x, backprop_factor.identity_factor
+        )
         return V.transpose(0, 1), f
 
     def _glm_terms(self, x: Inputs) -> GLMTerms:
