@@ -13,6 +13,7 @@ from laplace.curvature import (
     AsdlHessian,
     BackPackEF,
     BackPackGGN,
+    CurvlinopsGGN,
 )
 from models import DictModel, data, model
 
@@ -90,6 +91,47 @@ def test_backpack_refuses_dict_batches_and_names_alternatives():
     batch = {"input_ids": x, "scale": torch.ones(len(x), 1, dtype=x.dtype)}
     with pytest.raises(ValueError, match="mapping.*Curvlinops"):
         BackPackGGN(m, "classification").diag(batch, y)
+
+
+class _SharedLinear(torch.nn.Module):
+    """A Linear layer over positions (weight sharing), then mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)).mean(1))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "shared"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_asdl_full_ggn_from_gradients_equals_asdls_fisher_maker(arch, likelihood):
+    """The exact full GGN from ASDL's per-example gradients (the default) equals
+    the default backend's (oracle-tested) and ASDL's own full FisherMaker (used once
+    fisher_kwargs are given), with weight sharing too (where the FisherMaker fails),
+    and leaves the gradients as they were."""
+    if arch == "shared":
+        torch.manual_seed(0)
+        m = _SharedLinear().double()
+        x = torch.randn(6, 5, 3, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,)) if likelihood == "classification" else None
+        y = torch.randn(6, 3, dtype=torch.float64) if y is None else y
+    else:
+        m = model(arch)
+        x, y = data(arch, likelihood)
+    grads = [torch.full_like(p, 7.0) for p in m.parameters()]
+    for p, g in zip(m.parameters(), grads):
+        p.grad = g
+    loss, H = AsdlGGN(m, likelihood).full(x, y)
+    assert all(p.grad is g for p, g in zip(m.parameters(), grads))
+    expected_loss, expected = CurvlinopsGGN(m, likelihood).full(x, y)
+    torch.testing.assert_close(H, expected)
+    torch.testing.assert_close(loss, expected_loss)
+    if arch != "shared":  # ASDL's FisherMaker refuses a Linear over positions
+        _, by_maker = AsdlGGN(m, likelihood, fisher_kwargs={"scale": 1.0}).full(x, y)
+        torch.testing.assert_close(H, by_maker)
 
 
 def test_asdl_fisher_kwargs_reach_asdl():

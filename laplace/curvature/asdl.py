@@ -2,6 +2,12 @@
 
 - GGN: ASDL's ``FisherMaker`` with ``FISHER_EXACT`` (``FISHER_MC`` with
   ``stochastic=True``) in the shapes ``SHAPE_FULL``, ``SHAPE_KRON``, ``SHAPE_DIAG``;
+  except the exact full GGN without ``fisher_kwargs``: ASDL's per-example gradients
+  (``save_batch_gradient``) of ``sum_n f_n^T m_nk`` for the ``K = C - 1`` columns of
+  the likelihood's Hessian factor ``M`` give ``v_nk = J_n^T m_nk``, and
+  ``H = sum_nk v_nk v_nk^T`` is one symmetric rank-``KN`` update; ASDL's full
+  ``FisherMaker`` instead multiplies a ``(P, P)`` matrix per class and batch
+  (about 3.5x slower for 10 classes);
 - EF: the same with ``FISHER_EMP``;
 - Hessian: ASDL's ``HessianMaker`` in ``SHAPE_FULL`` and ``SHAPE_DIAG``.
 
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace.curvature.backprop_factor import symmetric_gram
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
@@ -215,6 +222,61 @@ class AsdlGGN(AsdlFisher, GGNInterface):
     def _fisher_type(self) -> str:
         asdl = _asdl()
         return asdl.FISHER_MC if self.stochastic else asdl.FISHER_EXACT
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        if self.stochastic or self.fisher_kwargs:
+            return super().full(x, y, **kwargs)
+        self._check_structure("full")
+        self._check_batch(x, y)
+        module, inputs = self._target(x)
+        with torch.no_grad():
+            f = module(inputs)
+        y = self.lik.check_targets(f, y)
+        M = self.lik.hessian_sqrt(f)  # (N, C, K)
+        V = torch.cat(
+            [
+                self._per_example_gradients(module, inputs, M[..., k])
+                for k in range(M.shape[-1])
+            ]
+        )
+        if self.subnetwork_indices is not None:
+            V = V[:, self.subnetwork_indices]
+        return self.lik.loss(f, y), symmetric_gram(V)
+
+    def _per_example_gradients(self, module, inputs, m: torch.Tensor):
+        """``(N, P)``: the gradients of ``f_n^T m_n`` w.r.t. ``self.params``, one row
+        per example, from ASDL; ``.grad`` of the parameters is left as it was."""
+        params = self.params
+        saved = [p.grad for p in params]
+
+        def closure():
+            f = module(inputs)
+            (f * m).sum().backward()
+            return f
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _asdl().save_batch_gradient(module, closure)
+            missing = [i for i, p in enumerate(params) if not hasattr(p, "batch_grad")]
+            if missing:
+                raise ValueError(
+                    f"ASDL returned no per-example gradients for {len(missing)} "
+                    "parameter tensor(s); it supports Linear, Conv2d, BatchNorm, "
+                    "LayerNorm and Embedding layers. Use Curvlinops (the default) for "
+                    "this model."
+                )
+            N = m.shape[0]
+            return torch.cat(
+                [p.batch_grad.reshape(N, -1, p.numel()).sum(1) for p in params], dim=1
+            )
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            for p in module.parameters():
+                for attr in ("batch_grad", _ASDL_MARKER):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
 
     def _scale(self) -> float:
         return float(self.num_samples) if self.stochastic else 1.0
