@@ -6,6 +6,7 @@ classes below; see :mod:`laplace.baselaplace` for their common interface.
 
 from laplace.baselaplace import BaseLaplace
 from laplace.laplace import Laplace
+from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
 from laplace.parametric import (
     DiagLaplace,
     FullLaplace,
@@ -35,6 +36,10 @@ __all__ = [
     "KronLaplace",
     "DiagLaplace",
     "LowRankLaplace",
+    "LLLaplace",
+    "FullLLLaplace",
+    "KronLLLaplace",
+    "DiagLLLaplace",
     "FeatureReduction",
     "FunctionalApproximation",
     "HessianStructure",

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from laplace import prior
 from laplace.curvature.curvature import CurvatureInterface
-from laplace.data import Inputs, split_batch, to_device
+from laplace.data import Inputs, input_tensor, split_batch, to_device
 from laplace.predictive.links import link as apply_link
 from laplace.utils.enums import (
     Likelihood,
@@ -90,15 +90,15 @@ class BaseLaplace:
                 f"model must be a torch.nn.Module; got {type(model).__name__}."
             )
         self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
-        self.model = model
-        self.params = self._select_params()
-        if not self.params:
+        if self.likelihood == Likelihood.REWARD_MODELING and not getattr(
+            self, "supports_reward_modeling", True
+        ):
             raise ValueError(
-                "The model has no parameters that require grad: nothing to treat."
+                f"{type(self).__name__} does not support likelihood='reward_modeling'; "
+                "use hessian_structure='kron', 'diag' or 'full' (all weights or the "
+                "last layer)."
             )
-        self.n_params = sum(p.numel() for p in self.params)
-        self.n_layers = len(self.params)
-        self._device, self._dtype = self.params[0].device, self.params[0].dtype
+        self.model = model
         self.enable_backprop = bool(enable_backprop)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self._backend_cls = _check_backend(backend)
@@ -106,6 +106,16 @@ class BaseLaplace:
         self.asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
         self._backend: CurvatureInterface | None = None
         self._posterior_cache: Any = None
+        #: the treated parameters; None until known (a last layer found on the
+        #: first forward pass), and so are ``n_params`` and ``n_layers``
+        self.params: list[nn.Parameter] | None = None
+        self.n_params: int | None = None
+        self.n_layers: int | None = None
+        first = next(iter(model.parameters()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._dtype = first.dtype if first is not None else torch.get_default_dtype()
+        #: hyperparameters given before the parameters are known, set on binding
+        self._pending: dict[str, Any] = {}
         self.temperature = temperature
         self.sigma_noise = sigma_noise
         self.prior_precision = prior_precision
@@ -115,9 +125,37 @@ class BaseLaplace:
         self.n_outputs: int | None = None
         #: whether ``fit`` has run; predictives and tuning need it
         self.fitted = False
+        params = self._select_params()
+        if params is not None:
+            self._bind_params(params)
+
+    def _bind_params(self, params: list[nn.Parameter]) -> None:
+        """Treat ``params``: fix the sizes and set the hyperparameters given so far
+        (validated against the sizes now)."""
+        if not params:
+            raise ValueError(
+                "The model has no parameters that require grad: nothing to treat."
+            )
+        self.params = list(params)
+        self.n_params = sum(p.numel() for p in self.params)
+        self.n_layers = len(self.params)
+        self._device, self._dtype = self.params[0].device, self.params[0].dtype
+        pending, self._pending = self._pending, {}
+        for name, value in pending.items():
+            setattr(self, name, value)
+        self.loss = self.loss.to(self._device, self._dtype)
+        self._on_bind()
+
+    def _on_bind(self) -> None:
+        """Set up what depends on the treated parameters (subclasses)."""
+
+    @property
+    def _bound(self) -> bool:
+        return self.params is not None
 
     # -- what is treated -----------------------------------------------------------
-    def _select_params(self) -> list[nn.Parameter]:
+    def _select_params(self) -> list[nn.Parameter] | None:
+        """The parameters to treat, or None while they cannot be known yet."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
@@ -148,10 +186,18 @@ class BaseLaplace:
     @property
     def prior_precision(self) -> Tensor:
         """Prior precision: shape ``(1,)``, ``(n_layers,)`` or ``(n_params,)``."""
+        if "prior_precision" in self._pending:
+            return prior.as_prior_precision(
+                self._pending["prior_precision"], None, None, dtype=self._dtype
+            )
         return self._prior_precision
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
+        if not self._bound:
+            prior.as_prior_precision(value, None, None, dtype=self._dtype)
+            self._pending["prior_precision"] = value
+            return
         value = prior.as_prior_precision(
             value, self.n_layers, self.n_params, dtype=self._dtype, device=self._device
         )
@@ -170,13 +216,16 @@ class BaseLaplace:
     @property
     def prior_mean(self) -> Tensor:
         """Prior mean: shape ``()`` or ``(n_params,)``."""
-        return self._prior_mean
+        return self._pending.get("prior_mean", self._prior_mean)
 
     @prior_mean.setter
     def prior_mean(self, value: float | Tensor) -> None:
         value = torch.as_tensor(value, dtype=self._dtype, device=self._device)
         if value.numel() == 1:
             value = value.reshape(())
+        elif not self._bound:
+            self._pending["prior_mean"] = value
+            return
         elif value.shape != (self.n_params,):
             raise ValueError(
                 f"prior_mean must be a scalar or of shape ({self.n_params},); got "
@@ -232,6 +281,18 @@ class BaseLaplace:
     def _h_factor(self) -> Tensor:
         """``1 / (sigma_noise^2 * temperature)``, the scale of the curvature."""
         return 1 / (self.sigma_noise.square() * self.temperature)
+
+    def _check_fit_batch(self, x: Inputs) -> None:
+        """Refuse training inputs of the wrong form before any work on them."""
+        if self.likelihood != Likelihood.REWARD_MODELING:
+            return
+        shape = tuple(input_tensor(x, self.dict_key_x).shape)
+        if len(shape) < 3 or shape[1] != 2:
+            raise ValueError(
+                "likelihood='reward_modeling' fits on pairs: training inputs of shape "
+                f"(batch, 2, ...) with targets (batch,) naming the preferred item (0 "
+                f"or 1); got inputs of shape {shape}."
+            )
 
     # -- evidence ------------------------------------------------------------------
     def _check_fitted(self, action: str) -> None:
@@ -348,7 +409,9 @@ class BaseLaplace:
             return torch.softmax(f, dim=-1).mean(0)
         if self._predicts_regression:
             return self._glm_distribution(x, joint, diagonal_output)
-        f_mu, f_var = self._glm_distribution(x, False, diagonal_output)
+        # probit reads only the output variances: no (N, C, C) where avoidable
+        diagonal = diagonal_output or link_approx == LinkApprox.PROBIT
+        f_mu, f_var = self._glm_distribution(x, False, diagonal)
         return apply_link(link_approx, f_mu, f_var, n_samples, generator)
 
     predictive = __call__

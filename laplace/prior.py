@@ -37,8 +37,8 @@ def parameters_per_layer(params: Sequence[torch.Tensor]) -> list[int]:
 
 def as_prior_precision(
     value: float | torch.Tensor,
-    n_layers: int,
-    n_params: int,
+    n_layers: int | None,
+    n_params: int | None,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -61,7 +61,8 @@ def as_prior_precision(
         value = value.to(dtype=dtype or value.dtype, device=device or value.device)
     if value.ndim == 0:
         value = value.reshape(1)
-    valid = {1, n_layers, n_params}
+    # the sizes are None while the treated parameters are not known yet
+    valid = {1, n_layers, n_params} if n_params is not None else {value.numel()}
     if value.ndim != 1 or value.numel() not in valid:
         raise ValueError(
             f"{name} must be a scalar or a 1-D tensor of length 1 (scalar), "

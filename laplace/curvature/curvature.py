@@ -27,7 +27,7 @@ from torch import nn
 from laplace.curvature import backprop_factor
 from laplace.data import Inputs, batch_size
 from laplace.likelihood import get_likelihood
-from laplace.utils.enums import Likelihood
+from laplace.utils.enums import Likelihood, parse_enum
 from laplace.utils.feature_extractor import FeatureExtractor
 
 STRUCTURES = ("full", "kron", "diag")
@@ -73,6 +73,11 @@ class CurvatureInterface:
     ) -> None:
         self.lik = get_likelihood(likelihood)
         self.likelihood = self.lik.name
+        #: inputs are pairs ``(batch, 2, ...)`` whose two outputs are the logits
+        self.reward_modeling = (
+            parse_enum(Likelihood, likelihood, "likelihood")
+            == Likelihood.REWARD_MODELING
+        )
         if last_layer and not isinstance(model, FeatureExtractor):
             model = FeatureExtractor(model)
         self.model = model
@@ -103,6 +108,10 @@ class CurvatureInterface:
         """
         if not self.last_layer:
             return self.model, x
+        if self.reward_modeling:
+            _, features = self.model.forward_with_features(x, reduce=False)
+            pairs = _pair_features(self.model, features, batch_size(x, self.dict_key_x))
+            return PairedLinear(self.model.last_layer), pairs.detach()
         _, features = self.model.forward_with_features(x)
         return self.model.last_layer, features.detach()
 
@@ -198,6 +207,41 @@ class CurvatureInterface:
         """Diagonal ``(P,)`` of the curvature; returns ``(loss, H)``."""
         self._check_structure("diag")
         raise NotImplementedError
+
+
+class PairedLinear(nn.Module):
+    """A last layer with one output applied to the two items of each pair: features
+    ``(batch, 2, dim)`` -> logits ``(batch, 2)`` (reward modeling)."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        if layer.out_features != 1:
+            raise ValueError(
+                "Reward modeling needs a last layer with one output (the reward); "
+                f"the last layer has {layer.out_features}."
+            )
+        self.layer = layer
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layer(features).squeeze(-1)
+
+
+def _pair_features(
+    extractor: FeatureExtractor, features: torch.Tensor, n_pairs: int
+) -> torch.Tensor:
+    """Last-layer features of pair inputs as ``(pairs, 2, dim)``, a sequence dimension
+    (``(pairs, 2, seq_len, dim)``) reduced by the extractor's ``feature_reduction``."""
+    dim = features.shape[-1]
+    if features.numel() % (2 * n_pairs * dim) != 0:
+        raise ValueError(
+            f"Reward modeling takes pairs: inputs of shape (batch, 2, ...); the "
+            f"last-layer features of {n_pairs} pairs have shape "
+            f"{tuple(features.shape)}."
+        )
+    per_item = features.reshape(2 * n_pairs, -1, dim)
+    if per_item.shape[1] == 1:
+        return per_item.reshape(n_pairs, 2, dim)
+    return extractor.reduce_features(per_item).reshape(n_pairs, 2, dim)
 
 
 def import_library(module: str, package: str, backend: str) -> ModuleType:

@@ -26,7 +26,7 @@ from laplace.data import Inputs, split_batch, to_device
 from laplace.parametric.precision import PrecisionForm
 from laplace.predictive import glm
 from laplace.predictive.links import link as apply_link
-from laplace.utils.enums import PredType
+from laplace.utils.enums import LinkApprox, PredType
 
 Tensor = torch.Tensor
 
@@ -35,11 +35,14 @@ Tensor = torch.Tensor
 class GLMTerms:
     """What the GLM predictive at some inputs needs that the prior does not change:
     the outputs and either the Jacobian factors in the eigenbasis of the posterior
-    (:mod:`laplace.predictive.glm`) or the Jacobians ``(N, C, P)``."""
+    (:mod:`laplace.predictive.glm`), the Jacobians ``(N, C, P)`` or the last-layer
+    features."""
 
     f: Tensor
     factors: list | None = None
     J: Tensor | None = None
+    #: last-layer features ``(N, D)`` (:mod:`laplace.lllaplace`)
+    features: Tensor | None = None
 
 
 class ParametricLaplace(BaseLaplace):
@@ -55,10 +58,14 @@ class ParametricLaplace(BaseLaplace):
     key: ClassVar[tuple[str, str]]
 
     def __init__(self, model, likelihood, *args: Any, **kwargs: Any) -> None:
-        super().__init__(model, likelihood, *args, **kwargs)
-        self.mean = parameters_to_vector(self.params).detach()
+        #: the MAP ``theta`` ``(n_params,)`` (None while the parameters are unknown)
+        self.mean: Tensor | None = None
         self.H: Any = None
+        super().__init__(model, likelihood, *args, **kwargs)
         self._on_new_curvature()
+
+    def _on_bind(self) -> None:
+        self.mean = parameters_to_vector(self.params).detach()
 
     # -- curvature: what a structure supplies ----------------------------------------
     def _init_H(self) -> Any:
@@ -116,6 +123,7 @@ class ParametricLaplace(BaseLaplace):
         for i, batch in enumerate(batches):
             x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
             x, y = to_device(x, self._device), y.to(self._device)
+            self._check_fit_batch(x)
             if n_outputs is None:
                 with torch.no_grad():
                     n_outputs = self.model(x).shape[-1]
@@ -277,7 +285,9 @@ class ParametricLaplace(BaseLaplace):
         J, f = self._jacobians(x)
         return GLMTerms(f, J=J)
 
-    def _glm_variance(self, terms: GLMTerms) -> Tensor:
+    def _glm_variance(self, terms: GLMTerms, diagonal: bool = False) -> Tensor:
+        """``J P^-1 J^T`` ``(N, C, C)``; a subclass may return only its diagonal
+        ``(N, C)`` when ``diagonal`` (enough for the probit link)."""
         form = self._posterior
         if terms.factors is not None:
             return glm.inv_square_form(terms.factors, form.inverse_eigenvalues())
@@ -311,6 +321,7 @@ class ParametricLaplace(BaseLaplace):
             return super()._validation_predictions(
                 val_loader, pred_type, link_approx, n_samples
             )
+        marginal_link = link_approx == LinkApprox.PROBIT  # reads only diag(f_var)
         cached = []
         with torch.no_grad():
             for batch in val_loader:
@@ -324,7 +335,7 @@ class ParametricLaplace(BaseLaplace):
                     if self._predicts_regression:
                         yield terms.f, y
                         continue
-                    f_var = self._glm_variance(terms)
+                    f_var = self._glm_variance(terms, marginal_link)
                     yield apply_link(link_approx, terms.f, f_var, n_samples), y
 
         return predictions

@@ -51,6 +51,8 @@ class LowRankLaplace(ParametricLaplace):
     """
 
     key = ("all", "lowrank")
+    #: refused rather than unverified: its matrix-free fit is not tested on pairs
+    supports_reward_modeling = False
 
     def __init__(
         self,

@@ -83,6 +83,7 @@ class DensePrecision(PrecisionForm):
     def __init__(self, P: Tensor) -> None:
         self.P = P
         self._chol: Tensor | None = None
+        self._cov: Tensor | None = None
 
     @property
     def cholesky(self) -> Tensor:
@@ -113,8 +114,10 @@ class DensePrecision(PrecisionForm):
         return self.covariance().diagonal()
 
     def covariance(self) -> Tensor:
-        """``P^-1`` ``(P, P)``."""
-        return torch.cholesky_inverse(self.cholesky)
+        """``P^-1`` ``(P, P)`` (computed once)."""
+        if self._cov is None:
+            self._cov = torch.cholesky_inverse(self.cholesky)
+        return self._cov
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         L = self.cholesky

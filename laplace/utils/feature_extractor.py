@@ -65,25 +65,49 @@ class FeatureExtractor(nn.Module):
         self.last_layer_name, self.last_layer = last_layer_name, layer
 
     def forward(self, x: torch.Tensor | MutableMapping[str, Any]) -> torch.Tensor:
-        return self.forward_with_features(x)[0]
+        """The model's outputs (the last layer is found if it is not known yet)."""
+        if self.last_layer is None:
+            return self.find_last_layer(x)[0]
+        return self.model(x)
 
     def forward_with_features(
+        self, x: torch.Tensor | MutableMapping[str, Any], reduce: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(outputs, features)``; the features are the last layer's input,
+        reduced to ``(batch, dim)`` by ``feature_reduction`` (unless ``reduce`` is
+        False). The last layer is found on the first call when it was not named."""
+        if self.last_layer is None:
+            out, features = self.find_last_layer(x)
+        else:
+            captured: list[torch.Tensor] = []
+            handle = self.last_layer.register_forward_hook(
+                lambda _m, inputs, _out: captured.append(inputs[0])
+            )
+            try:
+                out = self.model(x)
+            finally:
+                handle.remove()
+            if not captured:
+                raise RuntimeError(
+                    f"The last layer {self.last_layer_name!r} was not called in the "
+                    "forward pass (or not as a module): name the nn.Linear that "
+                    "produces the outputs with last_layer_name=..."
+                )
+            features = captured[-1]
+        if not self.enable_backprop:
+            features = features.detach()
+        return out, self.reduce_features(features) if reduce else features
+
+    def find_last_layer(
         self, x: torch.Tensor | MutableMapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(outputs, features)``; features are the last layer's input."""
-        if self.last_layer is None:
-            return self._find_last_layer(x)
-        captured: list[torch.Tensor] = []
-        handle = self.last_layer.register_forward_hook(
-            lambda _m, inputs, _out: captured.append(inputs[0])
-        )
-        try:
-            out = self.model(x)
-        finally:
-            handle.remove()
-        return out, self._reduce(captured[-1])
+        """Find the last layer in a forward pass of ``x``; return ``(outputs,
+        unreduced features)``.
 
-    def _find_last_layer(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        It is the ``nn.Linear`` whose output is the model's output or, failing that,
+        the last one called of which the output is a view (squeezed, reshaped or
+        sliced, e.g. the last position of a sequence); otherwise name it.
+        """
         calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         handles = [
             m.register_forward_hook(
@@ -97,26 +121,44 @@ class FeatureExtractor(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        for name, features, layer_out in reversed(calls):
-            if layer_out is out:
-                self.set_last_layer(name)
-                return out, self._reduce(features)
-        raise ValueError(
-            "Could not find the last layer: the model's output is not produced by an "
-            "nn.Linear module. Last-layer Laplace needs a linear output layer; name it "
-            "with last_layer_name=... if the output passes through it unchanged."
-        )
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"The model returned a {type(out).__name__}, not a tensor: wrap it so "
+                "that it returns the outputs (e.g. the logits) as a tensor."
+            )
+        found = next((c for c in reversed(calls) if c[2] is out), None)
+        if found is None:  # the output may be a view of it (squeezed, sliced)
+            storage = out.untyped_storage().data_ptr()
+            found = next(
+                (
+                    c
+                    for c in reversed(calls)
+                    if c[2].untyped_storage().data_ptr() == storage
+                ),
+                None,
+            )
+        if found is None:
+            linear = [
+                n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)
+            ]
+            raise ValueError(
+                "Could not find the last layer: no nn.Linear module produces the "
+                "model's outputs. Last-layer Laplace needs a linear output layer; name "
+                f"it with last_layer_name=... (the nn.Linear modules: {linear})."
+            )
+        self.set_last_layer(found[0])
+        return out, found[1]
 
-    def _reduce(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.enable_backprop:
-            features = features.detach()
+    def reduce_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``(batch, seq_len, dim)`` to ``(batch, dim)`` by
+        ``feature_reduction``; 2-D features are returned as they are."""
         if features.ndim <= 2:
             return features
-        if self.feature_reduction is None:
+        if self.feature_reduction is None or features.ndim > 3:
             raise ValueError(
                 f"Last-layer features have shape {tuple(features.shape)}; pass "
                 "feature_reduction='pick_first', 'pick_last' or 'average' to reduce "
-                "them to (batch, dim)."
+                "features of shape (batch, seq_len, dim) to (batch, dim)."
             )
         if self.feature_reduction is FeatureReduction.PICK_FIRST:
             return features[:, 0]
