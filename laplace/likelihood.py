@@ -51,6 +51,11 @@ class OutputLikelihood:
         """A factor ``L`` ``(batch, C, K)`` with ``L L^T`` the output Hessian."""
         raise NotImplementedError
 
+    def hessian_moments(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diagonals ``(batch, C)`` of the output Hessians and their sum over the
+        batch ``(C, C)``, without a factor (``O(batch C + C^2)`` memory)."""
+        raise NotImplementedError
+
     def sampled_gradients(
         self, f: torch.Tensor, num_samples: int, generator: torch.Generator | None
     ) -> torch.Tensor:
@@ -83,6 +88,11 @@ class RegressionLikelihood(OutputLikelihood):
     def hessian_sqrt(self, f: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
         return eye.expand(f.shape[0], -1, -1)
+
+    def hessian_moments(self, f):
+        N, C = f.shape
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        return torch.ones_like(f), N * eye
 
     def sampled_gradients(self, f, num_samples, generator=None):
         # y ~ N(f, I)  =>  gradient f - y = -eps with eps ~ N(0, I)
@@ -143,6 +153,11 @@ class ClassificationLikelihood(OutputLikelihood):
         Lu = (L @ u.unsqueeze(-1)).squeeze(-1)  # (batch, C)
         LR = L - (scale * Lu).unsqueeze(-1) * u.unsqueeze(-2)
         return LR[..., : C - 1]
+
+    def hessian_moments(self, f):
+        # sum_n diag(p_n) - p_n p_n^T
+        p = torch.softmax(f, dim=-1)
+        return p - p.square(), torch.diag(p.sum(0)) - p.T @ p
 
     def sampled_gradients(self, f, num_samples, generator=None):
         p = torch.softmax(f, dim=-1)

@@ -59,3 +59,14 @@ def test_classification_hessian_factor_has_rank_c_minus_1_columns():
     p = torch.softmax(f, -1)
     expected = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
     torch.testing.assert_close(L @ L.mT, expected)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_hessian_moments_are_the_diagonals_and_sum_of_the_output_hessians(likelihood):
+    f = torch.randn(
+        7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    L = oracles.output_hessian(likelihood, f)
+    diag, total = get_likelihood(likelihood).hessian_moments(f)
+    torch.testing.assert_close(diag, L.diagonal(dim1=1, dim2=2))
+    torch.testing.assert_close(total, L.sum(0))

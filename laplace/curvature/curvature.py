@@ -287,18 +287,45 @@ class _OuterProductCurvature(CurvatureInterface):
     def _output_factor(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _output_moments(self, f: torch.Tensor, y: torch.Tensor):
+        """Diagonals ``(N, C)`` and batch sum ``(C, C)`` of ``M M^T``."""
+        M = self._output_factor(f, y)
+        return M.square().sum(-1), torch.einsum("nck,ndk->cd", M, M)
+
+    def _is_linear_last_layer(self, module, inputs) -> bool:
+        return self.last_layer and isinstance(module, nn.Linear) and inputs.ndim == 2
+
+    def last_layer_moments(self, module: nn.Linear, phi: torch.Tensor, y):
+        """For a linear last layer on features ``phi`` ``(N, D)``: the outputs, the
+        summed loss, and the output moments of :meth:`_output_moments`; with them the
+        diagonal and KFAC curvature need no ``(N, C, K)`` factor (3,000 classes)."""
+        with torch.no_grad():
+            f = module(phi)
+        y = self.lik.check_targets(f, y)
+        return f, self.lik.loss(f, y), self._output_moments(f, y)
+
+    def _last_layer_diag(self, module: nn.Linear, phi: torch.Tensor, y):
+        """``diag(H)`` of ``f = W phi + b``: ``sum_n Lambda_n[c, c] phi_nd^2`` for
+        ``W`` and ``sum_n Lambda_n[c, c]`` for ``b``."""
+        _, loss, (d, _) = self.last_layer_moments(module, phi, y)
+        pieces = []
+        if module.weight.requires_grad:
+            pieces.append((d.T @ phi.square()).flatten())
+        if module.bias is not None and module.bias.requires_grad:
+            pieces.append(d.sum(0))
+        return loss, self._subnet(torch.cat(pieces))
+
     def _outer_product(self, x, y, diagonal: bool):
         module, inputs = self._target(x)
+        if diagonal and self._is_linear_last_layer(module, inputs):
+            return self._last_layer_diag(module, inputs, y)
         targets: dict[str, torch.Tensor] = {}
 
         def factor(f):
             targets["y"] = self.lik.check_targets(f, y)
             return self._output_factor(f, targets["y"])
 
-        closed_form = (
-            self.last_layer and isinstance(module, nn.Linear) and inputs.ndim == 2
-        )
-        if closed_form and not diagonal:
+        if self._is_linear_last_layer(module, inputs):
             f, H = backprop_factor.linear_layer_full(
                 module, inputs, factor, self.subnetwork_indices
             )
@@ -356,6 +383,11 @@ class GGNInterface(_OuterProductCurvature):
         if self.stochastic:
             return self.lik.sampled_gradients(f, self.num_samples, self.generator)
         return self.lik.hessian_sqrt(f)
+
+    def _output_moments(self, f: torch.Tensor, y: torch.Tensor):
+        if self.stochastic:
+            return super()._output_moments(f, y)
+        return self.lik.hessian_moments(f)
 
 
 class EFInterface(_OuterProductCurvature):

@@ -103,6 +103,12 @@ class CurvlinopsInterface(CurvatureInterface):
         when the model is outside that route (then Curvlinops computes them)."""
         if not isinstance(self, _OuterProductCurvature):
             return None
+        if self._is_linear_last_layer(module, inputs):
+            # G = sum_n Lambda_n, A = phi^T phi: no factor per datum
+            _, loss, (_, G) = self.last_layer_moments(module, inputs, y)
+            A = inputs.T @ inputs if module.weight.requires_grad else None
+            factors = {name: LayerFactors(G, A) for name, _ in layers}
+            return loss, assemble_kron(params, layers, factors, N)
         targets: dict[str, torch.Tensor] = {}
 
         def factor(f):
