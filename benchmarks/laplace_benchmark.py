@@ -612,8 +612,9 @@ def report(results, header: list[str], lt_available: bool) -> str:
     return "\n".join(rep.lines).rstrip() + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(description: str, output_name: str) -> argparse.ArgumentParser:
+    """The options every benchmark against laplace-torch takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="less data, a smoke run")
     parser.add_argument("--only", default="", help="run workloads containing this")
     parser.add_argument(
@@ -644,8 +645,13 @@ def main() -> None:
         "--timeout", type=float, default=None, help="seconds per measurement"
     )
     parser.add_argument(
-        "--output", default=os.path.join(ROOT, "benchmarks", "output", "laplace.md")
+        "--output", default=os.path.join(ROOT, "benchmarks", "output", output_name)
     )
+    return parser
+
+
+def main() -> None:
+    parser = common_arguments(__doc__.splitlines()[0], "laplace.md")
     args = parser.parse_args()
     timeout = args.timeout or (300.0 if args.quick else 1800.0)
     repeats, budget = (3, 10.0) if args.quick else (10, 20.0)

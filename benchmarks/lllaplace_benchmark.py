@@ -49,7 +49,6 @@ laplace-torch's predictive probabilities, to compare against with ``--reuse-lt``
 
 from __future__ import annotations
 
-import argparse
 import base64
 import copy
 import json
@@ -75,6 +74,7 @@ from laplace_benchmark import (  # noqa: E402
     OURS,
     best_of,
     checkout,
+    common_arguments,
     fmt_ratio,
     load_raw,
     mb,
@@ -567,25 +567,7 @@ def report(results, outputs, header: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="less data, a smoke run")
-    parser.add_argument("--only", default="", help="run workloads containing this")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="passes over all workloads; each reports its best pass",
-    )
-    parser.add_argument(
-        "--ours-only", action="store_true", help="do not run laplace-torch"
-    )
-    parser.add_argument(
-        "--reuse-lt",
-        action="store_true",
-        help="take laplace-torch's figures from the last run's raw results (the "
-        "output's .json) instead of measuring them again (they do not change with "
-        "this library); measure only what that run lacks",
-    )
+    parser = common_arguments(__doc__.splitlines()[0], "lllaplace.md")
     parser.add_argument(
         "--lt-diag-default",
         action="store_true",
@@ -593,25 +575,11 @@ def main() -> None:
         "~8 GB)",
     )
     parser.add_argument(
-        "--lt-python",
-        default=os.environ.get("LAPLACE_TORCH_PYTHON", DEFAULT_LT_PYTHON),
-        help="interpreter with laplace-torch installed",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds per measurement"
-    )
-    parser.add_argument(
         "--memory-limit-gb",
         type=float,
         default=DEFAULT_MEMORY_LIMIT_GB,
         help="address space a worker may map beyond its imported libraries; an "
         "allocation beyond it is reported as out of memory",
-    )
-    parser.add_argument(
-        "--output", default=os.path.join(ROOT, "benchmarks", "output", "lllaplace.md")
     )
     args = parser.parse_args()
     timeout = args.timeout or (300.0 if args.quick else 900.0)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from laplace import prior
 from laplace.curvature.curvature import CurvatureInterface
-from laplace.data import Inputs, input_tensor, split_batch, to_device
+from laplace.data import Inputs, check_pairs, split_batch, to_device
 from laplace.predictive.links import link as apply_link
 from laplace.utils.enums import (
     Likelihood,
@@ -284,15 +284,8 @@ class BaseLaplace:
 
     def _check_fit_batch(self, x: Inputs) -> None:
         """Refuse training inputs of the wrong form before any work on them."""
-        if self.likelihood != Likelihood.REWARD_MODELING:
-            return
-        shape = tuple(input_tensor(x, self.dict_key_x).shape)
-        if len(shape) < 3 or shape[1] != 2:
-            raise ValueError(
-                "likelihood='reward_modeling' fits on pairs: training inputs of shape "
-                f"(batch, 2, ...) with targets (batch,) naming the preferred item (0 "
-                f"or 1); got inputs of shape {shape}."
-            )
+        if self.likelihood == Likelihood.REWARD_MODELING:
+            check_pairs(x, self.dict_key_x)
 
     # -- evidence ------------------------------------------------------------------
     def _check_fitted(self, action: str) -> None:

@@ -296,14 +296,16 @@ def linear_layer_full(
         Z = (lam.reshape(-1, C * C, 1) * ph[:, None, :]).reshape(len(ph), -1)
         H.addmm_(Z.T, ph)
     H = H.reshape(C, C, D, D).permute(0, 2, 1, 3).reshape(C * D, C * D)
-    order = _linear_parameter_order(layer, C, D, has_bias, phi.device)
+    order = linear_parameter_order(layer, C, D, has_bias, phi.device)
     if indices is not None:
         order = order[torch.as_tensor(indices, device=order.device)]
     return f, H[order][:, order]
 
 
-def _linear_parameter_order(layer, C, D, has_bias, device) -> torch.Tensor:
-    """Positions in the ``(class, feature~)`` layout of the trainable parameters."""
+def linear_parameter_order(layer, C, D, has_bias, device) -> torch.Tensor:
+    """Positions in the ``(class, feature~)`` layout ``(C, D)`` (``D`` counting the
+    bias column when ``has_bias``) of the layer's trainable parameters, in parameter
+    order (weight row-major, then bias)."""
     grid = torch.arange(C * D, device=device).reshape(C, D)
     pieces = []
     if layer.weight.requires_grad:

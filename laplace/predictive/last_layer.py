@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from laplace.curvature.backprop_factor import linear_parameter_order
+
 Tensor = torch.Tensor
 MODES = ("full", "diag", "joint")
 
@@ -115,13 +117,7 @@ def dense_layout(Sigma: Tensor, layer: nn.Linear) -> Tensor:
     C, D = layer.out_features, layer.in_features
     has_bias = layer.bias is not None and layer.bias.requires_grad
     Dt = D + int(has_bias)
-    grid = torch.arange(C * Dt, device=Sigma.device).reshape(C, Dt)
-    pieces = []
-    if layer.weight.requires_grad:
-        pieces.append((grid[:, :D]).flatten())
-    if has_bias:
-        pieces.append(grid[:, D])
-    order = torch.cat(pieces)
+    order = linear_parameter_order(layer, C, Dt, has_bias, Sigma.device)
     if order.numel() == C * Dt:  # every entry trainable: a permutation
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
