@@ -5,8 +5,15 @@ classes below; see :mod:`laplace.baselaplace` for their common interface.
 """
 
 from laplace.baselaplace import BaseLaplace
+from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace
 from laplace.laplace import Laplace
-from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
+from laplace.lllaplace import (
+    DiagLLLaplace,
+    FullLLLaplace,
+    FunctionalLLLaplace,
+    KronLLLaplace,
+    LLLaplace,
+)
 from laplace.parametric import (
     DiagLaplace,
     FullLaplace,
@@ -36,10 +43,13 @@ __all__ = [
     "KronLaplace",
     "DiagLaplace",
     "LowRankLaplace",
+    "BaseFunctionalLaplace",
+    "FunctionalLaplace",
     "LLLaplace",
     "FullLLLaplace",
     "KronLLLaplace",
     "DiagLLLaplace",
+    "FunctionalLLLaplace",
     "FeatureReduction",
     "FunctionalApproximation",
     "HessianStructure",

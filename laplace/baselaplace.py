@@ -70,6 +70,9 @@ class BaseLaplace:
         passed to ASDL backends as ``fisher_kwargs`` (ASDL's ``FisherConfig``).
     """
 
+    #: the predictive types of the class; the first is the linearized one
+    pred_types: tuple[PredType, ...] = (PredType.GLM, PredType.NN)
+
     def __init__(
         self,
         model: nn.Module,
@@ -346,6 +349,16 @@ class BaseLaplace:
         return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
 
     # -- predictive ----------------------------------------------------------------
+    def _parse_pred_type(self, pred_type: PredType | str) -> PredType:
+        pred_type = parse_enum(PredType, pred_type, "pred_type")
+        if pred_type not in self.pred_types:
+            allowed = " or ".join(repr(p.value) for p in self.pred_types)
+            raise ValueError(
+                f"pred_type={pred_type.value!r} is not available for "
+                f"{type(self).__name__}; use {allowed}."
+            )
+        return pred_type
+
     @property
     def _predicts_regression(self) -> bool:
         return self.likelihood in (Likelihood.REGRESSION, Likelihood.REWARD_MODELING)
@@ -385,7 +398,7 @@ class BaseLaplace:
         f_var)`` with ``f_mu`` ``(batch, outputs)`` and ``f_var`` ``(batch, outputs,
         outputs)`` ('glm'), ``(batch, outputs)`` ('nn' or ``diagonal_output``).
         """
-        pred_type = _parse_pred_type(pred_type, type(self).__name__)
+        pred_type = self._parse_pred_type(pred_type)
         link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
         if pred_type == PredType.NN and link_approx != LinkApprox.MC:
             raise ValueError(
@@ -423,7 +436,7 @@ class BaseLaplace:
         'nn' evaluates the network at weight samples; classification returns the
         softmax of the samples.
         """
-        pred_type = _parse_pred_type(pred_type, type(self).__name__)
+        pred_type = self._parse_pred_type(pred_type)
         _check_n_samples(n_samples)
         self._check_fitted("sampling the predictive")
         x = to_device(x, self._device)
@@ -510,7 +523,7 @@ class BaseLaplace:
             show progress over the steps or the grid.
         """
         method = parse_enum(TuningMethod, method, "method")
-        pred_type = _parse_pred_type(pred_type, type(self).__name__)
+        pred_type = self._parse_pred_type(pred_type)
         # the 'nn' predictive has one link: the average over weight samples
         link_approx = (
             LinkApprox.MC
@@ -570,16 +583,6 @@ def _check_backend(backend: Any) -> type[CurvatureInterface]:
             f"BackPackGGN or AsdlGGN (the class, not an instance); got {backend!r}."
         )
     return backend
-
-
-def _parse_pred_type(pred_type: PredType | str, owner: str) -> PredType:
-    pred_type = parse_enum(PredType, pred_type, "pred_type")
-    if pred_type not in (PredType.GLM, PredType.NN):
-        raise ValueError(
-            f"pred_type={pred_type.value!r} is not available for {owner}; use 'glm' "
-            "or 'nn'."
-        )
-    return pred_type
 
 
 def _check_n_samples(n_samples: int) -> None:

@@ -8,7 +8,13 @@ from typing import Any
 from torch import nn
 
 from laplace.baselaplace import BaseLaplace
-from laplace.lllaplace import DiagLLLaplace, FullLLLaplace, KronLLLaplace
+from laplace.functional import FunctionalLaplace
+from laplace.lllaplace import (
+    DiagLLLaplace,
+    FullLLLaplace,
+    FunctionalLLLaplace,
+    KronLLLaplace,
+)
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, LowRankLaplace
 from laplace.utils.enums import (
     HessianStructure,
@@ -23,9 +29,11 @@ REGISTRY: dict[tuple[SubsetOfWeights, HessianStructure], type[BaseLaplace]] = {
     (SubsetOfWeights.ALL, HessianStructure.KRON): KronLaplace,
     (SubsetOfWeights.ALL, HessianStructure.DIAG): DiagLaplace,
     (SubsetOfWeights.ALL, HessianStructure.LOWRANK): LowRankLaplace,
+    (SubsetOfWeights.ALL, HessianStructure.GP): FunctionalLaplace,
     (SubsetOfWeights.LAST_LAYER, HessianStructure.FULL): FullLLLaplace,
     (SubsetOfWeights.LAST_LAYER, HessianStructure.KRON): KronLLLaplace,
     (SubsetOfWeights.LAST_LAYER, HessianStructure.DIAG): DiagLLLaplace,
+    (SubsetOfWeights.LAST_LAYER, HessianStructure.GP): FunctionalLLLaplace,
 }
 
 

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 
 from laplace.curvature.curvature import CurvatureInterface, last_layer_jacobian
 from laplace.data import Inputs, split_batch, to_device
+from laplace.functional import kernel
+from laplace.functional.base import FunctionalLaplace
 from laplace.parametric.base import GLMTerms, ParametricLaplace
 from laplace.parametric.diag import DiagLaplace
 from laplace.parametric.full import FullLaplace
@@ -32,7 +34,97 @@ from laplace.utils.feature_extractor import FeatureExtractor
 Tensor = torch.Tensor
 
 
-class LLLaplace(ParametricLaplace):
+def _feature_extractor(
+    model: nn.Module,
+    last_layer_name: str | None,
+    enable_backprop: bool,
+    feature_reduction: FeatureReduction | str | None,
+) -> FeatureExtractor:
+    """``model`` as a :class:`FeatureExtractor` (kept if it is one)."""
+    if isinstance(model, FeatureExtractor):
+        if last_layer_name is not None:
+            model.set_last_layer(last_layer_name)
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    return FeatureExtractor(
+        model,
+        last_layer_name=last_layer_name,
+        enable_backprop=enable_backprop,
+        feature_reduction=feature_reduction,
+    )
+
+
+class LastLayerMixin:
+    """What every last-layer class shares: the treated parameters are those of the
+    model's last ``nn.Linear`` (found on the first training batch unless named),
+    the features come from the :class:`FeatureExtractor` ``self.model``, and the
+    state dict names the layer."""
+
+    @property
+    def last_layer(self) -> nn.Linear | None:
+        return self.model.last_layer
+
+    def _select_params(self) -> list[nn.Parameter] | None:
+        layer = self.model.last_layer
+        if layer is None:
+            return None
+        return [p for p in layer.parameters() if p.requires_grad]
+
+    def _backend_arguments(self) -> dict[str, Any]:
+        return {"last_layer": True}
+
+    def _find_last_layer(self, train_loader: DataLoader) -> None:
+        """Bind the parameters: find the last layer on the first training batch."""
+        for batch in train_loader:
+            x, _ = split_batch(batch, self.dict_key_x, self.dict_key_y)
+            with torch.no_grad():
+                self.model.find_last_layer(to_device(x, self._device))
+            self._bind_params(self._select_params())
+            return
+        raise ValueError("train_loader yielded no batches.")
+
+    def fit(self, train_loader: DataLoader, *args: Any, **kwargs: Any) -> None:
+        """Fit on the last layer; it is found on the first batch unless named (the
+        arguments are those of the all-weights class)."""
+        if not self._bound:
+            self._find_last_layer(train_loader)
+        super().fit(train_loader, *args, **kwargs)
+
+    def _features(self, x: Inputs) -> tuple[Tensor, Tensor]:
+        """Outputs ``(N, C)`` and last-layer features ``(N, D)``, with their graph
+        only when ``enable_backprop``."""
+        with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
+            f, phi = self.model.forward_with_features(x)
+        if not self.enable_backprop:
+            f, phi = f.detach(), phi.detach()
+        return f, phi
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["last_layer_name"] = self.model.last_layer_name
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a fitted state; the last layer is set by its stored name when it
+        is not known yet."""
+        name = state_dict.get("last_layer_name")
+        if name is None:
+            raise ValueError(
+                "Not a last-layer Laplace state dict: it has no last_layer_name."
+            )
+        if not self._bound:
+            self.model.set_last_layer(name)
+            self._bind_params(self._select_params())
+        elif name != self.model.last_layer_name:
+            raise ValueError(
+                f"The state dict is for the last layer {name!r}, this Laplace treats "
+                f"{self.model.last_layer_name!r}."
+            )
+        super().load_state_dict(state_dict)
+
+
+class LLLaplace(LastLayerMixin, ParametricLaplace):
     """Base class of the last-layer Laplace approximations.
 
     Only the parameters of the model's last ``nn.Linear`` layer (those that require
@@ -73,23 +165,10 @@ class LLLaplace(ParametricLaplace):
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         **structure_kwargs: Any,
     ) -> None:
-        if isinstance(model, FeatureExtractor):
-            extractor = model
-            if last_layer_name is not None:
-                extractor.set_last_layer(last_layer_name)
-        else:
-            if not isinstance(model, nn.Module):
-                raise TypeError(
-                    f"model must be a torch.nn.Module; got {type(model).__name__}."
-                )
-            extractor = FeatureExtractor(
-                model,
-                last_layer_name=last_layer_name,
-                enable_backprop=enable_backprop,
-                feature_reduction=feature_reduction,
-            )
         super().__init__(
-            extractor,
+            _feature_extractor(
+                model, last_layer_name, enable_backprop, feature_reduction
+            ),
             likelihood,
             sigma_noise=sigma_noise,
             prior_precision=prior_precision,
@@ -104,30 +183,6 @@ class LLLaplace(ParametricLaplace):
             **structure_kwargs,
         )
 
-    # -- what is treated -----------------------------------------------------------
-    @property
-    def last_layer(self) -> nn.Linear | None:
-        return self.model.last_layer
-
-    def _select_params(self) -> list[nn.Parameter] | None:
-        layer = self.model.last_layer
-        if layer is None:
-            return None
-        return [p for p in layer.parameters() if p.requires_grad]
-
-    def _backend_arguments(self) -> dict[str, Any]:
-        return {"last_layer": True}
-
-    def _find_last_layer(self, train_loader: DataLoader) -> None:
-        """Bind the parameters: find the last layer on the first training batch."""
-        for batch in train_loader:
-            x, _ = split_batch(batch, self.dict_key_x, self.dict_key_y)
-            with torch.no_grad():
-                self.model.find_last_layer(to_device(x, self._device))
-            self._bind_params(self._select_params())
-            return
-        raise ValueError("train_loader yielded no batches.")
-
     def fit(
         self,
         train_loader: DataLoader,
@@ -137,20 +192,9 @@ class LLLaplace(ParametricLaplace):
         """Fit the Laplace approximation of the last layer at the current weights
         (see :meth:`ParametricLaplace.fit`); the last layer is found on the first
         batch unless it was named."""
-        if not self._bound:
-            self._find_last_layer(train_loader)
         super().fit(train_loader, override=override, progress_bar=progress_bar)
 
     # -- features and the closed-form predictive -----------------------------------
-    def _features(self, x: Inputs) -> tuple[Tensor, Tensor]:
-        """Outputs ``(N, C)`` and last-layer features ``(N, D)``, with their graph
-        only when ``enable_backprop``."""
-        with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
-            f, phi = self.model.forward_with_features(x)
-        if not self.enable_backprop:
-            f, phi = f.detach(), phi.detach()
-        return f, phi
-
     def _feature_variance(self, phi: Tensor, mode: str) -> Tensor:
         """``J P^-1 J^T`` from the features (:mod:`laplace.predictive.last_layer`)."""
         form = self._posterior
@@ -213,30 +257,6 @@ class LLLaplace(ParametricLaplace):
         f = torch.einsum("nd,scd->snc", phi, weight)
         return f if bias is None else f + bias[:, None, :]
 
-    # -- serialization -------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["last_layer_name"] = self.model.last_layer_name
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a fitted state; the last layer is set by its stored name when it
-        is not known yet (see :meth:`ParametricLaplace.load_state_dict`)."""
-        name = state_dict.get("last_layer_name")
-        if name is None:
-            raise ValueError(
-                "Not a last-layer Laplace state dict: it has no last_layer_name."
-            )
-        if not self._bound:
-            self.model.set_last_layer(name)
-            self._bind_params(self._select_params())
-        elif name != self.model.last_layer_name:
-            raise ValueError(
-                f"The state dict is for the last layer {name!r}, this Laplace treats "
-                f"{self.model.last_layer_name!r}."
-            )
-        super().load_state_dict(state_dict)
-
 
 class FullLLLaplace(LLLaplace, FullLaplace):
     """Last-layer Laplace with a dense posterior precision ``(P, P)`` over the last
@@ -296,4 +316,70 @@ class DiagLLLaplace(LLLaplace, DiagLaplace):
     key = ("last_layer", "diag")
 
 
-__all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
+class FunctionalLLLaplace(LastLayerMixin, FunctionalLaplace):
+    """GP inference in the last layer: the kernel is the linear kernel of the
+    features, ``K_c(x, x') = (phi^T phi' + 1) / p0`` for every output ``c`` (no
+    cross-output terms, so the GP is ``C`` independent ones of ``M x M`` whatever
+    ``independent_outputs`` says). See
+    :class:`~laplace.functional.BaseFunctionalLaplace` and :class:`LLLaplace`.
+    """
+
+    key = ("last_layer", "gp")
+    outputs_decouple = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        n_subset: int,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        last_layer_name: str | None = None,
+        backend: type[CurvatureInterface] | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        independent_outputs: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            _feature_extractor(
+                model, last_layer_name, enable_backprop, feature_reduction
+            ),
+            likelihood,
+            n_subset,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            independent_outputs=independent_outputs,
+            seed=seed,
+        )
+
+    def _jacobian_set(self, x: Inputs, create_graph: bool = False):
+        _, phi = self._features(x)
+        return kernel.jacobian_set(
+            self.model,
+            self.params,
+            phi,
+            create_graph,
+            output_layer=self.model.last_layer,
+        )
+
+
+__all__ = [
+    "LLLaplace",
+    "FullLLLaplace",
+    "KronLLLaplace",
+    "DiagLLLaplace",
+    "FunctionalLLLaplace",
+]

@@ -82,7 +82,7 @@ def test_factory_accepts_enums_and_passes_arguments():
 
 def test_factory_refuses_unknown_combinations_listing_valid_ones():
     with pytest.raises(ValueError, match="valid combinations: .*'all', 'diag'"):
-        Laplace(_model(), "classification", "all", "gp")
+        Laplace(_model(), "classification", "subnetwork", "gp")
     with pytest.raises(ValueError, match="hessian_structure='foo' is not valid"):
         Laplace(_model(), "classification", "all", "foo")
 

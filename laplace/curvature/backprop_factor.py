@@ -61,15 +61,17 @@ def _owners(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[int, nn.Mo
 class _Tape:
     """Forward hooks that record the input and output of the given layers."""
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, layers: Sequence[nn.Module], keep_graph: bool = False) -> None:
         self.layers = list(layers)
+        self.keep_graph = keep_graph
         self.records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {
             id(m): [] for m in self.layers
         }
 
     def __enter__(self) -> _Tape:
         def hook(module, inputs, output):
-            self.records[id(module)].append((inputs[0].detach(), output))
+            a = inputs[0] if self.keep_graph else inputs[0].detach()
+            self.records[id(module)].append((a, output))
 
         self.handles = [m.register_forward_hook(hook) for m in self.layers]
         return self
@@ -93,7 +95,7 @@ def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _layer_terms(
+def layer_terms(
     module: nn.Module, a: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring a layer to the form of a linear map ``out = W a`` over positions ``T``.
@@ -110,7 +112,7 @@ def _layer_terms(
 
 def _layer_diag(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
     """Diagonal contributions ``{param_name: (numel,)}`` of one layer."""
-    a, g = _layer_terms(module, a, g)
+    a, g = layer_terms(module, a, g)
     out: dict[str, torch.Tensor] = {}
     if a.shape[1] == 1:  # no weight sharing: never form per-example gradients
         s = g[:, :, 0].square().sum(0)  # (N, out)
@@ -125,7 +127,7 @@ def _layer_diag(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
 def _layer_vectors(module, a, g, prepared: bool = False):
     """Per-example vectors ``{param_name: (K, N, numel)}`` of one layer."""
     if not prepared:
-        a, g = _layer_terms(module, a, g)
+        a, g = layer_terms(module, a, g)
     K, N = g.shape[:2]
     out = {"weight": torch.einsum("knto,nti->knoi", g, a).reshape(K, N, -1)}
     if module.bias is not None:
@@ -133,21 +135,25 @@ def _layer_vectors(module, a, g, prepared: bool = False):
     return out
 
 
-def _backprop_to_layers(model, params, x, factor_fn, outputs_2d: bool = False):
+def backprop_to_layers(
+    model, params, x, factor_fn, outputs_2d: bool = False, create_graph: bool = False
+):
     """One batched backward pass of the columns of ``M = factor_fn(f)`` ``(N, C, K)``
     to the output of every layer holding ``params``.
 
     Returns None when a parameter lives outside ``nn.Linear``/``nn.Conv2d`` layers
     called once (or, with ``outputs_2d``, when the outputs are not ``(N, C)``);
-    otherwise ``(f, [(module, a, g)])`` with the detached outputs ``f``, the layer
-    input ``a`` and the backpropagated ``g`` ``(K, N, out...)`` of each layer. The
-    forward pass records a graph even inside ``torch.no_grad()``.
+    otherwise ``(f, [(module, a, g)])`` with the outputs ``f``, the layer input ``a``
+    and the backpropagated ``g`` ``(K, N, out...)`` of each layer (in the order of
+    ``model.modules()``). The forward pass records a graph even inside
+    ``torch.no_grad()``. All are detached unless ``create_graph``, which keeps them
+    differentiable w.r.t. the inputs.
     """
     owner = _owners(model, params)
     layers = list({id(m): m for m in owner.values()}.values())
     if len(owner) < len(params) or not all(_is_fast_layer(m) for m in layers):
         return None
-    with _Tape(layers) as tape, torch.enable_grad():
+    with _Tape(layers, keep_graph=create_graph) as tape, torch.enable_grad():
         f = model(x)
     if outputs_2d and f.ndim != 2:
         return None
@@ -159,14 +165,18 @@ def _backprop_to_layers(model, params, x, factor_fn, outputs_2d: bool = False):
     M = factor_fn(f_detached)  # (N, C, K)
     outputs = [tape.records[id(m)][0][1] for m in layers]
     grads = torch.autograd.grad(
-        f, outputs, grad_outputs=M.permute(2, 0, 1), is_grads_batched=True
+        f,
+        outputs,
+        grad_outputs=M.permute(2, 0, 1),
+        is_grads_batched=True,
+        create_graph=create_graph,
     )
     inputs = [tape.records[id(m)][0][0] for m in layers]
-    return f_detached, list(zip(layers, inputs, grads))
+    return (f if create_graph else f_detached), list(zip(layers, inputs, grads))
 
 
 def _fast_route(model, params, x, factor_fn, diagonal: bool):
-    found = _backprop_to_layers(model, params, x, factor_fn)
+    found = backprop_to_layers(model, params, x, factor_fn)
     if found is None:
         return None
     f, per_layer = found
@@ -338,13 +348,13 @@ def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
     ``(C, N, T, out)`` for a weight, ``(None, g)`` with ``g`` ``(C, N, out)`` for a
     bias.
     """
-    found = _backprop_to_layers(model, params, x, identity_factor, outputs_2d=True)
+    found = backprop_to_layers(model, params, x, identity_factor, outputs_2d=True)
     if found is None:
         return None
     f, per_layer = found
     per_param: dict[int, tuple] = {}
     for module, a, g in per_layer:
-        a, g = _layer_terms(module, a, g)
+        a, g = layer_terms(module, a, g)
         if module.weight.requires_grad:
             per_param[id(module.weight)] = (a, g)
         if module.bias is not None and module.bias.requires_grad:
@@ -366,13 +376,13 @@ def kfac_factors(model: nn.Module, params: Sequence[nn.Parameter], x, factor_fn)
     once; otherwise ``(f, {id(module): (G, A_sum or None)})`` with ``A_sum`` None
     for a layer whose weight is frozen.
     """
-    found = _backprop_to_layers(model, params, x, factor_fn)
+    found = backprop_to_layers(model, params, x, factor_fn)
     if found is None:
         return None
     f, per_layer = found
     factors = {}
     for module, a, g in per_layer:
-        a, g = _layer_terms(module, a, g)
+        a, g = layer_terms(module, a, g)
         g = g.reshape(-1, g.shape[-1])
         G = g.T @ g
         A = None
