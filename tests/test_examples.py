@@ -29,3 +29,19 @@ def test_regression_example(tmp_path, capsys):
     assert after["log_marglik"] > before["log_marglik"]
     assert after["test_nll"] < before["test_nll"]
     assert after["sigma_noise"] < 1.0  # the data's noise is 0.3
+
+
+def test_calibration_gp_example(tmp_path, capsys):
+    example = runpy.run_path(str(EXAMPLES / "calibration_gp_example.py"))
+    out = tmp_path / "reliability.png"
+    results = example["main"](
+        ["--n-test", "1000", "--tune-steps", "50", "--out", str(out)]
+    )
+    printed = capsys.readouterr().out
+
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert f"reliability diagram written to {out}" in printed
+    assert set(results) == {"MAP", "Kron Laplace", "GP (FunctionalLaplace)"}
+    gp, map_ = results["GP (FunctionalLaplace)"], results["MAP"]
+    # the over-confident MAP is what the GP predictive corrects
+    assert gp["nll"] < map_["nll"] and gp["ece"] < map_["ece"]

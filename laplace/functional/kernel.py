@@ -235,10 +235,9 @@ def _g_products(ga: Tensor, gb: Tensor, independent: bool, diagonal: bool) -> Te
 
 def _add_scaled(total: Tensor, gg: Tensor, scale: Tensor, independent: bool) -> None:
     if independent:
-        total += gg * scale
+        total.addcmul_(gg, scale)
         return
-    view = total.view(gg.shape)
-    view += gg * scale[:, None, :, None]
+    total.view(gg.shape).addcmul_(gg, scale[:, None, :, None])
 
 
 def _add_identity_outputs(total: Tensor, scale: Tensor, independent: bool) -> None:
