@@ -259,7 +259,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         """The inputs of the subset, batched as the training loader batches."""
         loader = DataLoader(
             Subset(train_loader.dataset, indices.tolist()),
-            batch_size=train_loader.batch_size or 1,
+            batch_size=train_loader.batch_size or 64,
             shuffle=False,
             collate_fn=train_loader.collate_fn,
         )
