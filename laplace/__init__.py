@@ -21,6 +21,7 @@ from laplace.parametric import (
     LowRankLaplace,
     ParametricLaplace,
 )
+from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace, SubnetLaplace
 from laplace.utils.enums import (
     FeatureReduction,
     FunctionalApproximation,
@@ -50,6 +51,9 @@ __all__ = [
     "KronLLLaplace",
     "DiagLLLaplace",
     "FunctionalLLLaplace",
+    "SubnetLaplace",
+    "FullSubnetLaplace",
+    "DiagSubnetLaplace",
     "FeatureReduction",
     "FunctionalApproximation",
     "HessianStructure",

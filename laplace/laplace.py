@@ -16,6 +16,7 @@ from laplace.lllaplace import (
     KronLLLaplace,
 )
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, LowRankLaplace
+from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
 from laplace.utils.enums import (
     HessianStructure,
     Likelihood,
@@ -34,6 +35,8 @@ REGISTRY: dict[tuple[SubsetOfWeights, HessianStructure], type[BaseLaplace]] = {
     (SubsetOfWeights.LAST_LAYER, HessianStructure.KRON): KronLLLaplace,
     (SubsetOfWeights.LAST_LAYER, HessianStructure.DIAG): DiagLLLaplace,
     (SubsetOfWeights.LAST_LAYER, HessianStructure.GP): FunctionalLLLaplace,
+    (SubsetOfWeights.SUBNETWORK, HessianStructure.FULL): FullSubnetLaplace,
+    (SubsetOfWeights.SUBNETWORK, HessianStructure.DIAG): DiagSubnetLaplace,
 }
 
 

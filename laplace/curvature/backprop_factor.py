@@ -234,10 +234,69 @@ def _generic_route(model, params, x, factor_fn, diagonal: bool):
     return f, (V.square().sum((0, 1)) if diagonal else V)
 
 
-def per_example_vectors(model, params, x, factor_fn: FactorFn):
-    """Return outputs ``f`` ``(N, C)`` and vectors ``V`` ``(K, N, P)``."""
-    result = _fast_route(model, params, x, factor_fn, diagonal=False)
-    return result or _generic_route(model, params, x, factor_fn, diagonal=False)
+def per_example_vectors(model, params, x, factor_fn: FactorFn, indices=None):
+    """Return outputs ``f`` ``(N, C)`` and vectors ``V`` ``(K, N, P)``.
+
+    With ``indices`` (into the concatenation of ``params``), only those entries of
+    each vector, in that order: ``V`` is ``(K, N, len(indices))`` and no ``(K, N, P)``
+    tensor is formed on the fast route (only the layers holding a selected entry are
+    reached by the backward pass).
+    """
+    if indices is None:
+        result = _fast_route(model, params, x, factor_fn, diagonal=False)
+        return result or _generic_route(model, params, x, factor_fn, diagonal=False)
+    groups = _index_groups(params, indices)
+    held = [p for p, _, _ in groups]
+    found = backprop_to_layers(model, held, x, factor_fn)
+    if found is None:
+        J, f = jacobian(model, held, x)
+        local = torch.cat(
+            [_offset(groups, i) + loc for i, (_, loc, _) in enumerate(groups)]
+        )
+        order = torch.cat([cols for _, _, cols in groups])
+        V = J.new_empty(J.shape[0], J.shape[1], len(order))
+        V[:, :, order] = J[:, :, local]
+        return f, torch.einsum("ncs,nck->kns", V, factor_fn(f))
+    f, per_layer = found
+    by_param = {id(p): (loc, cols) for p, loc, cols in groups}
+    V = None
+    for module, a, g in per_layer:
+        a, g = layer_terms(module, a, g)  # (N, T, in), (K, N, T, out)
+        for name in ("weight", "bias"):
+            p = getattr(module, name, None)
+            if p is None or id(p) not in by_param:
+                continue
+            loc, cols = by_param[id(p)]
+            if V is None:
+                V = g.new_empty(g.shape[0], g.shape[1], len(indices))
+            if name == "bias":
+                V[:, :, cols] = g.sum(2)[..., loc]
+                continue
+            n_in = a.shape[-1]
+            out_idx, in_idx = loc // n_in, loc % n_in
+            V[:, :, cols] = torch.einsum(
+                "knts,nts->kns", g[..., out_idx], a[..., in_idx]
+            )
+    return f, V
+
+
+def _index_groups(params, indices):
+    """Split ``indices`` into the parameters holding them: ``[(param, positions in
+    the param, columns of the result)]`` in parameter order, empty groups dropped."""
+    indices = torch.as_tensor(indices)
+    columns = torch.arange(len(indices), device=indices.device)
+    groups, start = [], 0
+    for p in params:
+        stop = start + p.numel()
+        mask = (indices >= start) & (indices < stop)
+        if bool(mask.any()):
+            groups.append((p, indices[mask] - start, columns[mask]))
+        start = stop
+    return groups
+
+
+def _offset(groups, i):
+    return sum(p.numel() for p, _, _ in groups[:i])
 
 
 def outer_product_diag(model, params, x, factor_fn: FactorFn):
@@ -249,11 +308,8 @@ def outer_product_diag(model, params, x, factor_fn: FactorFn):
 def outer_product_full(model, params, x, factor_fn: FactorFn, indices=None):
     """Return outputs ``f`` and ``sum_nk v_nk v_nk^T`` ``(P, P)`` (or its submatrix
     over ``indices``) as one symmetric rank-``KN`` update."""
-    f, V = per_example_vectors(model, params, x, factor_fn)
-    V = V.reshape(-1, V.shape[-1])
-    if indices is not None:
-        V = V[:, indices]
-    return f, symmetric_gram(V)
+    f, V = per_example_vectors(model, params, x, factor_fn, indices)
+    return f, symmetric_gram(V.reshape(-1, V.shape[-1]))
 
 
 def symmetric_gram(V: torch.Tensor, block: int = 512) -> torch.Tensor:
