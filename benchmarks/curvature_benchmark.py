@@ -345,6 +345,11 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run workloads containing this")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
+        "--output",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"),
+        help="folder of curvature.md",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=3,
@@ -365,9 +370,8 @@ def main() -> None:
             print(f"[{where}] {name}: {shown}", file=sys.stderr, flush=True)
     table = report(results, rounds)
     print(table)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "curvature.md"), "w") as f:
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "curvature.md"), "w") as f:
         f.write(table + "\n")
 
 

@@ -13,7 +13,10 @@ def test_curvature_benchmark_quick_run(tmp_path):
     script = ROOT / "benchmarks" / "curvature_benchmark.py"
     only = "MLP 196-8-10|full|"
     proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--only", only + "CurvlinopsGGN"],
+        [
+            *(sys.executable, str(script), "--quick", "--only", only + "CurvlinopsGGN"),
+            *("--output", str(tmp_path)),  # leave benchmarks/output/ alone
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -26,3 +29,4 @@ def test_curvature_benchmark_quick_run(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:3] == ["MLP 196-8-10", "full", "**CurvlinopsGGN** (default)"]
     assert float(cells[3]) > 0  # a time was measured, no error
+    assert (tmp_path / "curvature.md").exists()
