@@ -4,7 +4,7 @@ A workload is a function ``setup() -> run`` registered by name; the worker proce
 builds it, runs it once on a small warm-up if it offers one, then, five times,
 (optionally prepares a fresh state, untimed,) resets the kernel's peak-RSS counter
 and times ``run()``; it reports the best time and the largest peak resident memory
-added above what was resident before a run.
+added above what was resident before a run (or that the workload measured itself).
 A fresh process per workload keeps allocator caches and imported libraries of one
 workload from flattering or penalizing another. The worker may run under another
 interpreter than the caller's (``python=``), e.g. that of a virtual environment
@@ -36,6 +36,10 @@ class Timed:
     #: that each run starts from the same state and caches filled by an earlier run
     #: (lazy decompositions, say) are not reused
     before_each: Callable[[], None] | None = None
+    #: the peak resident memory (MB) the last run added, for a workload that takes
+    #: it itself (by phases, resetting the kernel's counter in between); by default
+    #: it is taken around the whole run
+    peak_mb: Callable[[], float | None] | None = None
 
 
 #: ``name -> setup``; ``setup()`` returns a :class:`Timed` or ``(run, warm_up)``
@@ -100,8 +104,12 @@ def measure_here(
         start = time.perf_counter()
         timed.run()
         best, runs = min(best, time.perf_counter() - start), runs + 1
-        if can_reset:
+        added = None
+        if timed.peak_mb is not None:
+            added = timed.peak_mb()
+        elif can_reset:
             added = (_status_kb("VmHWM") - before) / 1024
+        if added is not None:
             peak = added if peak is None else max(peak, added)
     try:
         note = timed.summary() if timed.summary is not None else None

@@ -49,38 +49,40 @@ laplace-torch's predictive probabilities, to compare against with ``--reuse-lt``
 
 from __future__ import annotations
 
-import base64
 import copy
-import json
 import os
-import re
-import shlex
-import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 
 SCRIPT = os.path.abspath(__file__)
-ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 sys.path.insert(0, os.path.dirname(SCRIPT))
-from _measure import (  # noqa: E402
-    Measurement,
-    Timed,
-    measure_in_subprocess,
-    worker_main,
+from _comparison import (  # noqa: E402
+    add_memory_limit,
+    command,
+    dump,
+    failure,
+    fmt_memory_ratio,
+    in_phase,
+    library_lines,
+    max_abs_diff,
+    measure,
+    memory_ratio,
+    rel_diff,
+    save,
+    seconds,
+    start,
+    verdict,
+    worker,
 )
+from _measure import Measurement, Timed  # noqa: E402
 from laplace_benchmark import (  # noqa: E402
     LT,
     OURS,
-    best_of,
     checkout,
     common_arguments,
     fmt_ratio,
-    load_raw,
     mb,
     ok,
-    run_probe,
-    select_library,
     speed_up,
 )
 
@@ -167,37 +169,6 @@ def laplace_of(case: Case, model):
         hessian_structure=case.structure,
         **kwargs,
     )
-
-
-def in_phase(phase: str, fn):
-    """``fn``, its exceptions re-raised with the phase they happened in."""
-
-    def wrapped():
-        try:
-            fn()
-        except Exception as err:
-            raise RuntimeError(f"{phase}: {type(err).__name__}: {err}") from err
-
-    return wrapped
-
-
-def dump(values: dict) -> None:
-    """Hand ``values`` (floats, or tensors as float32 arrays) to the main process,
-    through the file ``--dump`` names, to compare the two libraries' results."""
-    if "--dump" not in sys.argv:
-        return
-    out = {}
-    for name, v in values.items():
-        if isinstance(v, float):
-            out[name] = v
-        else:
-            flat = v.detach().to("cpu").float().contiguous().flatten().tolist()
-            out[name] = {
-                "shape": list(v.shape),
-                "f32": base64.b64encode(struct.pack(f"<{len(flat)}f", *flat)).decode(),
-            }
-    with open(sys.argv[sys.argv.index("--dump") + 1], "w") as f:
-        json.dump(out, f)
 
 
 def fit_workload(case: Case):
@@ -292,98 +263,7 @@ def workloads() -> dict:
     }
 
 
-# -- the worker ----------------------------------------------------------------------
-def _vm_size_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmSize not in /proc/self/status")
-
-
-def limit_memory(gb: float) -> None:
-    """Let this process map at most ``gb`` GB more than it has mapped now."""
-    import resource
-
-    limit = _vm_size_bytes() + int(gb * 2**30)
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-def worker() -> None:
-    name = sys.argv[sys.argv.index("--worker") + 1]
-    import torch
-
-    torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
-    select_library(name.rsplit("|", 1)[1])
-    import laplace.curvature  # noqa: F401  (mapped before the limit is taken)
-
-    if "--memory-limit-gb" in sys.argv:
-        limit_memory(float(sys.argv[sys.argv.index("--memory-limit-gb") + 1]))
-    worker_main(workloads())
-
-
 # -- the report ----------------------------------------------------------------------
-def failure(m: Measurement | None) -> str | None:
-    """Why a measurement has no figures, in a word or two (None if it has)."""
-    if m is None or not m.error:
-        return None
-    e = m.error
-    if "timed out" in e:
-        return "timeout"
-    memory = ("can't allocate memory", "MemoryError", "out of memory", "SIGKILL")
-    if not any(s in e for s in memory):
-        return "error"
-    asked = re.search(r"tried to allocate (\d+) bytes", e)
-    return (
-        f"out of memory (asked {int(asked[1]) / 1e9:.3g} GB)"
-        if asked
-        else ("out of memory")
-    )
-
-
-def seconds(m: Measurement | None) -> str:
-    if m is None:
-        return "–"
-    return failure(m) or f"{m.seconds:.3g}"
-
-
-def memory_ratio(ours: Measurement | None, lt: Measurement | None) -> float | None:
-    if not (ok(ours) and ok(lt)) or ours.peak_mb is None or lt.peak_mb is None:
-        return None
-    return lt.peak_mb / max(ours.peak_mb, 1.0)  # RSS resolves no less than ~1 MB
-
-
-def fmt_memory_ratio(ours: Measurement | None, lt: Measurement | None) -> str:
-    r = memory_ratio(ours, lt)
-    if r is None:
-        return "–"
-    return ("> " if ours.peak_mb < 1 else "") + fmt_ratio(r)
-
-
-def verdict(met: bool | None) -> str:
-    return "not measured" if met is None else "**met**" if met else "**NOT met**"
-
-
-def decode(v) -> list[float]:
-    raw = base64.b64decode(v["f32"])
-    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
-
-
-def max_abs_diff(a: dict | None, b: dict | None) -> float | None:
-    if not a or not b or a.get("shape") != b.get("shape"):
-        return None
-    return max((abs(x - y) for x, y in zip(decode(a), decode(b))), default=0.0)
-
-
-def rel_diff(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
-        return None
-    return abs(a - b) / max(abs(a), abs(b), 1e-12)
-
-
 class Report:
     def __init__(self, results: dict[str, Measurement], outputs: dict[str, dict]):
         self.results = results
@@ -574,56 +454,19 @@ def main() -> None:
         help="also time laplace-torch's Diag fit with its default backend (minutes, "
         "~8 GB)",
     )
-    parser.add_argument(
-        "--memory-limit-gb",
-        type=float,
-        default=DEFAULT_MEMORY_LIMIT_GB,
-        help="address space a worker may map beyond its imported libraries; an "
-        "allocation beyond it is reported as out of memory",
-    )
+    add_memory_limit(parser, DEFAULT_MEMORY_LIMIT_GB)
     args = parser.parse_args()
     timeout = args.timeout or (300.0 if args.quick else 900.0)
     repeats, budget = (3, 10.0) if args.quick else (10, 20.0)
 
     raw_path = os.path.splitext(args.output)[0] + ".json"
-    results: dict[str, Measurement] = {}
-    outputs: dict[str, dict] = {}
-    pythons = {OURS: sys.executable}
-    probes = {OURS: run_probe(sys.executable, OURS)}
-    lt_note = None
-    earlier = load_raw(raw_path, args.quick) if args.reuse_lt else None
-    if earlier is not None:
-        results = {
-            k: Measurement(**v)
-            for k, v in earlier["results"].items()
-            if k.endswith("|" + LT)
-        }
-        outputs = {
-            k: v for k, v in earlier.get("outputs", {}).items() if k.endswith("|" + LT)
-        }
-        probes[LT] = earlier["probes"].get(LT, "unknown")
-        lt_note = (
-            f"laplace-torch figures reused from the run at commit "
-            f"{earlier['commit']} (`--reuse-lt`); only those missing were measured."
-        )
-        pythons[LT] = args.lt_python
-    elif args.ours_only:
-        lt_note = "laplace-torch not run (`--ours-only`)."
-    else:
-        probes[LT] = run_probe(args.lt_python, LT)
-        if isinstance(probes[LT], str):
-            lt_note = f"laplace-torch not run: {probes.pop(LT)}."
-        else:
-            pythons[LT] = args.lt_python
-    if isinstance(probes[OURS], str):
-        print(f"our library cannot be imported: {probes[OURS]}", file=sys.stderr)
-
+    sides = start(args, raw_path)
     names = [
         case.key(side)
         for case in CASES
-        for side in pythons
+        for side in sides.pythons
         if args.only in case.key(side)
-        and case.key(side) not in results
+        and case.key(side) not in sides.results
         and (case.key(side) != LT_SLOW or args.lt_diag_default)
     ]
     extra = [
@@ -633,34 +476,12 @@ def main() -> None:
         *("--budget", str(budget)),
         *("--memory-limit-gb", str(args.memory_limit_gb)),
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(1, args.rounds + 1):
-            for i, name in enumerate(names, 1):
-                side = name.rsplit("|", 1)[1]
-                path = os.path.join(tmp, f"{i}.json")
-                m = measure_in_subprocess(
-                    SCRIPT, name, [*extra, "--dump", path], timeout, pythons[side]
-                )
-                old = results.get(name)
-                if not m.error and (ok(old) is False or m.seconds <= old.seconds):
-                    outputs.pop(name, None)
-                    if os.path.exists(path):
-                        with open(path) as f:
-                            outputs[name] = json.load(f)
-                results[name] = best_of(results.get(name), m)
-                if os.path.exists(path):
-                    os.remove(path)
-                shown = m.error or f"{m.seconds:.3g} s, {mb(m)} MB, {m.runs} runs"
-                where = f"round {r}/{args.rounds}, {i}/{len(names)}"
-                print(f"[{where}] {name}: {shown}", file=sys.stderr, flush=True)
+    measure(SCRIPT, names, sides, extra, timeout, args.rounds)
 
-    command = " ".join(
-        ["python", os.path.relpath(SCRIPT, ROOT), *map(shlex.quote, sys.argv[1:])]
-    )
     header = [
         "## Last-layer Laplace: laplace (ours) against laplace-torch",
         "",
-        f"Command: `{command}`, at commit {checkout()}.",
+        f"Command: `{command(SCRIPT)}`, at commit {checkout()}.",
         "",
         "Classification on random data with the MLP "
         f"{IN_FEATURES}-{WIDTH}-C (a {WIDTH}-wide penultimate layer, C classes), "
@@ -679,42 +500,21 @@ def main() -> None:
         f"and run {timeout:.0f} s; beyond, it is reported as out of memory or "
         "timeout.",
         "",
+        *library_lines(sides),
     ]
-    for side, info in probes.items():
-        if isinstance(info, str):
-            header.append(f"- {side}: cannot be imported: {info}")
-        else:
-            header.append(
-                f"- {side}: {info['laplace']} (`{info['path']}`), torch "
-                f"{info['torch']}, Python {info['python']}"
-            )
-    if lt_note:
-        header.append(f"- {lt_note}")
-    if LT in pythons and LT_SLOW not in results:
+    if LT in sides.pythons and LT_SLOW not in sides.results:
         header.append(
             "- laplace-torch's Diag fit with its default backend not timed (it "
             "takes minutes and ~8 GB; `--lt-diag-default` times it)."
         )
     header.append("")
-    table = report(results, outputs, header)
-    print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        f.write(table)
-    with open(raw_path, "w") as f:
-        raw = {
-            "quick": args.quick,
-            "commit": checkout(),
-            "probes": probes,
-            "results": {k: m.__dict__ for k, m in results.items()},
-            # laplace-torch's results, to compare ours against with --reuse-lt
-            "outputs": {k: v for k, v in outputs.items() if k.endswith("|" + LT)},
-        }
-        json.dump(raw, f, indent=1)
+    table = report(sides.results, sides.outputs, header)
+    # with laplace-torch's dumped results, to compare ours against with --reuse-lt
+    save(table, args.output, raw_path, args.quick, sides)
 
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        worker()
+        worker(workloads)
     else:
         main()
