@@ -138,6 +138,8 @@ class Sides:
     pythons: dict[str, str]
     probes: dict[str, dict | str]
     lt_note: str | None
+    #: the commit at which laplace-torch's figures were measured
+    lt_commit: str | None = None
 
 
 def start(args, raw_path: str) -> Sides:
@@ -146,7 +148,7 @@ def start(args, raw_path: str) -> Sides:
     outputs: dict[str, dict] = {}
     pythons = {OURS: sys.executable}
     probes = {OURS: run_probe(sys.executable, OURS)}
-    lt_note = None
+    lt_note = lt_commit = None
     earlier = load_raw(raw_path, args.quick) if args.reuse_lt else None
     if earlier is not None:
         results = {
@@ -158,9 +160,10 @@ def start(args, raw_path: str) -> Sides:
             k: v for k, v in earlier.get("outputs", {}).items() if k.endswith("|" + LT)
         }
         probes[LT] = earlier["probes"].get(LT, "unknown")
+        lt_commit = earlier.get("lt_commit", earlier["commit"])
         lt_note = (
             f"laplace-torch figures reused from the run at commit "
-            f"{earlier['commit']} (`--reuse-lt`); only those missing were measured."
+            f"{lt_commit} (`--reuse-lt`); only those missing were measured."
         )
         pythons[LT] = args.lt_python
     elif args.ours_only:
@@ -173,7 +176,7 @@ def start(args, raw_path: str) -> Sides:
             pythons[LT] = args.lt_python
     if isinstance(probes[OURS], str):
         print(f"our library cannot be imported: {probes[OURS]}", file=sys.stderr)
-    return Sides(results, outputs, pythons, probes, lt_note)
+    return Sides(results, outputs, pythons, probes, lt_note, lt_commit)
 
 
 def measure(
@@ -254,6 +257,8 @@ def save(
         raw = {
             "quick": quick,
             "commit": checkout(),
+            # a later --reuse-lt run credits laplace-torch's figures to this commit
+            "lt_commit": sides.lt_commit or checkout(),
             "probes": sides.probes,
             "results": {k: m.__dict__ for k, m in sides.results.items()},
             "outputs": {
