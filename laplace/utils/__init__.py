@@ -1,4 +1,5 @@
-"""Utilities: Kronecker matrices, feature extraction, metrics and enums."""
+"""Utilities: Kronecker matrices, feature extraction, metrics, enums, subnetwork masks
+and diagonal SWAG."""
 
 from laplace.utils.enums import (
     FeatureReduction,
@@ -14,6 +15,18 @@ from laplace.utils.enums import (
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.matrix import Kron, KronDecomposed
 from laplace.utils.metrics import RunningNLLMetric
+from laplace.utils.subnetmask import (
+    LargestMagnitudeSubnetMask,
+    LargestVarianceDiagLaplaceSubnetMask,
+    LargestVarianceSWAGSubnetMask,
+    LastLayerSubnetMask,
+    ModuleNameSubnetMask,
+    ParamNameSubnetMask,
+    RandomSubnetMask,
+    ScoreBasedSubnetMask,
+    SubnetMask,
+)
+from laplace.utils.swag import fit_diagonal_swag_var
 
 __all__ = [
     "FeatureExtractor",
@@ -22,11 +35,21 @@ __all__ = [
     "HessianStructure",
     "Kron",
     "KronDecomposed",
+    "LargestMagnitudeSubnetMask",
+    "LargestVarianceDiagLaplaceSubnetMask",
+    "LargestVarianceSWAGSubnetMask",
+    "LastLayerSubnetMask",
     "Likelihood",
     "LinkApprox",
+    "ModuleNameSubnetMask",
+    "ParamNameSubnetMask",
     "PredType",
     "PriorStructure",
+    "RandomSubnetMask",
     "RunningNLLMetric",
+    "ScoreBasedSubnetMask",
+    "SubnetMask",
     "SubsetOfWeights",
     "TuningMethod",
+    "fit_diagonal_swag_var",
 ]
