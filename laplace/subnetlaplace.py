@@ -8,8 +8,11 @@ other weight stays at its MAP value: in samples, in both predictives and in the
 evidence, whose scatter and log determinant run over ``S``. Select the entries with
 the masks of :mod:`laplace.utils.subnetmask`.
 
-The weight vector is that of the parameters that require grad, in
-``model.parameters()`` order (``parameters_to_vector``), as for every class.
+Indices, ``mean`` and samples refer to the flattened vector of **all** the model's
+parameters, ``parameters_to_vector(model.parameters())``, the numbering of the masks
+(:mod:`laplace.utils.subnetmask`); selected entries must require grad. (With frozen
+parameters laplace-torch numbers its subnetwork by the trainable ones only, and its
+masks by all: here both use all.)
 """
 
 from __future__ import annotations
@@ -40,14 +43,14 @@ class SubnetLaplace(ParametricLaplace):
     model : torch.nn.Module
     likelihood : {'classification', 'regression'}
     subnetwork_indices : torch.LongTensor ``(S,)``
-        distinct entries of the weight vector (the parameters that require grad,
-        flattened in ``model.parameters()`` order) to treat; the posterior's rows
-        and columns follow their order.
+        distinct entries of ``parameters_to_vector(model.parameters())`` to treat,
+        each of a parameter that requires grad; the posterior's rows and columns
+        follow their order.
     sigma_noise, prior_precision, prior_mean, temperature, backend, backend_kwargs,
     asdl_fisher_kwargs, enable_backprop, dict_key_x, dict_key_y
         as :class:`~laplace.baselaplace.BaseLaplace`; the prior precision may be a
         scalar, one value per parameter tensor or one per weight (all weights; the
-        entries of ``S`` are used).
+        entries of ``S`` are used); "all" counts every parameter of the model.
 
     Attributes
     ----------
@@ -90,18 +93,49 @@ class SubnetLaplace(ParametricLaplace):
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
 
+    def _select_params(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
     def _on_bind(self) -> None:
         super()._on_bind()
-        idx = self.subnetwork_indices
+        idx = self.subnetwork_indices.to(self._device)
         if int(idx.max()) >= self.n_params:
             raise ValueError(
                 f"subnetwork_indices must lie in [0, {self.n_params}) (the number of "
-                f"weights that require grad); got {int(idx.max())}."
+                f"weights of the model); got {int(idx.max())}."
             )
-        self.subnetwork_indices = idx.to(self._device)
+        # the curvature and Jacobians are taken over the trainable parameters only:
+        # the selected entries' positions among those
+        position = torch.full((self.n_params,), -1, dtype=torch.long)
+        start = count = 0
+        for p in self.params:
+            if p.requires_grad:
+                position[start : start + p.numel()] = torch.arange(
+                    count, count + p.numel()
+                )
+                count += p.numel()
+            start += p.numel()
+        treated = position.to(self._device)[idx]
+        if bool((treated < 0).any()):
+            frozen = idx[treated < 0][:10].tolist()
+            names = sorted(
+                {
+                    name
+                    for name, lo, hi in _ranges(self.model)
+                    for i in frozen
+                    if lo <= i < hi
+                }
+            )
+            raise ValueError(
+                f"subnetwork_indices {frozen} are entries of parameters that do not "
+                f"require grad ({', '.join(names)}); select trainable weights."
+            )
+        self.subnetwork_indices = idx
+        self._trainable = [p for p in self.params if p.requires_grad]
+        self._trainable_indices = treated
 
     def _backend_arguments(self) -> dict[str, Any]:
-        return {"subnetwork_indices": self.subnetwork_indices}
+        return {"subnetwork_indices": self._trainable_indices}
 
     @property
     def n_params_subnet(self) -> int:
@@ -179,14 +213,14 @@ class SubnetLaplace(ParametricLaplace):
     def _jacobians(self, x: Inputs) -> tuple[Tensor, Tensor]:
         """Jacobians of the selected entries ``(N, C, S)`` and outputs ``(N, C)``."""
         if self.enable_backprop:
-            J, f = backprop_factor.jacobian(self.model, self.params, x, True)
-            return J[..., self.subnetwork_indices], f
+            J, f = backprop_factor.jacobian(self.model, self._trainable, x, True)
+            return J[..., self._trainable_indices], f
         f, V = backprop_factor.per_example_vectors(
             self.model,
-            self.params,
+            self._trainable,
             x,
             backprop_factor.identity_factor,
-            self.subnetwork_indices,
+            self._trainable_indices,
         )
         return V.transpose(0, 1), f
 
@@ -254,6 +288,14 @@ class DiagSubnetLaplace(SubnetLaplace, DiagLaplace):
     def _build_form(self) -> DiagPrecision:
         p = self._h_factor * self.H + self.prior_precision_diag
         return DiagPrecision(p, [p.shape])
+
+
+def _ranges(model: nn.Module):
+    """``(name, start, stop)`` of every parameter in the flattened vector."""
+    start = 0
+    for name, p in model.named_parameters():
+        yield name, start, start + p.numel()
+        start += p.numel()
 
 
 def _as_indices(indices: Any) -> torch.LongTensor:

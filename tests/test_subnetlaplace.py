@@ -70,9 +70,29 @@ def loader(x, y):
     return DataLoader(TensorDataset(x, y), batch_size=5)
 
 
+def trainable_positions(model):
+    """Positions of the trainable entries in the vector of all parameters."""
+    mask = torch.cat(
+        [torch.full((p.numel(),), p.requires_grad) for p in model.parameters()]
+    )
+    return mask.nonzero().flatten()
+
+
 def pick(model, n, seed=0):
-    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return torch.randperm(P, generator=gen(seed))[:n]
+    """``n`` random trainable entries, numbered among all parameters."""
+    positions = trainable_positions(model)
+    return positions[torch.randperm(len(positions), generator=gen(seed))[:n]]
+
+
+def among_trainable(model, idx):
+    """The entries ``idx`` (all parameters) numbered among the trainable ones, as the
+    oracles number them."""
+    lookup = {int(a): i for i, a in enumerate(trainable_positions(model))}
+    return torch.tensor([lookup[int(i)] for i in idx])
+
+
+def all_weights(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def fitted(structure, model, likelihood, idx, **kwargs):
@@ -95,7 +115,8 @@ def test_precision_is_the_submatrix_of_the_dense_curvature(
     la, x = fitted(
         structure, model, likelihood, idx, backend=backend, prior_precision=0.5, **kw
     )
-    G = oracles.ggn(model, x, likelihood)[idx][:, idx]
+    t = among_trainable(model, idx)
+    G = oracles.ggn(model, x, likelihood)[t][:, t]
     factor = 1 / 0.7**2 if likelihood == "regression" else 1.0
     P = factor * G + 0.5 * torch.eye(9, dtype=DT)
     if structure == "full":
@@ -104,8 +125,9 @@ def test_precision_is_the_submatrix_of_the_dense_curvature(
     else:
         torch.testing.assert_close(la.H, G.diagonal())
         torch.testing.assert_close(la.posterior_precision, P.diagonal())
-    assert la.n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    torch.testing.assert_close(la.mean_subnet, la.mean[idx])
+    assert la.n_params == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(la.mean, all_weights(model))
+    torch.testing.assert_close(la.mean_subnet, all_weights(model)[idx])
 
 
 def test_empirical_fisher_submatrix():
@@ -113,7 +135,8 @@ def test_empirical_fisher_submatrix():
     idx = pick(model, 7)
     la, x = fitted("full", model, "classification", idx, backend=CurvlinopsEF)
     _, y = data("classification")
-    G = oracles.empirical_fisher(model, x, y, "classification")[idx][:, idx]
+    t = among_trainable(model, idx)
+    G = oracles.empirical_fisher(model, x, y, "classification")[t][:, t]
     torch.testing.assert_close(la.H, G)
 
 
@@ -128,8 +151,9 @@ def test_glm_predictive_equals_the_oracle(structure, kind):
     la = STRUCTURES[structure](model, "regression", idx, prior_precision=1.3)
     la.fit(loader(x, y))
     xt = data("regression", n=4, image=image, seed=9)[0]
-    J = oracles.jacobian(model, xt)[..., idx]
-    G = oracles.ggn(model, x, "regression")[idx][:, idx]
+    t = among_trainable(model, idx)
+    J = oracles.jacobian(model, xt)[..., t]
+    G = oracles.ggn(model, x, "regression")[t][:, t]
     P = G + 1.3 * torch.eye(8, dtype=DT)
     if structure == "diag":
         P = torch.diag(P.diagonal())
@@ -148,7 +172,7 @@ def test_classification_probit_and_nn_predictive():
     idx = pick(model, 10)
     la, x = fitted("full", model, "classification", idx, prior_precision=2.0)
     xt = data("classification", n=3, seed=9)[0]
-    J = oracles.jacobian(model, xt)[..., idx]
+    J = oracles.jacobian(model, xt)[..., among_trainable(model, idx)]
     var = (J @ la.posterior_covariance @ J.transpose(1, 2)).diagonal(dim1=1, dim2=2)
     expected = torch.softmax(model(xt).detach() / torch.sqrt(1 + math.pi / 8 * var), -1)
     torch.testing.assert_close(la(xt), expected)
@@ -159,8 +183,8 @@ def test_classification_probit_and_nn_predictive():
     assert torch.equal(samples[:, outside], la.mean.expand(50, -1)[:, outside])
     assert (samples[:, idx] != la.mean[idx]).all()
     probs = la(xt, pred_type="nn", link_approx="mc", n_samples=50, generator=gen(4))
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
     outs = []
     for theta in samples:
         pieces = torch.split(theta, [p.numel() for p in params])
@@ -191,15 +215,15 @@ def test_evidence_and_gradients_equal_the_oracle(structure, prior):
     model = mlp()
     idx = pick(model, 9)
     la, x = fitted(structure, model, "regression", idx)
-    params = [p for p in model.parameters() if p.requires_grad]
-    sizes = [p.numel() for p in params]
+    sizes = [p.numel() for p in model.parameters()]
     n = {"scalar": 1, "layerwise": len(sizes), "diag": sum(sizes)}[prior]
     p0 = torch.linspace(0.5, 2.0, n, dtype=DT).requires_grad_(True)
     sigma = torch.tensor(0.8, dtype=DT, requires_grad=True)
     ours = la.log_marginal_likelihood(p0, sigma)
 
     _, y = data("regression")
-    G = oracles.ggn(model, x, "regression")[idx][:, idx]
+    t = among_trainable(model, idx)
+    G = oracles.ggn(model, x, "regression")[t][:, t]
     if structure == "diag":
         G = torch.diag(G.diagonal())
     full_p0 = (
@@ -208,7 +232,7 @@ def test_evidence_and_gradients_equal_the_oracle(structure, prior):
         else (p0.repeat_interleave(torch.tensor(sizes)) if prior == "layerwise" else p0)
     )
     p0_s = full_p0[idx]
-    theta = oracles.flat(params)[idx]
+    theta = all_weights(model)[idx]
     with torch.no_grad():
         f = model(x)
     loglik = -oracles.loss("regression", f, y) / sigma**2 - y.numel() * torch.log(
@@ -266,7 +290,7 @@ def test_selected_per_example_vectors_equal_the_selected_columns(kind):
     model = {"mlp": mlp, "cnn": cnn, "generic": Scaled}[kind]()
     params = [p for p in model.parameters() if p.requires_grad]
     x = data("classification", n=4, image=kind == "cnn")[0]
-    idx = pick(model, 11, seed=2)
+    idx = among_trainable(model, pick(model, 11, seed=2))  # among params
     f, V = backprop_factor.per_example_vectors(
         model, params, x, backprop_factor.identity_factor
     )
@@ -297,12 +321,15 @@ def test_state_dict_round_trip():
 
 def test_bad_input_is_refused_clearly():
     model = mlp()
-    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    P = sum(p.numel() for p in model.parameters())
     make = lambda idx: Laplace(  # noqa: E731
         model, "classification", "subnetwork", "full", subnetwork_indices=idx
     )
     with pytest.raises(ValueError, match=rf"\[0, {P}\)"):
         make(torch.tensor([0, P]))
+    frozen = ~torch.isin(torch.arange(P), trainable_positions(model))
+    with pytest.raises(ValueError, match=r"do not require grad \(2.bias\)"):
+        make(torch.cat([torch.tensor([0]), frozen.nonzero().flatten()[:2]]))
     with pytest.raises(ValueError, match="non-negative"):
         make(torch.tensor([-1, 2]))
     with pytest.raises(ValueError, match="distinct.*\\[3\\]"):
@@ -332,3 +359,16 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match=r"\(batch, outputs, 2\)"):
         la.functional_variance(torch.zeros(2, 3, P, dtype=DT))
     assert isinstance(la, SubnetLaplace)
+
+
+def test_mask_indices_select_the_same_weights_in_a_model_with_frozen_parameters():
+    from laplace.utils import ParamNameSubnetMask
+
+    model = mlp()  # model[2].bias is frozen and comes before "4.weight"
+    indices = ParamNameSubnetMask(model, ["4.weight"]).select()
+    la, x = fitted("full", model, "classification", indices)
+    start = sum(p.numel() for p in list(model.parameters())[:4])
+    assert indices.tolist() == list(range(start, start + 15))
+    t = among_trainable(model, indices)
+    torch.testing.assert_close(la.H, oracles.ggn(model, x, "classification")[t][:, t])
+    torch.testing.assert_close(la.mean_subnet, model[4].weight.detach().flatten())

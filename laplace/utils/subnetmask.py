@@ -3,10 +3,8 @@ r"""Subnetwork selection: which entries of the weight vector get a posterior.
 A mask selects indices into the flattened vector of **all** the model's parameters,
 ``parameters_to_vector(model.parameters())`` (a parameter shared by several modules
 counts once, at its first position), as laplace-torch's masks do. Pass them to
-``Laplace(..., subset_of_weights='subnetwork', subnetwork_indices=...)``. Note that
-frozen parameters (``requires_grad=False``) count here but not in the weight vector
-of the Laplace classes: with frozen parameters before the selected ones the two
-numberings differ (as in laplace-torch).
+``Laplace(..., subset_of_weights='subnetwork', subnetwork_indices=...)``, which
+numbers weights the same way (and refuses entries of frozen parameters).
 
 Two families:
 
