@@ -14,6 +14,7 @@ from laplace.lllaplace import (
     KronLLLaplace,
     LLLaplace,
 )
+from laplace.marglik_training import marglik_training
 from laplace.parametric import (
     DiagLaplace,
     FullLaplace,
@@ -63,4 +64,5 @@ __all__ = [
     "PriorStructure",
     "SubsetOfWeights",
     "TuningMethod",
+    "marglik_training",
 ]

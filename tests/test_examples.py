@@ -45,3 +45,20 @@ def test_calibration_gp_example(tmp_path, capsys):
     gp, map_ = results["GP (FunctionalLaplace)"], results["MAP"]
     # the over-confident MAP is what the GP predictive corrects
     assert gp["nll"] < map_["nll"] and gp["ece"] < map_["ece"]
+
+
+def test_marglik_training_example(tmp_path, capsys):
+    example = runpy.run_path(str(EXAMPLES / "marglik_training_example.py"))
+    out = tmp_path / "marglik.png"
+    argv = ["--epochs", "60", "--width", "16", "--n-train", "100"]
+    result = example["main"]([*argv, "--out", str(out)])
+    printed = capsys.readouterr().out
+
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert f"plot written to {out}" in printed
+    history = result["history"]
+    assert history.epochs == list(range(5, 61, 5))  # every 5 epochs
+    assert len(result["prior_precision"]) == 6  # one per parameter tensor
+    assert result["sigma_noise"] < 0.5  # from 1 towards the true 0.2
+    assert history.log_marglik[-1] > history.log_marglik[0] + 50
+    assert len(result["losses"]) == 60 and len(result["margliks"]) == 12 * 10
