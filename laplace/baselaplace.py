@@ -104,7 +104,7 @@ class BaseLaplace:
         self.model = model
         self.enable_backprop = bool(enable_backprop)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
-        self._backend_cls = _check_backend(backend)
+        self._backend_cls = check_backend(backend)
         self.backend_kwargs = dict(backend_kwargs or {})
         self.asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
         self._backend: CurvatureInterface | None = None
@@ -572,7 +572,7 @@ class BaseLaplace:
         return [names.get(id(p), "?") for p in self.params]
 
 
-def _check_backend(backend: Any) -> type[CurvatureInterface]:
+def check_backend(backend: Any) -> type[CurvatureInterface]:
     if backend is None:
         from laplace.curvature.curvlinops import CurvlinopsGGN
 

@@ -26,6 +26,23 @@ def input_tensor(x: Inputs, dict_key_x: str) -> torch.Tensor:
     return x
 
 
+def dataset_size(loader: Any) -> int:
+    """Number of training data ``N``: the length of ``loader.dataset``.
+
+    Raises
+    ------
+    TypeError
+        for a loader without a dataset of known length (e.g. an iterable dataset).
+    """
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError) as err:
+        raise TypeError(
+            "train_loader must be a DataLoader whose dataset has a length (the "
+            "number of training data N)."
+        ) from err
+
+
 def batch_size(x: Inputs, dict_key_x: str) -> int:
     """Number of data points in ``x``."""
     return input_tensor(x, dict_key_x).shape[0]

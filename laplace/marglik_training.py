@@ -31,12 +31,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from laplace import prior
-from laplace.baselaplace import BaseLaplace, _check_backend
+from laplace.baselaplace import BaseLaplace, check_backend
 from laplace.curvature.curvature import CurvatureInterface
-from laplace.data import batch_size, check_pairs, split_batch, to_device
+from laplace.data import batch_size, check_pairs, dataset_size, split_batch, to_device
 from laplace.laplace import Laplace
 from laplace.likelihood import OutputLikelihood, get_likelihood
-from laplace.parametric.base import _dataset_size
 from laplace.utils.enums import (
     HessianStructure,
     Likelihood,
@@ -323,7 +322,7 @@ class _Settings:
                 "train_loader must be a torch.utils.data.DataLoader; got "
                 f"{type(a['train_loader']).__name__}."
             )
-        if _dataset_size(a["train_loader"]) == 0:
+        if dataset_size(a["train_loader"]) == 0:
             raise ValueError("train_loader's dataset is empty.")
         likelihood = parse_enum(Likelihood, a["likelihood"], "likelihood")
         structure = parse_enum(
@@ -355,7 +354,7 @@ class _Settings:
                 "posterior takes a scalar or layer-wise prior. Use prior_structure="
                 "'scalar' or 'layerwise', or hessian_structure='diag' or 'full'."
             )
-        backend = _check_backend(a["backend"])
+        backend = check_backend(a["backend"])
         if structure.value not in backend.supported_structures:
             from laplace.curvature import backends_supporting
 

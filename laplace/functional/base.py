@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature.curvature import CurvatureInterface, GGNInterface
-from laplace.data import Inputs, split_batch, to_device
+from laplace.data import Inputs, batch_size, dataset_size, split_batch, to_device
 from laplace.functional import kernel
 from laplace.functional.gp import KernelSystem
 from laplace.likelihood import get_likelihood
@@ -195,7 +195,7 @@ class BaseFunctionalLaplace(BaseLaplace):
                 "(override=False): the GP is conditioned on one subset. Fit once on "
                 "all the training data."
             )
-        N = _dataset_size(train_loader)
+        N = dataset_size(train_loader)
         if self.n_subset > N:
             raise ValueError(
                 f"n_subset={self.n_subset} exceeds the {N} training data; choose "
@@ -310,7 +310,7 @@ class BaseFunctionalLaplace(BaseLaplace):
                 put(rows, cols, block)
             return G
         # the Jacobian sets do not fit in memory: recompute them pair by pair
-        offsets = np.cumsum([0] + [_batch_len(x, self.dict_key_x) for x in inputs])
+        offsets = np.cumsum([0] + [batch_size(x, self.dict_key_x) for x in inputs])
         for i, xi in enumerate(inputs):
             _, Ji = self._jacobian_set(xi)
             rows = slice(int(offsets[i]), int(offsets[i + 1]))
@@ -643,22 +643,6 @@ def _check_positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value}.")
     return int(value)
-
-
-def _dataset_size(loader: DataLoader) -> int:
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError) as err:
-        raise TypeError(
-            "train_loader must be a DataLoader over an indexable dataset with a "
-            "length (the subset of data is drawn from it)."
-        ) from err
-
-
-def _batch_len(x: Inputs, dict_key_x: str) -> int:
-    from laplace.data import batch_size
-
-    return batch_size(x, dict_key_x)
 
 
 def _plain_inputs(x: Inputs):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature import backprop_factor
-from laplace.data import Inputs, split_batch, to_device
+from laplace.data import Inputs, dataset_size, split_batch, to_device
 from laplace.parametric.precision import PrecisionForm
 from laplace.predictive import glm
 from laplace.predictive.links import link as apply_link
@@ -114,7 +114,7 @@ class ParametricLaplace(BaseLaplace):
             if the loss or curvature of a batch is not finite (naming the batch); the
             object keeps its previous state.
         """
-        N = _dataset_size(train_loader)
+        N = dataset_size(train_loader)
         accumulate = not override and self.fitted
         self.model.eval()
         mean = parameters_to_vector(self.params).detach()
@@ -425,16 +425,6 @@ def _all_finite(t: Tensor) -> bool:
     element-wise check.
     """
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def _dataset_size(loader: DataLoader) -> int:
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError) as err:
-        raise TypeError(
-            "train_loader must be a DataLoader whose dataset has a length (the number "
-            "of training data N)."
-        ) from err
 
 
 __all__ = ["ParametricLaplace", "GLMTerms"]

@@ -22,8 +22,8 @@ from laplace.curvature.curvature import (
     GGNInterface,
     import_library,
 )
-from laplace.data import split_batch, to_device
-from laplace.parametric.base import ParametricLaplace, _dataset_size
+from laplace.data import dataset_size, split_batch, to_device
+from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
 from laplace.utils.lowrank import LowRankPlusDiagonal, top_eigenpairs
 
@@ -112,7 +112,7 @@ class LowRankLaplace(ParametricLaplace):
                 "LowRankLaplace cannot accumulate fits (override=False): the "
                 "eigenpairs are of one data set's curvature. Fit once on all the data."
             )
-        N = _dataset_size(train_loader)
+        N = dataset_size(train_loader)
         self.model.eval()
         data = _CheckedData(train_loader, self.backend, self._device)
         loss, n_outputs = data.loss_and_outputs()
