@@ -405,7 +405,7 @@ class BaseLaplace:
                 "pred_type='nn' averages the network over posterior samples: it needs "
                 f"link_approx='mc' (got {link_approx.value!r})."
             )
-        _check_n_samples(n_samples)
+        check_n_samples(n_samples)
         self._check_fitted("predicting")
         x = to_device(x, self._device)
         if pred_type == PredType.NN:
@@ -437,7 +437,7 @@ class BaseLaplace:
         softmax of the samples.
         """
         pred_type = self._parse_pred_type(pred_type)
-        _check_n_samples(n_samples)
+        check_n_samples(n_samples)
         self._check_fitted("sampling the predictive")
         x = to_device(x, self._device)
         if pred_type == PredType.NN:
@@ -530,7 +530,7 @@ class BaseLaplace:
             if pred_type == PredType.NN
             else parse_enum(LinkApprox, link_approx, "link_approx")
         )
-        _check_n_samples(n_samples)
+        check_n_samples(n_samples)
         init = prior.prior_precision_of_structure(
             init_prior_prec,
             prior_structure,
@@ -567,6 +567,33 @@ class BaseLaplace:
             print(f"Optimized prior precision: {self.prior_precision}")
 
     # -- serialization -------------------------------------------------------------
+    def _check_state(self, state: dict[str, Any], required: set[str]) -> None:
+        """Refuse a state dict that lacks ``required`` keys or is of another class,
+        likelihood or parameter layout, before anything is changed."""
+        missing = required - set(state)
+        if missing:
+            raise ValueError(
+                f"Not a state dict of {type(self).__name__}: missing keys "
+                f"{sorted(missing)}."
+            )
+        if state["cls_name"] != type(self).__name__:
+            raise ValueError(
+                f"The state dict is of a {state['cls_name']}, not of a "
+                f"{type(self).__name__}: create the Laplace object with the structure "
+                "and subset it was saved with."
+            )
+        if state["likelihood"] != self.likelihood.value:
+            raise ValueError(
+                f"The state dict is for likelihood={state['likelihood']!r}, not "
+                f"{self.likelihood.value!r}."
+            )
+        shapes = [list(p.shape) for p in self.params]
+        if state["param_shapes"] != shapes:
+            raise ValueError(
+                "The state dict belongs to another model: its treated parameters have "
+                f"shapes {state['param_shapes']}, this model's have {shapes}."
+            )
+
     def _parameter_names(self) -> list[str]:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names.get(id(p), "?") for p in self.params]
@@ -585,7 +612,7 @@ def check_backend(backend: Any) -> type[CurvatureInterface]:
     return backend
 
 
-def _check_n_samples(n_samples: int) -> None:
+def check_n_samples(n_samples: int) -> None:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
 

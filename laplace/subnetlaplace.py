@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace.baselaplace import check_n_samples
 from laplace.curvature import backprop_factor
 from laplace.curvature.curvature import CurvatureInterface
 from laplace.data import Inputs
@@ -179,14 +180,7 @@ class SubnetLaplace(ParametricLaplace):
     ) -> Tensor:
         """Weights ``(n_samples, n_params)``: the entries ``S`` drawn from the
         posterior, all others at the MAP."""
-        if (
-            isinstance(n_samples, bool)
-            or not isinstance(n_samples, int)
-            or n_samples < 1
-        ):
-            raise ValueError(
-                f"n_samples must be a positive integer; got {n_samples!r}."
-            )
+        check_n_samples(n_samples)
         samples = self.mean.expand(n_samples, -1).clone()
         samples[:, self.subnetwork_indices] += self._posterior.sample(
             n_samples, generator

@@ -583,13 +583,15 @@ class BaseFunctionalLaplace(BaseLaplace):
             for a state of another class, likelihood, parameter layout, subset
             size or output structure.
         """
-        required = {"cls_name", "likelihood", "param_shapes", "mean", "kernel"}
-        missing = required - set(state_dict)
-        if missing:
-            raise ValueError(
-                f"Not a functional Laplace state dict: missing keys {sorted(missing)}."
-            )
-        _check_state(self, state_dict)
+        self._check_state(
+            state_dict, {"cls_name", "likelihood", "param_shapes", "mean", "kernel"}
+        )
+        for name in ("n_subset", "independent_outputs"):
+            if state_dict[name] != getattr(self, name):
+                raise ValueError(
+                    f"The state dict was fitted with {name}={state_dict[name]!r}; "
+                    f"this object has {name}={getattr(self, name)!r}."
+                )
         to = {"device": self._device, "dtype": self._dtype}
         self.temperature = state_dict["temperature"]
         self.sigma_noise = state_dict["sigma_noise"].to(**to)
@@ -649,30 +651,6 @@ def _plain_inputs(x: Inputs):
     if isinstance(x, Tensor):
         return x.detach()
     return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in x.items()}
-
-
-def _check_state(la: BaseFunctionalLaplace, state: dict[str, Any]) -> None:
-    if state["cls_name"] != type(la).__name__:
-        raise ValueError(
-            f"The state dict is of a {state['cls_name']}, not of a {type(la).__name__}."
-        )
-    if state["likelihood"] != la.likelihood.value:
-        raise ValueError(
-            f"The state dict is for likelihood={state['likelihood']!r}, not "
-            f"{la.likelihood.value!r}."
-        )
-    shapes = [list(p.shape) for p in la.params]
-    if state["param_shapes"] != shapes:
-        raise ValueError(
-            "The state dict belongs to another model: its treated parameters have "
-            f"shapes {state['param_shapes']}, this model's have {shapes}."
-        )
-    for name in ("n_subset", "independent_outputs"):
-        if state[name] != getattr(la, name):
-            raise ValueError(
-                f"The state dict was fitted with {name}={state[name]!r}; this "
-                f"object has {name}={getattr(la, name)!r}."
-            )
 
 
 __all__ = ["BaseFunctionalLaplace", "FunctionalLaplace"]

@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from laplace.baselaplace import BaseLaplace
+from laplace.baselaplace import BaseLaplace, check_n_samples
 from laplace.curvature import backprop_factor
 from laplace.data import Inputs, dataset_size, split_batch, to_device
 from laplace.parametric.precision import PrecisionForm
@@ -236,14 +236,7 @@ class ParametricLaplace(BaseLaplace):
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> Tensor:
         """Weights ``theta ~ N(theta_MAP, P^-1)``, shape ``(n_samples, n_params)``."""
-        if (
-            isinstance(n_samples, bool)
-            or not isinstance(n_samples, int)
-            or n_samples < 1
-        ):
-            raise ValueError(
-                f"n_samples must be a positive integer; got {n_samples!r}."
-            )
+        check_n_samples(n_samples)
         return self.mean + self._posterior.sample(n_samples, generator)
 
     def functional_variance(self, Js: Tensor) -> Tensor:
@@ -376,30 +369,9 @@ class ParametricLaplace(BaseLaplace):
         ValueError
             if the state is of another class, likelihood or parameter layout.
         """
-        missing = {"cls_name", "likelihood", "param_shapes", "mean", "H"} - set(
-            state_dict
+        self._check_state(
+            state_dict, {"cls_name", "likelihood", "param_shapes", "mean", "H"}
         )
-        if missing:
-            raise ValueError(
-                f"Not a Laplace state dict: missing keys {sorted(missing)}."
-            )
-        if state_dict["cls_name"] != type(self).__name__:
-            raise ValueError(
-                f"The state dict is of a {state_dict['cls_name']}, not of a "
-                f"{type(self).__name__}: create the Laplace object with the structure "
-                "and subset it was saved with."
-            )
-        if state_dict["likelihood"] != self.likelihood.value:
-            raise ValueError(
-                f"The state dict is for likelihood={state_dict['likelihood']!r}, not "
-                f"{self.likelihood.value!r}."
-            )
-        shapes = [list(p.shape) for p in self.params]
-        if state_dict["param_shapes"] != shapes:
-            raise ValueError(
-                "The state dict belongs to another model: its treated parameters have "
-                f"shapes {state_dict['param_shapes']}, this model's have {shapes}."
-            )
         to = {"device": self._device, "dtype": self._dtype}
         H = self._load_H(state_dict["H"])
         self.temperature = state_dict["temperature"]
