@@ -12,8 +12,8 @@ results can be compared; they can take laplace-torch's figures from an earlier r
   :func:`measure` (the loop over the workloads), :func:`library_lines`,
   :func:`command` and :func:`save`;
 - the report: :func:`failure`, :func:`seconds`, :func:`memory_ratio`,
-  :func:`fmt_memory_ratio`, :func:`verdict`, :func:`decode`, :func:`max_abs_diff`
-  and :func:`rel_diff`.
+  :func:`fmt_memory_ratio`, :func:`verdict`, :func:`fastest`, :func:`error_lines`,
+  :func:`decode`, :func:`max_abs_diff`, :func:`rel_diff` and :func:`max_rel_diff`.
 """
 
 from __future__ import annotations
@@ -312,6 +312,22 @@ def verdict(met: bool | None) -> str:
     return "not measured" if met is None else "**met**" if met else "**NOT met**"
 
 
+def fastest(
+    candidates: list[tuple[str, Measurement | None]],
+) -> tuple[str, Measurement] | None:
+    """The fastest ``(label, measurement)`` of those that have figures (None if
+    none has)."""
+    measured = [(label, m) for label, m in candidates if ok(m)]
+    return min(measured, key=lambda t: t[1].seconds) if measured else None
+
+
+def error_lines(measurements: list[Measurement | None]) -> list[str]:
+    """The report's section of the measurements that failed, and why (no lines if
+    none failed)."""
+    errors = [f"- `{m.name}`: {m.error}" for m in measurements if m and m.error]
+    return ["### Errors", "", *errors, ""] if errors else []
+
+
 def decode(v) -> list[float]:
     raw = base64.b64decode(v["f32"])
     return list(struct.unpack(f"<{len(raw) // 4}f", raw))
@@ -327,3 +343,10 @@ def rel_diff(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return None
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def max_rel_diff(a: dict | None, b: dict | None) -> float | None:
+    """The largest relative difference between two dumped tensors of one shape."""
+    if not a or not b or a.get("shape") != b.get("shape"):
+        return None
+    return max((rel_diff(x, y) for x, y in zip(decode(a), decode(b))), default=0.0)
