@@ -179,6 +179,17 @@ def start(args, raw_path: str) -> Sides:
     return Sides(results, outputs, pythons, probes, lt_note, lt_commit)
 
 
+def worker_arguments(args, repeats: int, budget: float) -> list[str]:
+    """The options every worker of a memory-limited comparison run gets."""
+    return [
+        *(["--quick"] if args.quick else []),
+        *("--threads", str(args.threads)),
+        *("--repeats", str(repeats)),
+        *("--budget", str(budget)),
+        *("--memory-limit-gb", str(args.memory_limit_gb)),
+    ]
+
+
 def measure(
     script: str,
     names: list[str],

@@ -73,6 +73,7 @@ from _comparison import (  # noqa: E402
     start,
     verdict,
     worker,
+    worker_arguments,
 )
 from _measure import Measurement, Timed, _reset_peak_rss, _status_kb  # noqa: E402
 from laplace_benchmark import (  # noqa: E402
@@ -577,14 +578,7 @@ def main() -> None:
         for side in sides.pythons
         if args.only in key(n_subset, side) and key(n_subset, side) not in sides.results
     ]
-    extra = [
-        *(["--quick"] if args.quick else []),
-        *("--threads", str(args.threads)),
-        *("--repeats", str(repeats)),
-        *("--budget", str(budget)),
-        *("--memory-limit-gb", str(args.memory_limit_gb)),
-        *("--timeout", str(timeout)),
-    ]
+    extra = [*worker_arguments(args, repeats, budget), "--timeout", str(timeout)]
     measure(SCRIPT, names, sides, extra, timeout, args.rounds)
 
     header = [

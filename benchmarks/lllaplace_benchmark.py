@@ -73,6 +73,7 @@ from _comparison import (  # noqa: E402
     start,
     verdict,
     worker,
+    worker_arguments,
 )
 from _measure import Measurement, Timed  # noqa: E402
 from laplace_benchmark import (  # noqa: E402
@@ -469,13 +470,7 @@ def main() -> None:
         and case.key(side) not in sides.results
         and (case.key(side) != LT_SLOW or args.lt_diag_default)
     ]
-    extra = [
-        *(["--quick"] if args.quick else []),
-        *("--threads", str(args.threads)),
-        *("--repeats", str(repeats)),
-        *("--budget", str(budget)),
-        *("--memory-limit-gb", str(args.memory_limit_gb)),
-    ]
+    extra = worker_arguments(args, repeats, budget)
     measure(SCRIPT, names, sides, extra, timeout, args.rounds)
 
     header = [

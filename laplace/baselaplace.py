@@ -25,6 +25,7 @@ from laplace import prior
 from laplace.curvature.curvature import CurvatureInterface
 from laplace.data import Inputs, check_pairs, split_batch, to_device
 from laplace.predictive.links import link as apply_link
+from laplace.utils._checks import check_n_samples
 from laplace.utils.enums import (
     Likelihood,
     LinkApprox,
@@ -567,33 +568,6 @@ class BaseLaplace:
             print(f"Optimized prior precision: {self.prior_precision}")
 
     # -- serialization -------------------------------------------------------------
-    def _check_state(self, state: dict[str, Any], required: set[str]) -> None:
-        """Refuse a state dict that lacks ``required`` keys or is of another class,
-        likelihood or parameter layout, before anything is changed."""
-        missing = required - set(state)
-        if missing:
-            raise ValueError(
-                f"Not a state dict of {type(self).__name__}: missing keys "
-                f"{sorted(missing)}."
-            )
-        if state["cls_name"] != type(self).__name__:
-            raise ValueError(
-                f"The state dict is of a {state['cls_name']}, not of a "
-                f"{type(self).__name__}: create the Laplace object with the structure "
-                "and subset it was saved with."
-            )
-        if state["likelihood"] != self.likelihood.value:
-            raise ValueError(
-                f"The state dict is for likelihood={state['likelihood']!r}, not "
-                f"{self.likelihood.value!r}."
-            )
-        shapes = [list(p.shape) for p in self.params]
-        if state["param_shapes"] != shapes:
-            raise ValueError(
-                "The state dict belongs to another model: its treated parameters have "
-                f"shapes {state['param_shapes']}, this model's have {shapes}."
-            )
-
     def _parameter_names(self) -> list[str]:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names.get(id(p), "?") for p in self.params]
@@ -610,11 +584,6 @@ def check_backend(backend: Any) -> type[CurvatureInterface]:
             f"BackPackGGN or AsdlGGN (the class, not an instance); got {backend!r}."
         )
     return backend
-
-
-def check_n_samples(n_samples: int) -> None:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
 
 
 def __getattr__(name: str):

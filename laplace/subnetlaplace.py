@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.baselaplace import check_n_samples
 from laplace.curvature import backprop_factor
 from laplace.curvature.curvature import CurvatureInterface
 from laplace.data import Inputs
@@ -31,6 +30,7 @@ from laplace.parametric.base import GLMTerms, ParametricLaplace
 from laplace.parametric.diag import DiagLaplace
 from laplace.parametric.full import FullLaplace
 from laplace.parametric.precision import DiagPrecision
+from laplace.utils._checks import check_n_samples
 from laplace.utils.enums import Likelihood
 
 Tensor = torch.Tensor

@@ -32,16 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature.curvature import CurvatureInterface, GGNInterface
-from laplace.data import Inputs, batch_size, dataset_size, split_batch, to_device
-from laplace.functional import kernel
+from laplace.data import Inputs, dataset_size, split_batch, to_device
+from laplace.functional import kernel, subset
 from laplace.functional.gp import KernelSystem
 from laplace.likelihood import get_likelihood
 from laplace.predictive.links import link as apply_link
+from laplace.utils._checks import _check_int, check_state
 from laplace.utils.enums import (
     LinkApprox,
     PredType,
@@ -119,7 +120,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         independent_outputs: bool = False,
         seed: int = 0,
     ) -> None:
-        self.n_subset = _check_positive_int(n_subset, "n_subset")
+        self.n_subset = _check_int(n_subset, "n_subset", minimum=1)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an integer; got {seed!r}.")
         self.seed = int(seed)
@@ -206,7 +207,9 @@ class BaseFunctionalLaplace(BaseLaplace):
         indices = np.random.default_rng(self.seed).choice(
             N, self.n_subset, replace=False
         )
-        inputs = self._subset_inputs_of(train_loader, indices)
+        inputs = subset.inputs_of(
+            train_loader, indices, self.dict_key_x, self.dict_key_y, self._device
+        )
         sets, diagonals = [], []
         lik = get_likelihood(self.likelihood)
         for x in tqdm(inputs, disable=not progress_bar, desc="kernel"):
@@ -215,13 +218,23 @@ class BaseFunctionalLaplace(BaseLaplace):
             diagonals.append(lik.hessian_moments(f)[0])
         sqrt_D = torch.cat(diagonals).clamp_min(0).sqrt()  # (M, C)
         cached = sets if sum(s.numel() for s in sets) <= _CACHE_ENTRIES else None
-        G = self._subset_gram(inputs, cached, n_outputs)
+        G = subset.gram(
+            self._jacobian_set,
+            inputs,
+            cached,
+            n_outputs,
+            self._independent,
+            dtype=self._dtype,
+            device=self._device,
+            block_entries=_BLOCK_ENTRIES,
+            dict_key_x=self.dict_key_x,
+        )
         if not bool(torch.isfinite(G.sum())):
             raise RuntimeError(
                 "The kernel of the subset is not finite (NaN or inf in the Jacobians "
                 "of the model); the Laplace approximation was left as it was."
             )
-        self._scale_by_hessian(G, sqrt_D)
+        subset.scale_by_hessian(G, sqrt_D, self._independent)
         self.mean = parameters_to_vector(self.params).detach()
         self.loss, self.n_data, self.n_outputs = loss, N, n_outputs
         self.subset_indices = torch.as_tensor(indices)
@@ -255,20 +268,6 @@ class BaseFunctionalLaplace(BaseLaplace):
             raise ValueError("train_loader yielded no batches.")
         return loss, n_outputs
 
-    def _subset_inputs_of(self, train_loader: DataLoader, indices) -> list[Inputs]:
-        """The inputs of the subset, batched as the training loader batches."""
-        loader = DataLoader(
-            Subset(train_loader.dataset, indices.tolist()),
-            batch_size=train_loader.batch_size or 64,
-            shuffle=False,
-            collate_fn=train_loader.collate_fn,
-        )
-        inputs = []
-        for batch in loader:
-            x, _ = split_batch(batch, self.dict_key_x, self.dict_key_y)
-            inputs.append(to_device(x, self._device))
-        return inputs
-
     def _subset_sets(self) -> Iterator[tuple[slice, kernel.JacobianSet]]:
         """The subset's Jacobian sets with their rows (data), cached or recomputed."""
         if self._subset_cache is not None:
@@ -279,55 +278,6 @@ class BaseFunctionalLaplace(BaseLaplace):
             _, J = self._jacobian_set(x)
             yield slice(start, start + J.n), J
             start += J.n
-
-    def _subset_gram(self, inputs, cached, C: int) -> Tensor:
-        """``G = J_M J_M^T``: ``(M C, M C)`` datum-major, or ``(C, M, M)``."""
-        M = self.n_subset
-        independent = self._independent
-        shape = (C, M, M) if independent else (M * C, M * C)
-        G = torch.empty(shape, dtype=self._dtype, device=self._device)
-
-        def put(rows: slice, cols: slice, block: Tensor) -> None:
-            """Write the block and its transpose (symmetric)."""
-            if independent:
-                G[:, rows, cols] = block
-                G[:, cols, rows] = block.mT
-            else:
-                r, c = (
-                    slice(rows.start * C, rows.stop * C),
-                    slice(cols.start * C, cols.stop * C),
-                )
-                G[r, c] = block
-                G[c, r] = block.T
-
-        if cached is not None:  # one set, lower block rows of bounded size
-            U = kernel.cat(cached)
-            step = max(1, _BLOCK_ENTRIES // (M * C * C))
-            for start in range(0, M, step):
-                rows = slice(start, min(start + step, M))
-                cols = slice(0, rows.stop)
-                block = kernel.gram(U.select(rows), U.select(cols), independent)
-                put(rows, cols, block)
-            return G
-        # the Jacobian sets do not fit in memory: recompute them pair by pair
-        offsets = np.cumsum([0] + [batch_size(x, self.dict_key_x) for x in inputs])
-        for i, xi in enumerate(inputs):
-            _, Ji = self._jacobian_set(xi)
-            rows = slice(int(offsets[i]), int(offsets[i + 1]))
-            for j in range(i + 1):
-                Jj = Ji if j == i else self._jacobian_set(inputs[j])[1]
-                cols = slice(int(offsets[j]), int(offsets[j + 1]))
-                put(rows, cols, kernel.gram(Ji, Jj, independent))
-        return G
-
-    def _scale_by_hessian(self, G: Tensor, sqrt_D: Tensor) -> None:
-        """``S = D^1/2 G D^1/2`` in place (``sqrt_D`` ``(M, C)``)."""
-        if self._independent:
-            d = sqrt_D.T  # (C, M)
-            G.mul_(d[:, :, None]).mul_(d[:, None, :])
-        else:
-            d = sqrt_D.reshape(-1)
-            G.mul_(d[:, None]).mul_(d[None, :])
 
     # -- the GP posterior ----------------------------------------------------------
     @property
@@ -583,8 +533,10 @@ class BaseFunctionalLaplace(BaseLaplace):
             for a state of another class, likelihood, parameter layout, subset
             size or output structure.
         """
-        self._check_state(
-            state_dict, {"cls_name", "likelihood", "param_shapes", "mean", "kernel"}
+        check_state(
+            self,
+            state_dict,
+            {"cls_name", "likelihood", "param_shapes", "mean", "kernel"},
         )
         for name in ("n_subset", "independent_outputs"):
             if state_dict[name] != getattr(self, name):
@@ -637,14 +589,6 @@ def _check_gp_backend(backend: type, backend_kwargs: dict) -> None:
             "The GP view uses the exact output Hessian; backend_kwargs "
             "stochastic=True (a Monte-Carlo GGN) is not available for it."
         )
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive integer; got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value}.")
-    return int(value)
 
 
 def _plain_inputs(x: Inputs):

@@ -20,12 +20,13 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from laplace.baselaplace import BaseLaplace, check_n_samples
+from laplace.baselaplace import BaseLaplace
 from laplace.curvature import backprop_factor
 from laplace.data import Inputs, dataset_size, split_batch, to_device
 from laplace.parametric.precision import PrecisionForm
 from laplace.predictive import glm
 from laplace.predictive.links import link as apply_link
+from laplace.utils._checks import check_n_samples, check_state
 from laplace.utils.enums import LinkApprox, PredType
 
 Tensor = torch.Tensor
@@ -369,8 +370,8 @@ class ParametricLaplace(BaseLaplace):
         ValueError
             if the state is of another class, likelihood or parameter layout.
         """
-        self._check_state(
-            state_dict, {"cls_name", "likelihood", "param_shapes", "mean", "H"}
+        check_state(
+            self, state_dict, {"cls_name", "likelihood", "param_shapes", "mean", "H"}
         )
         to = {"device": self._device, "dtype": self._dtype}
         H = self._load_H(state_dict["H"])

@@ -1,4 +1,4 @@
-"""Argument checks shared by the low-rank modules (errors name the argument)."""
+"""Argument checks shared across the library (errors name the argument)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,36 @@ def _check_scalar(value: object, name: str) -> Real | Tensor:
     if bad:
         raise ValueError(f"{name} must be finite and >= 0, got {value}.")
     return value
+
+
+def check_n_samples(n_samples: int) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+
+
+def check_state(la, state: dict, required: set[str]) -> None:
+    """Refuse a state dict for the Laplace object ``la`` that lacks ``required``
+    keys or is of another class, likelihood or parameter layout, before anything is
+    changed."""
+    missing = required - set(state)
+    if missing:
+        raise ValueError(
+            f"Not a state dict of {type(la).__name__}: missing keys {sorted(missing)}."
+        )
+    if state["cls_name"] != type(la).__name__:
+        raise ValueError(
+            f"The state dict is of a {state['cls_name']}, not of a "
+            f"{type(la).__name__}: create the Laplace object with the structure and "
+            "subset it was saved with."
+        )
+    if state["likelihood"] != la.likelihood.value:
+        raise ValueError(
+            f"The state dict is for likelihood={state['likelihood']!r}, not "
+            f"{la.likelihood.value!r}."
+        )
+    shapes = [list(p.shape) for p in la.params]
+    if state["param_shapes"] != shapes:
+        raise ValueError(
+            "The state dict belongs to another model: its treated parameters have "
+            f"shapes {state['param_shapes']}, this model's have {shapes}."
+        )
