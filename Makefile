@@ -1,5 +1,6 @@
-# Two entry points: `make demo` and `make test`. Both build or refresh the local
-# virtual environment .venv from the project's own files; nothing is installed by hand.
+# Entry points: `make demo`, `make test`, `make docs` and `make bench`. Each builds or
+# refreshes the local virtual environment .venv from the project's own files; nothing
+# is installed by hand.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test test-fast format bench venv clean
+.PHONY: demo test test-fast format docs docs-serve bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check laplace tests examples benchmarks
 	$(VENV)/bin/ruff format --check laplace tests examples benchmarks
+	$(MAKE) docs
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -37,9 +39,21 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format laplace tests examples benchmarks
 	$(VENV)/bin/ruff check --fix laplace tests examples benchmarks
 
+# the documentation site, strictly: any warning (a broken link, a docstring that does
+# not parse, a page missing from the navigation) fails the build
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+# every benchmark, this library and laplace-torch 0.3 side by side (laplace-torch in
+# .lt-venv, which this builds); writes benchmarks/REPORT.md, shown by the docs
 bench: $(STAMP)
-	$(PY) benchmarks/curvature_benchmark.py
-	$(PY) benchmarks/laplace_benchmark.py
+	$(PY) benchmarks/run_all.py --torch $(TORCH)
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --torch $(TORCH) --quick
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site

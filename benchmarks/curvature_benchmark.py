@@ -346,8 +346,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
         "--output",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"),
-        help="folder of curvature.md",
+        default=os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "output", "curvature.md"
+        ),
+        help="path of the report (Markdown)",
     )
     parser.add_argument(
         "--rounds",
@@ -370,8 +372,8 @@ def main() -> None:
             print(f"[{where}] {name}: {shown}", file=sys.stderr, flush=True)
     table = report(results, rounds)
     print(table)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "curvature.md"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
         f.write(table + "\n")
 
 

@@ -6,7 +6,7 @@ libraries share (``Laplace(model, "classification", subset_of_weights="all",
 hessian_structure="gp", n_subset=M)``, ``.fit``, ``.log_marginal_likelihood()``, the
 GP predictive), runs with this library (this interpreter, the repository's
 ``laplace``) and with laplace-torch (the interpreter of another virtual environment:
-``--lt-python``, else ``$LAPLACE_TORCH_PYTHON``, else ``/work/lt-venv/bin/python``),
+``--lt-python``, else ``$LAPLACE_TORCH_PYTHON``, else ``.lt-venv/bin/python``),
 each (library, M) in a fresh process (see ``_measure.py``). 10-class classification
 on 2,000 random samples with the randomly initialized MLP 784-256-256-10 (269,322
 parameters; fixed seeds: both sides see the same model and data), for ``n_subset``

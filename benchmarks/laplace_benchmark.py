@@ -5,7 +5,7 @@ both libraries share (``Laplace(...)``, ``.fit``, the glm predictive,
 ``optimize_prior_precision``), run once with this library (this interpreter, the
 repository's ``laplace``) and once with laplace-torch (the interpreter of another
 virtual environment: ``--lt-python``, else ``$LAPLACE_TORCH_PYTHON``, else
-``/work/lt-venv/bin/python``), each measurement in a fresh process (see
+``.lt-venv/bin/python``), each measurement in a fresh process (see
 ``_measure.py``). 10-class classification on random data and randomly initialized
 MLPs (fixed seeds, so both sides see the same model and data):
 
@@ -70,7 +70,8 @@ GRID_SIZE = 5 if QUICK else 20
 #: 0.2-0.35 s per input on the big MLP, so 20 grid values on 200 inputs would take
 #: 15-25 minutes a run: Kron searches on fewer
 N_VAL = {"diag": 50 if QUICK else 200, "kron": 20 if QUICK else 32}
-DEFAULT_LT_PYTHON = "/work/lt-venv/bin/python"
+#: the environment `make bench` (run_all.py) builds
+DEFAULT_LT_PYTHON = os.path.join(ROOT, ".lt-venv", "bin", "python")
 OURS, LT = "ours", "laplace-torch"
 BACKENDS = ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN")
 BIG, SMALL = "MLP 784-256-256-10", "MLP 196-24-10"

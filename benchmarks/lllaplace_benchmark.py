@@ -6,7 +6,7 @@ subset_of_weights="last_layer", hessian_structure=...)``, ``.fit``, the glm
 predictive), run once with this library (this interpreter, the repository's
 ``laplace``) and once with laplace-torch (the interpreter of another virtual
 environment: ``--lt-python``, else ``$LAPLACE_TORCH_PYTHON``, else
-``/work/lt-venv/bin/python``), each measurement in a fresh process (see
+``.lt-venv/bin/python``), each measurement in a fresh process (see
 ``_measure.py``). Classification on random data with a randomly initialized MLP
 64-512-C, so that the last layer sees a 512-wide penultimate layer (fixed seeds: both
 sides see the same model and data):
@@ -98,7 +98,6 @@ N_DATA_WIDE = 32
 #: inputs of the predictive call, by number of classes
 N_PREDICT = {10: 10, 100: 10, 3000: 8} if QUICK else {10: 100, 100: 100, 3000: 32}
 WIDE = 3000
-DEFAULT_LT_PYTHON = "/work/lt-venv/bin/python"
 DEFAULT_MEMORY_LIMIT_GB = 12.0
 #: the speed-up of the predictive at 100 classes, and the memory ratio
 PREDICTIVE_SPEED_UP, PREDICTIVE_MEMORY_RATIO = 100.0, 20.0

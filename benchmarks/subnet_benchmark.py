@@ -4,7 +4,7 @@ this library against laplace-torch.
 The same workload functions, written against the public laplace-torch 0.3 API that
 both libraries share, run with this library (this interpreter, the repository's
 ``laplace``) and with laplace-torch (the interpreter of another virtual environment:
-``--lt-python``, else ``$LAPLACE_TORCH_PYTHON``, else ``/work/lt-venv/bin/python``),
+``--lt-python``, else ``$LAPLACE_TORCH_PYTHON``, else ``.lt-venv/bin/python``),
 each measurement in a fresh process (see ``_measure.py``). 10-class classification on
 1,000 random samples in batches of 128 with the randomly initialized MLP
 784-256-256-10 of ``laplace_benchmark.py`` (P = 269,322 weights; fixed seeds: both

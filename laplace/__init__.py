@@ -1,7 +1,7 @@
 """laplace: post-hoc Laplace approximations for PyTorch networks.
 
 ``Laplace(model, likelihood, subset_of_weights, hessian_structure)`` builds one of the
-classes below; see :mod:`laplace.baselaplace` for their common interface.
+classes below; see ``laplace.baselaplace`` for their common interface.
 """
 
 from laplace.baselaplace import BaseLaplace

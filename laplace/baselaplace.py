@@ -4,7 +4,7 @@ What every Laplace approximation shares lives here: validated hyperparameters
 (``prior_precision``, ``prior_mean``, ``sigma_noise``, ``temperature``), the curvature
 backend, the log likelihood and the Laplace evidence built from it, the predictive
 entry point ``la(x, ...)`` with its argument checks, and prior-precision tuning.
-Subclasses say how the posterior is represented (:mod:`laplace.parametric`).
+Subclasses say how the posterior is represented (``laplace.parametric``).
 
 Conventions (DESIGN.md section 3): the loss is summed over the data,
 ``0.5 * sum((f - y)^2)`` for regression and the cross-entropy for classification; the
@@ -64,7 +64,7 @@ class BaseLaplace:
     dict_key_x, dict_key_y : str
         keys of inputs and targets in mapping (dict-like) batches.
     backend : subclass of CurvatureInterface, optional
-        curvature backend; :class:`~laplace.curvature.CurvlinopsGGN` by default.
+        curvature backend; ``laplace.curvature.CurvlinopsGGN`` by default.
     backend_kwargs : dict, optional
         keyword arguments of the backend, e.g. ``{"stochastic": True}``.
     asdl_fisher_kwargs : dict, optional

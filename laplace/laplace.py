@@ -45,7 +45,7 @@ def register(
     hessian_structure: HessianStructure | str,
     cls: type[BaseLaplace],
 ) -> None:
-    """Add ``cls`` to the table of :func:`Laplace`."""
+    """Add ``cls`` to the table of ``Laplace``."""
     key = (
         parse_enum(SubsetOfWeights, subset_of_weights, "subset_of_weights"),
         parse_enum(HessianStructure, hessian_structure, "hessian_structure"),
@@ -70,7 +70,7 @@ def Laplace(
     subset_of_weights : {'last_layer', 'subnetwork', 'all'}, default='last_layer'
     hessian_structure : {'full', 'kron', 'diag', 'lowrank', 'gp'}, default='kron'
     *args, **kwargs
-        passed to the class (see :class:`~laplace.baselaplace.BaseLaplace`).
+        passed to the class (see ``laplace.baselaplace.BaseLaplace``).
 
     Raises
     ------

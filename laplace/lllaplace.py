@@ -4,10 +4,10 @@ The network up to the last layer is a fixed feature map ``phi(x)``; the posterio
 that of the linear model ``f = W phi + b`` under the likelihood. The classes here are
 thin: they say which parameters are treated (those of the last layer, found on the
 first forward pass unless named), where the features come from
-(:class:`~laplace.utils.FeatureExtractor`), and that the predictive is formed from the
-features in closed form (:mod:`laplace.predictive.last_layer`), never from a
+(``laplace.utils.FeatureExtractor``), and that the predictive is formed from the
+features in closed form (``laplace.predictive.last_layer``), never from a
 Jacobian. Curvature, evidence, tuning, sampling and serialization are those of
-:class:`~laplace.parametric.ParametricLaplace` and of each structure.
+``laplace.parametric.ParametricLaplace`` and of each structure.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _feature_extractor(
     enable_backprop: bool,
     feature_reduction: FeatureReduction | str | None,
 ) -> FeatureExtractor:
-    """``model`` as a :class:`FeatureExtractor` (kept if it is one)."""
+    """``model`` as a ``FeatureExtractor`` (kept if it is one)."""
     if isinstance(model, FeatureExtractor):
         if last_layer_name is not None:
             model.set_last_layer(last_layer_name)
@@ -58,7 +58,7 @@ def _feature_extractor(
 class LastLayerMixin:
     """What every last-layer class shares: the treated parameters are those of the
     model's last ``nn.Linear`` (found on the first training batch unless named),
-    the features come from the :class:`FeatureExtractor` ``self.model``, and the
+    the features come from the ``FeatureExtractor`` ``self.model``, and the
     state dict names the layer."""
 
     @property
@@ -134,7 +134,7 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
     Parameters
     ----------
     model : torch.nn.Module or FeatureExtractor
-        the trained network; ``la.model`` is a :class:`FeatureExtractor` around it.
+        the trained network; ``la.model`` is a ``FeatureExtractor`` around it.
     feature_reduction : FeatureReduction or str, optional
         'pick_first', 'pick_last' or 'average': how features of shape ``(batch,
         seq_len, dim)`` become ``(batch, dim)``; it must reproduce what the model
@@ -143,8 +143,11 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
         the name of the last layer in ``model.named_modules()``; by default it is
         found on the first forward pass (``fit``), and until then ``params``,
         ``n_params`` and ``mean`` are None.
-    (the others as :class:`~laplace.baselaplace.BaseLaplace`; ``dict_key_x``
-    defaults to 'input_ids', as the Hugging Face batches it is meant for.)
+
+    Notes
+    -----
+    The other parameters are those of ``BaseLaplace``; ``dict_key_x`` defaults to
+    'input_ids', as the Hugging Face batches it is meant for.
     """
 
     def __init__(
@@ -190,13 +193,13 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
         progress_bar: bool = False,
     ) -> None:
         """Fit the Laplace approximation of the last layer at the current weights
-        (see :meth:`ParametricLaplace.fit`); the last layer is found on the first
+        (see ``ParametricLaplace.fit``); the last layer is found on the first
         batch unless it was named."""
         super().fit(train_loader, override=override, progress_bar=progress_bar)
 
     # -- features and the closed-form predictive -----------------------------------
     def _feature_variance(self, phi: Tensor, mode: str) -> Tensor:
-        """``J P^-1 J^T`` from the features (:mod:`laplace.predictive.last_layer`)."""
+        """``J P^-1 J^T`` from the features (``laplace.predictive.last_layer``)."""
         form = self._posterior
         layer = self.model.last_layer
         if isinstance(form, DensePrecision):
@@ -260,7 +263,7 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
 
 class FullLLLaplace(LLLaplace, FullLaplace):
     """Last-layer Laplace with a dense posterior precision ``(P, P)`` over the last
-    layer (see :class:`LLLaplace` and :class:`~laplace.parametric.FullLaplace`)."""
+    layer (see ``LLLaplace`` and ``laplace.parametric.FullLaplace``)."""
 
     key = ("last_layer", "full")
 
@@ -268,7 +271,7 @@ class FullLLLaplace(LLLaplace, FullLaplace):
 class KronLLLaplace(LLLaplace, KronLaplace):
     """Last-layer Laplace with a Kronecker-factored precision: ``G (x) A`` for the
     weight (``C x C`` and ``D x D``), ``G`` for the bias; ``damping`` as in
-    :class:`~laplace.parametric.KronLaplace`."""
+    ``laplace.parametric.KronLaplace``."""
 
     key = ("last_layer", "kron")
 
@@ -311,7 +314,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
 
 class DiagLLLaplace(LLLaplace, DiagLaplace):
     """Last-layer Laplace with a diagonal posterior precision (see
-    :class:`LLLaplace` and :class:`~laplace.parametric.DiagLaplace`)."""
+    ``LLLaplace`` and ``laplace.parametric.DiagLaplace``)."""
 
     key = ("last_layer", "diag")
 
@@ -321,7 +324,7 @@ class FunctionalLLLaplace(LastLayerMixin, FunctionalLaplace):
     features, ``K_c(x, x') = (phi^T phi' + 1) / p0`` for every output ``c`` (no
     cross-output terms, so the GP is ``C`` independent ones of ``M x M`` whatever
     ``independent_outputs`` says). See
-    :class:`~laplace.functional.BaseFunctionalLaplace` and :class:`LLLaplace`.
+    ``laplace.functional.BaseFunctionalLaplace`` and ``LLLaplace``.
     """
 
     key = ("last_layer", "gp")

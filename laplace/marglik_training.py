@@ -6,8 +6,8 @@ estimation for model selection in deep learning*. Training alternates between
 1. MAP steps on the weights with the current hyperparameters (prior precision
    ``p0`` and, for regression, observation noise ``sigma``): a minibatch estimate of
    the negative log joint of the tempered posterior that Laplace approximates,
-   :math:`\ell(\theta) / (\sigma^2 T) + \tfrac12 \theta^\top \mathrm{diag}(p_0)\theta`
-   with :math:`\ell` the summed loss of DESIGN.md section 3;
+   $\ell(\theta) / (\sigma^2 T) + \tfrac12 \theta^\top \mathrm{diag}(p_0)\theta$
+   with $\ell$ the summed loss of DESIGN.md section 3;
 2. every ``marglik_frequency`` epochs after a burn-in, a Laplace fit at the current
    weights and ``n_hypersteps`` Adam steps on ``log p0`` (and ``log sigma``) that
    increase the Laplace evidence ``la.log_marginal_likelihood(p0, sigma)``.
@@ -82,16 +82,17 @@ def marglik_training(
     r"""Train ``model`` and tune its prior precision (and noise) by the evidence.
 
     **MAP steps.** With ``N`` training data, the summed loss
-    :math:`\ell = \sum_n \ell_n` (``0.5 * ||f - y||^2`` for regression, the
+    $\ell = \sum_n \ell_n$ (``0.5 * ||f - y||^2`` for regression, the
     cross-entropy otherwise), ``gamma = 1/2`` for regression and ``1`` otherwise,
     each batch ``B`` of ``M`` data takes an optimizer step on
 
-    .. math::
+    $$
         J_B(\theta) = \frac{\sigma^2 T}{\gamma N}\Big[\frac{N}{M}
         \sum_{n \in B} \frac{\ell_n(\theta)}{\sigma^2 T}
         + \tfrac12 \theta^\top \mathrm{diag}(p_0)\, \theta\Big]
         = \frac{1}{\gamma M} \sum_{n \in B} \ell_n(\theta)
         + \frac{\sigma^2 T}{2 \gamma N} \theta^\top \mathrm{diag}(p_0)\, \theta,
+    $$
 
     an unbiased estimate of the tempered negative log joint scaled so that its data
     term is the batch mean of the squared error summed over outputs (regression) or
@@ -132,7 +133,7 @@ def marglik_training(
         other weights keep it (a fixed weight decay) while the last layer's prior is
         tuned.
     backend : subclass of CurvatureInterface, optional
-        curvature backend; ``None`` means :class:`~laplace.curvature.CurvlinopsGGN`
+        curvature backend; ``None`` means ``laplace.curvature.CurvlinopsGGN``
         (laplace-torch defaults to ``AsdlGGN``; ours is the library's default
         backend and supports every structure and mapping batches).
     optimizer_cls : type of torch.optim.Optimizer, default=torch.optim.Adam
@@ -160,7 +161,7 @@ def marglik_training(
     sigma_noise_init : float, default=1
         initial observation noise (regression only; ignored otherwise).
     temperature : float, default=1
-        the likelihood is tempered as in :class:`~laplace.baselaplace.BaseLaplace`
+        the likelihood is tempered as in ``laplace.baselaplace.BaseLaplace``
         (curvature divided by ``T``), and so is the MAP objective above, whose mode
         the Laplace approximation is then centred at.
     fix_sigma_noise : bool, default=False
@@ -473,7 +474,7 @@ def _batches(loader, s: _Settings, dict_key_x, dict_key_y, device, epoch):
 
 
 class _MapObjective:
-    """The batch objective ``J_B`` of :func:`marglik_training` and the batch size."""
+    """The batch objective ``J_B`` of ``marglik_training`` and the batch size."""
 
     def __init__(self, s: _Settings, N: int, dict_key_x: str) -> None:
         self.lik: OutputLikelihood = get_likelihood(s.likelihood)

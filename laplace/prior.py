@@ -1,17 +1,17 @@
 """Gaussian prior precision: its three structures, their expansion, and tuning.
 
 The prior is ``N(mu_0, diag(p_0)^-1)`` over the ``P`` parameters that require grad.
-Its precision is given in one of three structures (:class:`PriorStructure`):
+Its precision is given in one of three structures (``PriorStructure``):
 
 - ``scalar``: a tensor of shape ``(1,)``, the same precision for every parameter;
 - ``layerwise``: shape ``(L,)``, one precision per parameter tensor ("layer");
 - ``diag``: shape ``(P,)``, one precision per parameter.
 
 Everything downstream works with the expanded diagonal ``p_0`` of shape ``(P,)``;
-:func:`expand_prior_precision` is the one place that builds it, so gradients w.r.t.
+``expand_prior_precision`` is the one place that builds it, so gradients w.r.t.
 the structured precision flow through it.
 
-Tuning (:func:`tune_by_marglik`, :func:`tune_by_gridsearch`) works on any Laplace
+Tuning (``tune_by_marglik``, ``tune_by_gridsearch``) works on any Laplace
 object through its public evidence and predictive; the object supplies the parts that
 do not depend on the prior precision so that they are computed once.
 """

@@ -6,11 +6,11 @@ the selected entries only, computed without a ``(P, P)`` matrix or ``(N, C, P)``
 Jacobian (only the selected columns of the per-example vectors are formed). Every
 other weight stays at its MAP value: in samples, in both predictives and in the
 evidence, whose scatter and log determinant run over ``S``. Select the entries with
-the masks of :mod:`laplace.utils.subnetmask`.
+the masks of ``laplace.utils.subnetmask``.
 
 Indices, ``mean`` and samples refer to the flattened vector of **all** the model's
 parameters, ``parameters_to_vector(model.parameters())``, the numbering of the masks
-(:mod:`laplace.utils.subnetmask`); selected entries must require grad. (With frozen
+(``laplace.utils.subnetmask``); selected entries must require grad. (With frozen
 parameters laplace-torch numbers its subnetwork by the trainable ones only, and its
 masks by all: here both use all.)
 """
@@ -49,7 +49,7 @@ class SubnetLaplace(ParametricLaplace):
         follow their order.
     sigma_noise, prior_precision, prior_mean, temperature, backend, backend_kwargs,
     asdl_fisher_kwargs, enable_backprop, dict_key_x, dict_key_y
-        as :class:`~laplace.baselaplace.BaseLaplace`; the prior precision may be a
+        as ``laplace.baselaplace.BaseLaplace``; the prior precision may be a
         scalar, one value per parameter tensor or one per weight (all weights; the
         entries of ``S`` are used); "all" counts every parameter of the model.
 
@@ -249,7 +249,7 @@ class SubnetLaplace(ParametricLaplace):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a fitted state of the same subnetwork (see
-        :meth:`ParametricLaplace.load_state_dict`)."""
+        ``ParametricLaplace.load_state_dict``)."""
         idx = state_dict.get("subnetwork_indices")
         if idx is None or not torch.equal(idx.cpu(), self.subnetwork_indices.cpu()):
             raise ValueError(
@@ -261,7 +261,7 @@ class SubnetLaplace(ParametricLaplace):
 
 class FullSubnetLaplace(SubnetLaplace, FullLaplace):
     """Subnetwork Laplace with a dense precision ``(S, S)`` over the selected
-    weights (see :class:`SubnetLaplace`)."""
+    weights (see ``SubnetLaplace``)."""
 
     key = ("subnetwork", "full")
 
@@ -272,7 +272,7 @@ class FullSubnetLaplace(SubnetLaplace, FullLaplace):
 
 class DiagSubnetLaplace(SubnetLaplace, DiagLaplace):
     """Subnetwork Laplace with a diagonal precision ``(S,)`` over the selected
-    weights (see :class:`SubnetLaplace`)."""
+    weights (see ``SubnetLaplace``)."""
 
     key = ("subnetwork", "diag")
 

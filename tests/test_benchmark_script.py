@@ -15,7 +15,7 @@ def test_curvature_benchmark_quick_run(tmp_path):
     proc = subprocess.run(
         [
             *(sys.executable, str(script), "--quick", "--only", only + "CurvlinopsGGN"),
-            *("--output", str(tmp_path)),  # leave benchmarks/output/ alone
+            *("--output", str(tmp_path / "curvature.md")),  # not benchmarks/output/
         ],
         capture_output=True,
         text=True,

@@ -183,6 +183,7 @@ def test_predicting_or_tuning_before_fit_is_refused(structure):
         lambda: la.log_marginal_likelihood(),
         lambda: la.optimize_prior_precision(),
         lambda: la.posterior_precision,
+        lambda: la.state_dict(),
     ]:
         with pytest.raises(RuntimeError, match="not fitted: call fit"):
             call()

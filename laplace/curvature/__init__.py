@@ -1,8 +1,8 @@
 """Curvature backends.
 
-Each backend is a :class:`CurvatureInterface`; what it supports is declared on the
+Each backend is a ``CurvatureInterface``; what it supports is declared on the
 class (``supported_structures``, ``supports_dict_inputs``) and tabulated by
-:func:`support_table`. Optional libraries are imported when a backend is used, so a
+``support_table``. Optional libraries are imported when a backend is used, so a
 missing library never breaks ``import laplace``.
 """
 

@@ -70,7 +70,10 @@ class AsdlInterface(CurvatureInterface):
     fisher_kwargs : dict, optional
         extra arguments of ASDL's ``FisherConfig`` (``asdl_fisher_kwargs`` of the
         Laplace classes), for example ``{"ignore_modules": [...]}``.
-    (the others as :class:`CurvatureInterface`)
+
+    Notes
+    -----
+    The other parameters are those of ``CurvatureInterface``.
     """
 
     supports_dict_inputs = True
@@ -85,7 +88,7 @@ class AsdlInterface(CurvatureInterface):
     def _run(self, x: Inputs, y: torch.Tensor, shape: str, target=None):
         """Run ASDL's maker for ``shape`` on one batch; return ``(module, maker,
         loss)`` with the results left on ``module`` and its submodules. ``target``
-        is :meth:`_target` of ``x`` when the caller has it already."""
+        is ``_target`` of ``x`` when the caller has it already."""
         module, inputs = target or self._target(x)
         key = (id(module), shape)
         makers = self.__dict__.setdefault("_makers", {})

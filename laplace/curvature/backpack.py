@@ -14,7 +14,7 @@ must be built from modules BackPACK knows (for anything else use Curvlinops, the
 default). Mapping (dict) batches are not supported.
 
 BackPACK works with ``torch.nn.MSELoss``, whose GGN is twice ours (DESIGN.md
-section 3), so its results are multiplied by :attr:`factor` (``factor**2`` for
+section 3), so its results are multiplied by ``factor`` (``factor**2`` for
 gradients). For ``Conv2d``, BackPACK's ``KFLR`` sums the backpropagated factor over
 the output positions before the outer product (the *reduce* flavour of KFAC), and
 its input factor sums over positions; the latter is brought to the canonical mean
@@ -51,7 +51,7 @@ def _backpack():
 
 
 class BackPackInterface(CurvatureInterface):
-    """Interface for the BackPACK backend (arguments as :class:`CurvatureInterface`)."""
+    """Interface for the BackPACK backend (arguments as ``CurvatureInterface``)."""
 
     supports_dict_inputs = False
 
@@ -60,9 +60,9 @@ class BackPackInterface(CurvatureInterface):
     ) -> torch.Tensor:
         """One forward and backward pass with BackPACK ``extensions`` active.
 
-        The results stay on the parameters (read them with :meth:`_collect`);
+        The results stay on the parameters (read them with ``_collect``);
         returns the summed loss of DESIGN.md section 3. ``target`` is
-        :meth:`_target` of ``x`` when the caller has it already.
+        ``_target`` of ``x`` when the caller has it already.
         """
         bp = _backpack()
         module, inputs = target or self._target(x)

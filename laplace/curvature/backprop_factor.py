@@ -3,10 +3,11 @@ r"""Exact outer-product curvatures from a backpropagated factor of the output He
 The GGN, the Monte-Carlo Fisher and the empirical Fisher of a summed loss all take the
 form
 
-.. math::
+$$
     H = \sum_n \sum_k v_{nk} v_{nk}^\top, \qquad v_{nk} = J_n^\top M_n[:, k],
+$$
 
-with :math:`J_n` the Jacobian ``(C, P)`` of the network output for datum ``n`` and a
+with $J_n$ the Jacobian ``(C, P)`` of the network output for datum ``n`` and a
 factor ``M`` of shape ``(N, C, K)``: a square root of the output Hessian (GGN), sampled
 loss gradients (MC Fisher) or the loss gradient itself (EF, ``K = 1``).
 
@@ -424,7 +425,7 @@ def kfac_factors(model: nn.Module, params: Sequence[nn.Parameter], x, factor_fn)
     With the layer input ``a`` (patches for a convolution, ``T`` positions) and the
     backpropagated columns ``g_k`` of the output-Hessian factor ``M``:
     ``G = sum_{n,k,t} g_{nkt} g_{nkt}^T`` and ``A_sum = sum_n (1/T) sum_t a_{nt}
-    a_{nt}^T`` (the canonical form of :mod:`laplace.curvature.kron_assembly`).
+    a_{nt}^T`` (the canonical form of ``laplace.curvature.kron_assembly``).
 
     Returns
     -------

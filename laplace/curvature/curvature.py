@@ -5,7 +5,7 @@ DESIGN.md section 3 with respect to the parameters that require grad (or the las
 layer's, or a subnetwork's), in one of three structures:
 
 - ``full``: a dense ``(P, P)`` matrix;
-- ``kron``: a :class:`~laplace.utils.matrix.Kron` with one factor pair per layer;
+- ``kron``: a ``laplace.utils.matrix.Kron`` with one factor pair per layer;
 - ``diag``: its diagonal ``(P,)``.
 
 Each method returns ``(loss, H)`` with ``loss`` the summed loss of the batch.
@@ -43,7 +43,7 @@ class CurvatureInterface:
         'reward_modeling'}; reward modeling uses the classification curvature.
     last_layer : bool, default=False
         only the parameters of the last ``nn.Linear`` layer (the model is wrapped in a
-        :class:`FeatureExtractor` unless it is one).
+        ``FeatureExtractor`` unless it is one).
     subnetwork_indices : torch.LongTensor, optional
         indices into the flattened parameter vector; ``full`` and ``diag`` then return
         the curvature of these entries only.
@@ -282,7 +282,7 @@ def last_layer_jacobian(layer: nn.Linear, phi: torch.Tensor) -> torch.Tensor:
 
 class _OuterProductCurvature(CurvatureInterface):
     """Full and diagonal curvature as ``sum_nk v_nk v_nk^T`` with ``v = J^T M``
-    (see :mod:`laplace.curvature.backprop_factor`); subclasses choose ``M``."""
+    (see ``laplace.curvature.backprop_factor``); subclasses choose ``M``."""
 
     def _output_factor(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -297,7 +297,7 @@ class _OuterProductCurvature(CurvatureInterface):
 
     def last_layer_moments(self, module: nn.Linear, phi: torch.Tensor, y):
         """For a linear last layer on features ``phi`` ``(N, D)``: the outputs, the
-        summed loss, and the output moments of :meth:`_output_moments`; with them the
+        summed loss, and the output moments of ``_output_moments``; with them the
         diagonal and KFAC curvature need no ``(N, C, K)`` factor (3,000 classes)."""
         with torch.no_grad():
             f = module(phi)

@@ -3,10 +3,10 @@
 - ``kron`` of the GGN/EF (type-2 Fisher = exact GGN factors, Monte-Carlo with
   ``stochastic=True``, empirical for the EF): the same factors as Curvlinops'
   ``KFACLinearOperator`` from one batched backward pass of the output-Hessian factor
-  (:func:`~laplace.curvature.backprop_factor.kfac_factors`); for models outside that
+  (``laplace.curvature.backprop_factor.kfac_factors``); for models outside that
   route (a layer called twice) Curvlinops' ``KFACLinearOperator`` itself;
 - ``full`` and ``diag`` of the GGN/EF: one backward pass of a factor of the output
-  Hessian (:mod:`laplace.curvature.backprop_factor`), exact and far cheaper than
+  Hessian (``laplace.curvature.backprop_factor``), exact and far cheaper than
   multiplying Curvlinops' ``GGNLinearOperator`` with ``P`` unit vectors;
 - ``full`` and ``diag`` of the Hessian: Curvlinops' ``HessianLinearOperator``
   applied to blocks of unit vectors.
@@ -98,7 +98,7 @@ class CurvlinopsInterface(CurvatureInterface):
 
     def _kron_by_backprop(self, module, inputs, y, params, layers, N: int):
         """KFAC from one batched backward pass of the output-Hessian factor of the
-        GGN / MC Fisher / EF (:func:`backprop_factor.kfac_factors`): the factors of
+        GGN / MC Fisher / EF (``backprop_factor.kfac_factors``): the factors of
         Curvlinops' ``KFACLinearOperator`` without its per-column passes. ``None``
         when the model is outside that route (then Curvlinops computes them)."""
         if not isinstance(self, _OuterProductCurvature):

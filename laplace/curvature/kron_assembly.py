@@ -9,7 +9,7 @@ normalization:
 - ``A_sum``: the input-side factor summed over the batch and averaged over positions,
   ``sum_n (1/T) sum_t a_{nt} a_{nt}^T``.
 
-:func:`assemble_kron` then averages the input side over the ``N`` points of the data
+``assemble_kron`` then averages the input side over the ``N`` points of the data
 set, so that a batch of ``M`` contributes ``M/N`` of its batch mean, and orders the
 blocks as the parameters: a weight gets ``[G, A_sum / N]`` (``kron(G, A)`` is its
 block in row-major order) and a bias gets ``[G]``. Adding the ``Kron`` of all batches
@@ -61,7 +61,7 @@ class LayerFactors:
     """The two KFAC factors of one layer for one batch, as a backend reports them.
 
     ``g_scale * G`` and ``a_scale * A`` must be the canonical ``G`` and ``A_sum``
-    above; :func:`assemble_kron` applies the scales in place, so the tensors must be
+    above; ``assemble_kron`` applies the scales in place, so the tensors must be
     the caller's to give away. ``A`` is None for a layer whose weight is frozen.
     """
 
@@ -82,7 +82,7 @@ def assemble_kron(
     Parameters
     ----------
     params : the parameters, in model order
-    layers : ``(name, module)`` pairs from :func:`kfac_layers`
+    layers : ``(name, module)`` pairs from ``kfac_layers``
     factors : ``{name: LayerFactors}``, brought to the canonical normalization by
         their scales (in place)
     N : number of data points of the whole data set

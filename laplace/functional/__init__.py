@@ -1,10 +1,10 @@
 """The GP (function-space) view of the linearized network: FunctionalLaplace.
 
-- :mod:`~laplace.functional.kernel`: Jacobian inner products ``J J'^T`` from
+- ``laplace.functional.kernel``: Jacobian inner products ``J J'^T`` from
   backpropagated factors, without forming Jacobians;
-- :mod:`~laplace.functional.gp`: the symmetric system ``I + L^1/2 K L^1/2`` and its
+- ``laplace.functional.gp``: the symmetric system ``I + L^1/2 K L^1/2`` and its
   Cholesky and spectral factorizations;
-- :mod:`~laplace.functional.base`: the classes.
+- ``laplace.functional.base``: the classes.
 """
 
 from laplace.functional.base import BaseFunctionalLaplace, FunctionalLaplace

@@ -18,8 +18,8 @@ done in that GP on ``M = n_subset`` training data drawn without replacement (as
   Laplace quantities of the GGN with diagonal output Hessians (for regression: the
   GGN itself, so FullLaplace's).
 
-The linear algebra is :mod:`laplace.functional.gp`; the kernel blocks come from
-:mod:`laplace.functional.kernel` without forming Jacobians.
+The linear algebra is ``laplace.functional.gp``; the kernel blocks come from
+``laplace.functional.kernel`` without forming Jacobians.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ class BaseFunctionalLaplace(BaseLaplace):
     likelihood : {'classification', 'regression'}
     n_subset : int
         number of training data the GP is conditioned on (at most the size of the
-        training set); drawn reproducibly from ``seed`` in :meth:`fit`.
+        training set); drawn reproducibly from ``seed`` in ``fit``.
     sigma_noise, prior_precision, prior_mean, temperature, enable_backprop,
     dict_key_x, dict_key_y
-        as :class:`~laplace.baselaplace.BaseLaplace`; the prior precision is a
+        as ``laplace.baselaplace.BaseLaplace``; the prior precision is a
         scalar (the kernel is ``J J^T / p0``).
     backend : a GGN backend class, optional
         the GP view is the GGN's: EF and Hessian backends are refused. The kernel
@@ -439,7 +439,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         progress_bar: bool = False,
     ) -> None:
         """Tune the scalar prior precision (see
-        :meth:`BaseLaplace.optimize_prior_precision`) with the GP predictive.
+        ``BaseLaplace.optimize_prior_precision``) with the GP predictive.
 
         'marglik' works on the spectrum of the kernel system (one eigenvalue
         decomposition, then ``O(M C)`` per step); 'gridsearch' rotates the
@@ -571,7 +571,7 @@ class BaseFunctionalLaplace(BaseLaplace):
 
 class FunctionalLaplace(BaseFunctionalLaplace):
     """GP inference in the linearized network over all weights that require grad
-    (see :class:`BaseFunctionalLaplace`)."""
+    (see ``BaseFunctionalLaplace``)."""
 
     key = ("all", "gp")
 

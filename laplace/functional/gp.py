@@ -6,9 +6,10 @@ precision is ``L = l D``: ``D`` the diagonal of the output Hessians (ones for
 regression), ``l`` the likelihood scale. Every posterior quantity needs
 ``(K + L^-1)^-1``; with ``L^1/2`` it is ``L^1/2 B^-1 L^1/2`` where
 
-.. math::
+$$
     B = I + L^{1/2} K L^{1/2} = I + c S, \qquad S = D^{1/2} G D^{1/2},
     \qquad c = l / p_0 .
+$$
 
 ``B`` has eigenvalues ``>= 1``: its Cholesky factor exists and is well conditioned,
 and ``D`` is never inverted (it vanishes for confident classifications). ``S`` does
@@ -83,7 +84,7 @@ class KernelSystem:
         return vectors.mT @ Z
 
     def scale_rotated(self, c: Tensor, Z_rotated: Tensor) -> Tensor:
-        """:meth:`whiten` of a rotated ``Z``: ``diag(1 + c s)^-1/2 U^T Z``."""
+        """``whiten`` of a rotated ``Z``: ``diag(1 + c s)^-1/2 U^T Z``."""
         values = self._eigenvalues
         return Z_rotated * torch.rsqrt(1 + c * values)[..., None]
 

@@ -4,18 +4,19 @@ The kernel of the GP view is ``k(x, x') = J(x) P0^-1 J(x')^T`` (scalar prior:
 ``J J^T / p0``). For a parameter of an ``nn.Linear`` layer the Jacobian of output
 ``c`` at datum ``n`` is ``g_{cn} a_n^T`` (weight) and ``g_{cn}`` (bias), with ``a_n``
 the layer input and ``g_{cn}`` the derivative of output ``c`` w.r.t. the layer
-output (:func:`~laplace.curvature.backprop_factor.backprop_to_layers`). So
+output (``laplace.curvature.backprop_factor.backprop_to_layers``). So
 
-.. math::
+$$
     \langle J_{cn}, J'_{dm} \rangle_{\text{layer}}
     = (g_{cn}^\top g'_{dm}) \, (a_n^\top a'_m + 1):
+$$
 
 one ``(N C, out) @ (out, M C)`` and one ``(N, in) @ (in, M)`` product per layer
 instead of ``(N C, P) @ (P, M C)``, and never the ``(N, C, P)`` Jacobian. A layer
 whose weight is shared over positions (``nn.Conv2d``) keeps its per-example weight
 Jacobian ``(N, C, out * in)``; a model with other parameters uses the Jacobian from
-``torch.func`` for all of them. A :class:`JacobianSet` holds either form for a set
-of inputs; :func:`gram` and :meth:`JacobianSet.self_blocks` give the inner
+``torch.func`` for all of them. A ``JacobianSet`` holds either form for a set
+of inputs; ``gram`` and ``JacobianSet.self_blocks`` give the inner
 products, ordered datum-major ``(n, c)`` -- or, for independent outputs, only the
 ``c = d`` blocks, shape ``(C, N, M)``.
 """
@@ -267,7 +268,7 @@ def jacobian_set(
     create_graph: bool = False,
     output_layer: nn.Module | None = None,
 ) -> tuple[Tensor, JacobianSet]:
-    """Outputs ``(N, C)`` and the :class:`JacobianSet` of ``model`` at ``x``.
+    """Outputs ``(N, C)`` and the ``JacobianSet`` of ``model`` at ``x``.
 
     ``output_layer``: a layer whose output is the network output (a last layer
     applied to features ``x``); its output gradients are the identity and are not

@@ -3,7 +3,7 @@ r"""ParametricLaplace: a Gaussian ``N(theta_MAP, P^-1)`` over the treated weight
 The posterior precision is ``P = factor * H + diag(p0)`` with ``H`` the curvature of
 the summed training loss, ``factor = 1 / (sigma_noise^2 * temperature)`` and ``p0``
 the prior precision. A subclass says how ``H`` is stored and accumulated and which
-:class:`~laplace.parametric.precision.PrecisionForm` represents ``P``; everything else
+``laplace.parametric.precision.PrecisionForm`` represents ``P``; everything else
 (evidence terms, ``log_prob``, sampling, the functional variance and both
 predictives, serialization) is written once here in terms of that form.
 """
@@ -36,20 +36,20 @@ Tensor = torch.Tensor
 class GLMTerms:
     """What the GLM predictive at some inputs needs that the prior does not change:
     the outputs and either the Jacobian factors in the eigenbasis of the posterior
-    (:mod:`laplace.predictive.glm`), the Jacobians ``(N, C, P)`` or the last-layer
+    (``laplace.predictive.glm``), the Jacobians ``(N, C, P)`` or the last-layer
     features."""
 
     f: Tensor
     factors: list | None = None
     J: Tensor | None = None
-    #: last-layer features ``(N, D)`` (:mod:`laplace.lllaplace`)
+    #: last-layer features ``(N, D)`` (``laplace.lllaplace``)
     features: Tensor | None = None
 
 
 class ParametricLaplace(BaseLaplace):
     """Laplace approximation with a posterior precision over the treated weights.
 
-    See :class:`~laplace.baselaplace.BaseLaplace` for the parameters. Subclasses
+    See ``laplace.baselaplace.BaseLaplace`` for the parameters. Subclasses
     implement ``_init_H``, ``_curvature_batch``, ``_add_curvature`` and
     ``_build_form``.
     """
@@ -343,6 +343,7 @@ class ParametricLaplace(BaseLaplace):
 
     def state_dict(self) -> dict[str, Any]:
         """The fitted state as plain tensors, numbers and strings (no pickled code)."""
+        self._check_fitted("state_dict")
         return {
             "cls_name": type(self).__name__,
             "likelihood": self.likelihood.value,

@@ -13,7 +13,7 @@ Tensor = torch.Tensor
 
 class DiagLaplace(ParametricLaplace):
     """Laplace approximation with the diagonal of the curvature, ``P = factor *
-    diag(H) + diag(p0)``; see :class:`ParametricLaplace`."""
+    diag(H) + diag(p0)``; see ``ParametricLaplace``."""
 
     key = ("all", "diag")
 
@@ -33,7 +33,7 @@ class DiagLaplace(ParametricLaplace):
     @property
     def log_det_posterior_precision(self) -> Tensor:
         """``log det P``; for a scalar or layer-wise prior one fused pass per layer
-        (:func:`~laplace.utils.logdet.affine_log_sum`)."""
+        (``laplace.utils.logdet.affine_log_sum``)."""
         prior = self.prior_precision
         if prior.numel() not in (1, self.n_layers) or prior.numel() == self.n_params:
             return super().log_det_posterior_precision

@@ -12,7 +12,7 @@ Tensor = torch.Tensor
 
 class FullLaplace(ParametricLaplace):
     """Laplace approximation with a dense curvature ``H`` ``(P, P)`` (e.g. the GGN),
-    so ``P = factor * H + diag(p0)``; see :class:`ParametricLaplace`.
+    so ``P = factor * H + diag(p0)``; see ``ParametricLaplace``.
 
     For tuning a scalar prior precision (or the noise with a scalar prior), the log
     determinant comes from the eigenvalues of ``H``, computed once per fit:

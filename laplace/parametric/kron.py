@@ -16,9 +16,9 @@ Tensor = torch.Tensor
 
 class KronLaplace(ParametricLaplace):
     """Laplace approximation with a Kronecker-factored curvature: per parameter
-    tensor ``G (x) A`` (a dense block for biases), see :class:`~laplace.utils.Kron`.
+    tensor ``G (x) A`` (a dense block for biases), see ``laplace.utils.Kron``.
 
-    The factors are eigendecomposed once per fit (:class:`KronDecomposed`); the prior
+    The factors are eigendecomposed once per fit (``KronDecomposed``); the prior
     precision (a scalar or one value per parameter tensor) and the factor
     ``1 / (sigma^2 T)`` then act on the eigenvalues, so the evidence, its gradients
     and the predictive never refactorize.
@@ -29,7 +29,9 @@ class KronLaplace(ParametricLaplace):
         add the prior precision to the factors (``(G + sqrt(d)) (x) (A + sqrt(d))``)
         instead of to their product (``G (x) A + d``).
 
-    See :class:`ParametricLaplace` for the other parameters. ``fit(...,
+    Notes
+    -----
+    See ``ParametricLaplace`` for the other parameters. ``fit(...,
     override=False)`` adds output-side factors and averages input-side factors over
     all data seen, so fits on two halves equal one fit on the whole.
     """
@@ -133,7 +135,7 @@ class KronLaplace(ParametricLaplace):
     @property
     def log_det_posterior_precision(self) -> Tensor:
         """``log det P`` from the factors' eigenvalues, one pass per block
-        (:func:`~laplace.utils.logdet.affine_log_sum`)."""
+        (``laplace.utils.logdet.affine_log_sum``)."""
         K, c = self.H_decomposed, self._h_factor
         if not self.damping and self.prior_precision.numel() == 1:
             # every eigenvalue of P is c * h + d with the same d: one pass over all
@@ -162,7 +164,7 @@ class KronLaplace(ParametricLaplace):
 
     @property
     def posterior_precision(self) -> KronDecomposed:
-        """``P`` as a :class:`KronDecomposed`."""
+        """``P`` as a ``KronDecomposed``."""
         return self._posterior.K
 
     def _H_state(self) -> dict[str, Any]:

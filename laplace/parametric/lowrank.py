@@ -1,10 +1,10 @@
 r"""LowRankLaplace: ``P = factor * U diag(l) U^T + diag(p0)`` from the top eigenpairs.
 
 The eigenpairs of the curvature of the whole training set are computed matrix-free
-(block Lanczos or randomized subspace iteration, :func:`top_eigenpairs`) from
+(block Lanczos or randomized subspace iteration, ``top_eigenpairs``) from
 curvature-matrix products of Curvlinops' linear operators, which iterate over the
 data loader. Sampling, the functional variance and the log-determinant then use the
-Woodbury identities of :class:`~laplace.utils.lowrank.LowRankPlusDiagonal`: ``O(P k^2)``
+Woodbury identities of ``laplace.utils.lowrank.LowRankPlusDiagonal``: ``O(P k^2)``
 and no ``(P, P)`` matrix.
 """
 
@@ -38,16 +38,18 @@ class LowRankLaplace(ParametricLaplace):
     rank : int, default=20
         number of eigenpairs ``k`` kept.
     eig_method : {'lanczos', 'randomized'}, default='lanczos'
-        eigensolver of :func:`~laplace.utils.lowrank.top_eigenpairs`.
+        eigensolver of ``laplace.utils.lowrank.top_eigenpairs``.
     eig_kwargs : dict, optional
         further arguments of the eigensolver (``n_iter``, ``tol``, ``oversampling``,
         ``generator``).
 
+    Notes
+    -----
     The curvature is the one of ``backend``: the GGN (default; the Monte-Carlo Fisher
     with ``backend_kwargs={"stochastic": True}``), the empirical Fisher for EF
     backends, or the Hessian for Hessian backends (negative eigenvalues are clipped
     to 0). Its products come from Curvlinops whichever library the backend wraps.
-    See :class:`ParametricLaplace` for the other parameters.
+    See ``ParametricLaplace`` for the other parameters.
     """
 
     key = ("all", "lowrank")

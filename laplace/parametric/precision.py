@@ -1,6 +1,6 @@
 """Posterior precisions ``P = factor * H + diag(p0)`` behind one small interface.
 
-:class:`ParametricLaplace` never asks which structure it holds: every form below
+``ParametricLaplace`` never asks which structure it holds: every form below
 offers the same operations, each stated with its shapes, so that sampling, the
 functional variance, ``log_prob`` and the log-determinants are written once.
 
@@ -16,7 +16,7 @@ functional variance, ``log_prob`` and the log-determinants are written once.
 Forms that are block diagonal over the parameter tensors with a Kronecker eigenbasis
 per block (Kron and Diag) also give ``eigenbases()`` and ``inverse_eigenvalues()``, so
 that ``J P^-1 J^T`` can be formed layer by layer from the backpropagated factors of
-the Jacobian (:mod:`laplace.predictive.glm`) instead of from the Jacobian itself.
+the Jacobian (``laplace.predictive.glm``) instead of from the Jacobian itself.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class DiagPrecision(PrecisionForm):
 
 
 class KronPrecision(PrecisionForm):
-    """A :class:`KronDecomposed` (its deltas hold the prior precision)."""
+    """A ``KronDecomposed`` (its deltas hold the prior precision)."""
 
     def __init__(self, K: KronDecomposed) -> None:
         self.K = K
@@ -211,7 +211,7 @@ class KronPrecision(PrecisionForm):
 
 
 class LowRankPrecision(PrecisionForm):
-    """A :class:`LowRankPlusDiagonal` ``U diag(l) U^T + diag(p0)``."""
+    """A ``LowRankPlusDiagonal`` ``U diag(l) U^T + diag(p0)``."""
 
     def __init__(self, M: LowRankPlusDiagonal) -> None:
         self.M = M

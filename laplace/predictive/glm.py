@@ -2,19 +2,20 @@ r"""The functional variance ``J P^-1 J^T`` layer by layer, without the Jacobian.
 
 For a weight ``W`` ``(out, in)`` of a linear layer the Jacobian of output ``c`` is
 ``J_c = sum_t g_{ct} a_t^T`` (see
-:func:`~laplace.curvature.backprop_factor.jacobian_factors`).
+``laplace.curvature.backprop_factor.jacobian_factors``).
 If the posterior precision of ``W`` is ``(Q_out (x) Q_in) diag(lam) (Q_out (x) Q_in)^T``
 (KFAC in its eigenbasis, or a diagonal with identity bases) then, with the rotated
 factors ``g^ = g Q_out`` and ``a^ = a Q_in``,
 
-.. math::
+$$
     (J P^{-1} J^T)_{cd} = \sum_{o,i} \hat J_{c,oi} \hat J_{d,oi} / \lambda_{oi},
     \qquad \hat J_c = \sum_t \hat g_{ct} \hat a_t^T .
+$$
 
 Without weight sharing (``T = 1``) this is ``sum_o g^_co g^_do s_o`` with
 ``s = (a^ * a^) lam^-1^T``: memory ``O(N C out)`` per layer instead of the
 ``O(N C P)`` of the Jacobian. The rotation does not depend on the prior precision,
-so it is done once (:func:`rotate`) and reused, e.g. across a grid search.
+so it is done once (``rotate``) and reused, e.g. across a grid search.
 """
 
 from __future__ import annotations

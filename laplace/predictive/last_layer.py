@@ -9,10 +9,11 @@ Block forms (Kron, Diag): the weight's precision is
 ``(Q_out (x) Q_in) diag(lam) (Q_out (x) Q_in)^T`` (identities for Diag) and the
 bias's ``Q diag(mu) Q^T``. With the rotated features ``a = phi Q_in``,
 
-.. math::
+$$
     \mathrm{Cov}(f_{nc}, f_{md}) = \sum_o Q_{co} Q_{do}
         \Big(\sum_i a_{ni} a_{mi} / \lambda_{oi}\Big)
         + \sum_o Q^b_{co} Q^b_{do} / \mu_o ,
+$$
 
 so the variance of datum ``n`` is ``Q_out diag(s_n) Q_out^T + Q diag(1/mu) Q^T`` with
 ``s_n = (a_n * a_n) lam^-1^T`` ``(C,)``, and its diagonal needs no ``(C, C)`` matrix
@@ -131,7 +132,7 @@ def dense_layout(Sigma: Tensor, layer: nn.Linear) -> Tensor:
 def dense_variance(
     phi: Tensor, layer: nn.Linear, Sigma4: Tensor, mode: str = "full"
 ) -> Tensor:
-    """Functional (co)variance from the covariance in :func:`dense_layout`."""
+    """Functional (co)variance from the covariance in ``dense_layout``."""
     _check_mode(mode)
     pt = augmented(phi, layer)
     N, Dt = pt.shape

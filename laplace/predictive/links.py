@@ -9,19 +9,19 @@ with respect to the inputs of the network (e.g. for Bayesian optimisation).
 
 Every function also accepts ``f_var`` in diagonal form, shape ``(N, C)`` with
 ``diag(Sigma_i)`` in row ``i``; it stands for the covariance
-``torch.diag_embed(f_var)``, i.e. independent outputs. :func:`probit` reads only
+``torch.diag_embed(f_var)``, i.e. independent outputs. ``probit`` reads only
 the marginal variances, so both forms give the same result there; the bridges also
 use the row sums of the covariance (they condition on the logits summing to zero)
-and :func:`sample_outputs` uses the whole matrix, so for them the diagonal form is
+and ``sample_outputs`` uses the whole matrix, so for them the diagonal form is
 an approximation whenever the outputs are correlated.
 
 ========================  ===================================================
 name (``LinkApprox``)     function
 ========================  ===================================================
-``"probit"``              :func:`probit`
-``"bridge"``              :func:`bridge`
-``"bridge_norm"``         :func:`bridge_norm`
-``"mc"``                  :func:`mc_gaussian` (= :func:`mc` of :func:`sample_outputs`)
+``"probit"``              ``probit``
+``"bridge"``              ``bridge``
+``"bridge_norm"``         ``bridge_norm``
+``"mc"``                  ``mc_gaussian`` (= ``mc`` of ``sample_outputs``)
 ========================  ===================================================
 """
 
@@ -92,9 +92,10 @@ def marginal_variances(f_mu: Tensor, f_var: Tensor) -> Tensor:
 def probit(f_mu: Tensor, f_var: Tensor) -> Tensor:
     r"""Extended probit approximation of ``E[softmax(f)]``.
 
-    .. math::
+    $$
         p_{ik} = \operatorname{softmax}_k\left(
             \frac{\mu_{ik}}{\sqrt{1 + \frac{\pi}{8}\,\Sigma_{i,kk}}}\right)
+    $$
 
     Each logit is shrunk towards zero by its own marginal standard deviation;
     off-diagonal covariances are ignored.
@@ -124,23 +125,24 @@ def condition_sum_zero(f_mu: Tensor, f_var: Tensor) -> tuple[Tensor, Tensor]:
 
     The softmax is invariant to adding a constant to every logit, and the Laplace
     bridge is derived for Gaussians on the sum-zero subspace
-    :math:`\mathbf 1^\top f = 0`. With the row sums
-    :math:`r_i = \Sigma_i \mathbf 1` and :math:`s_i = \mathbf 1^\top \Sigma_i
-    \mathbf 1 = \operatorname{Var}[\mathbf 1^\top f_i]`, Gaussian conditioning gives
+    $\mathbf 1^\top f = 0$. With the row sums
+    $r_i = \Sigma_i \mathbf 1$ and $s_i = \mathbf 1^\top \Sigma_i
+    \mathbf 1 = \operatorname{Var}[\mathbf 1^\top f_i]$, Gaussian conditioning gives
 
-    .. math::
+    $$
         \mu'_i = \mu_i - r_i\,\frac{\mathbf 1^\top \mu_i}{s_i}, \qquad
         \Sigma'_{i,kk} = \Sigma_{i,kk} - \frac{r_{ik}^2}{s_i}.
+    $$
 
-    A row with :math:`s_i = 0` already has a deterministic sum (then
-    :math:`r_i = 0` too) and is returned unchanged.
+    A row with $s_i = 0$ already has a deterministic sum (then
+    $r_i = 0$ too) and is returned unchanged.
 
     Parameters
     ----------
     f_mu : torch.Tensor, shape (N, C)
     f_var : torch.Tensor, shape (N, C, C) or (N, C)
         covariance, or its diagonal (then the outputs are taken as independent and
-        :math:`r_i = \operatorname{diag}\Sigma_i`).
+        $r_i = \operatorname{diag}\Sigma_i$).
 
     Returns
     -------
@@ -162,14 +164,15 @@ def condition_sum_zero(f_mu: Tensor, f_var: Tensor) -> tuple[Tensor, Tensor]:
 def _bridge_log_alpha(mu: Tensor, var: Tensor) -> Tensor:
     r"""``log alpha`` of the Laplace bridge, in a form that cannot overflow.
 
-    With :math:`b_k = e^{\mu_k} \sum_l e^{-\mu_l} / C^2` and
-    :math:`a = 1 - 2/C`, :math:`\alpha_k = (a + b_k) / \Sigma_{kk}`, so
+    With $b_k = e^{\mu_k} \sum_l e^{-\mu_l} / C^2$ and
+    $a = 1 - 2/C$, $\alpha_k = (a + b_k) / \Sigma_{kk}$, so
 
-    .. math::
+    $$
         \log\alpha_k = \log b_k + \operatorname{log1p}(a / b_k) - \log\Sigma_{kk},
         \qquad \log b_k = \mu_k + \operatorname{logsumexp}_l(-\mu_l) - 2\log C.
+    $$
 
-    Since :math:`\operatorname{logsumexp}(-\mu) \ge -\mu_k`, :math:`b_k \ge 1/C^2`
+    Since $\operatorname{logsumexp}(-\mu) \ge -\mu_k$, $b_k \ge 1/C^2$
     and ``a / b_k`` lies in ``[0, C^2]``; nothing is exponentiated unboundedly.
     Variances are floored at the smallest positive normal number of the dtype, so a
     zero variance gives a huge but finite ``alpha``.
@@ -184,12 +187,13 @@ def _bridge_log_alpha(mu: Tensor, var: Tensor) -> Tensor:
 def dirichlet_from_gaussian(mu: Tensor, var: Tensor) -> Tensor:
     r"""The Laplace-bridge map from a Gaussian to Dirichlet parameters.
 
-    .. math::
+    $$
         \alpha_{ik} = \frac{1}{\Sigma_{i,kk}}\left(1 - \frac{2}{C}
             + \frac{e^{\mu_{ik}}}{C^2} \sum_{l=1}^{C} e^{-\mu_{il}}\right)
+    $$
 
     (the Gaussian-to-Dirichlet direction of the bridge of Hobbhahn, Kristiadi &
-    Hennig, 2022). This is the raw map; :func:`bridge` first conditions the
+    Hennig, 2022). This is the raw map; ``bridge`` first conditions the
     Gaussian on the sum-zero subspace.
 
     Parameters
@@ -212,15 +216,16 @@ def bridge(f_mu: Tensor, f_var: Tensor) -> Tensor:
 
     The bridge of Hobbhahn, Kristiadi & Hennig (2022) is stated for a Gaussian on
     the sum-zero subspace of the logits, so the Gaussian is first conditioned on
-    :math:`\mathbf 1^\top f = 0` (:func:`condition_sum_zero`, giving :math:`\mu'`
-    and :math:`\Sigma'_{kk}`) and then mapped to a Dirichlet with parameters
+    $\mathbf 1^\top f = 0$ (``condition_sum_zero``, giving $\mu'$
+    and $\Sigma'_{kk}$) and then mapped to a Dirichlet with parameters
 
-    .. math::
+    $$
         \alpha_{ik} = \frac{1}{\Sigma'_{i,kk}}\left(1 - \frac{2}{C}
             + \frac{e^{\mu'_{ik}}}{C^2} \sum_{l=1}^{C} e^{-\mu'_{il}}\right),
+    $$
 
     and the predictive probabilities are the Dirichlet mean
-    :math:`p_{ik} = \alpha_{ik} / \sum_l \alpha_{il}`. It is computed in log space
+    $p_{ik} = \alpha_{ik} / \sum_l \alpha_{il}$. It is computed in log space
     (``softmax(log alpha)``), which is exact and does not overflow for large logits.
     The full covariance matters through the conditioning; with a diagonal ``f_var``
     the outputs are taken as independent. This is the convention of laplace-torch
@@ -252,24 +257,26 @@ def bridge(f_mu: Tensor, f_var: Tensor) -> Tensor:
 def bridge_norm(f_mu: Tensor, f_var: Tensor) -> Tensor:
     r"""Laplace bridge after normalising the scale of the Gaussian.
 
-    A variant of :func:`bridge` that fixes the overall scale of the Gaussian before
+    A variant of ``bridge`` that fixes the overall scale of the Gaussian before
     mapping it to a Dirichlet. After conditioning on the sum-zero subspace
-    (:func:`condition_sum_zero`, giving :math:`\mu'` and :math:`\Sigma'_{kk}`), with
-    the mean conditional variance :math:`\bar\sigma^2_i = \frac1C\sum_k
-    \Sigma'_{i,kk}` and the scale
+    (``condition_sum_zero``, giving $\mu'$ and $\Sigma'_{kk}$), with
+    the mean conditional variance $\bar\sigma^2_i = \frac1C\sum_k
+    \Sigma'_{i,kk}$ and the scale
 
-    .. math::
+    $$
         s_i = \bar\sigma^2_i \,/\, \sqrt{C/2},
+    $$
 
     the Gaussian is rescaled as
 
-    .. math::
+    $$
         \tilde\mu_{ik} = \mu'_{ik} / \sqrt{s_i}, \qquad
         \tilde\Sigma_{i,kk} = \Sigma'_{i,kk} / s_i,
+    $$
 
-    so that the rescaled variances average to :math:`\sqrt{C/2}`, and the bridge
-    of :func:`bridge` (without a second conditioning) is applied to
-    :math:`(\tilde\mu, \tilde\Sigma)`. This is the convention of laplace-torch
+    so that the rescaled variances average to $\sqrt{C/2}$, and the bridge
+    of ``bridge`` (without a second conditioning) is applied to
+    $(\tilde\mu, \tilde\Sigma)$. This is the convention of laplace-torch
     0.3, checked numerically in ``tests/test_links.py``.
 
     Parameters
@@ -350,9 +357,10 @@ def sample_outputs(
 ) -> Tensor:
     r"""Reparameterised samples ``f = f_mu + L eps`` of ``N(f_mu, f_var)``.
 
-    .. math::
+    $$
         f^{(s)}_i = \mu_i + L_i\,\varepsilon^{(s)}_i, \qquad
         \varepsilon^{(s)}_i \sim \mathcal N(0, I_C), \qquad L_i L_i^\top = \Sigma_i.
+    $$
 
     ``L`` is the Cholesky factor, with jitter retries (and an ``eigh`` fallback) for
     covariances that are positive semi-definite but singular. With a diagonal
@@ -390,13 +398,14 @@ def sample_outputs(
 def mc(f_samples: Tensor) -> Tensor:
     r"""Monte-Carlo estimate of ``E[softmax(f)]`` from samples of the logits.
 
-    .. math::
+    $$
         p_{ik} \approx \frac{1}{S}\sum_{s=1}^{S} \operatorname{softmax}_k(f^{(s)}_i)
+    $$
 
     Parameters
     ----------
     f_samples : torch.Tensor, shape (S, N, C)
-        ``S`` samples of the logits, e.g. from :func:`sample_outputs` or from a
+        ``S`` samples of the logits, e.g. from ``sample_outputs`` or from a
         network evaluated at sampled parameters.
 
     Returns
@@ -415,15 +424,15 @@ def mc_gaussian(
     n_samples: int = 100,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """:func:`mc` of ``n_samples`` draws from :func:`sample_outputs`, shape (N, C)."""
+    """``mc`` of ``n_samples`` draws from ``sample_outputs``, shape (N, C)."""
     return mc(sample_outputs(f_mu, f_var, n_samples, generator))
 
 
 # -------------------------------------------------------------------- dispatch
 
-#: The link approximation for each :class:`~laplace.utils.enums.LinkApprox` value.
+#: The link approximation for each ``laplace.utils.enums.LinkApprox`` value.
 #: The closed forms take ``(f_mu, f_var)``; ``"mc"`` also takes ``n_samples`` and
-#: ``generator`` (see :data:`SAMPLING_LINKS`).
+#: ``generator`` (see ``SAMPLING_LINKS``).
 LINKS: dict[str, Callable[..., Tensor]] = {
     LinkApprox.PROBIT.value: probit,
     LinkApprox.BRIDGE.value: bridge,
@@ -431,7 +440,7 @@ LINKS: dict[str, Callable[..., Tensor]] = {
     LinkApprox.MC.value: mc_gaussian,
 }
 
-#: The links of :data:`LINKS` that draw samples.
+#: The links of ``LINKS`` that draw samples.
 SAMPLING_LINKS: frozenset[str] = frozenset({LinkApprox.MC.value})
 
 
@@ -443,7 +452,7 @@ def link(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Predictive class probabilities ``(N, C)`` under the link approximation
-    ``name`` (a :class:`~laplace.utils.enums.LinkApprox` or its string).
+    ``name`` (a ``laplace.utils.enums.LinkApprox`` or its string).
 
     ``n_samples`` and ``generator`` are used by ``"mc"`` only.
 

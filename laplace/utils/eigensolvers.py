@@ -1,10 +1,10 @@
 """Top eigenpairs of a symmetric PSD operator, matrix-free.
 
-:func:`top_eigenpairs` computes the ``k`` largest eigenpairs ``(l, U)`` of an operator
+``top_eigenpairs`` computes the ``k`` largest eigenpairs ``(l, U)`` of an operator
 given only as a closure ``X -> H X`` on blocks of vectors, by block Lanczos with full
 reorthogonalisation or by randomized subspace iteration, each finished with an exact
 Rayleigh-Ritz step. A low-rank Laplace approximation builds its precision
-(:class:`laplace.utils.lowrank.LowRankPlusDiagonal`) from them.
+(``laplace.utils.lowrank.LowRankPlusDiagonal``) from them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """String-valued enums for every option of the public API.
 
-Each enum subclasses :class:`str`, so ``HessianStructure.KRON == "kron"`` and every
-argument that takes an enum also takes its string. :func:`parse_enum` turns user
+Each enum subclasses ``str``, so ``HessianStructure.KRON == "kron"`` and every
+argument that takes an enum also takes its string. ``parse_enum`` turns user
 input into a member and fails with the list of valid values.
 """
 

@@ -3,10 +3,11 @@ r"""Log-determinants of ``c * H + d`` for fixed eigenvalues, fast to differentia
 While hyperparameters are tuned, the eigenvalues ``h`` of the curvature are fixed and
 only the scale ``c = 1 / (sigma^2 T)`` and the prior precision ``d`` change. Then
 
-.. math::
+$$
     \ell = \sum_i \log(c h_i + d), \qquad
     \frac{\partial \ell}{\partial d} = \sum_i \frac{1}{c h_i + d}, \qquad
     \frac{\partial \ell}{\partial c} = \frac{n - d\, \partial \ell / \partial d}{c},
+$$
 
 so one pass over the ``n`` eigenvalues gives the value and both derivatives, and the
 backward pass costs nothing. For a Kronecker block the eigenvalues are the outer

@@ -5,11 +5,11 @@ likelihood-scaled) curvature, ``H ~= U diag(l) U^T`` with ``U`` of shape ``(P, k
 and ``l >= 0`` of shape ``(k,)``, and adds a diagonal prior precision ``d > 0`` of
 shape ``(P,)``:
 
-.. math::
-
+$$
     \\mathbf{P} = U \\operatorname{diag}(l) U^\\top + \\operatorname{diag}(d).
+$$
 
-Nothing here forms a ``(P, P)`` matrix (except :meth:`LowRankPlusDiagonal.to_matrix`,
+Nothing here forms a ``(P, P)`` matrix (except ``LowRankPlusDiagonal.to_matrix``,
 meant for tests). With ``D = diag(d)``, ``L = diag(l)``, ``V = D^{-1} U`` (``(P, k)``)
 and ``M = U^T D^{-1} U`` (``(k, k)``), every operation uses
 
@@ -23,7 +23,7 @@ and ``M = U^T D^{-1} U`` (``(k, k)``), every operation uses
 Both cost ``O(P k^2)`` and are differentiable with respect to ``d``, ``l`` and ``U``,
 so a marginal likelihood can be optimised in the prior precision.
 
-:func:`~laplace.utils.eigensolvers.top_eigenpairs` (re-exported here) computes
+``laplace.utils.eigensolvers.top_eigenpairs`` (re-exported here) computes
 ``(l, U)`` matrix-free from a closure ``X -> H X``.
 """
 
@@ -51,7 +51,7 @@ class LowRankPlusDiagonal:
     * ``log det P = sum_i log d_i + log det(I_k + L M)`` (determinant lemma).
 
     All methods cost at most ``O(P k^2)`` (plus the size of their operand) and never
-    form a ``(P, P)`` matrix except :meth:`to_matrix`. ``U`` need not be orthonormal.
+    form a ``(P, P)`` matrix except ``to_matrix``. ``U`` need not be orthonormal.
     ``matmul``, ``solve``, ``inv_square_form``, ``inv_diag``, ``diag`` and ``logdet``
     are differentiable in ``U``, ``l`` and ``d`` (also at ``l_i = 0``); intermediate
     results are cached only when no autograd graph is being recorded through them.
@@ -164,7 +164,7 @@ class LowRankPlusDiagonal:
 
     def _sampling_factor(self) -> tuple[Tensor, Tensor, Tensor]:
         """``D^{-1/2}`` (``(P,)``), ``Z`` (``(P, r)``), ``c`` (``(r,)``) with
-        ``F = D^{-1/2} (I + Z diag(c) Z^T)``; see :meth:`inv_factor_matmul`."""
+        ``F = D^{-1/2} (I + Z diag(c) Z^T)``; see ``inv_factor_matmul``."""
 
         def compute() -> tuple[Tensor, Tensor, Tensor]:
             with torch.no_grad():
@@ -289,10 +289,10 @@ class LowRankPlusDiagonal:
         Then ``Z = Q V_s`` has orthonormal columns, ``I + W L W^T = I + Z diag(s)
         Z^T``, and
 
-        .. math::
-
+        $$
             F = D^{-1/2} \\left(I + Z \\operatorname{diag}(c) Z^\\top\\right),
             \\qquad c = (1 + s)^{-1/2} - 1,
+        $$
 
         is exact: ``F F^T = D^{-1/2} (I + Z diag(s) Z^T)^{-1} D^{-1/2} = P^{-1}``
         because ``(1 + c)^2 - 1 = -s / (1 + s)``. Setup ``O(P k^2)``, then
@@ -319,7 +319,7 @@ class LowRankPlusDiagonal:
     ) -> Tensor:
         """Exact draws from ``N(0, P^{-1})``: rows of ``(F eps)^T``, ``eps ~ N(0, I)``.
 
-        ``F`` is the factor of :meth:`inv_factor_matmul`, ``F F^T = P^{-1}``.
+        ``F`` is the factor of ``inv_factor_matmul``, ``F F^T = P^{-1}``.
 
         Parameters
         ----------

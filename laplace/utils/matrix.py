@@ -3,7 +3,7 @@
 A network with parameter tensors ("layers") ``theta_1, ..., theta_L`` gets a
 block-diagonal curvature ``H = blockdiag(H_1, ..., H_L)`` of size ``(P, P)``, with the
 blocks in ``model.parameters()`` order and each parameter flattened row-major (as
-:func:`torch.nn.utils.parameters_to_vector` does). A block is either
+``torch.nn.utils.parameters_to_vector`` does). A block is either
 
 * a Kronecker pair ``H_l = G (x) A``, with ``G`` of shape ``(p_out, p_out)`` on the
   output side and ``A`` of shape ``(p_in, p_in)`` on the input side, for a weight of
@@ -14,7 +14,7 @@ With row-major vectorisation, ``(G (x) A) vec(X) = vec(G X A^T)`` for ``X`` of s
 ``(p_out, p_in)``, so every product below works on the factors and never forms a
 Kronecker product, except in the ``to_matrix`` methods meant for testing.
 
-:class:`Kron` holds the factors; :class:`KronDecomposed` holds their eigenpairs plus
+``Kron`` holds the factors; ``KronDecomposed`` holds their eigenpairs plus
 additive ``deltas`` (e.g. a prior precision) and supports arbitrary real powers.
 """
 
@@ -219,7 +219,7 @@ class Kron:
         Parameters
         ----------
         damping : bool, default=False
-            Use the damped combination with deltas, see :class:`KronDecomposed`.
+            Use the damped combination with deltas, see ``KronDecomposed``.
 
         Returns
         -------
@@ -251,7 +251,7 @@ class Kron:
         W : torch.Tensor
             ``(batch, k, P)`` or ``(k, P)``.
         exponent : float, default=1
-            Must be 1; decompose first (:meth:`decompose`) for other powers.
+            Must be 1; decompose first (``decompose``) for other powers.
 
         Returns
         -------
@@ -299,7 +299,7 @@ class Kron:
 
 
 class KronDecomposed:
-    """Eigendecomposed :class:`Kron` plus additive per-block deltas.
+    """Eigendecomposed ``Kron`` plus additive per-block deltas.
 
     Block ``l`` with eigenpairs ``(Q_G, l_G), (Q_A, l_A)`` and delta ``d`` represents
     ``Q diag(lam) Q^T`` with ``Q = Q_G (x) Q_A`` and

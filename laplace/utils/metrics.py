@@ -12,11 +12,12 @@ __all__ = ["RunningNLLMetric"]
 class RunningNLLMetric(Metric):
     r"""Running negative log-likelihood of predicted class probabilities.
 
-    Accumulates over calls of :meth:`update`
+    Accumulates over calls of ``update``
 
-    .. math::
+    $$
         \mathrm{NLL} = \frac{1}{|\mathcal V|}\sum_{n \in \mathcal V} -\log p_{n, y_n},
         \qquad \mathcal V = \{n : y_n \neq \texttt{ignore\_index}\},
+    $$
 
     so the whole validation set never has to be held in memory. It is the default
     loss of ``optimize_prior_precision(method="gridsearch")`` for classification.
@@ -25,14 +26,14 @@ class RunningNLLMetric(Metric):
     ----------
     ignore_index : int, default=-100
         targets equal to this value are skipped, as in
-        :class:`torch.nn.CrossEntropyLoss`.
+        ``torch.nn.CrossEntropyLoss``.
     **kwargs
-        passed on to :class:`torchmetrics.Metric`.
+        passed on to ``torchmetrics.Metric``.
 
     Notes
     -----
     The inputs are *probabilities*, not logits: a probability of exactly zero on
-    the target gives an infinite NLL. :meth:`compute` returns ``nan`` when no
+    the target gives an infinite NLL. ``compute`` returns ``nan`` when no
     target has been counted.
     """
 

@@ -8,12 +8,12 @@ numbers weights the same way (and refuses entries of frozen parameters).
 
 Two families:
 
-- score-based (:class:`ScoreBasedSubnetMask`): one score per weight ``(n_params,)``,
+- score-based (``ScoreBasedSubnetMask``): one score per weight ``(n_params,)``,
   the ``n_params_subnet`` largest are selected (ties go to the lower index):
   random, magnitude ``|theta|``, diagonal-Laplace or diagonal-SWAG variance;
-- name-based: every weight of the named parameters (:class:`ParamNameSubnetMask`),
-  modules (:class:`ModuleNameSubnetMask`) or of the last ``nn.Linear``
-  (:class:`LastLayerSubnetMask`).
+- name-based: every weight of the named parameters (``ParamNameSubnetMask``),
+  modules (``ModuleNameSubnetMask``) or of the last ``nn.Linear``
+  (``LastLayerSubnetMask``).
 
 ``select(train_loader)`` computes the indices once and stores them in ``indices``;
 a mask selects only once (a second ``select`` raises, as in laplace-torch: make a new
@@ -64,7 +64,7 @@ class SubnetMask:
     ----------
     indices : torch.LongTensor ``(n_params_subnet,)``
         the selected entries of ``parameters_to_vector(model.parameters())``,
-        ascending, on the parameters' device; set by :meth:`select`.
+        ascending, on the parameters' device; set by ``select``.
     n_params : int
         the number of entries of that vector (all parameters, frozen ones too).
     """
@@ -86,7 +86,7 @@ class SubnetMask:
 
     @property
     def indices(self) -> torch.LongTensor:
-        """The selected indices ``(n_params_subnet,)``; needs :meth:`select`."""
+        """The selected indices ``(n_params_subnet,)``; needs ``select``."""
         if self._indices is None:
             raise RuntimeError(
                 f"{type(self).__name__}: the subnetwork is not selected yet; call "
@@ -96,7 +96,7 @@ class SubnetMask:
 
     @property
     def n_params_subnet(self) -> int:
-        """Number of selected weights (needs :meth:`select` for name-based masks)."""
+        """Number of selected weights (needs ``select`` for name-based masks)."""
         return len(self.indices)
 
     def select(self, train_loader: Iterable[Any] | None = None) -> torch.LongTensor:
@@ -173,7 +173,7 @@ class SubnetMask:
 class ScoreBasedSubnetMask(SubnetMask):
     """Select the ``n_params_subnet`` weights of largest score.
 
-    Subclasses implement :meth:`compute_param_scores`. A score of ``-inf`` marks a
+    Subclasses implement ``compute_param_scores``. A score of ``-inf`` marks a
     weight that cannot be selected.
 
     Parameters
@@ -200,7 +200,7 @@ class ScoreBasedSubnetMask(SubnetMask):
 
     @property
     def n_params_subnet(self) -> int:
-        """The number of weights to select (known before :meth:`select`)."""
+        """The number of weights to select (known before ``select``)."""
         return self._n_params_subnet
 
     def compute_param_scores(self, train_loader: Iterable[Any] | None) -> Tensor:
@@ -260,7 +260,7 @@ class LargestVarianceDiagLaplaceSubnetMask(ScoreBasedSubnetMask):
 
     Scores are ``diag_laplace_model.posterior_variance`` placed at the weights it
     treats (its ``params``: those that require grad, or the last layer for a
-    :class:`~laplace.DiagLLLaplace`); the other weights get ``-inf`` and are never
+    ``laplace.DiagLLLaplace``); the other weights get ``-inf`` and are never
     selected. An unfitted ``diag_laplace_model`` is fitted on ``train_loader``; a
     fitted one is used as it is (laplace-torch refits it on every ``select``).
 
@@ -324,7 +324,7 @@ class LargestVarianceDiagLaplaceSubnetMask(ScoreBasedSubnetMask):
 
 class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
     """The weights of largest diagonal-SWAG variance
-    (:func:`~laplace.utils.swag.fit_diagonal_swag_var`, with momentum 0.9 and weight
+    (``laplace.utils.swag.fit_diagonal_swag_var``, with momentum 0.9 and weight
     decay 3e-4).
 
     Parameters
@@ -450,9 +450,9 @@ class LastLayerSubnetMask(ModuleNameSubnetMask):
     model : torch.nn.Module
     last_layer_name : str, optional
         its name in ``model.named_modules()``. When omitted, it is found on the first
-        batch of the ``train_loader`` given to :meth:`select` (a forward pass: the
+        batch of the ``train_loader`` given to ``select`` (a forward pass: the
         ``nn.Linear`` that produces the output, see
-        :meth:`~laplace.utils.FeatureExtractor.find_last_layer`). laplace-torch
+        ``laplace.utils.FeatureExtractor.find_last_layer``). laplace-torch
         needs the loader even for a named layer; here it does not.
     """
 

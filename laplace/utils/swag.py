@@ -4,7 +4,7 @@ SWAG (Maddox et al., 2019) runs SGD from the trained weights and treats the iter
 as samples of the posterior; its diagonal part is the per-weight variance of the
 snapshots, ``var_i = E[theta_i^2] - E[theta_i]^2``. The subnetwork masks use it to
 pick the weights that are most uncertain
-(:class:`~laplace.utils.subnetmask.LargestVarianceSWAGSubnetMask`).
+(``laplace.utils.subnetmask.LargestVarianceSWAGSubnetMask``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def fit_diagonal_swag_var(
     ``f = snapshot_freq``, ``K = n_snapshots_total`` in all; the first is after one
     epoch, not the starting weights. The result is
 
-    .. math:: \mathrm{var}_i = \max\Big(\frac1K \sum_k \theta_{k,i}^2
-              - \Big(\frac1K \sum_k \theta_{k,i}\Big)^2,\ \text{min\_var}\Big),
+    $$
+        \mathrm{var}_i = \max\Big(\frac1K \sum_k \theta_{k,i}^2
+        - \Big(\frac1K \sum_k \theta_{k,i}\Big)^2,\ \text{min\_var}\Big),
+    $$
 
     accumulated over the snapshots as a running mean and running centred second
     moment (Welford's update: the same quantity without the cancellation of the two

@@ -1,0 +1,214 @@
+"""The benchmark report: one Markdown file from the outputs of every benchmark.
+
+``run_all.py`` runs the benchmarks; each writes a Markdown report and, for those
+against laplace-torch, the raw figures beside it (``NAME.json``). This module reads
+them back and writes ``benchmarks/REPORT.md``, which the documentation's benchmark
+page shows:
+
+1. a summary table with one row per workload: this library's default against
+   laplace-torch's default and against laplace-torch's fastest backend, in time and
+   in peak memory (ratios are laplace-torch / this library, so above 1 is better);
+2. each benchmark's own report, whole (every backend, the targets, the errors).
+
+A workload's result keys read ``phase|...|backend|side``; the backend field is
+optional (the GP benchmark has none). Rows are grouped by what precedes the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+#: (name, title) of the benchmarks, in the order of the report
+BENCHMARKS = (
+    ("curvature", "Curvature backends against their libraries"),
+    ("laplace", "All weights: Full, Kron and Diag Laplace"),
+    ("lllaplace", "Last layer"),
+    ("functional", "The GP view (FunctionalLaplace)"),
+    ("subnet", "Subnetworks and marglik_training"),
+)
+OURS, LT = "ours", "laplace-torch"
+BACKENDS = {"default", "CurvlinopsGGN", "BackPackGGN", "AsdlGGN"}
+PHASES = {
+    "fit": "fit",
+    "predictive": "glm predictive",
+    "marglik": "prior tuning by marglik",
+    "gridsearch": "prior tuning by grid search",
+    "gp": "fit + evidence + predictive",
+}
+TOKENS = (
+    (re.compile(r"^C(\d+)$"), "{} classes"),
+    (re.compile(r"^S(\d+)$"), "subnetwork of {} weights"),
+    (re.compile(r"^M(\d+)$"), "n_subset {}"),
+)
+
+
+@dataclass
+class Row:
+    benchmark: str
+    workload: str
+    ours_s: float | None
+    ours_mb: float | None
+    lt_s: float | None
+    lt_mb: float | None
+    #: laplace-torch's fastest backend on the workload, and its time
+    lt_fastest: tuple[str, float] | None
+    #: why laplace-torch's default has no time (a timeout, out of memory), if so
+    lt_failure: str | None
+
+
+def workload_label(fields: list[str]) -> str:
+    """``["fit", "C100", "kron"]`` -> ``"fit, 100 classes, kron"``."""
+    words = [PHASES.get(fields[0], fields[0])]
+    for field in fields[1:]:
+        for pattern, template in TOKENS:
+            m = pattern.match(field)
+            if m:
+                field = template.format(f"{int(m[1]):,}")
+                break
+        words.append(field)
+    return ", ".join(words)
+
+
+def split_key(key: str) -> tuple[tuple[str, ...], str | None, str]:
+    """``"fit|C100|kron|default|ours"`` -> ``(("fit", "C100", "kron"), "default",
+    "ours")``."""
+    *fields, side = key.split("|")
+    backend = fields.pop() if fields and fields[-1] in BACKENDS else None
+    return tuple(fields), backend, side
+
+
+def short_failure(error: str) -> str:
+    if "timed out" in error:
+        m = re.search(r"after (\d+)", error)
+        return f"> {m[1]} s (timed out)" if m else "timed out"
+    if any(s in error for s in ("memory", "MemoryError", "SIGKILL", "allocate")):
+        return "out of memory"
+    return "error"
+
+
+def rows_of(name: str, raw: dict) -> list[Row]:
+    """The summary rows of one benchmark's raw figures: one per workload that this
+    library ran with its default backend."""
+    groups: dict[tuple[str, ...], dict[tuple[str | None, str], dict]] = {}
+    for key, m in raw["results"].items():
+        fields, backend, side = split_key(key)
+        groups.setdefault(fields, {})[(backend, side)] = m
+    rows = []
+    for fields, runs in groups.items():
+        ours = runs.get(("default", OURS)) or runs.get((None, OURS))
+        if ours is None:
+            continue
+        lt = runs.get(("default", LT)) or runs.get((None, LT))
+        lt_ok = {
+            backend or "default": m["seconds"]
+            for (backend, side), m in runs.items()
+            if side == LT and not m["error"]
+        }
+        fastest = min(lt_ok.items(), key=lambda t: t[1]) if lt_ok else None
+        good = lt is not None and not lt["error"]
+        rows.append(
+            Row(
+                benchmark=name,
+                workload=workload_label(list(fields)),
+                ours_s=None if ours["error"] else ours["seconds"],
+                ours_mb=None if ours["error"] else ours["peak_mb"],
+                lt_s=lt["seconds"] if good else None,
+                lt_mb=lt["peak_mb"] if good else None,
+                lt_fastest=fastest,
+                lt_failure=short_failure(lt["error"]) if lt and lt["error"] else None,
+            )
+        )
+    return rows
+
+
+def fmt_s(s: float | None) -> str:
+    return "–" if s is None else f"{s:.3g} s"
+
+
+def fmt_mb(v: float | None) -> str:
+    return "–" if v is None else f"{v:,.0f} MB"
+
+
+def ratio(a: float | None, b: float | None, floor: float = 0.0) -> str:
+    """``a / b`` as a factor (``b`` clamped to ``floor``)."""
+    if a is None or b is None:
+        return "–"
+    r = a / max(b, floor) if max(b, floor) > 0 else float("inf")
+    if r == float("inf"):
+        return "–"
+    return f"{r:,.0f}×" if r >= 100 else f"{r:.2g}×"
+
+
+def summary_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| benchmark | workload | this library | laplace-torch (default) | speed-up "
+        "| laplace-torch (fastest backend) | speed-up vs fastest | peak memory, "
+        "this library / laplace-torch | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fastest = (
+            f"{fmt_s(r.lt_fastest[1])} ({r.lt_fastest[0]})" if r.lt_fastest else "–"
+        )
+        lt_time = r.lt_failure or fmt_s(r.lt_s)
+        if r.lt_failure and r.lt_failure.startswith(">") and r.ours_s:
+            seconds = float(re.search(r"\d+", r.lt_failure)[0])
+            speed_up = "> " + ratio(seconds, r.ours_s)
+        else:
+            speed_up = ratio(r.lt_s, r.ours_s)
+        memory = f"{fmt_mb(r.ours_mb)} / {fmt_mb(r.lt_mb)}"
+        lines.append(
+            f"| {r.benchmark} | {r.workload} | {fmt_s(r.ours_s)} | {lt_time} | "
+            f"{speed_up} | {fastest} | "
+            f"{ratio(r.lt_fastest[1] if r.lt_fastest else None, r.ours_s)} | "
+            f"{memory} | {ratio(r.lt_mb, r.ours_mb, floor=1.0)} |"
+        )
+    return lines
+
+
+def demote(markdown: str) -> str:
+    """Headings one level down, so a benchmark's report nests under the summary."""
+    return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.M)
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def write_report(output_dir: str, path: str, header: list[str]) -> str:
+    """Write the report of the benchmarks in ``output_dir`` to ``path`` (with the
+    lines ``header`` under its title) and return it."""
+    rows: list[Row] = []
+    sections: list[str] = []
+    for name, title in BENCHMARKS:
+        text = read(os.path.join(output_dir, f"{name}.md"))
+        raw = read(os.path.join(output_dir, f"{name}.json"))
+        if raw is not None:
+            rows += rows_of(name, json.loads(raw))
+        body = demote(text.strip()) if text else "_not run_"
+        sections += [f"## {title}", "", body, ""]
+    lines = ["# Benchmark report", "", *header, ""]
+    if rows:
+        lines += [
+            "## Summary",
+            "",
+            "Every workload this library ran with its default backend; ratios are "
+            "laplace-torch / this library (above 1: this library is faster or "
+            "smaller). Memory is the peak resident memory a run adds; under 1 MB "
+            "counts as 1 MB. The sections below give every backend and how each "
+            "workload is measured.",
+            "",
+            *summary_table(rows),
+            "",
+        ]
+    text = "\n".join(lines + sections).rstrip() + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
