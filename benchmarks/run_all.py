@@ -58,7 +58,8 @@ def lt_ready(python: str) -> str | None:
     if not os.path.exists(python):
         return f"{python} does not exist"
     probe = "import laplace, laplace.curvature; print(laplace.__file__)"
-    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    # -I: not the current folder on the path (in a checkout it holds our laplace)
+    proc = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True)
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or ["import failed"])[-1]
     if "site-packages" not in proc.stdout:  # this checkout's laplace, not theirs
