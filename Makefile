@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test test-fast format docs docs-serve bench bench-quick venv clean
+.PHONY: demo test test-fast format docs docs-serve gallery bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,16 @@ docs: $(STAMP)
 
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+# every example at its default size, its figure written where docs/examples.md shows it
+GALLERY := docs/assets/gallery
+gallery: $(STAMP)
+	mkdir -p $(GALLERY)
+	for example in regression calibration bayesopt calibration_gp marglik_training \
+			huggingface reward_modeling; do \
+		$(PY) examples/$${example}_example.py --out $(GALLERY)/$$example.png || exit 1; \
+	done
+	$(PY) examples/curvature_example.py
 
 # every benchmark, this library and laplace-torch 0.3 side by side (laplace-torch in
 # .lt-venv, which this builds); writes benchmarks/REPORT.md, shown by the docs

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from laplace import prior
-from laplace.curvature.curvature import CurvatureInterface
+from laplace.curvature.curvature import STRUCTURES, CurvatureInterface
 from laplace.data import Inputs, check_pairs, split_batch, to_device
 from laplace.predictive.links import link as apply_link
 from laplace.utils._checks import check_n_samples
@@ -61,8 +61,10 @@ class BaseLaplace:
         temperature of the likelihood; the curvature is divided by it.
     enable_backprop : bool, default=False
         keep the predictive differentiable w.r.t. the input ``x``.
-    dict_key_x, dict_key_y : str
-        keys of inputs and targets in mapping (dict-like) batches.
+    dict_key_x : str, default='input_ids'
+        key of the inputs in mapping (dict-like) batches.
+    dict_key_y : str, default='labels'
+        key of the targets in mapping (dict-like) batches.
     backend : subclass of CurvatureInterface, optional
         curvature backend; ``laplace.curvature.CurvlinopsGGN`` by default.
     backend_kwargs : dict, optional
@@ -106,6 +108,9 @@ class BaseLaplace:
         self.enable_backprop = bool(enable_backprop)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self._backend_cls = check_backend(backend)
+        structure = getattr(type(self), "key", (None, None))[1]
+        if structure in STRUCTURES:  # refused now rather than at fit
+            self._backend_cls._check_structure(structure)
         self.backend_kwargs = dict(backend_kwargs or {})
         self.asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
         self._backend: CurvatureInterface | None = None

@@ -170,8 +170,10 @@ def marglik_training(
         show a progress bar over epochs with the loss and the evidence.
     enable_backprop : bool, default=False
         passed to the Laplace approximation (a predictive differentiable in ``x``).
-    dict_key_x, dict_key_y : str
-        keys of inputs and targets in mapping batches.
+    dict_key_x : str, default='input_ids'
+        key of the inputs in mapping (dict-like) batches.
+    dict_key_y : str, default='labels'
+        key of the targets in mapping (dict-like) batches.
     callback : callable, optional
         ``callback(epoch, la)`` after each hyperparameter phase, with ``la`` fitted at
         that epoch's weights and holding the hyperparameters of the last evidence

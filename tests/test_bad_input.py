@@ -83,3 +83,14 @@ def _call(backend, structure, x, y):
     if structure == "kron":
         return backend.kron(x, y, N=max(len(y), 1))
     return getattr(backend, structure)(x, y)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_a_backend_without_the_structure_is_refused_when_the_laplace_is_built(subset):
+    from laplace import Laplace
+    from laplace.curvature import BackPackEF, CurvlinopsHessian
+
+    for backend in (CurvlinopsHessian, BackPackEF):
+        with pytest.raises(ValueError, match="cannot compute the 'kron'") as err:
+            Laplace(model("mlp"), "classification", subset, "kron", backend=backend)
+        assert "backends that can: CurvlinopsGGN" in str(err.value)

@@ -47,8 +47,10 @@ class CurvatureInterface:
     subnetwork_indices : torch.LongTensor, optional
         indices into the flattened parameter vector; ``full`` and ``diag`` then return
         the curvature of these entries only.
-    dict_key_x, dict_key_y : str
-        keys of inputs and targets when batches are mappings.
+    dict_key_x : str, default='input_ids'
+        key of the inputs when batches are mappings.
+    dict_key_y : str, default='labels'
+        key of the targets when batches are mappings.
 
     Attributes
     ----------
@@ -129,14 +131,16 @@ class CurvatureInterface:
                 f"Targets of shape {tuple(y.shape)} do not match a batch of {n} inputs."
             )
 
-    def _check_structure(self, structure: str) -> None:
-        if structure not in self.supported_structures:
+    @classmethod
+    def _check_structure(cls, structure: str) -> None:
+        """Refuse a structure this backend cannot compute, naming those that can."""
+        if structure not in cls.supported_structures:
             from laplace.curvature import backends_supporting
 
             others = ", ".join(backends_supporting(structure)) or "none"
             raise ValueError(
-                f"{type(self).__name__} cannot compute the {structure!r} structure "
-                f"(it supports {sorted(self.supported_structures)}); backends that "
+                f"{cls.__name__} cannot compute the {structure!r} structure "
+                f"(it supports {sorted(cls.supported_structures)}); backends that "
                 f"can: {others}."
             )
 

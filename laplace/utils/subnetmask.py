@@ -336,8 +336,10 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
     swag_n_snapshots : int, default=40
     swag_snapshot_freq : int, default=1
     swag_lr : float, default=0.01
-    dict_key_x, dict_key_y : str, default='input_ids', 'labels'
-        keys of mapping batches.
+    dict_key_x : str, default='input_ids'
+        key of the inputs in mapping (dict-like) batches.
+    dict_key_y : str, default='labels'
+        key of the targets in mapping (dict-like) batches.
     """
 
     def __init__(

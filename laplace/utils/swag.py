@@ -88,8 +88,10 @@ def fit_diagonal_swag_var(
         ``>= 0``.
     min_var : float, default=1e-30
         lower clamp of the variances, ``>= 0``.
-    dict_key_x, dict_key_y : str, default='input_ids', 'labels'
-        keys of the inputs and targets in mapping batches.
+    dict_key_x : str, default='input_ids'
+        key of the inputs in mapping (dict-like) batches.
+    dict_key_y : str, default='labels'
+        key of the targets in mapping (dict-like) batches.
 
     Returns
     -------
