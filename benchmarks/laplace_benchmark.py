@@ -284,7 +284,8 @@ def workloads() -> dict:
 
 # -- the worker: pick the library of its side ------------------------------------------
 def _is_ours(path: str) -> bool:
-    return os.path.abspath(path).startswith(ROOT + os.sep)
+    # this checkout's package (not anything under ROOT: .lt-venv lies there too)
+    return os.path.abspath(path).startswith(os.path.join(ROOT, "laplace") + os.sep)
 
 
 def select_library(side: str) -> None:
