@@ -40,6 +40,8 @@ PHASES = {
     "gridsearch": "prior tuning by grid search",
     "gp": "fit + evidence + predictive",
 }
+#: phases named otherwise in one benchmark
+PHASES_OF = {"subnet": {"marglik": "marglik_training, 5 epochs"}}
 TOKENS = (
     (re.compile(r"^C(\d+)$"), "{} classes"),
     (re.compile(r"^S(\d+)$"), "subnetwork of {} weights"),
@@ -61,9 +63,10 @@ class Row:
     lt_failure: str | None
 
 
-def workload_label(fields: list[str]) -> str:
+def workload_label(fields: list[str], benchmark: str = "") -> str:
     """``["fit", "C100", "kron"]`` -> ``"fit, 100 classes, kron"``."""
-    words = [PHASES.get(fields[0], fields[0])]
+    phases = {**PHASES, **PHASES_OF.get(benchmark, {})}
+    words = [phases.get(fields[0], fields[0])]
     for field in fields[1:]:
         for pattern, template in TOKENS:
             m = pattern.match(field)
@@ -114,7 +117,7 @@ def rows_of(name: str, raw: dict) -> list[Row]:
         }
         fastest = min(lt_ok.items(), key=lambda t: t[1]) if lt_ok else None
         good = lt is not None and not lt["error"]
-        label = workload_label(list(fields))
+        label = workload_label(list(fields), name)
         if backend not in (None, "default"):
             label += f" ({backend} on both sides)"
         rows.append(

@@ -15,8 +15,8 @@
    documentation's benchmark page shows that file.
 
 A full run takes about an hour and a half on a 2-core machine, most of it spent
-waiting for laplace-torch. ``--quick`` is a smoke run on small data (a few
-minutes); ``--reuse-lt`` measures only this library and takes laplace-torch's figures
+waiting for laplace-torch. ``--quick`` is a smoke run on small data (half an
+hour); ``--reuse-lt`` measures only this library and takes laplace-torch's figures
 from the previous run of each benchmark; ``--only NAME`` runs some benchmarks.
 """
 
@@ -173,12 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             failed.append(name)
     minutes = (time.time() - started) / 60
+    command = " ".join(["python benchmarks/run_all.py", *(argv or sys.argv[1:])])
     header = [
-        f"Made by `make bench` (`python benchmarks/run_all.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip()
-        + f"`) on {datetime.date.today()}, in {minutes:.0f} minutes, on "
-        f"{platform.machine()} with {os.cpu_count()} CPU cores; each benchmark's "
-        f"section names the commit it measured.",
+        f"Made by `make bench` (`{command}`) on {datetime.date.today()}, in "
+        f"{minutes:.0f} minutes, on {platform.machine()} with {os.cpu_count()} CPU "
+        "cores; each benchmark's section names the commit it measured.",
         "",
         f"- {lt_note}.",
     ]
