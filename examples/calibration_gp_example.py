@@ -11,8 +11,8 @@ steps:
      weight-space precision;
 3. tune each one's prior precision by its marginal likelihood;
 4. compare the MAP and both predictives (probit link) on held-out data: accuracy,
-   negative log-likelihood (NLL) and expected calibration error (ECE, 10 bins of
-   confidence).
+   negative log-likelihood (NLL), Brier score and expected calibration error (ECE,
+   10 bins of confidence; the metrics are those of ``examples/_calibration.py``).
 
 It prints a table and saves a reliability diagram (accuracy against confidence per
 bin, one panel per method) to a PNG file whose path it prints. Runs in about ten
@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -36,10 +35,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 
-matplotlib.use("Agg")  # draw into files only: no display needed
+# The modules shared by the examples live next to this file. ``python examples/...``
+# puts this folder on the import path, runpy (which the tests use) does not: do it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _calibration import evaluate, save_reliability_diagram  # noqa: E402
+from _common import add_common_arguments, torch_threads  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "output" / "calibration_gp_example.png"
 N_CLASSES = 3
-N_BINS = 10
 
 
 # ----------------------------------------------------------------------------------
@@ -78,38 +81,6 @@ def train(model: nn.Module, loader: DataLoader, epochs: int) -> None:
 
 
 # ----------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------
-
-
-def calibration_bins(probs: torch.Tensor, y: torch.Tensor):
-    """Per confidence bin: mean confidence, accuracy and count."""
-    confidence, prediction = probs.max(dim=1)
-    correct = (prediction == y).to(probs.dtype)
-    edges = torch.linspace(1 / N_CLASSES, 1, N_BINS + 1)
-    which = torch.bucketize(confidence, edges[1:-1])
-    bins = []
-    for b in range(N_BINS):
-        mask = which == b
-        n = int(mask.sum())
-        if n:
-            bins.append(
-                (float(confidence[mask].mean()), float(correct[mask].mean()), n)
-            )
-        else:
-            bins.append((float(edges[b : b + 2].mean()), float("nan"), 0))
-    return bins
-
-
-def evaluate(probs: torch.Tensor, y: torch.Tensor) -> dict:
-    bins = calibration_bins(probs, y)
-    ece = sum(n * abs(acc - conf) for conf, acc, n in bins if n) / len(y)
-    nll = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
-    accuracy = (probs.argmax(1) == y).float().mean().item()
-    return {"accuracy": accuracy, "nll": nll, "ece": ece, "bins": bins}
-
-
-# ----------------------------------------------------------------------------------
 # The two Laplace approximations
 # ----------------------------------------------------------------------------------
 
@@ -121,39 +92,6 @@ def fit_and_tune(model, train_loader, structure: str, n_subset: int, steps: int)
     la.fit(train_loader)
     la.optimize_prior_precision(method="marglik", n_steps=steps, lr=0.1)
     return la, time.perf_counter() - start
-
-
-def save_diagram(results: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4))
-    width = (1 - 1 / N_CLASSES) / N_BINS
-    for ax, (name, r) in zip(axes, results.items()):
-        filled = [(b, conf, acc) for b, (conf, acc, n) in enumerate(r["bins"]) if n]
-        centers = [1 / N_CLASSES + width * (b + 0.5) for b, _, _ in filled]
-        accs = [acc for _, _, acc in filled]
-        confs = [conf for _, conf, _ in filled]
-        ax.bar(centers, accs, width=width, edgecolor="k", label="accuracy")
-        ax.bar(  # from accuracy to mean confidence, whichever is larger
-            centers,
-            [abs(c - a) for c, a in zip(confs, accs)],
-            bottom=[min(c, a) for c, a in zip(confs, accs)],
-            width=width,
-            color="tab:red",
-            alpha=0.35,
-            label="gap to mean confidence",
-        )
-        ax.plot([1 / N_CLASSES, 1], [1 / N_CLASSES, 1], "k--", lw=1)
-        ax.set(
-            xlim=(1 / N_CLASSES, 1),
-            ylim=(0, 1),
-            xlabel="confidence",
-            title=f"{name}\nNLL {r['nll']:.3f}, ECE {r['ece']:.3f}",
-        )
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def parse_args(argv):
@@ -169,13 +107,18 @@ def parse_args(argv):
     parser.add_argument(
         "--tune-steps", type=int, default=100, help="marglik steps of each prior"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG path")
+    add_common_arguments(parser, DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the example; returns the scores of each method (the rows of the table)."""
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     x, y = make_spirals(args.n_train, args.noise, g)
@@ -197,15 +140,19 @@ def main(argv: list[str] | None = None) -> dict:
         results[name]["prior_precision"] = la.prior_precision.item()
         timings[name] = seconds
 
-    print(f"{'method':<24}{'accuracy':>10}{'NLL':>8}{'ECE':>8}  prior precision")
+    print(
+        f"{'method':<24}{'accuracy':>10}{'NLL':>8}{'Brier':>8}{'ECE':>8}"
+        "  prior precision"
+    )
     for name, r in results.items():
         prior = f"{r['prior_precision']:.3g}" if "prior_precision" in r else "-"
         print(
-            f"{name:<24}{r['accuracy']:>10.3f}{r['nll']:>8.3f}{r['ece']:>8.3f}  {prior}"
+            f"{name:<24}{r['accuracy']:>10.3f}{r['nll']:>8.3f}{r['brier']:>8.3f}"
+            f"{r['ece']:>8.3f}  {prior}"
         )
     for name, seconds in timings.items():
         print(f"{name}: fit and prior tuning in {seconds:.2f} s")
-    save_diagram(results, args.out)
+    save_reliability_diagram(results, args.out)
     print(f"reliability diagram written to {args.out}")
     return results
 

@@ -20,9 +20,12 @@ download needed):
    fitted over the trainable parameters only (``subset_of_weights="all"`` covers the
    parameters with ``requires_grad=True``).
 
-For each model it prints the test accuracy, negative log-likelihood (NLL) and
-expected calibration error (ECE) of the MAP network and of the Laplace predictive
-(linearized, "glm", with the probit approximation).
+For each model it prints the test accuracy, negative log-likelihood (NLL), Brier
+score and expected calibration error (ECE, 10 bins of confidence) of the MAP network
+and of the Laplace predictive (linearized, "glm", with the probit approximation),
+and saves their reliability diagrams (accuracy against confidence, one panel per
+model) to a PNG file whose path it prints. The metrics and the diagrams are those
+of ``examples/_calibration.py``.
 
 Run with ``python examples/huggingface_example.py`` (``--help`` for the options).
 It runs in well under a minute on a laptop CPU.
@@ -31,8 +34,10 @@ It runs in well under a minute on a laptop CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import UserDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,6 +45,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from laplace import Laplace
 
+# The modules shared by the examples live next to this file. ``python examples/...``
+# puts this folder on the import path, runpy (which the tests use) does not: do it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _calibration import evaluate, save_reliability_diagram  # noqa: E402
+from _common import add_common_arguments, torch_threads  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "output" / "huggingface_example.png"
 PAD, SIGNAL = 0, 3  # token 0 pads the sequences; token 3 decides the class
 LABEL_NOISE = 0.1  # fraction of flipped labels: the best accuracy is about 90%
 
@@ -174,29 +186,6 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float) -> float
 # ----------------------------------------------------------------------------------
 
 
-def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
-    """Expected calibration error: confidence vs accuracy over equal-width bins."""
-    confidence, predicted = probs.max(-1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    error = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (confidence > lo) & (confidence <= hi)
-        if inside.any():
-            gap = (confidence[inside].mean() - correct[inside].mean()).abs()
-            error += inside.float().mean().item() * gap.item()
-    return error
-
-
-def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    nll = -probs.clamp_min(1e-12).log().gather(1, labels[:, None]).mean()
-    return {
-        "accuracy": (probs.argmax(-1) == labels).float().mean().item(),
-        "nll": nll.item(),
-        "ece": ece(probs, labels),
-    }
-
-
 @torch.no_grad()
 def map_probs(model: nn.Module, loader: DataLoader) -> torch.Tensor:
     return torch.cat([model(batch).softmax(-1) for batch in loader])
@@ -217,14 +206,14 @@ def labels_of(loader: DataLoader) -> torch.Tensor:
     return torch.cat([batch["labels"] for batch in loader])
 
 
-def row(name: str, result: dict[str, float]) -> str:
+def row(name: str, result: dict) -> str:
     return (
         f"  {name:<26} accuracy {result['accuracy']:.3f}   NLL {result['nll']:.4f}   "
-        f"ECE {result['ece']:.4f}"
+        f"Brier {result['brier']:.4f}   ECE {result['ece']:.4f}"
     )
 
 
-def fit_laplace(model, loader, test_loader, **kwargs) -> dict[str, float]:
+def fit_laplace(model, loader, test_loader, **kwargs) -> dict:
     """Fit, tune the prior precision by marglik, and score a Laplace approximation."""
     clock = time.perf_counter()
     la = Laplace(
@@ -236,7 +225,7 @@ def fit_laplace(model, loader, test_loader, **kwargs) -> dict[str, float]:
     )
     la.fit(loader)
     la.optimize_prior_precision(method="marglik")
-    result = scores(laplace_probs(la, test_loader), labels_of(test_loader))
+    result = evaluate(laplace_probs(la, test_loader), labels_of(test_loader))
     result["prior_precision"] = float(la.prior_precision.mean())
     result["n_params"] = int(la.n_params)
     result["seconds"] = time.perf_counter() - clock
@@ -260,25 +249,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=8, help="training epochs")
     parser.add_argument("--peft-epochs", type=int, default=2, help="PEFT epochs")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (tiny model: 1 is best)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Run the example; returns the scores it prints, per model."""
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Run the example; returns the scores it prints (and the confidence bins of
+    the diagrams), per model."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def run(args: argparse.Namespace) -> dict[str, dict]:
     start = time.perf_counter()
     torch.manual_seed(args.seed)  # initial weights
 
@@ -309,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         f"parameters, {args.epochs} epochs: last batch loss {loss:.3f} "
         f"({time.perf_counter() - clock:.1f} s)\n"
     )
-    results = {"map": scores(map_probs(model, test_loader), labels_of(test_loader))}
+    results = {"map": evaluate(map_probs(model, test_loader), labels_of(test_loader))}
 
     # 3. Last-layer Laplace over the head, with two Hessian structures. The loader
     #    gives mappings: dict_key_x names the tensor that counts the examples,
@@ -350,7 +333,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         f"parameters), {args.peft_epochs} epochs: last batch loss {loss:.3f} "
         f"({time.perf_counter() - clock:.1f} s)"
     )
-    results["peft_map"] = scores(map_probs(model, test_loader), labels_of(test_loader))
+    results["peft_map"] = evaluate(
+        map_probs(model, test_loader), labels_of(test_loader)
+    )
     results["peft_diag"] = fit_laplace(
         model,
         train_loader,
@@ -367,7 +352,19 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         f"({results['peft_diag']['seconds']:.1f} s)"
     )
 
-    print(f"\ntotal time: {time.perf_counter() - start:.1f} s")
+    # 5. The reliability diagrams.
+    save_reliability_diagram(
+        {
+            "MAP": results["map"],
+            "Laplace last layer kron": results["last_layer_kron"],
+            "Laplace last layer diag": results["last_layer_diag"],
+            "PEFT MAP": results["peft_map"],
+            "PEFT Laplace diag": results["peft_diag"],
+        },
+        args.out,
+    )
+    print(f"\nreliability diagrams written to {args.out}")
+    print(f"total time: {time.perf_counter() - start:.1f} s")
     return results
 
 

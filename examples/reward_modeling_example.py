@@ -21,7 +21,10 @@ origin, trains an MLP reward model on them, fits Laplace approximations (over th
 last layer, Kronecker-factored and exact; over all weights, diagonal) with their
 prior precision tuned by marginal likelihood, and prints a table of the predicted
 reward's standard deviation in distribution and farther and farther from the
-training data, where it grows.
+training data, where it grows. It saves a figure of the same to a PNG file whose
+path it prints: the mean predicted std against the distance from the origin, for
+each approximation, and a map of the std of the exact last-layer one over the
+plane, with the training items.
 
 Run with ``python examples/reward_modeling_example.py`` (``--help`` for the options).
 It runs in a few seconds on a laptop CPU.
@@ -30,14 +33,25 @@ It runs in a few seconds on a laptop CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 
+# The modules shared by the examples live next to this file. ``python examples/...``
+# puts this folder on the import path, runpy (which the tests use) does not: do it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_arguments, torch_threads  # noqa: E402
+
+matplotlib.use("Agg")  # draw into files only: no display needed
+DEFAULT_OUT = Path(__file__).resolve().parent / "output" / "reward_modeling_example.png"
 DIM = 2  # the items are points in the plane ...
 SPREAD = 1.0  # ... drawn from N(0, SPREAD**2 I) for training
 OOD_RADII = (3.0, 6.0, 12.0)  # test rings far from the training data
@@ -128,6 +142,58 @@ def pair_accuracy(model: nn.Module, pairs: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------
+# Figure
+# ----------------------------------------------------------------------------------
+
+
+def reward_std(la, x: torch.Tensor) -> torch.Tensor:
+    """The std (n,) of the predicted reward of the single items ``x`` (n, DIM)."""
+    with torch.no_grad():
+        _, f_var = la(x)
+    return f_var.reshape(-1).sqrt()
+
+
+def save_figure(approximations: dict, pairs, out: Path, generator) -> None:
+    """Two panels: the mean predicted reward std on circles of growing radius, one
+    curve per approximation, and a map of the std of ``"last_layer full"`` over the
+    plane with (some of) the training items on it."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    radii = torch.linspace(0, max(OOD_RADII), 25)
+    for name, la in approximations.items():
+        stds = [reward_std(la, ring(200, float(r), generator)).mean() for r in radii]
+        left.plot(radii, stds, marker="o", ms=3, label=name)
+    left.axvspan(0, 2 * SPREAD, color="0.85", label="most training items (|x| < 2)")
+    left.set(
+        xlabel="distance |x| from the origin",
+        ylabel="mean predicted reward std",
+        yscale="log",
+        title="The reward's uncertainty grows away from the training data",
+    )
+    left.legend(fontsize=8)
+
+    extent = max(OOD_RADII) * 0.75
+    grid = torch.linspace(-extent, extent, 121)
+    g1, g2 = torch.meshgrid(grid, grid, indexing="xy")
+    points = torch.stack([g1, g2], dim=-1).reshape(-1, DIM)
+    std = reward_std(approximations["last_layer full"], points)
+    image = right.contourf(g1, g2, std.reshape(g1.shape).log10(), levels=20)
+    fig.colorbar(image, ax=right, label="log10 predicted reward std")
+    items = pairs[:300].reshape(-1, DIM)
+    right.scatter(items[:, 0], items[:, 1], s=3, c="w", alpha=0.6, label="items")
+    right.set(
+        xlabel="$x_1$",
+        ylabel="$x_2$",
+        aspect="equal",
+        title="Predicted reward std, last layer full",
+    )
+    right.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------
 
@@ -139,10 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32, help="hidden layer width")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (tiny model: 1 is best)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
@@ -151,12 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     approximation ("last_layer kron", ...), its number of parameters, tuned prior
     precision and mean predicted reward std on each test set."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -202,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     #    Kronecker-factored and exact (full) over the last layer, diagonal over all
     #    the weights.
     results: dict[str, dict[str, float]] = {}
+    approximations = {}
     for subset, structure in CONFIGS:
         clock = time.perf_counter()
         la = Laplace(
@@ -222,6 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             result[name] = f_var.detach().reshape(-1).sqrt().mean().item()
         result["seconds"] = time.perf_counter() - clock
         results[f"{subset} {structure}"] = result
+        approximations[f"{subset} {structure}"] = la
 
     # 5. The table: the predicted reward std grows away from the training data.
     #    The Kronecker factors treat the two items of a pair as two separate inputs
@@ -239,7 +300,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     ]:
         cells = "".join(f"{r[key]:>18{fmt}}" for r in results.values())
         print(f"  {label:<18}{cells}")
-    print(f"\ntotal time: {time.perf_counter() - start:.1f} s")
+
+    # 6. The figure.
+    save_figure(approximations, pairs, args.out, generator)
+    print(f"\nfigure written to {args.out}")
+    print(f"total time: {time.perf_counter() - start:.1f} s")
     return {"reward_model": {"loss": loss, "pair_accuracy": accuracy}, **results}
 
 

@@ -38,16 +38,22 @@ def test_batch_encoding_moves_to_a_device_as_a_new_mapping(huggingface):
     assert moved["labels"].tolist() == [1, 0]
 
 
-def test_huggingface_example(huggingface, capsys):
+def test_huggingface_example(huggingface, tmp_path, capsys):
     threads = torch.get_num_threads()
+    out = tmp_path / "huggingface.png"
     argv = ["--n-train", "400", "--n-test", "200", "--epochs", "6"]
-    result = huggingface["main"]([*argv, "--peft-epochs", "1", "--seed", "0"])
+    result = huggingface["main"](
+        [*argv, "--peft-epochs", "1", "--seed", "0", "--out", str(out)]
+    )
     printed = capsys.readouterr().out
 
     assert torch.get_num_threads() == threads  # restored after the run
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert f"reliability diagrams written to {out}" in printed
     for name in ("MAP", "Laplace last layer kron", "Laplace last layer diag"):
         assert f"  {name} " in printed
     assert "PEFT Laplace diag" in printed and "total time:" in printed
+    assert printed.count("Brier ") == 5  # one per model
 
     # the MAP network learned the task (about 90% is the best: 10% label noise)
     assert result["map"]["accuracy"] > 0.7
@@ -55,7 +61,8 @@ def test_huggingface_example(huggingface, capsys):
     for key in ("last_layer_kron", "last_layer_diag", "peft_diag"):
         map_key = "peft_map" if key == "peft_diag" else "map"
         la, map_ = result[key], result[map_key]
-        assert 0.0 <= la["ece"] <= 1.0
+        assert 0.0 <= la["ece"] <= 1.0 and 0.0 <= la["brier"] <= 2.0
+        assert sum(b.count for b in la["bins"]) == 200  # every test sequence
         assert la["accuracy"] >= map_["accuracy"] - 0.02
         assert la["nll"] < map_["nll"] + 0.1  # the Laplace predictive is not worse
         assert la["prior_precision"] > 0
@@ -70,11 +77,16 @@ def test_huggingface_example(huggingface, capsys):
     assert f"{peft['n_trainable']} of " in printed
 
 
-def test_reward_modeling_example(reward_modeling, capsys):
+def test_reward_modeling_example(reward_modeling, tmp_path, capsys):
+    out = tmp_path / "plots" / "reward.png"
     argv = ["--n-train", "1000", "--n-test", "200", "--epochs", "10"]
-    result = reward_modeling["main"]([*argv, "--width", "16", "--seed", "0"])
+    result = reward_modeling["main"](
+        [*argv, "--width", "16", "--seed", "0", "--out", str(out)]
+    )
     printed = capsys.readouterr().out
 
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert f"figure written to {out}" in printed
     assert "mean predicted reward std" in printed and "total time:" in printed
     assert result["reward_model"]["pair_accuracy"] > 0.85
     for subset, structure in reward_modeling["CONFIGS"]:
