@@ -886,3 +886,43 @@ def test_gridsearch_picks_the_grid_minimiser_of_the_validation_loss(structure):
         prior_structure="scalar",
     )
     assert_close(la.prior_precision, grid[best].reshape(1))
+
+
+def _eigvalsh_failing_in(monkeypatch, dtypes: tuple[torch.dtype, ...]) -> None:
+    """``torch.linalg.eigvalsh`` that does not converge for matrices of ``dtypes``."""
+    eigvalsh = torch.linalg.eigvalsh
+
+    def flaky(A):
+        if A.dtype in dtypes:
+            raise torch.linalg.LinAlgError("failed to converge")
+        return eigvalsh(A)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", flaky)
+
+
+def test_spectrum_is_retried_in_float64_where_float32_does_not_converge(monkeypatch):
+    from laplace.parametric.full import symmetric_eigenvalues
+
+    A = torch.randn(6, 6, dtype=DT)
+    H = (A @ A.T).float()
+    _eigvalsh_failing_in(monkeypatch, (torch.float32,))
+    lam = symmetric_eigenvalues(H)
+    assert lam.dtype == torch.float32
+    assert_close(lam.double(), torch.linalg.eigvalsh(A @ A.T), rtol=1e-5, atol=1e-5)
+    _eigvalsh_failing_in(monkeypatch, (torch.float32, torch.float64))
+    assert symmetric_eigenvalues(H) is False
+
+
+def test_full_evidence_without_a_spectrum_uses_the_cholesky_factor(monkeypatch):
+    """The scalar-prior evidence of Full reads the spectrum of ``H``; where no
+    eigensolver converges, the log-determinant and its gradient come from the
+    Cholesky factor of the posterior precision."""
+    la = fitted("mlp", "classification", "full")
+    _eigvalsh_failing_in(monkeypatch, (torch.float32, torch.float64))
+    prior = torch.tensor([0.7], dtype=DT, requires_grad=True)
+    la.prior_precision = prior
+    P = la._h_factor * la.H + 0.7 * torch.eye(la.n_params, dtype=DT)
+    logdet = la.log_det_posterior_precision
+    assert_close(logdet, torch.logdet(P))
+    logdet.backward()  # d log det P / d p0 = tr(P^-1)
+    assert_close(prior.grad, torch.linalg.inv(P).trace().reshape(1))

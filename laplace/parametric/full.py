@@ -10,6 +10,18 @@ from laplace.parametric.precision import DensePrecision
 Tensor = torch.Tensor
 
 
+def symmetric_eigenvalues(H: Tensor) -> Tensor | bool:
+    """Eigenvalues of the symmetric ``H``, in float64 where the solver does not
+    converge in ``H``'s dtype (it can fail on the ill-conditioned float32 GGN of a
+    few data); False where it does not converge at all."""
+    for dtype in dict.fromkeys((H.dtype, torch.float64)):
+        try:
+            return torch.linalg.eigvalsh(H.to(dtype)).to(H.dtype)
+        except torch.linalg.LinAlgError:
+            continue
+    return False
+
+
 class FullLaplace(ParametricLaplace):
     """Laplace approximation with a dense curvature ``H`` ``(P, P)`` (e.g. the GGN),
     so ``P = factor * H + diag(p0)``; see ``ParametricLaplace``.
@@ -34,7 +46,7 @@ class FullLaplace(ParametricLaplace):
 
     def _on_new_curvature(self) -> None:
         super()._on_new_curvature()
-        self._H_eigenvalues: Tensor | None = None
+        self._H_eigenvalues: Tensor | bool | None = None
 
     def _build_form(self) -> DensePrecision:
         P = self._h_factor * self.H + torch.diag(self.prior_precision_diag)
@@ -47,9 +59,10 @@ class FullLaplace(ParametricLaplace):
         if iterating and self.prior_precision.numel() == 1:
             self._check_fitted("log_det_posterior_precision")
             if self._H_eigenvalues is None:
-                self._H_eigenvalues = torch.linalg.eigvalsh(self.H.detach())
-            lam = self._H_eigenvalues.clamp(min=0)
-            return torch.log(self._h_factor * lam + self.prior_precision).sum()
+                self._H_eigenvalues = symmetric_eigenvalues(self.H.detach())
+            if self._H_eigenvalues is not False:  # else: no spectrum, use Cholesky
+                lam = self._H_eigenvalues.clamp(min=0)
+                return torch.log(self._h_factor * lam + self.prior_precision).sum()
         return super().log_det_posterior_precision
 
     @property
