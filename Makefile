@@ -52,10 +52,9 @@ GALLERY := docs/assets/gallery
 gallery: $(STAMP)
 	mkdir -p $(GALLERY)
 	for example in regression calibration bayesopt calibration_gp marglik_training \
-			huggingface reward_modeling; do \
+			huggingface reward_modeling curvature; do \
 		$(PY) examples/$${example}_example.py --out $(GALLERY)/$$example.png || exit 1; \
 	done
-	$(PY) examples/curvature_example.py
 
 # every benchmark, this library and laplace-torch 0.3 side by side (laplace-torch in
 # .lt-venv, which this builds); writes benchmarks/REPORT.md, shown by the docs
