@@ -44,6 +44,8 @@ NODEPS = os.path.join(ROOT, "requirements", "nodeps.txt")
 FULL_OPTIONS = {
     # laplace-torch's GP fit on 2,000 points takes more than 20 minutes
     "functional": ["--timeout", "600"],
+    # one pass: three (the script's default, against a noisy machine) take 30 minutes
+    "curvature": ["--rounds", "1"],
 }
 
 
