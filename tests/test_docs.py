@@ -73,3 +73,14 @@ def test_getting_started_runs_as_written(capsys):
     assert "torch.Size([8, 2])" in printed
     la = namespace["la2"]
     assert la.sigma_noise.item() < 0.3  # tuned towards the data's noise, 0.1
+
+
+def test_every_image_the_pages_show_exists():
+    """mkdocs does not check image links; the gallery's figures are committed by
+    ``make gallery``."""
+    shown = []
+    for page in DOCS.rglob("*.md"):
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text()):
+            shown.append(target)
+            assert (page.parent / target).is_file(), f"{page.name}: {target}"
+    assert len(shown) >= 8  # one figure per example
