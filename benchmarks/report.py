@@ -144,12 +144,10 @@ def fmt_mb(v: float | None) -> str:
 
 
 def ratio(a: float | None, b: float | None, floor: float = 0.0) -> str:
-    """``a / b`` as a factor (``b`` clamped to ``floor``)."""
-    if a is None or b is None:
+    """``a / b`` as a factor (``b`` clamped to ``floor``; "> " when it was)."""
+    if a is None or b is None or max(b, floor) <= 0:
         return "–"
-    r = a / max(b, floor) if max(b, floor) > 0 else float("inf")
-    if r == float("inf"):
-        return "–"
+    r = a / max(b, floor)
     bound = "> " if b < floor else ""
     return bound + (f"{r:,.0f}×" if r >= 100 else f"{r:.2g}×")
 

@@ -33,6 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+from laplace_benchmark import LT, run_probe  # noqa: E402
 from report import BENCHMARKS, write_report  # noqa: E402
 
 LT_VENV = os.path.join(ROOT, ".lt-venv")
@@ -56,17 +57,10 @@ def log(message: str) -> None:
 
 
 def lt_ready(python: str) -> str | None:
-    """None if ``python`` imports laplace-torch, else why not."""
-    if not os.path.exists(python):
-        return f"{python} does not exist"
-    probe = "import laplace, laplace.curvature; print(laplace.__file__)"
-    # -I: not the current folder on the path (in a checkout it holds our laplace)
-    proc = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return (proc.stderr.strip().splitlines() or ["import failed"])[-1]
-    if "site-packages" not in proc.stdout:  # this checkout's laplace, not theirs
-        return f"{python} imports this repository's laplace, not laplace-torch"
-    return None
+    """None if ``python`` imports laplace-torch, else why not (the benchmarks' own
+    probe, which also refuses this checkout's laplace)."""
+    probe = run_probe(python, LT)
+    return probe if isinstance(probe, str) else None
 
 
 def build_lt_venv(torch_requirement: str) -> tuple[str | None, str]:

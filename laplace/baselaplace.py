@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from laplace import prior
-from laplace.curvature.curvature import STRUCTURES, CurvatureInterface
+from laplace.curvature.curvature import CurvatureInterface, check_backend
 from laplace.data import Inputs, check_pairs, split_batch, to_device
 from laplace.predictive.links import link as apply_link
 from laplace.utils._checks import check_n_samples
@@ -107,10 +107,8 @@ class BaseLaplace:
         self.model = model
         self.enable_backprop = bool(enable_backprop)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
-        self._backend_cls = check_backend(backend)
         structure = getattr(type(self), "key", (None, None))[1]
-        if structure in STRUCTURES:  # refused now rather than at fit
-            self._backend_cls._check_structure(structure)
+        self._backend_cls = check_backend(backend, structure)
         self.backend_kwargs = dict(backend_kwargs or {})
         self.asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
         self._backend: CurvatureInterface | None = None
@@ -576,19 +574,6 @@ class BaseLaplace:
     def _parameter_names(self) -> list[str]:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names.get(id(p), "?") for p in self.params]
-
-
-def check_backend(backend: Any) -> type[CurvatureInterface]:
-    if backend is None:
-        from laplace.curvature.curvlinops import CurvlinopsGGN
-
-        return CurvlinopsGGN
-    if not (isinstance(backend, type) and issubclass(backend, CurvatureInterface)):
-        raise TypeError(
-            "backend must be a CurvatureInterface subclass such as CurvlinopsGGN, "
-            f"BackPackGGN or AsdlGGN (the class, not an instance); got {backend!r}."
-        )
-    return backend
 
 
 def __getattr__(name: str):

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from laplace import prior
-from laplace.baselaplace import BaseLaplace, check_backend
-from laplace.curvature.curvature import CurvatureInterface
+from laplace.baselaplace import BaseLaplace
+from laplace.curvature.curvature import CurvatureInterface, check_backend
 from laplace.data import batch_size, check_pairs, dataset_size, split_batch, to_device
 from laplace.laplace import Laplace
 from laplace.likelihood import OutputLikelihood, get_likelihood

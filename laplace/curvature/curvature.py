@@ -399,3 +399,22 @@ class EFInterface(_OuterProductCurvature):
 
     def _output_factor(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.lik.loss_gradient(f, y).unsqueeze(-1)
+
+
+def check_backend(
+    backend: Any, structure: str | None = None
+) -> type[CurvatureInterface]:
+    """The backend class (the default for None); one that cannot compute
+    ``structure`` is refused now rather than at fit."""
+    if backend is None:
+        from laplace.curvature.curvlinops import CurvlinopsGGN
+
+        backend = CurvlinopsGGN
+    if not (isinstance(backend, type) and issubclass(backend, CurvatureInterface)):
+        raise TypeError(
+            "backend must be a CurvatureInterface subclass such as CurvlinopsGGN, "
+            f"BackPackGGN or AsdlGGN (the class, not an instance); got {backend!r}."
+        )
+    if structure in STRUCTURES:
+        backend._check_structure(structure)
+    return backend
