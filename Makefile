@@ -1,6 +1,6 @@
-# Entry points: `make demo`, `make test`, `make docs` and `make bench`. Each builds or
-# refreshes the local virtual environment .venv from the project's own files; nothing
-# is installed by hand.
+# Entry points: `make demo`, `make test`, `make docs`, `make bench` and `make compat`.
+# Each builds or refreshes the local virtual environment .venv from the project's own
+# files; nothing is installed by hand.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test test-fast format docs docs-serve gallery bench bench-quick venv clean
+.PHONY: demo test test-fast format docs docs-serve gallery bench bench-quick compat venv \
+	clean
 
 venv: $(STAMP)
 
@@ -63,6 +64,15 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --torch $(TORCH) --quick
+
+# the differential harness: the same public calls on this library and on laplace-torch
+# 0.3 (in .lt-venv, built here if missing, as make bench builds it); every difference
+# not listed as accepted fails; writes tests/compat/REPORT.md
+compat: $(STAMP)
+	$(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); import run_all; \
+		python, note = run_all.build_lt_venv('$(TORCH)'); print(note); \
+		sys.exit(python is None)"
+	COMPAT_REPORT=tests/compat/REPORT.md $(PY) -m pytest -q -p no:cacheprovider tests/compat
 
 clean:
 	rm -rf $(VENV) site
