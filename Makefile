@@ -72,7 +72,7 @@ compat: $(STAMP)
 	$(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); import run_all; \
 		python, note = run_all.build_lt_venv('$(TORCH)'); print(note); \
 		sys.exit(python is None)"
-	COMPAT_REPORT=tests/compat/REPORT.md $(PY) -m pytest -q -p no:cacheprovider tests/compat
+	COMPAT=1 COMPAT_REPORT=tests/compat/REPORT.md $(PY) -m pytest -q -p no:cacheprovider tests/compat
 
 clean:
 	rm -rf $(VENV) site
