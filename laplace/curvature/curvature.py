@@ -15,9 +15,10 @@ Subclasses state what they support in ``supported_structures`` and
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -265,6 +266,62 @@ def import_library(module: str, package: str, backend: str) -> ModuleType:
         raise ImportError(
             f"The {backend} backend needs the package {package}: pip install {package}"
         ) from err
+
+
+@contextlib.contextmanager
+def model_left_as_found(model: nn.Module) -> Iterator[None]:
+    """Undo what a library leaves on ``model`` inside the context.
+
+    Libraries run hooks on the modules and store results and flags on modules and
+    parameters; some flags outlive the hooks (ASDL's ``register_backward_hook``
+    leaves ``_is_full_backward_hook = False``, after which BackPACK cannot register
+    its own hooks). On exit every module and parameter of ``model`` gets back its
+    attributes (added ones are removed, replaced ones restored), its hook
+    dictionaries lose the hooks added inside, and parameters their
+    ``requires_grad``. Tensor results a backend needs must be read inside.
+    """
+    modules = list(model.modules())
+    params = list(model.parameters())
+    saved_modules = [(m, dict(vars(m)), _hook_keys(m)) for m in modules]
+    saved_params = [(p, dict(vars(p)), p.requires_grad) for p in params]
+    try:
+        yield
+    finally:
+        for m, attrs, hooks in saved_modules:
+            _restore_attributes(m, attrs)
+            for name, keys in hooks.items():
+                table = vars(m)[name]
+                for key in [k for k in table if k not in keys]:
+                    del table[key]
+        for p, attrs, requires_grad in saved_params:
+            _restore_attributes(p, attrs)
+            if p.requires_grad != requires_grad:
+                p.requires_grad_(requires_grad)
+
+
+def _hook_keys(module: nn.Module) -> dict[str, set]:
+    """The keys of every dictionary in ``module.__dict__`` (hooks and the like)."""
+    return {
+        name: set(value)
+        for name, value in vars(module).items()
+        if isinstance(value, dict) and name not in _MODULE_CONTENT
+    }
+
+
+#: the module's own content, never touched by ``model_left_as_found``
+_MODULE_CONTENT = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _restore_attributes(obj: Any, attrs: dict[str, Any]) -> None:
+    current = vars(obj)
+    for name in [k for k in current if k not in attrs]:
+        del current[name]
+    for name, value in attrs.items():
+        if name not in _MODULE_CONTENT and current.get(name, _MISSING) is not value:
+            current[name] = value
+
+
+_MISSING = object()
 
 
 def _scaled(H: torch.Tensor, scale: float) -> torch.Tensor:
