@@ -85,6 +85,13 @@ class AsdlInterface(CurvatureInterface):
         super().__init__(*args, **kwargs)
         self.fisher_kwargs = dict(fisher_kwargs or {})
 
+    @property
+    def loss_type(self) -> str:
+        """ASDL's name of the loss: ``asdl.LOSS_MSE`` (``'mse'``) for regression,
+        ``asdl.LOSS_CROSS_ENTROPY`` (``'cross_entropy'``) otherwise."""
+        asdl = _asdl()
+        return asdl.LOSS_MSE if self.factor != 1 else asdl.LOSS_CROSS_ENTROPY
+
     # -- running ASDL -------------------------------------------------------------
     def _compute(self, x: Inputs, y: torch.Tensor, shape: str, target=None):
         """``(loss, results of shape)`` for one batch (see ``_run`` and ``_read``);
@@ -199,9 +206,7 @@ class AsdlFisher(AsdlInterface):
         config = {
             "fisher_type": self._fisher_type(),
             "fisher_shapes": [shape],
-            "loss_type": (
-                asdl.LOSS_MSE if self.factor != 1 else asdl.LOSS_CROSS_ENTROPY
-            ),
+            "loss_type": self.loss_type,
             "data_size": 1,  # sums over the batch, as DESIGN.md section 3
             **self.fisher_kwargs,
         }
