@@ -1,5 +1,7 @@
 """Kron and KronDecomposed against dense matrices built independently in the test."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -235,18 +237,121 @@ def test_add_deltas_accumulates_and_copies(kfacs):
     assert_close(twice.to_matrix(), expected)
 
 
+def block_deltas(deltas):
+    """``diag`` of the deltas, one value repeated over each block's parameters."""
+    sizes = [math.prod(shape) for shape in SHAPES]
+    return torch.diag(torch.repeat_interleave(deltas, torch.tensor(sizes)))
+
+
 def test_mul_scales_curvature_not_deltas(kfacs):
+    # independent of how the scale is stored: c times the dense curvature, plus d
     deltas = DELTAS["per_block"]
     decomposed = Kron(kfacs).decompose() + deltas
-    c = torch.tensor(3.0, dtype=DTYPE)
-    scaled_kfacs = [[c * b[0], *b[1:]] for b in kfacs]
-    expected = dense_with_deltas(scaled_kfacs, deltas, False)
-    assert_close((decomposed * c).to_matrix(), expected)
-    assert_close(
-        (2.0 * decomposed).logdet(),
-        torch.linalg.slogdet(
-            dense_with_deltas([[2.0 * b[0], *b[1:]] for b in kfacs], deltas, False)
-        )[1],
+    for c in (torch.tensor(3.0, dtype=DTYPE), 2.0):
+        expected = c * dense(kfacs) + block_deltas(deltas)
+        assert_close((decomposed * c).to_matrix(), expected)
+        assert_close((c * decomposed).logdet(), torch.linalg.slogdet(expected)[1])
+        # the prior added after scaling, as Laplace does
+        scaled = Kron(kfacs).decompose() * c + deltas
+        assert_close(scaled.to_matrix(), expected)
+
+
+def damped(kfacs, deltas, c=1.0):
+    """The damped ``c G (x) A + d I``: ``c (G + sqrt(d/c) I) (x) (A + sqrt(d/c) I)``
+    from torch.kron; a dense block gets ``c B + d I``."""
+    blocks = []
+    for b, d in zip(kfacs, deltas, strict=True):
+        if len(b) == 1:
+            blocks.append(c * b[0] + d * eye(len(b[0])))
+            continue
+        G, A = b
+        s = (d / c) ** 0.5
+        blocks.append(c * torch.kron(G + s * eye(len(G)), A + s * eye(len(A))))
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("c", [1.0, 3.0, 0.25])
+@pytest.mark.parametrize("deltas", ["scalar", "per_block"])
+def test_damped_scaled_then_prior(kfacs, W, c, deltas):
+    """decompose(damping=True), scale by c, add a prior: the damped form of
+    ``c G (x) A + d I``, whichever factor holds ``c``."""
+    d = expand_deltas(DELTAS[deltas])
+    P = (Kron(kfacs).decompose(damping=True) * c) + DELTAS[deltas]
+    expected = damped(kfacs, d, c)
+    assert_close(P.to_matrix(), expected)
+    assert_close(P.logdet(), torch.linalg.slogdet(expected)[1])
+    assert_close(P.bmm(W, -1), torch.einsum("pq,bcq->bcp", expected.inverse(), W))
+    assert_close(P.diag(), expected.diagonal())
+    # the same matrix with c split evenly over the two factors, damped unscaled
+    split = [
+        [c**0.5 * b[0], c**0.5 * b[1]] if len(b) == 2 else [c * b[0]] for b in kfacs
+    ]
+    even = Kron(split).decompose(damping=True) + DELTAS[deltas]
+    assert_close(even.to_matrix(), expected)
+
+
+def peer_factors():
+    """The factors of the laplace-torch comparison below (G 3x3, A 4x4, B 5x5)."""
+    torch.manual_seed(0)
+
+    def psd(n):
+        X = torch.randn(n, 2 * n, dtype=DTYPE)
+        return X @ X.T / (2 * n) + 0.1 * eye(n)
+
+    G, A, B = psd(3), psd(4), psd(5)
+    return [[G, A], [B]]
+
+
+# log det from laplace-torch 0.3 (``Kron(...).decompose(damping=True)``, ``* c``,
+# ``+ deltas``; factors of ``peer_factors``): its ``*`` and ``+`` drop the damping,
+# so these are the logdets of the exact ``c G (x) A + d I``.
+PEER_EXACT_LOGDETS = {
+    (1.0, "scalar"): 7.75839096266095,
+    (1.0, "per_block"): 9.952116144957351,
+    (3.0, "scalar"): 18.807938809477342,
+    (3.0, "per_block"): 20.145498437053458,
+}
+# laplace-torch 0.3's KronDecomposed(eigenvectors, eigenvalues, deltas=[0.7, 1.5],
+# damping=True).logdet(), the damped (G + sqrt(d)) (x) (A + sqrt(d)) at c = 1
+PEER_DAMPED_CONSTRUCTOR_LOGDET = 18.460832366032413
+
+
+@pytest.mark.parametrize("key", PEER_EXACT_LOGDETS)
+def test_exact_path_matches_laplace_torch(key):
+    c, kind = key
+    deltas = {"scalar": torch.tensor(0.7, dtype=DTYPE)}.get(
+        kind, torch.tensor([0.7, 1.5], dtype=DTYPE)
+    )
+    P = Kron(peer_factors()).decompose() * c + deltas
+    assert_close(P.logdet(), torch.tensor(PEER_EXACT_LOGDETS[key], dtype=DTYPE))
+
+
+def test_damped_constructor_matches_laplace_torch():
+    base = Kron(peer_factors()).decompose(damping=True)
+    deltas = torch.tensor([0.7, 1.5], dtype=DTYPE)
+    P = KronDecomposed(base.eigenvectors, base.eigenvalues, deltas, damping=True)
+    expected = torch.tensor(PEER_DAMPED_CONSTRUCTOR_LOGDET, dtype=DTYPE)
+    assert_close(P.logdet(), expected)
+    assert_close(P.logdet(), torch.linalg.slogdet(damped(peer_factors(), deltas))[1])
+    # adding the same prior to the damped decomposition keeps the damping
+    assert_close((base + deltas).logdet(), expected)
+
+
+def test_damped_refuses_non_positive_scale(kfacs):
+    with pytest.raises(ValueError, match="positive"):
+        Kron(kfacs).decompose(damping=True) * 0.0
+
+
+def test_clone_is_independent(kfacs):
+    kron = Kron(kfacs)
+    copy = kron.clone()
+    assert_close(copy.to_matrix(), dense(kfacs))
+    copy += Kron(make_kfacs(seed=5))
+    assert_close(kron.to_matrix(), dense(kfacs))
+    assert all(
+        f is not g
+        for a, b in zip(kron.kfacs, copy.kfacs, strict=True)
+        for f, g in zip(a, b, strict=True)
     )
 
 

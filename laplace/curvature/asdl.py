@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.curvature.backprop_factor import symmetric_gram
+from laplace.curvature.backprop_factor import RowCounter, symmetric_gram
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
     GGNInterface,
     _scaled,
     import_library,
+    model_left_as_found,
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
@@ -84,11 +85,29 @@ class AsdlInterface(CurvatureInterface):
         super().__init__(*args, **kwargs)
         self.fisher_kwargs = dict(fisher_kwargs or {})
 
+    @property
+    def loss_type(self) -> str:
+        """ASDL's name of the loss: ``asdl.LOSS_MSE`` (``'mse'``) for regression,
+        ``asdl.LOSS_CROSS_ENTROPY`` (``'cross_entropy'``) otherwise."""
+        asdl = _asdl()
+        return asdl.LOSS_MSE if self.factor != 1 else asdl.LOSS_CROSS_ENTROPY
+
     # -- running ASDL -------------------------------------------------------------
+    def _compute(self, x: Inputs, y: torch.Tensor, shape: str, target=None):
+        """``(loss, results of shape)`` for one batch (see ``_run`` and ``_read``);
+        the model is left exactly as found (ASDL's flags and results removed)."""
+        target = target or self._target(x)
+        with model_left_as_found(target[0]):
+            module, maker, loss = self._run(x, y, shape, target)
+            return loss, self._read(module, maker, shape)
+
     def _run(self, x: Inputs, y: torch.Tensor, shape: str, target=None):
         """Run ASDL's maker for ``shape`` on one batch; return ``(module, maker,
         loss)`` with the results left on ``module`` and its submodules. ``target``
-        is ``_target`` of ``x`` when the caller has it already."""
+        is ``_target`` of ``x`` when the caller has it already.
+
+        ``self._rows_per_example`` then says whether every layer saw the batch's
+        examples as its rows (ASDL takes a layer's rows for examples)."""
         module, inputs = target or self._target(x)
         key = (id(module), shape)
         makers = self.__dict__.setdefault("_makers", {})
@@ -100,7 +119,8 @@ class AsdlInterface(CurvatureInterface):
             warnings.simplefilter("ignore")
             dummy = maker.setup_model_call(module, inputs)
             maker.setup_loss_call(loss_fn, dummy, y)
-            out = maker.forward_and_backward()
+            with RowCounter(module) as rows:
+                out = maker.forward_and_backward()
         for p in module.parameters():  # ASDL's marker of the original flag
             if hasattr(p, _ASDL_MARKER):
                 delattr(p, _ASDL_MARKER)
@@ -109,6 +129,7 @@ class AsdlInterface(CurvatureInterface):
         else:  # the Hessian maker returns nothing
             with torch.no_grad():
                 f = module(inputs)
+        self._rows_per_example = rows.per_example(f.shape[0])
         return module, maker, self.lik.loss(f, self.lik.check_targets(f, y))
 
     def _maker(self, module: nn.Module, shape: str):
@@ -124,16 +145,14 @@ class AsdlInterface(CurvatureInterface):
         self._check_structure("full")
         self._check_batch(x, y)
         shape = _asdl().SHAPE_FULL
-        module, maker, loss = self._run(x, y, shape)
-        H = self._read(module, maker, shape)
+        loss, H = self._compute(x, y, shape)
         return loss, _scaled(self._subnet(H), self._scale())
 
     def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
         self._check_structure("diag")
         self._check_batch(x, y)
         shape = _asdl().SHAPE_DIAG
-        module, maker, loss = self._run(x, y, shape)
-        per_param = self._read(module, maker, shape)
+        loss, per_param = self._compute(x, y, shape)
         pieces = []
         for p in self.params:
             sub, diag = per_param[id(p)]
@@ -187,9 +206,7 @@ class AsdlFisher(AsdlInterface):
         config = {
             "fisher_type": self._fisher_type(),
             "fisher_shapes": [shape],
-            "loss_type": (
-                asdl.LOSS_MSE if self.factor != 1 else asdl.LOSS_CROSS_ENTROPY
-            ),
+            "loss_type": self.loss_type,
             "data_size": 1,  # sums over the batch, as DESIGN.md section 3
             **self.fisher_kwargs,
         }
@@ -200,14 +217,87 @@ class AsdlFisher(AsdlInterface):
                 config["seed"] = seed
         return asdl.get_fisher_maker(module, asdl.FisherConfig(**config))
 
+    def _prefers_examples(self) -> bool:
+        """Whether ``full`` goes through per-example gradients from the start."""
+        return False
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("full")
+        self._check_batch(x, y)
+        if self._prefers_examples():
+            return self._by_examples(x, y, diagonal=False)
+        found = super().full(x, y, **kwargs)
+        if not self._rows_per_example:
+            return self._by_examples(x, y, diagonal=False)
+        return found
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        found = super().diag(x, y, **kwargs)
+        if not self._rows_per_example:
+            return self._by_examples(x, y, diagonal=True)
+        return found
+
+    def _by_examples(self, x: Inputs, y: torch.Tensor, diagonal: bool):
+        """``sum_nk v_nk v_nk^T`` (or its diagonal) from ASDL's per-example gradients
+        ``v_nk = J_n^T M_n[:, k]`` of the output factor ``M`` of the GGN, MC Fisher
+        or EF (``_output_factor``).
+
+        Exact also when a layer sees more rows than examples (a model that flattens
+        items), where ASDL's ``FisherMaker`` would take every row for an example.
+        """
+        module, inputs = self._target(x)
+        with torch.no_grad():
+            f = module(inputs)
+        y = self.lik.check_targets(f, y)
+        M = self._output_factor(f, y)  # (N, C, K)
+        V = torch.cat(
+            [
+                self._per_example_gradients(module, inputs, M[..., k])
+                for k in range(M.shape[-1])
+            ]
+        )
+        if self.subnetwork_indices is not None:
+            V = V[:, self.subnetwork_indices]
+        H = V.square().sum(0) if diagonal else symmetric_gram(V)
+        return self.lik.loss(f, y), H
+
+    def _per_example_gradients(self, module, inputs, m: torch.Tensor):
+        """``(N, P)``: the gradients of ``f_n^T m_n`` w.r.t. ``self.params``, one row
+        per example, from ASDL; ``.grad`` of the parameters is left as it was."""
+        params = self.params
+        saved = [p.grad for p in params]
+
+        def closure():
+            f = module(inputs)
+            (f * m).sum().backward()
+            return f
+
+        try:
+            with warnings.catch_warnings(), model_left_as_found(module):
+                warnings.simplefilter("ignore")
+                _asdl().save_batch_gradient(module, closure)
+                grads = [getattr(p, "batch_grad", None) for p in params]
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+        missing = sum(g is None for g in grads)
+        if missing:
+            raise ValueError(
+                f"ASDL returned no per-example gradients for {missing} parameter "
+                "tensor(s); it supports Linear, Conv2d, BatchNorm, LayerNorm and "
+                "Embedding layers. Use Curvlinops (the default) for this model."
+            )
+        N = m.shape[0]
+        # a layer that sees L = N K rows (items flattened per example): sum them
+        return torch.cat([g.reshape(N, -1, g[0].numel()).sum(1) for g in grads], dim=1)
+
     def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
         self._check_structure("kron")
         self._check_batch(x, y)
         target = self._target(x)
         layers = kfac_layers(target[0], self.params)
         shape = _asdl().SHAPE_KRON
-        module, maker, loss = self._run(x, y, shape, target)
-        per_param = self._read(module, maker, shape)
+        loss, per_param = self._compute(x, y, shape, target)
         scale = self._scale()
         factors = {}
         for name, layer in layers:
@@ -226,60 +316,9 @@ class AsdlGGN(AsdlFisher, GGNInterface):
         asdl = _asdl()
         return asdl.FISHER_MC if self.stochastic else asdl.FISHER_EXACT
 
-    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
-        if self.stochastic or self.fisher_kwargs:
-            return super().full(x, y, **kwargs)
-        self._check_structure("full")
-        self._check_batch(x, y)
-        module, inputs = self._target(x)
-        with torch.no_grad():
-            f = module(inputs)
-        y = self.lik.check_targets(f, y)
-        M = self.lik.hessian_sqrt(f)  # (N, C, K)
-        V = torch.cat(
-            [
-                self._per_example_gradients(module, inputs, M[..., k])
-                for k in range(M.shape[-1])
-            ]
-        )
-        if self.subnetwork_indices is not None:
-            V = V[:, self.subnetwork_indices]
-        return self.lik.loss(f, y), symmetric_gram(V)
-
-    def _per_example_gradients(self, module, inputs, m: torch.Tensor):
-        """``(N, P)``: the gradients of ``f_n^T m_n`` w.r.t. ``self.params``, one row
-        per example, from ASDL; ``.grad`` of the parameters is left as it was."""
-        params = self.params
-        saved = [p.grad for p in params]
-
-        def closure():
-            f = module(inputs)
-            (f * m).sum().backward()
-            return f
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _asdl().save_batch_gradient(module, closure)
-            missing = [i for i, p in enumerate(params) if not hasattr(p, "batch_grad")]
-            if missing:
-                raise ValueError(
-                    f"ASDL returned no per-example gradients for {len(missing)} "
-                    "parameter tensor(s); it supports Linear, Conv2d, BatchNorm, "
-                    "LayerNorm and Embedding layers. Use Curvlinops (the default) for "
-                    "this model."
-                )
-            N = m.shape[0]
-            return torch.cat(
-                [p.batch_grad.reshape(N, -1, p.numel()).sum(1) for p in params], dim=1
-            )
-        finally:
-            for p, g in zip(params, saved):
-                p.grad = g
-            for p in module.parameters():
-                for attr in ("batch_grad", _ASDL_MARKER):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+    def _prefers_examples(self) -> bool:
+        # the exact GGN from per-example gradients beats ASDL's full FisherMaker
+        return not (self.stochastic or self.fisher_kwargs)
 
     def _scale(self) -> float:
         return float(self.num_samples) if self.stochastic else 1.0

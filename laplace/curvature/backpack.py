@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace.curvature.backprop_factor import RowCounter
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
@@ -56,24 +57,52 @@ class BackPackInterface(CurvatureInterface):
     supports_dict_inputs = False
 
     def _backward(
-        self, x: Inputs, y: torch.Tensor, *extensions, target=None
+        self, x: Inputs, y: torch.Tensor, *extensions, target=None, per_example=True
     ) -> torch.Tensor:
         """One forward and backward pass with BackPACK ``extensions`` active.
 
         The results stay on the parameters (read them with ``_collect``);
         returns the summed loss of DESIGN.md section 3. ``target`` is
         ``_target`` of ``x`` when the caller has it already.
+
+        Raises
+        ------
+        ValueError
+            with ``per_example`` (full and diag), when a layer sees more rows than
+            the batch has examples (a model that flattens items per example):
+            BackPACK would take each row for an example.
         """
-        bp = _backpack()
         module, inputs = target or self._target(x)
         module = self._extended(module)
-        lossfunc = bp.extend(self.lik.loss_module())
         params = self.params
+        try:
+            return self._run_backpack(
+                module, inputs, y, params, extensions, per_example
+            )
+        except BaseException:
+            for p in params:  # results of a failed pass must not stay on the model
+                for ext in extensions:
+                    if hasattr(p, ext.savefield):
+                        delattr(p, ext.savefield)
+            raise
+
+    def _run_backpack(self, module, inputs, y, params, extensions, per_example):
+        bp = _backpack()
+        lossfunc = bp.extend(self.lik.loss_module())
         with self._rng(), bp.backpack(*extensions), warnings.catch_warnings():
             # BackPACK's hooks fire on outputs when inputs need no grad, as intended
             warnings.filterwarnings("ignore", "Full backward hook is firing")
-            f = module(inputs)
+            with RowCounter(module) as rows:
+                f = module(inputs)
             y = self.lik.check_targets(f, y)
+            if per_example and not rows.per_example(f.shape[0]):
+                raise ValueError(
+                    f"{type(self).__name__} takes every row a layer sees for an "
+                    f"example, but the layers see {sorted(set(rows.rows))} rows for "
+                    f"a batch of {f.shape[0]} (the model flattens items per example)"
+                    "; use CurvlinopsGGN/CurvlinopsEF (the default) or the Asdl "
+                    "backends for the full and diagonal curvature of this model."
+                )
             torch.autograd.grad(lossfunc(f, y), params)
         return self.lik.loss(f.detach(), y)
 
@@ -160,7 +189,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
         attribute = "kfac" if self.stochastic else "kflr"
         twin_layers = kfac_layers(self._extended(module), self.params)
         with _output_positions(twin_layers) as positions:
-            loss = self._backward(x, y, extension, target=target)
+            loss = self._backward(x, y, extension, target=target, per_example=False)
         M = len(y)
         factors = {}
         for name, layer in layers:

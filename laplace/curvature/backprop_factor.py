@@ -85,6 +85,35 @@ class _Tape:
         return all(len(r) == 1 for r in self.records.values())
 
 
+class RowCounter:
+    """Forward hooks that record the leading dimension of the inputs of every
+    ``nn.Linear``/``nn.Conv2d`` layer of ``model`` (the rows it treats as a batch).
+
+    ``per_example(N)`` says whether every layer saw exactly the ``N`` examples of
+    the batch; a model that flattens items, ``(N, K, d) -> (N K, d)``, does not.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [
+            m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+        ]
+        self.rows: list[int] = []
+
+    def __enter__(self) -> RowCounter:
+        def hook(module, inputs, output):
+            self.rows.append(inputs[0].shape[0])
+
+        self.handles = [m.register_forward_hook(hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def per_example(self, N: int) -> bool:
+        return all(r == N for r in self.rows)
+
+
 def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """Input patches ``(N, in*kh*kw, T)`` of a Conv2d layer."""
     return F.unfold(
@@ -137,7 +166,13 @@ def _layer_vectors(module, a, g, prepared: bool = False):
 
 
 def backprop_to_layers(
-    model, params, x, factor_fn, outputs_2d: bool = False, create_graph: bool = False
+    model,
+    params,
+    x,
+    factor_fn,
+    outputs_2d: bool = False,
+    create_graph: bool = False,
+    per_example: bool = True,
 ):
     """One batched backward pass of the columns of ``M = factor_fn(f)`` ``(N, C, K)``
     to the output of every layer holding ``params``.
@@ -149,6 +184,18 @@ def backprop_to_layers(
     ``model.modules()``). The forward pass records a graph even inside
     ``torch.no_grad()``. All are detached unless ``create_graph``, which keeps them
     differentiable w.r.t. the inputs.
+
+    A layer may see ``L != N`` rows, as when a model flattens ``K`` items per
+    example, ``(N, K, d) -> (N K, d)``, runs a network and reshapes back. With
+    ``per_example`` (for per-example quantities), the rows of a linear layer are then
+    grouped as ``a`` ``(N, L/N, ..., in)`` and ``g`` ``(K, N, L/N, ..., out)``: the
+    items of one example become positions of a weight-shared layer. The grouping
+    assumes that example ``n`` owns rows ``n L/N, ..., (n+1) L/N - 1`` (what
+    ``reshape``/``flatten`` of a batch-first tensor gives); this is checked by
+    backpropagating the first and the last example alone, and None is returned
+    when it fails (or for a convolution with ``L != N``), so that the caller
+    falls back to the per-example ``torch.func`` Jacobian. Without
+    ``per_example`` (KFAC) the ``L`` rows are returned as they are.
     """
     owner = _owners(model, params)
     layers = list({id(m): m for m in owner.values()}.values())
@@ -165,6 +212,11 @@ def backprop_to_layers(
     f_detached = f.detach()
     M = factor_fn(f_detached)  # (N, C, K)
     outputs = [tape.records[id(m)][0][1] for m in layers]
+    inputs = [tape.records[id(m)][0][0] for m in layers]
+    N = f.shape[0]
+    regroup = per_example and any(a.shape[0] != N for a in inputs)
+    if regroup and not _rows_grouped_by_example(f, layers, inputs, outputs):
+        return None
     grads = torch.autograd.grad(
         f,
         outputs,
@@ -172,8 +224,44 @@ def backprop_to_layers(
         is_grads_batched=True,
         create_graph=create_graph,
     )
-    inputs = [tape.records[id(m)][0][0] for m in layers]
-    return (f if create_graph else f_detached), list(zip(layers, inputs, grads))
+    per_layer = list(zip(layers, inputs, grads))
+    if regroup:
+        per_layer = [_group_rows(m, a, g, N) for m, a, g in per_layer]
+    return (f if create_graph else f_detached), per_layer
+
+
+def _group_rows(module, a: torch.Tensor, g: torch.Tensor, N: int):
+    """``a`` ``(L, ..., in)`` and ``g`` ``(K, L, ..., out)`` of a linear layer as
+    ``(N, L/N, ..., in)`` and ``(K, N, L/N, ..., out)``."""
+    if a.shape[0] == N:
+        return module, a, g
+    return module, a.unflatten(0, (N, -1)), g.unflatten(1, (N, -1))
+
+
+def _rows_grouped_by_example(f, layers, inputs, outputs) -> bool:
+    """Whether every layer's rows split into ``N`` consecutive equal groups, one per
+    example: the output gradients of the first and of the last example alone must
+    vanish outside their group (one batched backward pass of two vectors).
+
+    Convolutions with ``L != N`` rows are not grouped (False).
+    """
+    N = f.shape[0]
+    for m, a in zip(layers, inputs):
+        if a.shape[0] != N and (a.shape[0] % N or not isinstance(m, nn.Linear)):
+            return False
+    probe = torch.zeros(2, *f.shape, dtype=f.dtype, device=f.device)
+    probe[0, 0] = 1.0 + torch.rand(f.shape[1:], dtype=f.dtype, device=f.device)
+    probe[1, -1] = 1.0 + torch.rand(f.shape[1:], dtype=f.dtype, device=f.device)
+    grads = torch.autograd.grad(
+        f, outputs, grad_outputs=probe, is_grads_batched=True, retain_graph=True
+    )
+    for a, g in zip(inputs, grads):
+        group = a.shape[0] // N
+        outside_first = g[0, group:]
+        outside_last = g[1, : a.shape[0] - group]
+        if bool(outside_first.ne(0).any()) or bool(outside_last.ne(0).any()):
+            return False
+    return True
 
 
 def _fast_route(model, params, x, factor_fn, diagonal: bool):
@@ -433,7 +521,7 @@ def kfac_factors(model: nn.Module, params: Sequence[nn.Parameter], x, factor_fn)
     once; otherwise ``(f, {id(module): (G, A_sum or None)})`` with ``A_sum`` None
     for a layer whose weight is frozen.
     """
-    found = backprop_to_layers(model, params, x, factor_fn)
+    found = backprop_to_layers(model, params, x, factor_fn, per_example=False)
     if found is None:
         return None
     f, per_layer = found

@@ -15,14 +15,16 @@ Subclasses state what they support in ``supported_structures`` and
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from laplace.curvature import backprop_factor
 from laplace.data import Inputs, batch_size
@@ -180,10 +182,80 @@ class CurvatureInterface:
             f, phi = f.detach(), phi.detach()
         return last_layer_jacobian(model.last_layer, phi), f
 
+    def functorch_jacobians(
+        self, x: Inputs, enable_backprop: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, outputs, parameters)`` and outputs ``(batch, outputs)``
+        via ``torch.func``, whatever the backend (``jacobians`` of this interface)."""
+        return CurvatureInterface.jacobians(self, x, enable_backprop)
+
+    def selected_output_jacobians(
+        self, x: Inputs, outputs: torch.Tensor, enable_backprop: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians of one chosen output per example.
+
+        Parameters
+        ----------
+        x : torch.Tensor or mapping
+            inputs ``(batch, input_shape)``
+        outputs : torch.LongTensor
+            ``(batch,)``: the output ``c_n`` whose Jacobian is taken for example ``n``
+        enable_backprop : bool, default=False
+            keep both results differentiable w.r.t. ``x``
+
+        Returns
+        -------
+        Js : torch.Tensor
+            ``(batch, 1, parameters)``: ``d f_n[c_n] / d theta``
+        f : torch.Tensor
+            all outputs ``(batch, outputs)``
+        """
+        self._check_batch(x)
+        n = batch_size(x, self.dict_key_x)
+        if (
+            not isinstance(outputs, torch.Tensor)
+            or outputs.shape != (n,)
+            or outputs.is_floating_point()
+            or outputs.is_complex()
+        ):
+            raise ValueError(
+                f"outputs must be an integer tensor of shape ({n},), one output index "
+                f"per example; got {_describe(outputs)}."
+            )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def one_hot(f):
+            if bool((outputs < 0).any()) or bool((outputs >= f.shape[-1]).any()):
+                raise ValueError(
+                    f"outputs must index the model's {f.shape[-1]} outputs; got "
+                    f"values from {int(outputs.min())} to {int(outputs.max())}."
+                )
+            idx = outputs.to(f.device)
+            return F.one_hot(idx, f.shape[-1]).to(f.dtype).unsqueeze(-1)
+
+        if enable_backprop:
+            J, f = self.functorch_jacobians(x, enable_backprop=True)
+            return (J * one_hot(f)).sum(1, keepdim=True), f
+        f, V = backprop_factor.per_example_vectors(self.model, params, x, one_hot)
+        return V.transpose(0, 1), f
+
     def gradients(
         self, x: Inputs, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example loss gradients ``(batch, parameters)`` and the summed loss."""
+        """Per-example gradients of ``lossfunc`` and its value on the batch.
+
+        ``lossfunc`` is the sum-reduced torch loss (``MSELoss`` for regression,
+        ``CrossEntropyLoss`` for classification), as in laplace-torch: for
+        regression both are twice those of the loss ``factor * lossfunc`` that the
+        curvature is taken of.
+
+        Returns
+        -------
+        Gs : torch.Tensor
+            ``(batch, parameters)``
+        loss : torch.Tensor
+            ``lossfunc(f, y)``
+        """
         self._check_batch(x, y)
         module, inputs = self._target(x)
         targets: dict[str, torch.Tensor] = {}
@@ -193,7 +265,9 @@ class CurvatureInterface:
             return self.lik.loss_gradient(f, targets["y"]).unsqueeze(-1)
 
         f, V = backprop_factor.per_example_vectors(module, self.params, inputs, factor)
-        return V[0], self.lik.loss(f, targets["y"])
+        to_lossfunc = 1 / self.factor
+        loss = self.lik.loss(f, targets["y"]).detach()
+        return _scaled(V[0], to_lossfunc), _scaled(loss, to_lossfunc)
 
     # -- structures ---------------------------------------------------------------
     def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
@@ -267,6 +341,68 @@ def import_library(module: str, package: str, backend: str) -> ModuleType:
         ) from err
 
 
+@contextlib.contextmanager
+def model_left_as_found(model: nn.Module) -> Iterator[None]:
+    """Undo what a library leaves on ``model`` inside the context.
+
+    Libraries run hooks on the modules and store results and flags on modules and
+    parameters; some flags outlive the hooks (ASDL's ``register_backward_hook``
+    leaves ``_is_full_backward_hook = False``, after which BackPACK cannot register
+    its own hooks). On exit every module and parameter of ``model`` gets back its
+    attributes (added ones are removed, replaced ones restored), its hook
+    dictionaries lose the hooks added inside, and parameters their
+    ``requires_grad``. Tensor results a backend needs must be read inside.
+    """
+    modules = list(model.modules())
+    params = list(model.parameters())
+    saved_modules = [(m, dict(vars(m)), _hook_keys(m)) for m in modules]
+    saved_params = [(p, dict(vars(p)), p.requires_grad) for p in params]
+    try:
+        yield
+    finally:
+        for m, attrs, hooks in saved_modules:
+            _restore_attributes(m, attrs)
+            for name, keys in hooks.items():
+                table = vars(m)[name]
+                for key in [k for k in table if k not in keys]:
+                    del table[key]
+        for p, attrs, requires_grad in saved_params:
+            _restore_attributes(p, attrs)
+            if p.requires_grad != requires_grad:
+                p.requires_grad_(requires_grad)
+
+
+def _hook_keys(module: nn.Module) -> dict[str, set]:
+    """The keys of every dictionary in ``module.__dict__`` (hooks and the like)."""
+    return {
+        name: set(value)
+        for name, value in vars(module).items()
+        if isinstance(value, dict) and name not in _MODULE_CONTENT
+    }
+
+
+#: the module's own content, never touched by ``model_left_as_found``
+_MODULE_CONTENT = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _restore_attributes(obj: Any, attrs: dict[str, Any]) -> None:
+    current = vars(obj)
+    for name in [k for k in current if k not in attrs]:
+        del current[name]
+    for name, value in attrs.items():
+        if name not in _MODULE_CONTENT and current.get(name, _MISSING) is not value:
+            current[name] = value
+
+
+_MISSING = object()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def _scaled(H: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * H``, in place and only when ``scale`` is not 1 (``H`` is fresh)."""
     return H if scale == 1 else H.mul_(scale)
@@ -286,7 +422,14 @@ def last_layer_jacobian(layer: nn.Linear, phi: torch.Tensor) -> torch.Tensor:
 
 class _OuterProductCurvature(CurvatureInterface):
     """Full and diagonal curvature as ``sum_nk v_nk v_nk^T`` with ``v = J^T M``
-    (see ``laplace.curvature.backprop_factor``); subclasses choose ``M``."""
+    (see ``laplace.curvature.backprop_factor``); subclasses choose ``M``.
+
+    ``GGNInterface`` and ``EFInterface`` are backends of their own: their ``full``
+    and ``diag`` need no library (one backward pass of ``M``, or the ``torch.func``
+    Jacobian where that route does not apply); ``kron`` needs a library's backend.
+    """
+
+    supported_structures: ClassVar[frozenset[str]] = frozenset({"full", "diag"})
 
     def _output_factor(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

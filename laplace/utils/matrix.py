@@ -28,7 +28,7 @@ from numbers import Number
 import torch
 from torch import nn
 
-__all__ = ["Kron", "KronDecomposed"]
+__all__ = ["Kron", "KronDecomposed", "damped_factor_eigenvalues"]
 
 Tensor = torch.Tensor
 _Blocks = list[list[Tensor]]
@@ -109,6 +109,42 @@ def _eigen_matmul(Qs: list[Tensor], lam: Tensor, X: Tensor) -> Tensor:
     return _block_matmul(Qs, rotated * lam.flatten())
 
 
+def damped_factor_eigenvalues(
+    l_G: Tensor, l_A: Tensor, delta: Tensor, scale: Tensor | float = 1.0
+) -> tuple[Tensor, Tensor]:
+    r"""Eigenvalues of the two factors of the damped ``c G (x) A + d I``.
+
+    The damped form of a scaled pair is
+
+    $$
+        c \, (G + \sqrt{d/c} \, I) \otimes (A + \sqrt{d/c} \, I)
+        = (c G + \sqrt{c d} \, I) \otimes (A + \sqrt{d/c} \, I),
+    $$
+
+    which expands to ``c G (x) A + sqrt(c d) (G (x) I + I (x) A) + d I``: it depends
+    on the represented matrix ``c G (x) A`` only, not on which factor holds ``c``,
+    and is ``(G + sqrt(d)) (x) (A + sqrt(d))`` for ``c = 1``.
+
+    Parameters
+    ----------
+    l_G : torch.Tensor
+        ``(p_out,)`` eigenvalues of the scaled output-side factor ``c G``
+    l_A : torch.Tensor
+        ``(p_in,)`` eigenvalues of ``A``
+    delta : torch.Tensor
+        the addend ``d`` (0-dim), e.g. a prior precision
+    scale : float or torch.Tensor, default=1
+        ``c > 0``, already applied to ``l_G``
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(l_G + sqrt(c d), l_A + sqrt(d / c))``: their outer product is the
+        spectrum of the damped block.
+    """
+    return l_G + (scale * delta).sqrt(), l_A + (delta / scale).sqrt()
+
+
 class Kron:
     """Block-diagonal curvature whose blocks are Kronecker pairs or dense matrices.
 
@@ -168,6 +204,11 @@ class Kron:
 
     def __len__(self) -> int:
         return len(self.kfacs)
+
+    def clone(self) -> Kron:
+        """A copy whose factors are new tensors (``torch.Tensor.clone``), so that
+        adding to one in place (``+=``) leaves the other as it was."""
+        return Kron([[f.clone() for f in block] for block in self.kfacs])
 
     def __add__(self, other: Kron) -> Kron:
         """Add factor by factor: ``[G1 + G2, A1 + A2]`` and ``[B1 + B2]``.
@@ -305,8 +346,10 @@ class KronDecomposed:
     ``Q diag(lam) Q^T`` with ``Q = Q_G (x) Q_A`` and
 
     * ``lam = l_G (x) l_A + d`` (``damping=False``): the exact ``G (x) A + d I``;
-    * ``lam = (l_G + sqrt(d)) (x) (l_A + sqrt(d))`` (``damping=True``): the damped
-      ``(G + sqrt(d) I) (x) (A + sqrt(d) I)``.
+    * ``damping=True``: the damped ``(G + sqrt(d) I) (x) (A + sqrt(d) I)``; after
+      scaling by ``c`` (``c * K``) the damped form of ``c G (x) A + d I``,
+      ``c (G + sqrt(d/c) I) (x) (A + sqrt(d/c) I)`` (``damped_factor_eigenvalues``).
+      Adding deltas and scaling keep the damping.
 
     A single block ``(Q, l)`` always gives ``lam = l + d``. Powers act on ``lam``.
     Deltas can be added; other Kron or KronDecomposed cannot.
@@ -339,6 +382,9 @@ class KronDecomposed:
             )
         self.damping = damping
         self.deltas = self._check_deltas(0.0 if deltas is None else deltas)
+        #: the product of the scalars this was multiplied by (``*``), which the
+        #: damped form needs apart from the eigenvalues
+        self.scale: Tensor | float = 1.0
 
     def _check_deltas(self, deltas: Tensor | float) -> Tensor:
         """Return ``deltas`` as a ``(n_blocks,)`` tensor on the factors' device."""
@@ -364,14 +410,19 @@ class KronDecomposed:
                 "Can only add scalar or per-block deltas to KronDecomposed, not "
                 f"{type(deltas).__name__}; add Kron objects before decomposing."
             )
-        return KronDecomposed(
+        return self._like(
             self.eigenvectors,
             self.eigenvalues,
             self.deltas + self._check_deltas(deltas),
-            self.damping,
+            self.scale,
         )
 
     __radd__ = __add__
+
+    def _like(self, eigenvectors, eigenvalues, deltas, scale) -> KronDecomposed:
+        out = KronDecomposed(eigenvectors, eigenvalues, deltas, self.damping)
+        out.scale = scale
+        return out
 
     def __mul__(self, scalar: Number | Tensor) -> KronDecomposed:
         """Scale the curvature part only: ``c H + d``, deltas unchanged.
@@ -379,18 +430,24 @@ class KronDecomposed:
         For a pair ``l_G`` is scaled, for a single block ``l``.
         """
         scalar = _as_scalar(scalar)
+        if self.damping and not bool(torch.as_tensor(scalar) > 0):
+            raise ValueError(
+                f"A damped KronDecomposed can only be scaled by a positive number; "
+                f"got {scalar}."
+            )
         eigvals = [[scalar * block[0], *block[1:]] for block in self.eigenvalues]
-        return KronDecomposed(self.eigenvectors, eigvals, self.deltas, self.damping)
+        return self._like(self.eigenvectors, eigvals, self.deltas, scalar * self.scale)
 
     __rmul__ = __mul__
 
     def detach(self) -> KronDecomposed:
         """Copy with all tensors detached from the autograd graph."""
-        return KronDecomposed(
+        scale = self.scale
+        return self._like(
             [[Q.detach() for Q in b] for b in self.eigenvectors],
             [[lam.detach() for lam in b] for b in self.eigenvalues],
             self.deltas.detach(),
-            self.damping,
+            scale.detach() if isinstance(scale, Tensor) else scale,
         )
 
     def block_eigenvalues(self, i: int, exponent: float = 1) -> Tensor:
@@ -399,7 +456,9 @@ class KronDecomposed:
         if len(vals) == 1:
             lam = vals[0] + delta
         elif self.damping:
-            lam = torch.outer(vals[0] + delta.sqrt(), vals[1] + delta.sqrt())
+            lam = torch.outer(
+                *damped_factor_eigenvalues(vals[0], vals[1], delta, self.scale)
+            )
         else:
             lam = torch.outer(vals[0], vals[1]) + delta
         return lam if exponent == 1 else lam**exponent
