@@ -86,7 +86,7 @@ class BaseFunctionalLaplace(BaseLaplace):
     dict_key_x, dict_key_y
         as ``laplace.baselaplace.BaseLaplace``; the prior precision is a
         scalar (the kernel is ``J J^T / p0``).
-    backend : a GGN backend class, default=BackPackGGN
+    backend : a GGN backend class, optional (``FunctionalLaplace``: BackPackGGN)
         the GP view is the GGN's: EF and Hessian backends are refused. The kernel
         itself is computed by this library from backpropagated factors (for every
         backend, so mapping (dict) batches work whichever is named).
@@ -121,7 +121,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         enable_backprop: bool = False,
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
-        backend: type[CurvatureInterface] | None = BackPackGGN,
+        backend: type[CurvatureInterface] | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         independent_outputs: bool = False,
         seed: int = 0,
@@ -642,6 +642,40 @@ class FunctionalLaplace(BaseFunctionalLaplace):
     (see ``BaseFunctionalLaplace``)."""
 
     key = ("all", "gp")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood,
+        n_subset: int,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = BackPackGGN,
+        backend_kwargs: dict[str, Any] | None = None,
+        independent_outputs: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            model,
+            likelihood,
+            n_subset,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            independent_outputs=independent_outputs,
+            seed=seed,
+        )
 
 
 def _check_gp_backend(backend: type, backend_kwargs: dict) -> None:
