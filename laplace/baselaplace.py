@@ -13,8 +13,9 @@ posterior precision is ``P = H / (sigma_noise^2 * temperature) + diag(p0)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from laplace import prior
 from laplace.curvature.curvature import CurvatureInterface, check_backend
-from laplace.data import Inputs, check_pairs, split_batch, to_device
+from laplace.data import Inputs, batch_size, split_batch, to_device
 from laplace.predictive.links import link as apply_link
+from laplace.predictive.links import sample_outputs
 from laplace.utils._checks import check_n_samples
 from laplace.utils.enums import (
     Likelihood,
@@ -113,6 +115,8 @@ class BaseLaplace:
         self.asdl_fisher_kwargs = dict(asdl_fisher_kwargs or {})
         self._backend: CurvatureInterface | None = None
         self._posterior_cache: Any = None
+        #: keyword arguments of the model's forward during a predictive call
+        self._model_kwargs: dict[str, Any] = {}
         #: the treated parameters; None until known (a last layer found on the
         #: first forward pass), and so are ``n_params`` and ``n_layers``
         self.params: list[nn.Parameter] | None = None
@@ -201,6 +205,12 @@ class BaseLaplace:
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+            raise ValueError(
+                "prior_precision must be a positive number or a tensor of shape (), "
+                f"(1,), (n_layers,) or (n_params,); got {type(value).__name__} "
+                f"{value!r}."
+            )
         if not self._bound:
             prior.as_prior_precision(value, None, None, dtype=self._dtype)
             self._pending["prior_precision"] = value
@@ -223,7 +233,9 @@ class BaseLaplace:
     @property
     def prior_mean(self) -> Tensor:
         """Prior mean: shape ``()`` or ``(n_params,)``."""
-        return self._pending.get("prior_mean", self._prior_mean)
+        if "prior_mean" in self._pending:
+            return self._pending["prior_mean"]
+        return self._prior_mean
 
     @prior_mean.setter
     def prior_mean(self, value: float | Tensor) -> None:
@@ -251,9 +263,10 @@ class BaseLaplace:
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
         value = torch.as_tensor(value, dtype=self._dtype, device=self._device)
-        if value.numel() != 1:
+        if value.numel() != 1 or value.ndim > 1:
             raise ValueError(
-                f"sigma_noise must be a scalar; got shape {tuple(value.shape)}."
+                "sigma_noise must be a scalar (a number, or a tensor of shape () or "
+                f"(1,)); got shape {tuple(value.shape)}."
             )
         value = value.reshape(())
         with torch.no_grad():
@@ -289,10 +302,35 @@ class BaseLaplace:
         """``1 / (sigma_noise^2 * temperature)``, the scale of the curvature."""
         return 1 / (self.sigma_noise.square() * self.temperature)
 
-    def _check_fit_batch(self, x: Inputs) -> None:
-        """Refuse training inputs of the wrong form before any work on them."""
-        if self.likelihood == Likelihood.REWARD_MODELING:
-            check_pairs(x, self.dict_key_x)
+    def _check_fit_batch(self, x: Inputs, y: Tensor | None = None) -> None:
+        """Refuse training data of the wrong form before any work on them.
+
+        Regression targets must have the outputs' shape ``(batch, outputs)``: a 1-D
+        ``y`` is refused, as laplace-torch does, rather than guessed. Reward-modeling
+        inputs are not checked here: any input the model maps to pair logits
+        ``(batch, 2)`` is valid (laplace-torch accepts them too).
+        """
+        if self.likelihood == Likelihood.REGRESSION and y is not None and y.ndim == 1:
+            raise ValueError(
+                f"Regression targets y of shape {tuple(y.shape)} must have the shape "
+                "of the model's outputs, (batch, outputs); for a model with one "
+                "output pass y of shape (batch, 1), e.g. y.unsqueeze(-1)."
+            )
+
+    # -- what subclasses provide -------------------------------------------------------
+    def fit(self, train_loader: DataLoader) -> None:
+        """Fit the approximation on ``train_loader`` (subclasses)."""
+        raise NotImplementedError
+
+    def sample(
+        self, n_samples: int = 1, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Weight samples ``(n_samples, n_params)`` of the posterior (subclasses with
+        a weight-space posterior)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no weight-space posterior to sample; use "
+            "functional_samples(x) for samples of the outputs."
+        )
 
     # -- evidence ------------------------------------------------------------------
     def _check_fitted(self, action: str) -> None:
@@ -310,9 +348,8 @@ class BaseLaplace:
         ``-loss / (sigma^2 T) - N C log(sigma sqrt(2 pi))``. Differentiable in
         ``sigma_noise``.
         """
-        self._check_fitted("log_likelihood")
-        value = -self._h_factor * self.loss
-        if self.likelihood == Likelihood.REGRESSION:
+        value = -self._h_factor * self.loss  # 0 before fit: no data seen
+        if self.likelihood == Likelihood.REGRESSION and self.n_data:
             n_terms = self.n_data * self.n_outputs
             value = value - n_terms * torch.log(
                 self.sigma_noise * math.sqrt(2 * math.pi)
@@ -367,6 +404,36 @@ class BaseLaplace:
     def _predicts_regression(self) -> bool:
         return self.likelihood in (Likelihood.REGRESSION, Likelihood.REWARD_MODELING)
 
+    def _regression_output(self, fitting: bool) -> bool:
+        """Whether a predictive returns regression moments: reward modeling
+        predicts as regression, except with ``fitting=True``, where it predicts as
+        the classification of pairs it was fitted with (laplace-torch's meaning)."""
+        if fitting and self.likelihood == Likelihood.REWARD_MODELING:
+            return False
+        return self._predicts_regression
+
+    def _check_predictable(self) -> None:
+        """Refuse a predictive that needs a fit (subclasses may allow the
+        prior-only predictive before ``fit``)."""
+        self._check_fitted("predicting")
+
+    @contextlib.contextmanager
+    def _forward_kwargs(self, model_kwargs: dict[str, Any]) -> Iterator[None]:
+        """Pass ``model_kwargs`` to every forward pass of the model in the block."""
+        previous, self._model_kwargs = self._model_kwargs, dict(model_kwargs)
+        try:
+            yield
+        finally:
+            self._model_kwargs = previous
+
+    @property
+    def _forward_model(self) -> nn.Module:
+        """The model, with the keyword arguments of the current predictive call bound
+        to its forward (the same parameters and modules)."""
+        if not self._model_kwargs:
+            return self.model
+        return _BoundKwargs(self.model, self._model_kwargs)
+
     def __call__(
         self,
         x: Inputs,
@@ -376,6 +443,8 @@ class BaseLaplace:
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
+        fitting: bool = False,
+        **model_kwargs: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Posterior predictive at ``x``.
 
@@ -395,6 +464,13 @@ class BaseLaplace:
         diagonal_output : bool
             'glm' only: keep only the output variances.
         generator : torch.Generator, optional
+        fitting : bool, default=False
+            reward modeling only: predict as the classification of pairs the
+            approximation was fitted with (probabilities of ``x`` of pairs)
+            instead of as regression; no effect for the other likelihoods.
+        **model_kwargs
+            keyword arguments of the model's forward, passed to every forward pass
+            (both predictives).
 
         Returns
         -------
@@ -410,21 +486,54 @@ class BaseLaplace:
                 f"link_approx='mc' (got {link_approx.value!r})."
             )
         check_n_samples(n_samples)
-        self._check_fitted("predicting")
+        self._check_predictable()
+        regression = self._regression_output(fitting)
         x = to_device(x, self._device)
-        if pred_type == PredType.NN:
-            f = self._nn_samples(x, n_samples, generator)
-            if self._predicts_regression:
-                return f.mean(0), f.var(0)
-            return torch.softmax(f, dim=-1).mean(0)
-        if self._predicts_regression:
-            return self._glm_distribution(x, joint, diagonal_output)
-        # probit reads only the output variances: no (N, C, C) where avoidable
-        diagonal = diagonal_output or link_approx == LinkApprox.PROBIT
-        f_mu, f_var = self._glm_distribution(x, False, diagonal)
+        with self._forward_kwargs(model_kwargs):
+            if pred_type == PredType.NN:
+                f = self._nn_samples(x, n_samples, generator)
+                if regression:
+                    return f.mean(0), f.var(0)
+                return torch.softmax(f, dim=-1).mean(0)
+            if regression:
+                return self._glm_distribution(x, joint, diagonal_output)
+            # probit reads only the output variances: no (N, C, C) where avoidable
+            diagonal = diagonal_output or link_approx == LinkApprox.PROBIT
+            f_mu, f_var = self._glm_distribution(x, False, diagonal)
         return apply_link(link_approx, f_mu, f_var, n_samples, generator)
 
     predictive = __call__
+
+    def functional_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 1,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        joint: bool = False,
+    ) -> Tensor:
+        """Samples ``(n_samples, batch, outputs)`` of the network's outputs ``f`` at
+        ``x`` (logits for classification: no link applied).
+
+        'glm' draws from the Gaussian ``N(f_mu, f_var)`` of the linearized network
+        (per datum, or jointly over the batch with ``joint``; ``diagonal_output``
+        drops the covariances between outputs); 'nn' evaluates the network at
+        weight samples ``theta ~ N(theta_MAP, P^-1)``. With ``generator`` the
+        samples are reproducible.
+        """
+        pred_type = self._parse_pred_type(pred_type)
+        check_n_samples(n_samples)
+        self._check_predictable()
+        x = to_device(x, self._device)
+        if pred_type == PredType.NN:
+            return self._nn_samples(x, n_samples, generator)
+        f_mu, f_var = self._glm_distribution(x, joint, diagonal_output and not joint)
+        if not joint:
+            return sample_outputs(f_mu, f_var, n_samples, generator)
+        # the joint Gaussian over the batch, ordered datum-major
+        samples = sample_outputs(f_mu[None], f_var[None], n_samples, generator)
+        return samples.reshape(n_samples, batch_size(x, self.dict_key_x), -1)
 
     def predictive_samples(
         self,
@@ -433,25 +542,16 @@ class BaseLaplace:
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
+        fitting: bool = False,
+        joint: bool = False,
     ) -> Tensor:
-        """Samples ``(n_samples, batch, outputs)`` of the predictive at ``x``.
-
-        'glm' samples the Gaussian ``N(f_mu, f_var)`` of the linearized network,
-        'nn' evaluates the network at weight samples; classification returns the
-        softmax of the samples.
-        """
-        pred_type = self._parse_pred_type(pred_type)
-        check_n_samples(n_samples)
-        self._check_fitted("sampling the predictive")
-        x = to_device(x, self._device)
-        if pred_type == PredType.NN:
-            f = self._nn_samples(x, n_samples, generator)
-        else:
-            from laplace.predictive.links import sample_outputs
-
-            f_mu, f_var = self._glm_distribution(x, False, diagonal_output)
-            f = sample_outputs(f_mu, f_var, n_samples, generator)
-        return f if self._predicts_regression else torch.softmax(f, dim=-1)
+        """Samples ``(n_samples, batch, outputs)`` of the predictive at ``x``: the
+        ``functional_samples``, through the softmax for classification (and for
+        reward modeling with ``fitting=True``)."""
+        f = self.functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, joint=joint
+        )
+        return f if self._regression_output(fitting) else torch.softmax(f, dim=-1)
 
     def _glm_distribution(
         self, x: Inputs, joint: bool, diagonal_output: bool
@@ -497,6 +597,7 @@ class BaseLaplace:
         n_samples: int = 100,
         verbose: bool = False,
         progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
     ) -> None:
         """Tune the prior precision post hoc.
 
@@ -507,8 +608,9 @@ class BaseLaplace:
         method : {'marglik', 'gridsearch'}
             'marglik': ``n_steps`` Adam steps of size ``lr`` on the log prior
             precision, maximising the Laplace evidence. 'gridsearch': the value of
-            ``grid_size`` log-spaced values in ``[10^log_prior_prec_min,
-            10^log_prior_prec_max]`` with the lowest ``loss`` on ``val_loader``.
+            ``grid_size`` values ``log_prior_prec_base ** linspace(
+            log_prior_prec_min, log_prior_prec_max, grid_size)`` with the lowest
+            ``loss`` on ``val_loader``.
         init_prior_prec : float or torch.Tensor
             start of 'marglik'; a tensor keeps its own structure.
         prior_structure : {'scalar', 'layerwise', 'diag'}
@@ -525,6 +627,8 @@ class BaseLaplace:
             print the tuned prior precision.
         progress_bar : bool
             show progress over the steps or the grid.
+        log_prior_prec_base : float, default=10
+            base of the grid of 'gridsearch' (positive, not 1).
         """
         method = parse_enum(TuningMethod, method, "method")
         pred_type = self._parse_pred_type(pred_type)
@@ -552,9 +656,14 @@ class BaseLaplace:
             prior.check_gridsearch_arguments(
                 val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size
             )
+            _check_grid_base(log_prior_prec_base)
             self._check_fitted("optimize_prior_precision")
             grid = torch.logspace(
-                log_prior_prec_min, log_prior_prec_max, grid_size, dtype=self._dtype
+                log_prior_prec_min,
+                log_prior_prec_max,
+                grid_size,
+                base=float(log_prior_prec_base),
+                dtype=self._dtype,
             )
             prior.tune_by_gridsearch(
                 self,
@@ -574,6 +683,33 @@ class BaseLaplace:
     def _parameter_names(self) -> list[str]:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names.get(id(p), "?") for p in self.params]
+
+
+class _BoundKwargs(nn.Module):
+    """``model`` with keyword arguments bound to its forward: ``forward(x) =
+    model(x, **kwargs)``; it holds the same modules and parameters."""
+
+    def __init__(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.kwargs = kwargs
+
+    def forward(self, x: Inputs) -> Tensor:
+        return self.model(x, **self.kwargs)
+
+
+def _check_grid_base(base: Any) -> None:
+    if (
+        isinstance(base, bool)
+        or not isinstance(base, (int, float))
+        or not math.isfinite(base)
+        or base <= 0
+        or base == 1
+    ):
+        raise ValueError(
+            "log_prior_prec_base must be a positive number other than 1 (the grid "
+            f"is base ** linspace(min, max, grid_size)); got {base!r}."
+        )
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from laplace.curvature.backpack import BackPackGGN
 from laplace.curvature.curvature import CurvatureInterface, last_layer_jacobian
 from laplace.data import Inputs, split_batch, to_device
 from laplace.functional import kernel
@@ -95,7 +96,7 @@ class LastLayerMixin:
         """Outputs ``(N, C)`` and last-layer features ``(N, D)``, with their graph
         only when ``enable_backprop``."""
         with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
-            f, phi = self.model.forward_with_features(x)
+            f, phi = self.model.forward_with_features(x, **self._model_kwargs)
         if not self.enable_backprop:
             f, phi = f.detach(), phi.detach()
         return f, phi
@@ -344,7 +345,7 @@ class FunctionalLLLaplace(LastLayerMixin, FunctionalLaplace):
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
         last_layer_name: str | None = None,
-        backend: type[CurvatureInterface] | None = None,
+        backend: type[CurvatureInterface] | None = BackPackGGN,
         backend_kwargs: dict[str, Any] | None = None,
         independent_outputs: bool = False,
         seed: int = 0,

@@ -181,10 +181,26 @@ class SubnetLaplace(ParametricLaplace):
         """Weights ``(n_samples, n_params)``: the entries ``S`` drawn from the
         posterior, all others at the MAP."""
         check_n_samples(n_samples)
-        samples = self.mean.expand(n_samples, -1).clone()
-        samples[:, self.subnetwork_indices] += self._posterior.sample(
-            n_samples, generator
+        return self.assemble_full_samples(
+            self.mean_subnet + self._posterior.sample(n_samples, generator)
         )
+
+    def assemble_full_samples(self, subnet_samples: Tensor) -> Tensor:
+        """Weights ``(n_samples, n_params)`` from samples of the subnetwork
+        ``(n_samples, S)``: the entries ``S`` from ``subnet_samples``, all others at
+        the posterior mean (the MAP after ``fit``)."""
+        S = self.n_params_subnet
+        if (
+            not isinstance(subnet_samples, Tensor)
+            or subnet_samples.ndim != 2
+            or subnet_samples.shape[1] != S
+        ):
+            raise ValueError(
+                f"subnet_samples must have shape (n_samples, {S}); got "
+                f"{getattr(subnet_samples, 'shape', type(subnet_samples).__name__)}."
+            )
+        samples = self.mean.expand(subnet_samples.shape[0], -1).clone()
+        samples[:, self.subnetwork_indices] = subnet_samples.to(samples)
         return samples
 
     def square_norm(self, value: Tensor) -> Tensor:
@@ -206,11 +222,12 @@ class SubnetLaplace(ParametricLaplace):
 
     def _jacobians(self, x: Inputs) -> tuple[Tensor, Tensor]:
         """Jacobians of the selected entries ``(N, C, S)`` and outputs ``(N, C)``."""
+        model = self._forward_model
         if self.enable_backprop:
-            J, f = backprop_factor.jacobian(self.model, self._trainable, x, True)
+            J, f = backprop_factor.jacobian(model, self._trainable, x, True)
             return J[..., self._trainable_indices], f
         f, V = backprop_factor.per_example_vectors(
-            self.model,
+            model,
             self._trainable,
             x,
             backprop_factor.identity_factor,

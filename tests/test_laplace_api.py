@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -173,20 +174,87 @@ def test_a_failed_setter_leaves_the_object_as_it_was():
 
 # -- before fit --------
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_predicting_or_tuning_before_fit_is_refused(structure):
+def test_evidence_and_tuning_before_fit_are_refused(structure):
     la = Laplace(_model(), "classification", "all", structure)
-    x = torch.randn(2, 4, dtype=DTYPE)
     for call in [
-        lambda: la(x),
-        lambda: la.predictive_samples(x),
-        lambda: la.sample(2),
         lambda: la.log_marginal_likelihood(),
         lambda: la.optimize_prior_precision(),
-        lambda: la.posterior_precision,
-        lambda: la.state_dict(),
     ]:
         with pytest.raises(RuntimeError, match="not fitted: call fit"):
             call()
+
+
+@pytest.mark.parametrize("structure", ["kron", "lowrank"])
+def test_posterior_before_fit_is_refused_without_an_empty_curvature(structure):
+    # laplace-torch refuses these too (Kron: "not fitted"; LowRank cannot be built)
+    la = Laplace(_model(), "classification", "all", structure)
+    x = torch.randn(2, 4, dtype=DTYPE)
+    for call in [lambda: la(x), lambda: la.sample(2), lambda: la.functional_samples(x)]:
+        with pytest.raises(RuntimeError, match="not fitted: call fit"):
+            call()
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_before_fit_the_posterior_is_the_prior(structure, device):
+    """As laplace-torch: before fit the mean is the prior mean and the posterior
+    precision the prior's; the predictive is the prior predictive J P0^-1 J^T."""
+    torch.manual_seed(0)
+    model = _model().to(device)
+    mu0 = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DTYPE)
+    la = Laplace(
+        model,
+        "regression",
+        "all",
+        structure,
+        prior_precision=2.0,
+        prior_mean=mu0.to(device),
+    )
+    P = la.n_params
+    torch.testing.assert_close(la.mean, mu0.to(device))
+    expected = torch.full((P,), 2.0, dtype=DTYPE, device=device)
+    prec = la.posterior_precision
+    torch.testing.assert_close(prec if prec.ndim == 1 else prec.diagonal(), expected)
+    torch.testing.assert_close(
+        la.log_det_posterior_precision, torch.tensor(P * math.log(2.0), dtype=DTYPE)
+    )
+    assert la.log_likelihood.item() == 0.0  # no data seen
+    x = torch.randn(3, 4, dtype=DTYPE, device=device)
+    J = torch.func.jacrev(
+        lambda p: torch.func.functional_call(
+            model,
+            dict(zip([n for n, _ in model.named_parameters()], _split(p, model))),
+            (x,),
+        )
+    )(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    f_mu, f_var = la(x)
+    torch.testing.assert_close(f_mu, model(x).detach())
+    torch.testing.assert_close(f_var, torch.einsum("ncp,ndp->ncd", J, J) / 2.0)
+    g = torch.Generator(device=device).manual_seed(0)
+    samples = la.sample(20000, generator=g)
+    torch.testing.assert_close(samples.mean(0), mu0.to(device), atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        samples.var(0),
+        torch.full((P,), 0.5, dtype=DTYPE, device=device),
+        atol=0.05,
+        rtol=0,
+    )
+    # a prior-only state loads back as prior-only, the model untouched
+    before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
+    other = Laplace(model, "regression", "all", structure, prior_precision=2.0)
+    other.load_state_dict(la.state_dict())
+    assert not other.fitted
+    torch.testing.assert_close(other.mean, mu0.to(device))
+    torch.testing.assert_close(
+        torch.nn.utils.parameters_to_vector(model.parameters()), before
+    )
+
+
+def _split(theta, model):
+    out, start = [], 0
+    for p in model.parameters():
+        out.append(theta[start : start + p.numel()].view(p.shape))
+        start += p.numel()
+    return out
 
 
 # -- predictive arguments --------

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from laplace.baselaplace import BaseLaplace
+from laplace.curvature.backpack import BackPackGGN
 from laplace.curvature.curvature import CurvatureInterface, GGNInterface
 from laplace.data import Inputs, dataset_size, split_batch, to_device
 from laplace.functional import kernel, subset
@@ -85,9 +86,14 @@ class BaseFunctionalLaplace(BaseLaplace):
     dict_key_x, dict_key_y
         as ``laplace.baselaplace.BaseLaplace``; the prior precision is a
         scalar (the kernel is ``J J^T / p0``).
-    backend : a GGN backend class, optional
+    backend : a GGN backend class, optional (``FunctionalLaplace``: BackPackGGN)
         the GP view is the GGN's: EF and Hessian backends are refused. The kernel
-        itself is computed by this library from backpropagated factors.
+        itself is computed by this library from backpropagated factors (for every
+        backend, so mapping (dict) batches work whichever is named).
+    backend_kwargs : dict, optional
+    asdl_fisher_kwargs : dict, optional
+        kept for laplace-torch's signature (``BaseFunctionalLaplace``): the GP
+        view computes no Fisher through ASDL.
     independent_outputs : bool, default=False
         keep only the ``c = c'`` blocks of the kernel: ``C`` independent GPs of
         ``M x M`` instead of one of ``M C x M C``.
@@ -119,6 +125,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         backend_kwargs: dict[str, Any] | None = None,
         independent_outputs: bool = False,
         seed: int = 0,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.n_subset = _check_int(n_subset, "n_subset", minimum=1)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -140,6 +147,7 @@ class BaseFunctionalLaplace(BaseLaplace):
             dict_key_y=dict_key_y,
             backend=backend,
             backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
         _check_gp_backend(self._backend_cls, self.backend_kwargs)
 
@@ -164,7 +172,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         self, x: Inputs, create_graph: bool = False
     ) -> tuple[Tensor, kernel.JacobianSet]:
         """Outputs ``(N, C)`` and the Jacobians of the treated parameters at ``x``."""
-        return kernel.jacobian_set(self.model, self.params, x, create_graph)
+        return kernel.jacobian_set(self._forward_model, self.params, x, create_graph)
 
     # -- fit ---------------------------------------------------------------------------
     def fit(
@@ -253,7 +261,7 @@ class BaseFunctionalLaplace(BaseLaplace):
             for i, batch in enumerate(batches):
                 x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
                 x, y = to_device(x, self._device), y.to(self._device)
-                self._check_fit_batch(x)
+                self._check_fit_batch(x, y)
                 f = self.model(x)
                 loss_b = lik.loss(f, lik.check_targets(f, y))
                 if not torch.isfinite(loss_b):
@@ -384,6 +392,64 @@ class BaseFunctionalLaplace(BaseLaplace):
             return f.flatten(), self._gp_covariance(X)
         return f, self._gp_variance(X, diagonal_output)
 
+    def __call__(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GP,
+        joint: bool = False,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        **model_kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The GP predictive at ``x`` (see ``BaseLaplace.__call__``; 'gp' and 'glm'
+        are the same linearized predictive)."""
+        return super().__call__(
+            x,
+            pred_type,
+            joint,
+            link_approx,
+            n_samples,
+            diagonal_output,
+            generator,
+            fitting,
+            **model_kwargs,
+        )
+
+    predictive = __call__
+
+    def predictive_moments(
+        self, x: Inputs, joint: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Mean and covariance of the GP over the outputs ``f`` at ``x`` (logits for
+        classification, no link).
+
+        Returns
+        -------
+        ``(f_mu, f_var)``: ``(batch, C)`` and ``(batch, C, C)``; with ``joint``
+        ``(batch * C,)`` and ``(batch * C, batch * C)``, datum-major.
+        """
+        self._check_predictable()
+        return self._glm_distribution(to_device(x, self._device), joint, False)
+
+    def functional_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        joint: bool = False,
+    ) -> Tensor:
+        """Samples ``(n_samples, batch, C)`` of the GP over the outputs at ``x``
+        (per datum, or jointly over the batch with ``joint``); 'gp' and 'glm' are
+        the same."""
+        return super().functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, joint=joint
+        )
+
     def _as_jacobian_set(self, Js: Tensor, name: str = "Js_star") -> kernel.JacobianSet:
         self._check_fitted(f"functional_variance({name})")
         if Js.ndim == 2:
@@ -437,6 +503,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         n_samples: int = 100,
         verbose: bool = False,
         progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
     ) -> None:
         """Tune the scalar prior precision (see
         ``BaseLaplace.optimize_prior_precision``) with the GP predictive.
@@ -462,6 +529,7 @@ class BaseFunctionalLaplace(BaseLaplace):
             n_samples=n_samples,
             verbose=verbose,
             progress_bar=progress_bar,
+            log_prior_prec_base=log_prior_prec_base,
         )
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
@@ -574,6 +642,40 @@ class FunctionalLaplace(BaseFunctionalLaplace):
     (see ``BaseFunctionalLaplace``)."""
 
     key = ("all", "gp")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood,
+        n_subset: int,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = BackPackGGN,
+        backend_kwargs: dict[str, Any] | None = None,
+        independent_outputs: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            model,
+            likelihood,
+            n_subset,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            independent_outputs=independent_outputs,
+            seed=seed,
+        )
 
 
 def _check_gp_backend(backend: type, backend_kwargs: dict) -> None:

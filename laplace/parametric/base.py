@@ -59,14 +59,45 @@ class ParametricLaplace(BaseLaplace):
     key: ClassVar[tuple[str, str]]
 
     def __init__(self, model, likelihood, *args: Any, **kwargs: Any) -> None:
-        #: the MAP ``theta`` ``(n_params,)`` (None while the parameters are unknown)
-        self.mean: Tensor | None = None
+        self._mean: Tensor | None = None
         self.H: Any = None
         super().__init__(model, likelihood, *args, **kwargs)
         self._on_new_curvature()
 
-    def _on_bind(self) -> None:
-        self.mean = parameters_to_vector(self.params).detach()
+    @property
+    def mean(self) -> Tensor | None:
+        """The posterior mean ``(n_params,)``: the MAP ``theta`` after ``fit``; before
+        it the prior mean (the posterior is then the prior, as in laplace-torch);
+        None while the treated parameters are unknown."""
+        if self._mean is not None or not self._bound:
+            return self._mean
+        return self.prior_mean.expand(self.n_params)
+
+    @mean.setter
+    def mean(self, value: Tensor | None) -> None:
+        self._mean = value
+
+    def _ensure_H(self, action: str) -> None:
+        """Before ``fit`` the curvature is zero and the posterior is the prior
+        ``N(mu0, P0^-1)`` (what laplace-torch offers before fit); structures
+        without an empty curvature (low rank) and unknown parameters (a last
+        layer not found yet) are refused."""
+        if self.fitted or self.H is not None:
+            return
+        if not self._bound:
+            raise RuntimeError(
+                f"{type(self).__name__} does not know its parameters yet (the last "
+                f"layer is found by fit): call fit(train_loader) before {action}, or "
+                "name the layer with last_layer_name=..."
+            )
+        try:
+            self.H = self._init_H()
+        except NotImplementedError:
+            self._check_fitted(action)
+        self._on_new_curvature()
+
+    def _check_predictable(self) -> None:
+        self._ensure_H("predicting")
 
     # -- curvature: what a structure supplies ----------------------------------------
     def _init_H(self) -> Any:
@@ -124,7 +155,7 @@ class ParametricLaplace(BaseLaplace):
         for i, batch in enumerate(batches):
             x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
             x, y = to_device(x, self._device), y.to(self._device)
-            self._check_fit_batch(x)
+            self._check_fit_batch(x, y)
             if n_outputs is None:
                 with torch.no_grad():
                     n_outputs = self.model(x).shape[-1]
@@ -158,7 +189,7 @@ class ParametricLaplace(BaseLaplace):
     def _posterior(self) -> PrecisionForm:
         """The posterior precision form; cached unless a hyperparameter is being
         differentiated (then each call builds a fresh graph)."""
-        self._check_fitted("using the posterior")
+        self._ensure_H("using the posterior")
         tracking = self.prior_precision.requires_grad or self.sigma_noise.requires_grad
         if tracking:
             return self._build_form()
@@ -204,6 +235,12 @@ class ParametricLaplace(BaseLaplace):
         return self.log_det_posterior_precision - self.log_det_prior_precision
 
     @property
+    def posterior_precision(self) -> Any:
+        """The posterior precision ``P``, in the structure of the class (a dense
+        matrix where a subclass does not say otherwise)."""
+        return self._posterior.to_matrix()
+
+    @property
     def posterior_variance(self) -> Tensor:
         """Marginal posterior variances ``diag(P^-1)`` ``(n_params,)``."""
         return self._posterior.inv_diag()
@@ -240,6 +277,21 @@ class ParametricLaplace(BaseLaplace):
         check_n_samples(n_samples)
         return self.mean + self._posterior.sample(n_samples, generator)
 
+    def functional_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GLM,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        joint: bool = False,
+    ) -> Tensor:
+        """Samples ``(n_samples, batch, outputs)`` of the outputs ``f`` (see
+        ``BaseLaplace.functional_samples``)."""
+        return super().functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, joint=joint
+        )
+
     def functional_variance(self, Js: Tensor) -> Tensor:
         """``J P^-1 J^T`` per datum: ``Js`` ``(N, C, P)`` -> ``(N, C, C)``."""
         if Js.ndim != 3 or Js.shape[-1] != self.n_params:
@@ -262,17 +314,20 @@ class ParametricLaplace(BaseLaplace):
     # -- predictives ---------------------------------------------------------------
     def _jacobians(self, x: Inputs) -> tuple[Tensor, Tensor]:
         """Jacobians ``(N, C, P)`` and outputs ``(N, C)`` at the MAP."""
+        model = self._forward_model
         if self.enable_backprop:
-            return backprop_factor.jacobian(self.model, self.params, x, True)
+            return backprop_factor.jacobian(model, self.params, x, True)
         f, V = backprop_factor.per_example_vectors(
-            self.model, self.params, x, backprop_factor.identity_factor
+            model, self.params, x, backprop_factor.identity_factor
         )
         return V.transpose(0, 1), f
 
     def _glm_terms(self, x: Inputs) -> GLMTerms:
         bases = self._posterior.eigenbases()
         if bases is not None and not self.enable_backprop:
-            found = backprop_factor.jacobian_factors(self.model, self.params, x)
+            found = backprop_factor.jacobian_factors(
+                self._forward_model, self.params, x
+            )
             if found is not None:
                 f, factors = found
                 return GLMTerms(f, factors=glm.rotate(factors, bases))
@@ -305,7 +360,9 @@ class ParametricLaplace(BaseLaplace):
             for theta in self.sample(n_samples, generator):
                 tensors = torch.split(theta, [math.prod(s) for s in shapes])
                 weights = {n: t.view(s) for n, t, s in zip(names, tensors, shapes)}
-                outputs.append(functional_call(self.model, weights, (x,)))
+                outputs.append(
+                    functional_call(self.model, weights, (x,), self._model_kwargs)
+                )
         return torch.stack(outputs)
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
@@ -342,8 +399,9 @@ class ParametricLaplace(BaseLaplace):
         return state.to(self._device, self._dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """The fitted state as plain tensors, numbers and strings (no pickled code)."""
-        self._check_fitted("state_dict")
+        """The state as plain tensors, numbers and strings (no pickled code); before
+        ``fit`` that of the prior-only posterior."""
+        self._ensure_H("state_dict")
         return {
             "cls_name": type(self).__name__,
             "likelihood": self.likelihood.value,
@@ -386,8 +444,11 @@ class ParametricLaplace(BaseLaplace):
         self.n_data, self.n_outputs = state_dict["n_data"], state_dict["n_outputs"]
         self.enable_backprop = state_dict["enable_backprop"]
         self.fitted = state_dict["fitted"]
-        with torch.no_grad():
-            vector_to_parameters(self.mean, self.params)
+        if self.fitted:
+            with torch.no_grad():
+                vector_to_parameters(self.mean, self.params)
+        else:  # a prior-only state: the mean is the prior mean, the model unchanged
+            self.mean = None
         self._on_new_curvature()
 
 

@@ -37,7 +37,7 @@ class DiagLaplace(ParametricLaplace):
         prior = self.prior_precision
         if prior.numel() not in (1, self.n_layers) or prior.numel() == self.n_params:
             return super().log_det_posterior_precision
-        self._check_fitted("log_det_posterior_precision")
+        self._ensure_H("log_det_posterior_precision")
         c = self._h_factor
         if prior.numel() == 1:
             return affine_log_sum(c, prior[0], self.H)

@@ -60,7 +60,7 @@ class LowRankLaplace(ParametricLaplace):
         self,
         model,
         likelihood,
-        backend: type[CurvatureInterface] | None = None,
+        backend: type[CurvatureInterface] | None = CurvatureInterface,
         sigma_noise=1.0,
         prior_precision=1.0,
         prior_mean=0.0,
@@ -75,6 +75,8 @@ class LowRankLaplace(ParametricLaplace):
         eig_method: str = "lanczos",
         eig_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if backend is CurvatureInterface:  # laplace-torch's default: none chosen
+            backend = None
         super().__init__(
             model,
             likelihood,
@@ -184,6 +186,25 @@ class LowRankLaplace(ParametricLaplace):
         """Eigenvectors ``U`` ``(n_params, rank)`` of the curvature."""
         self._check_fitted("V")
         return self.H[0]
+
+    @property
+    def Kinv(self) -> Tensor:
+        r"""The inverse ``(k, k)`` of the Woodbury core
+        ``K = diag(1 / (factor * l)) + U^T diag(p0)^-1 U``, so that
+
+        $$ P^{-1} = D^{-1} - D^{-1} U K^{-1} U^T D^{-1}, \qquad D = diag(p_0). $$
+
+        Eigenvalues ``l`` that are zero drop out of ``P``; their rows and columns of
+        ``K^{-1}`` are zero (the limit ``1 / l -> inf``).
+        """
+        (U, lam), p0 = self.posterior_precision
+        scaled = U / p0[:, None]
+        kept = lam > 0
+        core = U[:, kept].mT @ scaled[:, kept] + torch.diag(1 / lam[kept])
+        Kinv = lam.new_zeros(len(lam), len(lam))
+        idx = kept.nonzero().squeeze(-1)
+        Kinv[idx[:, None], idx[None, :]] = torch.linalg.inv(core)
+        return Kinv
 
     @property
     def posterior_precision(self) -> tuple[tuple[Tensor, Tensor], Tensor]:
