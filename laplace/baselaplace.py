@@ -712,11 +712,25 @@ def _check_grid_base(base: Any) -> None:
         )
 
 
-def __getattr__(name: str):
-    # the all-weights classes live in laplace.parametric; importing them here lazily
-    # keeps ``from laplace.baselaplace import FullLaplace`` working without a cycle
-    import laplace.parametric as parametric
+# the all-weights classes live in laplace.parametric and laplace.functional, whose
+# modules subclass BaseLaplace: imported once BaseLaplace exists, they are real
+# attributes of this module (laplace/__init__ imports this module first)
+from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace  # noqa: E402
+from laplace.parametric import (  # noqa: E402
+    DiagLaplace,
+    FullLaplace,
+    KronLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
 
-    if name in parametric.__all__:
-        return getattr(parametric, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "BaseLaplace",
+    "ParametricLaplace",
+    "FullLaplace",
+    "KronLaplace",
+    "DiagLaplace",
+    "LowRankLaplace",
+    "BaseFunctionalLaplace",
+    "FunctionalLaplace",
+]

@@ -18,6 +18,7 @@ from laplace.lllaplace import (
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, LowRankLaplace
 from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
 from laplace.utils.enums import (
+    FunctionalApproximation,
     HessianStructure,
     Likelihood,
     SubsetOfWeights,
@@ -91,4 +92,14 @@ def Laplace(
     return cls(model, likelihood, *args, **kwargs)
 
 
-__all__ = ["Laplace", "REGISTRY", "register"]
+__all__ = [
+    "Laplace",
+    "REGISTRY",
+    "register",
+    # laplace-torch's module-level names
+    "BaseLaplace",
+    "FunctionalApproximation",
+    "HessianStructure",
+    "Likelihood",
+    "SubsetOfWeights",
+]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from laplace import prior
 from laplace.baselaplace import BaseLaplace
+from laplace.curvature.asdl import AsdlGGN
 from laplace.curvature.curvature import CurvatureInterface, check_backend
 from laplace.data import batch_size, check_pairs, dataset_size, split_batch, to_device
 from laplace.laplace import Laplace
@@ -42,6 +43,10 @@ from laplace.utils.enums import (
     PriorStructure,
     SubsetOfWeights,
     parse_enum,
+)
+from laplace.utils.prior_precision import (
+    expand_prior_precision,
+    fix_prior_prec_structure,
 )
 
 Tensor = torch.Tensor
@@ -58,7 +63,7 @@ def marglik_training(
     likelihood: Likelihood | str = Likelihood.CLASSIFICATION,
     hessian_structure: HessianStructure | str = HessianStructure.KRON,
     subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
-    backend: type[CurvatureInterface] | None = None,
+    backend: type[CurvatureInterface] | None = AsdlGGN,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     scheduler_cls: type[torch.optim.lr_scheduler.LRScheduler] | None = None,
@@ -132,10 +137,10 @@ def marglik_training(
         then every weight has the prior ``prior_prec_init``, and afterwards the
         other weights keep it (a fixed weight decay) while the last layer's prior is
         tuned.
-    backend : subclass of CurvatureInterface, optional
-        curvature backend; ``None`` means ``laplace.curvature.CurvlinopsGGN``
-        (laplace-torch defaults to ``AsdlGGN``; ours is the library's default
-        backend and supports every structure and mapping batches).
+    backend : subclass of CurvatureInterface, default=AsdlGGN
+        curvature backend (as in laplace-torch); ``None`` means the library's
+        default, ``laplace.curvature.CurvlinopsGGN``. Both support every
+        structure and mapping batches.
     optimizer_cls : type of torch.optim.Optimizer, default=torch.optim.Adam
         built as ``optimizer_cls(params, **optimizer_kwargs)``.
     optimizer_kwargs : dict, optional
@@ -463,7 +468,7 @@ def _batches(loader, s: _Settings, dict_key_x, dict_key_y, device, epoch):
             if isinstance(x, MutableMapping) and not s.backend.supports_dict_inputs:
                 raise ValueError(
                     f"backend {s.backend.__name__} cannot take mapping (dict) batches; "
-                    "use CurvlinopsGGN (backend=None) or an Asdl backend."
+                    "use AsdlGGN (the default) or CurvlinopsGGN."
                 )
             if s.likelihood == Likelihood.REWARD_MODELING:
                 check_pairs(x, dict_key_x)
@@ -595,4 +600,17 @@ class _Best:
         )
 
 
-__all__ = ["marglik_training"]
+__all__ = [
+    "marglik_training",
+    # laplace-torch's module-level names
+    "AsdlGGN",
+    "BaseLaplace",
+    "CurvatureInterface",
+    "HessianStructure",
+    "Laplace",
+    "Likelihood",
+    "PriorStructure",
+    "SubsetOfWeights",
+    "expand_prior_precision",
+    "fix_prior_prec_structure",
+]

@@ -27,6 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace.curvature._constants import (
+    EPS,
+    FISHER_EMP,
+    FISHER_EXACT,
+    FISHER_MC,
+    LOSS_CROSS_ENTROPY,
+    LOSS_MSE,
+    SHAPE_DIAG,
+    SHAPE_FULL,
+    SHAPE_KRON,
+)
 from laplace.curvature.backprop_factor import RowCounter, symmetric_gram
 from laplace.curvature.curvature import (
     CurvatureInterface,
@@ -38,6 +49,8 @@ from laplace.curvature.curvature import (
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
+from laplace.utils.enums import Likelihood
+from laplace.utils.matrix import Kron
 
 
 def _asdl():
@@ -351,4 +364,24 @@ class AsdlHessian(AsdlInterface):
         return self.factor
 
 
-__all__ = ["AsdlInterface", "AsdlGGN", "AsdlEF", "AsdlHessian"]
+__all__ = [
+    "AsdlInterface",
+    "AsdlGGN",
+    "AsdlEF",
+    "AsdlHessian",
+    # laplace-torch's module-level names
+    "CurvatureInterface",
+    "EFInterface",
+    "GGNInterface",
+    "Kron",
+    "Likelihood",
+    "EPS",
+    "FISHER_EMP",
+    "FISHER_EXACT",
+    "FISHER_MC",
+    "LOSS_CROSS_ENTROPY",
+    "LOSS_MSE",
+    "SHAPE_DIAG",
+    "SHAPE_FULL",
+    "SHAPE_KRON",
+]

@@ -43,6 +43,8 @@ from laplace.curvature.curvature import (
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
+from laplace.utils.enums import Likelihood
+from laplace.utils.matrix import Kron
 
 
 def _backpack():
@@ -247,4 +249,14 @@ class BackPackEF(BackPackInterface, EFInterface):
         return self._full_from_rows(loss, rows, self.factor**2)
 
 
-__all__ = ["BackPackInterface", "BackPackGGN", "BackPackEF"]
+__all__ = [
+    "BackPackInterface",
+    "BackPackGGN",
+    "BackPackEF",
+    # laplace-torch's module-level names
+    "CurvatureInterface",
+    "EFInterface",
+    "GGNInterface",
+    "Kron",
+    "Likelihood",
+]

@@ -31,6 +31,7 @@ from laplace.data import Inputs, batch_size
 from laplace.likelihood import get_likelihood
 from laplace.utils.enums import Likelihood, parse_enum
 from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.matrix import Kron  # noqa: F401  (laplace-torch's module-level name)
 
 STRUCTURES = ("full", "kron", "diag")
 

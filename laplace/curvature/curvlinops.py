@@ -31,6 +31,8 @@ from laplace.curvature.curvature import (
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs, batch_size
+from laplace.utils.enums import Likelihood
+from laplace.utils.matrix import Kron
 
 
 def _curvlinops():
@@ -208,4 +210,15 @@ class CurvlinopsHessian(CurvlinopsInterface):
         return loss, torch.cat(diag)
 
 
-__all__ = ["CurvlinopsInterface", "CurvlinopsGGN", "CurvlinopsEF", "CurvlinopsHessian"]
+__all__ = [
+    "CurvlinopsInterface",
+    "CurvlinopsGGN",
+    "CurvlinopsEF",
+    "CurvlinopsHessian",
+    # laplace-torch's module-level names
+    "CurvatureInterface",
+    "EFInterface",
+    "GGNInterface",
+    "Kron",
+    "Likelihood",
+]

@@ -81,3 +81,22 @@ def check_state(la, state: dict, required: set[str]) -> None:
             "The state dict belongs to another model: its treated parameters have "
             f"shapes {state['param_shapes']}, this model's have {shapes}."
         )
+
+
+#: the module types ``_is_batchnorm`` recognises (laplace-torch's; lazy and
+#: synchronised batch norms are not among them)
+_BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def _is_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a ``BatchNorm1d/2d/3d`` (or a subclass)."""
+    return isinstance(module, _BATCHNORMS)
+
+
+def _is_valid_scalar(scalar: object) -> bool:
+    """Whether ``scalar`` is one real number: a Python or NumPy real (``bool``
+    included) or a tensor of one element with at most one dimension. Its value
+    (sign, finiteness) is not checked."""
+    if isinstance(scalar, Tensor):
+        return scalar.ndim <= 1 and scalar.numel() == 1
+    return isinstance(scalar, Real)
