@@ -114,8 +114,17 @@ def test_backend_kwargs_and_asdl_fisher_kwargs_reach_the_backend():
         backend_kwargs={"stochastic": True, "num_samples": 3},
     )
     assert la.backend.stochastic and la.backend.num_samples == 3
-    la = KronLaplace(_model(), "classification", backend=AsdlGGN, asdl_fisher_kwargs={})
-    assert isinstance(la.backend, AsdlGGN)
+    # ASDL's FisherConfig(scale=3) multiplies the curvature it returns by 3
+    fits = {}
+    for kwargs in ({}, {"scale": 3.0}):
+        la = DiagLaplace(
+            _model(), "classification", backend=AsdlGGN, asdl_fisher_kwargs=kwargs
+        )
+        assert isinstance(la.backend, AsdlGGN) and la.backend.fisher_kwargs == kwargs
+        la.fit(_loader("classification"))
+        fits[len(kwargs)] = la.H
+    assert fits[0].abs().max() > 0
+    torch.testing.assert_close(fits[1], 3 * fits[0])
 
 
 @pytest.mark.parametrize("backend", [CurvlinopsGGN, CurvlinopsEF, BackPackGGN, AsdlGGN])
