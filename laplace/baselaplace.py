@@ -565,7 +565,8 @@ class BaseLaplace:
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
         """A callable yielding ``(prediction, y)`` per validation batch at the current
-        hyperparameters (regression: the predictive mean)."""
+        hyperparameters; regression: ``(f_mu, f_var)``, with ``f_var`` ``(N, C, C)``
+        ('glm') or ``(N, C)`` ('nn')."""
 
         def predictions():
             with torch.no_grad():
@@ -574,7 +575,6 @@ class BaseLaplace:
                     pred = self(
                         x, pred_type, link_approx=link_approx, n_samples=n_samples
                     )
-                    pred = pred[0] if self._predicts_regression else pred
                     yield pred, y.to(self._device)
 
         return predictions
@@ -619,8 +619,11 @@ class BaseLaplace:
             validation data, needed by 'gridsearch'.
         loss : torchmetrics.Metric or callable, optional
             a Metric is updated batch by batch (a running value); a callable gets
-            all predictions and targets at once. Defaults to the running NLL
-            (classification) or running mean squared error (regression).
+            all predictions and targets at once; for regression it gets the
+            predictive mean ``f_mu``. Defaults to the running NLL (classification)
+            or, for regression, the running Gaussian NLL of the targets under
+            ``N(f_mu, f_var + sigma_noise^2)`` (laplace-torch's mean squared error
+            of ``f_mu`` does not depend on the prior precision).
         link_approx, n_samples : link approximation of the classification
             predictive and its number of samples.
         verbose : bool

@@ -18,13 +18,19 @@ do not depend on the prior precision so that they are computed once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from laplace.utils.enums import LinkApprox, PredType, PriorStructure, parse_enum
+from laplace.utils.enums import (
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    parse_enum,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from laplace.baselaplace import BaseLaplace
@@ -189,27 +195,66 @@ def tune_by_marglik(
 
 
 def default_loss(la: BaseLaplace):
-    """Running NLL for classification, running mean squared error for regression."""
-    if la._predicts_regression:
-        from torchmetrics import MeanSquaredError
+    """The grid search's loss when none is given, on the model's device.
 
-        return MeanSquaredError()
-    from laplace.utils.metrics import RunningNLLMetric
+    Classification: the running NLL of the predicted probabilities
+    (``RunningNLLMetric``). Regression: the running Gaussian NLL of the targets
+    under the predictive of a new observation, ``N(f_mu, f_var + sigma_noise^2 I)``
+    (``RunningGaussianNLLMetric``); laplace-torch's mean squared error of ``f_mu``
+    does not depend on the prior precision at all (``f_mu`` is the network's
+    output). Reward modelling keeps the mean squared error.
+    """
+    from torchmetrics import MeanSquaredError
 
-    return RunningNLLMetric()
+    from laplace.utils.metrics import RunningGaussianNLLMetric, RunningNLLMetric
+
+    if la.likelihood == Likelihood.REGRESSION:
+        metric = RunningGaussianNLLMetric()
+    elif la._predicts_regression:
+        metric = MeanSquaredError()
+    else:
+        metric = RunningNLLMetric()
+    return metric.to(la._device)
 
 
-def _evaluate(loss: Any, predictions: Callable[[], Any]) -> float:
-    """The loss of all validation predictions: running (Metric) or at once."""
+def _loss_inputs(
+    la: BaseLaplace, loss: Any, prediction: Any
+) -> tuple[torch.Tensor, ...]:
+    """What ``loss`` reads of a validation prediction (before the targets).
+
+    Regression predictions are ``(f_mu, f_var)``: the Gaussian NLL reads the mean
+    and the variance of a new observation ``f_var + sigma^2`` (``f_var`` of shape
+    ``(N, C, C)`` or its diagonal ``(N, C)``); any other loss reads ``f_mu``, as in
+    laplace-torch. Classification predictions are the probabilities.
+    """
+    from laplace.utils.metrics import RunningGaussianNLLMetric
+
+    if not la._predicts_regression:
+        return (prediction,)
+    f_mu, f_var = prediction
+    if not isinstance(loss, RunningGaussianNLLMetric):
+        return (f_mu,)
+    noise = la.sigma_noise.square().to(f_var.dtype)
+    if f_var.ndim == 3:
+        eye = torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
+        return f_mu, f_var + noise * eye
+    return f_mu, f_var + noise
+
+
+def _evaluate(loss: Any, batches: list[tuple[tuple[torch.Tensor, ...], Any]]) -> float:
+    """The loss of all validation batches ``(inputs, y)``: running (a Metric, updated
+    batch by batch) or at once (a callable of the concatenated inputs)."""
     from torchmetrics import Metric
 
     if isinstance(loss, Metric):
         loss.reset()
-        for pred, y in predictions():
-            loss.update(pred, y.reshape(pred.shape) if y.numel() == pred.numel() else y)
+        for inputs, y in batches:
+            first = inputs[0]
+            y = y.reshape(first.shape) if y.numel() == first.numel() else y
+            loss.update(*inputs, y)
         return float(loss.compute())
-    preds, targets = zip(*predictions())
-    return float(loss(torch.cat(preds), torch.cat(targets)))
+    inputs, targets = zip(*batches)
+    return float(loss(*map(torch.cat, zip(*inputs)), torch.cat(targets)))
 
 
 def tune_by_gridsearch(
@@ -224,27 +269,34 @@ def tune_by_gridsearch(
     progress_bar: bool,
 ) -> None:
     """Pick the value of ``grid`` (as a precision of ``length`` entries) with the
-    lowest validation ``loss``; non-finite losses are skipped."""
-    loss = default_loss(la) if loss is None else loss
+    lowest validation ``loss`` (``default_loss`` if None; a torchmetrics Metric is
+    moved to the model's device); non-finite losses are skipped."""
+    from torchmetrics import Metric
+
+    if loss is None:
+        loss = default_loss(la)
+    elif isinstance(loss, Metric):
+        loss = loss.to(la._device)
     previous = la.prior_precision
     predictions = la._validation_predictions(
         val_loader, pred_type, link_approx, n_samples
     )
     results = []
     try:
-        for value in tqdm(grid.tolist(), disable=not progress_bar, desc="gridsearch"):
-            la.prior_precision = torch.full((length,), value)
-            results.append(_evaluate(loss, predictions))
+        for i in tqdm(range(len(grid)), disable=not progress_bar, desc="gridsearch"):
+            la.prior_precision = grid[i].expand(length).clone()
+            batches = [(_loss_inputs(la, loss, pred), y) for pred, y in predictions()]
+            results.append(_evaluate(loss, batches))
     except BaseException:
         la.prior_precision = previous
         raise
-    values = torch.tensor(results)
+    values = torch.tensor(results, dtype=torch.float64)
     finite = torch.isfinite(values)
     if not finite.any():
         la.prior_precision = previous
         raise RuntimeError("The validation loss is not finite for any grid value.")
     best = int(torch.where(finite, values, torch.inf).argmin())
-    la.prior_precision = torch.full((length,), grid[best].item())
+    la.prior_precision = grid[best].expand(length).clone()
 
 
 __all__ = [

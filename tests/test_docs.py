@@ -50,16 +50,32 @@ def test_api_reference_covers_every_public_name(module):
 def test_every_api_directive_names_something_that_exists():
     import importlib
 
+    broken = []
     for name in _documented():
         parts = name.split(".")
+        # the longest prefix that is a module (a missing one is ModuleNotFoundError
+        # for exactly that name); every other ImportError is a broken directive
         for i in range(len(parts), 0, -1):
+            module = ".".join(parts[:i])
             try:
-                obj = importlib.import_module(".".join(parts[:i]))
-            except ImportError:
-                continue
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)  # AttributeError names the broken directive
+                obj = importlib.import_module(module)
+            except ModuleNotFoundError as error:
+                if error.name is not None and module.startswith(error.name):
+                    continue
+                broken.append(f"{name}: {error!r}")
+                break
+            except ImportError as error:
+                broken.append(f"{name}: {error!r}")
+                break
+            try:
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr)
+            except AttributeError as error:
+                broken.append(f"{name}: {error!r}")
             break
+        else:
+            broken.append(f"{name}: no importable module")
+    assert not broken, broken
 
 
 def test_getting_started_runs_as_written(capsys):

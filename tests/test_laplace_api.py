@@ -115,8 +115,17 @@ def test_backend_kwargs_and_asdl_fisher_kwargs_reach_the_backend():
         backend_kwargs={"stochastic": True, "num_samples": 3},
     )
     assert la.backend.stochastic and la.backend.num_samples == 3
-    la = KronLaplace(_model(), "classification", backend=AsdlGGN, asdl_fisher_kwargs={})
-    assert isinstance(la.backend, AsdlGGN)
+    # ASDL's FisherConfig(scale=3) multiplies the curvature it returns by 3
+    fits = {}
+    for kwargs in ({}, {"scale": 3.0}):
+        la = DiagLaplace(
+            _model(), "classification", backend=AsdlGGN, asdl_fisher_kwargs=kwargs
+        )
+        assert isinstance(la.backend, AsdlGGN) and la.backend.fisher_kwargs == kwargs
+        la.fit(_loader("classification"))
+        fits[len(kwargs)] = la.H
+    assert fits[0].abs().max() > 0
+    torch.testing.assert_close(fits[1], 3 * fits[0])
 
 
 @pytest.mark.parametrize("backend", [CurvlinopsGGN, CurvlinopsEF, BackPackGGN, AsdlGGN])
@@ -336,8 +345,15 @@ def test_gridsearch_with_metric_or_callable(loss, capsys):
         loss=loss,
         verbose=True,
     )
+    tuned = la.prior_precision.clone()
     grid = torch.logspace(-4, 4, 7, dtype=DTYPE)
-    assert torch.isclose(grid, la.prior_precision).any()
+    x_val, y_val = next(iter(_loader("classification", seed=5, batch_size=10**6)))
+    nlls = []
+    for value in grid:  # brute force over the public probit predictive
+        la.prior_precision = float(value)
+        nlls.append(-la(x_val)[torch.arange(len(y_val)), y_val].log().mean().item())
+    assert len(set(nlls)) == len(nlls)  # the prior matters
+    torch.testing.assert_close(tuned, grid[int(torch.tensor(nlls).argmin())].reshape(1))
     assert "prior precision" in capsys.readouterr().out
 
 
@@ -349,7 +365,9 @@ def test_gridsearch_regression_uses_mean_squared_error():
         grid_size=3,
         loss=torchmetrics.MeanSquaredError(),
     )
-    assert la.prior_precision.shape == (1,)
+    # a user loss gets f_mu, the network's output: every grid value ties and the
+    # first (smallest) is kept, as in laplace-torch
+    torch.testing.assert_close(la.prior_precision, torch.tensor([1e-4], dtype=DTYPE))
 
 
 # -- non-finite data --------

@@ -263,10 +263,19 @@ def test_gridsearch_tunes_the_prior():
     model = mlp()
     la, x = fitted("diag", model, "classification", pick(model, 12))
     xv, yv = data("classification", seed=5)
+    grid = torch.logspace(-4, 4, 5, dtype=xv.dtype)
+    nlls = []
+    for (
+        value
+    ) in grid:  # brute force: the default loss, the NLL of the probit predictive
+        la.prior_precision = float(value)
+        nlls.append(-la(xv).gather(1, yv.reshape(-1, 1)).log().mean().item())
     la.optimize_prior_precision(
         method="gridsearch", val_loader=loader(xv, yv), grid_size=5
     )
-    assert la.prior_precision.numel() == 1
+    assert len(set(nlls)) == len(nlls)  # the prior matters
+    best = grid[int(torch.tensor(nlls).argmin())]
+    torch.testing.assert_close(la.prior_precision, best.reshape(1))
 
 
 # -- the fit never forms a (P, P) matrix or (N, C, P) vectors --------------------------

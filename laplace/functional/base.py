@@ -533,15 +533,13 @@ class BaseFunctionalLaplace(BaseLaplace):
         )
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
-        marginal = link_approx == LinkApprox.PROBIT  # reads only diag(f_var)
+        # probit reads only diag(f_var); regression yields the full (N, C, C)
+        marginal = link_approx == LinkApprox.PROBIT and not self._predicts_regression
         cached = []
         with torch.no_grad():
             for batch in val_loader:
                 x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
                 x = to_device(x, self._device)
-                if self._predicts_regression:  # the loss reads the mean only
-                    cached.append((self.model(x), y.to(self._device)))
-                    continue
                 f, X = self._jacobian_set(x)
                 prior = X.self_blocks(self._independent or marginal)
                 if marginal and prior.ndim == 3:
@@ -552,13 +550,13 @@ class BaseFunctionalLaplace(BaseLaplace):
         def predictions():
             with torch.no_grad():
                 for terms, y in cached:
-                    if self._predicts_regression:
-                        yield terms, y
-                        continue
                     W = self._system.scale_rotated(self._c(), terms.rotated)
                     f_var = self._posterior_variance(
                         terms.prior, W, terms.f.shape[0], marginal
                     )
+                    if self._predicts_regression:
+                        yield (terms.f, f_var), y
+                        continue
                     yield apply_link(link_approx, terms.f, f_var, n_samples), y
 
         return predictions

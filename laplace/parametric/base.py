@@ -367,7 +367,8 @@ class ParametricLaplace(BaseLaplace):
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
         """A callable yielding ``(prediction, y)`` per validation batch at the current
-        prior; for 'glm' the prior-independent terms are computed once."""
+        prior (regression: ``(f_mu, f_var)``); for 'glm' the prior-independent terms
+        are computed once."""
         if pred_type != PredType.GLM:
             return super()._validation_predictions(
                 val_loader, pred_type, link_approx, n_samples
@@ -384,7 +385,7 @@ class ParametricLaplace(BaseLaplace):
             with torch.no_grad():
                 for terms, y in cached:
                     if self._predicts_regression:
-                        yield terms.f, y
+                        yield (terms.f, self._glm_variance(terms)), y
                         continue
                     f_var = self._glm_variance(terms, marginal_link)
                     yield apply_link(link_approx, terms.f, f_var, n_samples), y

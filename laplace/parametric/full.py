@@ -5,30 +5,34 @@ from __future__ import annotations
 import torch
 
 from laplace.parametric.base import ParametricLaplace
-from laplace.parametric.precision import DensePrecision
+from laplace.parametric.precision import DensePrecision, not_positive_definite
+from laplace.utils.logdet import affine_log_sum
 
 Tensor = torch.Tensor
 
 
-def symmetric_eigenvalues(H: Tensor) -> Tensor | bool:
-    """Eigenvalues of the symmetric ``H``, in float64 where the solver does not
-    converge in ``H``'s dtype (it can fail on the ill-conditioned float32 GGN of a
-    few data); False where it does not converge at all."""
-    for dtype in dict.fromkeys((H.dtype, torch.float64)):
-        try:
-            return torch.linalg.eigvalsh(H.to(dtype)).to(H.dtype)
-        except torch.linalg.LinAlgError:
-            continue
-    return False
+def symmetric_eigenvalues(H: Tensor) -> Tensor | None:
+    """Eigenvalues ``(P,)`` of the symmetric ``H``, ascending, in float64 (whatever
+    ``H``'s dtype); None where the solver does not converge.
+
+    Float64 because the evidence sums ``log(factor * lambda_i + p0)`` over all of
+    them: the curvature of an over-parameterised network has many eigenvalues near
+    0, and a float32 solver returns them with errors of ``eps * max|lambda|`` (1e-3
+    for a GGN of norm 1e4), of the order of small prior precisions.
+    """
+    try:
+        return torch.linalg.eigvalsh(H.to(torch.float64))
+    except torch.linalg.LinAlgError:
+        return None
 
 
 class FullLaplace(ParametricLaplace):
     """Laplace approximation with a dense curvature ``H`` ``(P, P)`` (e.g. the GGN),
     so ``P = factor * H + diag(p0)``; see ``ParametricLaplace``.
 
-    For tuning a scalar prior precision (or the noise with a scalar prior), the log
-    determinant comes from the eigenvalues of ``H``, computed once per fit:
-    ``log det P = sum_i log(factor * lambda_i + p0)``, so each step costs ``O(P)``.
+    With a scalar prior precision the log determinant comes from the eigenvalues of
+    ``H``, computed once per fit: ``log det P = sum_i log(factor * lambda_i + p0)``,
+    so each step of tuning the prior (or the noise) costs ``O(P)``.
     """
 
     key = ("all", "full")
@@ -46,7 +50,10 @@ class FullLaplace(ParametricLaplace):
 
     def _on_new_curvature(self) -> None:
         super()._on_new_curvature()
-        self._H_eigenvalues: Tensor | bool | None = None
+        #: eigenvalues of ``H`` in float64 (``symmetric_eigenvalues``), once per fit;
+        #: None where the solver failed
+        self._H_eigenvalues: Tensor | None = None
+        self._H_spectrum_tried = False
 
     def _build_form(self) -> DensePrecision:
         P = self._h_factor * self.H + torch.diag(self.prior_precision_diag)
@@ -54,15 +61,35 @@ class FullLaplace(ParametricLaplace):
 
     @property
     def log_det_posterior_precision(self) -> Tensor:
-        """``log det P``."""
-        iterating = self.prior_precision.requires_grad or self.sigma_noise.requires_grad
-        if iterating and self.prior_precision.numel() == 1:
-            self._check_fitted("log_det_posterior_precision")
-            if self._H_eigenvalues is None:
+        """``log det P``.
+
+        For a scalar prior ``p0`` (reported or being tuned alike, so that the
+        evidence a tuner maximises is the one reported afterwards) it is
+        ``sum_i log(factor * lambda_i + p0)`` over the eigenvalues of ``H``, taken as
+        they are: negative ones (a Hessian away from a minimum, or round-off) are
+        not clamped, and a ``P`` that is not positive definite raises, as the
+        Cholesky factor does for the other priors.
+
+        Raises
+        ------
+        NotPositiveDefiniteError
+            if some ``factor * lambda_i + p0 <= 0``.
+        """
+        self._check_fitted("log_det_posterior_precision")
+        if self.prior_precision.numel() == 1:
+            if not self._H_spectrum_tried:
                 self._H_eigenvalues = symmetric_eigenvalues(self.H.detach())
-            if self._H_eigenvalues is not False:  # else: no spectrum, use Cholesky
-                lam = self._H_eigenvalues.clamp(min=0)
-                return torch.log(self._h_factor * lam + self.prior_precision).sum()
+                self._H_spectrum_tried = True
+            lam = self._H_eigenvalues
+            if lam is not None:  # else: no spectrum, use the Cholesky factor
+                with torch.no_grad():
+                    smallest = self._h_factor * lam[0] + self.prior_precision[0]
+                if not smallest > 0:
+                    raise not_positive_definite(
+                        f"its smallest eigenvalue is {float(smallest):.3g}"
+                    )
+                logdet = affine_log_sum(self._h_factor, self.prior_precision[0], lam)
+                return logdet.to(self._dtype)
         return super().log_det_posterior_precision
 
     @property

@@ -39,7 +39,7 @@ class NotPositiveDefiniteError(RuntimeError):
     """The posterior precision is not positive definite."""
 
 
-def _not_pd(what: str) -> NotPositiveDefiniteError:
+def not_positive_definite(what: str) -> NotPositiveDefiniteError:
     return NotPositiveDefiniteError(
         f"The posterior precision is not positive definite ({what}). The curvature "
         "has negative eigenvalues (e.g. the exact Hessian away from a minimum) or the "
@@ -91,7 +91,7 @@ class DensePrecision(PrecisionForm):
         if self._chol is None:
             L, info = torch.linalg.cholesky_ex(self.P)
             if int(info) != 0:
-                raise _not_pd(f"Cholesky failed at column {int(info)}")
+                raise not_positive_definite(f"Cholesky failed at column {int(info)}")
             self._chol = L
         return self._chol
 

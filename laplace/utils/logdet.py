@@ -6,12 +6,18 @@ only the scale ``c = 1 / (sigma^2 T)`` and the prior precision ``d`` change. The
 $$
     \ell = \sum_i \log(c h_i + d), \qquad
     \frac{\partial \ell}{\partial d} = \sum_i \frac{1}{c h_i + d}, \qquad
-    \frac{\partial \ell}{\partial c} = \frac{n - d\, \partial \ell / \partial d}{c},
+    \frac{\partial \ell}{\partial c} = \sum_i \frac{h_i}{c h_i + d},
 $$
 
 so one pass over the ``n`` eigenvalues gives the value and both derivatives, and the
 backward pass costs nothing. For a Kronecker block the eigenvalues are the outer
 product ``h = g a^T`` of the factors' eigenvalues, formed only inside the pass.
+
+The derivative in ``c`` is summed term by term: the equivalent
+``(n - d \partial \ell / \partial d) / c`` subtracts two sums of about ``n`` that
+cancel wherever most ``h_i`` are (numerically) zero, as they are for the curvature of
+an over-parameterised network, and loses every digit in float32. The sums are
+accumulated in float64 whatever the dtype of ``h``.
 """
 
 from __future__ import annotations
@@ -25,23 +31,20 @@ class _AffineLogSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c: Tensor, d: Tensor, h: Tensor, a: Tensor | None) -> Tensor:
         with torch.no_grad():
-            if a is None:
-                lam = torch.add(d, h, alpha=float(c))
-            else:
-                lam = torch.outer(h, a).mul_(c).add_(d)
-            value = lam.log().sum()
-            inv_sum = lam.reciprocal_().sum()
-        ctx.save_for_backward(c, d, inv_sum)
-        ctx.n = lam.numel()
-        return value
+            ha = h if a is None else torch.outer(h, a)
+            lam = torch.add(d, ha, alpha=float(c))
+            value = lam.log().sum(dtype=torch.float64)
+            inv = lam.reciprocal_()
+            inv_sum = inv.sum(dtype=torch.float64)
+            h_sum = inv.mul_(ha).sum(dtype=torch.float64)  # sum h / (c h + d)
+        ctx.save_for_backward(inv_sum.to(h.dtype), h_sum.to(h.dtype))
+        return value.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        c, d, inv_sum = ctx.saved_tensors
+        inv_sum, h_sum = ctx.saved_tensors
+        grad_c = grad * h_sum if ctx.needs_input_grad[0] else None
         grad_d = grad * inv_sum if ctx.needs_input_grad[1] else None
-        grad_c = None
-        if ctx.needs_input_grad[0]:
-            grad_c = grad * (ctx.n - d * inv_sum) / c
         return grad_c, grad_d, None, None
 
 
@@ -51,20 +54,22 @@ def affine_log_sum(c: Tensor, d: Tensor, h: Tensor, a: Tensor | None = None) -> 
 
     Parameters
     ----------
-    c, d : torch.Tensor
-        0-dim; may require grad.
+    c, d : torch.Tensor or float
+        0-dim; may require grad. Cast to ``h``'s dtype (gradients flow back through
+        the cast).
     h : torch.Tensor
-        ``(n,)`` eigenvalues ``>= 0``; not differentiated.
+        ``(n,)`` eigenvalues; not differentiated. Every ``c h_i + d`` must be
+        positive, else the result is NaN (or ``-inf``).
     a : torch.Tensor, optional
         ``(m,)`` second factor's eigenvalues; not differentiated.
 
     Returns
     -------
     torch.Tensor
-        0-dim.
+        0-dim, of ``h``'s dtype (summed in float64).
     """
-    c = torch.as_tensor(c, dtype=h.dtype, device=h.device).reshape(())
-    d = torch.as_tensor(d, dtype=h.dtype, device=h.device).reshape(())
+    c = torch.as_tensor(c, device=h.device).to(h.dtype).reshape(())
+    d = torch.as_tensor(d, device=h.device).to(h.dtype).reshape(())
     return _AffineLogSum.apply(c, d, h.detach(), None if a is None else a.detach())
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["RunningNLLMetric"]
+__all__ = ["RunningNLLMetric", "RunningGaussianNLLMetric", "gaussian_nll"]
 
 
 class RunningNLLMetric(Metric):
@@ -90,3 +92,72 @@ class RunningNLLMetric(Metric):
     def compute(self) -> Tensor:
         """The mean NLL over all counted targets so far (a scalar tensor)."""
         return self.nll_sum / self.n_valid_labels
+
+
+def gaussian_nll(mean: Tensor, var: Tensor, targets: Tensor) -> Tensor:
+    r"""``-log N(y_n; mean_n, var_n)`` per datum.
+
+    Parameters
+    ----------
+    mean : torch.Tensor, shape (N, C)
+    var : torch.Tensor, shape (N, C, C) or (N, C)
+        predictive covariance per datum, or its diagonal (independent outputs);
+        positive definite.
+    targets : torch.Tensor, shape (N, C) or any shape of ``N * C`` entries
+
+    Returns
+    -------
+    torch.Tensor, shape (N,)
+        ``0.5 (C log 2 pi + log det var_n + r_n^T var_n^-1 r_n)``, ``r_n = y_n -
+        mean_n``.
+    """
+    r = targets.reshape(mean.shape).to(mean.dtype) - mean
+    C = mean.shape[-1]
+    if var.shape == mean.shape:
+        quad_logdet = (r.square() / var + var.log()).sum(-1)
+    else:
+        L = torch.linalg.cholesky(var)
+        w = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
+        quad_logdet = w.square().sum((-2, -1)) + 2 * L.diagonal(
+            dim1=-2, dim2=-1
+        ).log().sum(-1)
+    return 0.5 * (C * math.log(2 * math.pi) + quad_logdet)
+
+
+class RunningGaussianNLLMetric(Metric):
+    r"""Running mean negative log-likelihood of targets under Gaussian predictives.
+
+    Accumulates ``gaussian_nll(mean, var, targets)`` over calls of ``update`` and
+    returns its mean over the data. It is the default loss of
+    ``optimize_prior_precision(method="gridsearch")`` for regression, with ``var``
+    the predictive variance of a new observation, ``f_var + sigma_noise^2 I``.
+    """
+
+    is_differentiable = True
+    higher_is_better = False
+    full_state_update = False
+
+    nll_sum: Tensor
+    n_data: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("nll_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("n_data", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, mean: Tensor, var: Tensor, targets: Tensor) -> None:
+        """Add a batch: ``mean`` ``(N, C)``, ``var`` ``(N, C, C)`` or ``(N, C)``,
+        ``targets`` of ``N * C`` entries."""
+        if targets.numel() != mean.numel() or var.shape[:2] != mean.shape:
+            raise ValueError(
+                "RunningGaussianNLLMetric.update expects mean (N, C), var (N, C, C) "
+                f"or (N, C) and N * C targets; got mean {tuple(mean.shape)}, var "
+                f"{tuple(var.shape)}, targets {tuple(targets.shape)}."
+            )
+        # out of place, so the state takes the (possibly higher) precision of mean
+        self.nll_sum = self.nll_sum + gaussian_nll(mean, var, targets).sum()
+        self.n_data = self.n_data + mean.shape[0]
+
+    def compute(self) -> Tensor:
+        """The mean NLL per datum so far (a scalar tensor)."""
+        return self.nll_sum / self.n_data
