@@ -268,6 +268,28 @@ def test_cnn_posterior_precision_does_not_depend_on_batching(structure, batch_si
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_damped_kron_log_det_is_that_of_its_posterior_precision(likelihood):
+    # with a scale c = 1 / (sigma^2 T) != 1 the damped block is
+    # c (G + sqrt(d/c)) (x) (A + sqrt(d/c)); the bias blocks are c G + d
+    prior = prior_of("layerwise", make_model("mlp"))
+    la = fitted("mlp", likelihood, "kron", prior_precision=prior, damping=True)
+    c = factor_of(sigma_of(likelihood))
+    blocks = []
+    for kfac, d in zip(la.H.kfacs, la.prior_precision):
+        if len(kfac) == 1:
+            blocks.append(c * kfac[0] + d * torch.eye(len(kfac[0]), dtype=d.dtype))
+            continue
+        G, A = kfac
+        root = torch.sqrt(d / c)
+        eye_G = torch.eye(len(G), dtype=G.dtype)
+        eye_A = torch.eye(len(A), dtype=A.dtype)
+        blocks.append(c * torch.kron(G + root * eye_G, A + root * eye_A))
+    expected = torch.block_diag(*blocks)
+    assert_close(dense_precision(la), expected)
+    assert_close(la.log_det_posterior_precision, torch.linalg.slogdet(expected)[1])
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_lowrank_keeps_the_top_eigenpairs_of_the_ggn(likelihood):
     k = 10
     m = make_model("mlp")

@@ -9,7 +9,7 @@ import torch
 from laplace.parametric.base import ParametricLaplace, _all_finite
 from laplace.parametric.precision import KronPrecision
 from laplace.utils.logdet import affine_log_sum
-from laplace.utils.matrix import Kron, KronDecomposed
+from laplace.utils.matrix import Kron, KronDecomposed, damped_factor_eigenvalues
 
 Tensor = torch.Tensor
 
@@ -26,8 +26,10 @@ class KronLaplace(ParametricLaplace):
     Parameters
     ----------
     damping : bool, default=False
-        add the prior precision to the factors (``(G + sqrt(d)) (x) (A + sqrt(d))``)
-        instead of to their product (``G (x) A + d``).
+        add the prior precision to the factors, ``c (G + sqrt(d/c)) (x)
+        (A + sqrt(d/c))`` for the curvature scaled by ``c`` (``(G + sqrt(d)) (x)
+        (A + sqrt(d))`` at ``c = 1``), instead of to their product
+        (``c G (x) A + d``).
 
     Notes
     -----
@@ -150,11 +152,9 @@ class KronLaplace(ParametricLaplace):
             if len(values) == 1:
                 total = total + affine_log_sum(c, delta, values[0])
             elif self.damping:
-                # log((c g_i + sqrt d)(a_j + sqrt d)) separates over i and j
-                root = delta.sqrt()
-                g, a = values
-                total = total + len(a) * torch.log(c * g + root).sum()
-                total = total + len(g) * torch.log(a + root).sum()
+                # the damped eigenvalues g_i a_j separate over i and j
+                g, a = damped_factor_eigenvalues(c * values[0], values[1], delta, c)
+                total = total + len(a) * g.log().sum() + len(g) * a.log().sum()
             else:
                 total = total + affine_log_sum(c, delta, values[0], values[1])
         return total
