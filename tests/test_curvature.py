@@ -31,12 +31,9 @@ def kind_of(backend) -> str:
 
 def oracle(kind, structure, m, x, y, likelihood, N=None, backend_cls=None):
     if structure == "kron":
-        # BackPACK's conv G sums over positions first (see laplace.curvature.backpack)
-        reduce = backend_cls is not None and backend_cls.__name__.startswith("BackPack")
+        # every backend gives the KFC (expand) factors on convolutions
         ef_targets = y if kind == "ef" else None
-        return torch.block_diag(
-            *oracles.kfac_blocks(m, x, likelihood, N, ef_targets, reduce)
-        )
+        return torch.block_diag(*oracles.kfac_blocks(m, x, likelihood, N, ef_targets))
     if kind == "ggn":
         H = oracles.ggn(m, x, likelihood)
     elif kind == "ef":

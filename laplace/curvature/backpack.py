@@ -15,18 +15,21 @@ default). Mapping (dict) batches are not supported.
 
 BackPACK works with ``torch.nn.MSELoss``, whose GGN is twice ours (DESIGN.md
 section 3), so its results are multiplied by ``factor`` (``factor**2`` for
-gradients). For ``Conv2d``, BackPACK's ``KFLR`` sums the backpropagated factor over
-the output positions before the outer product (the *reduce* flavour of KFAC), and
-its input factor sums over positions; the latter is brought to the canonical mean
-over positions, the former is kept, so on convolutions BackPACK's ``kron`` is exact
-for inputs that are constant over positions rather than matching Curvlinops' and
-ASDL's *expand* flavour. On ``Linear`` layers all three agree.
+gradients). For ``Conv2d``, BackPACK's own ``KFLR``/``KFAC`` factor sums the
+backpropagated GGN square root over the output positions before the outer product
+(``sum_n (sum_t g)(sum_t g)^T``, the bias's exact GGN) and its input factor sums
+over positions. ``kron`` keeps BackPACK's backpropagation but registers, on its
+extension, a ``Conv2d`` module extension whose output factor is the KFC (*expand*)
+one, ``sum_{n,t} g_t g_t^T``, and brings the input factor to the mean over
+positions: the canonical factors of DESIGN.md section 3, which Curvlinops and ASDL
+give too (laplace-torch 0.3 keeps both of BackPACK's sums; see docs/differences.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from typing import Any
 
@@ -164,6 +167,13 @@ class BackPackGGN(BackPackInterface, GGNInterface):
             return getattr(ext, sampled)(mc_samples=self.num_samples)
         return getattr(ext, exact)()
 
+    def _kron_extension(self):
+        """BackPACK's ``KFLR`` (``KFAC`` when stochastic) with the KFC output factor
+        on ``Conv2d`` (``_expand_conv2d``)."""
+        extension = self._extension("KFLR", "KFAC")
+        extension.set_module_extension(nn.Conv2d, _expand_conv2d()(), overwrite=True)
+        return extension
+
     def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
         self._check_structure("diag")
         self._check_batch(x, y)
@@ -187,7 +197,7 @@ class BackPackGGN(BackPackInterface, GGNInterface):
         target = self._target(x)
         module = target[0]
         layers = kfac_layers(module, self.params)
-        extension = self._extension("KFLR", "KFAC")
+        extension = self._kron_extension()
         attribute = "kfac" if self.stochastic else "kflr"
         twin_layers = kfac_layers(self._extended(module), self.params)
         with _output_positions(twin_layers) as positions:
@@ -207,6 +217,42 @@ class BackPackGGN(BackPackInterface, GGNInterface):
                     delattr(p, attribute)
             factors[name] = LayerFactors(G, A, self.factor, a_scale)
         return loss, assemble_kron(self.params, layers, factors, N)
+
+
+def expand_output_factor(sqrt_ggn: torch.Tensor) -> torch.Tensor:
+    """The KFC output factor ``sum_{k,n,t} g_{knt} g_{knt}^T`` of a convolution.
+
+    Parameters
+    ----------
+    sqrt_ggn : ``(K, M, C_out, *positions)``, the square root of the GGN with
+        respect to the layer output that BackPACK backpropagates (``K`` the number
+        of classes for ``KFLR``, of Monte-Carlo samples for ``KFAC``).
+
+    Returns
+    -------
+    ``(C_out, C_out)``
+    """
+    g = sqrt_ggn.flatten(start_dim=3)
+    return torch.einsum("knct,kndt->cd", g, g)
+
+
+@functools.cache
+def _expand_conv2d():
+    """BackPACK's ``Conv2d`` module extension for ``KFLR``/``KFAC`` with the KFC
+    output factor ``expand_output_factor`` in place of BackPACK's sum over positions
+    (the input factor is BackPACK's)."""
+    import_library("backpack.extensions", "backpack-for-pytorch", "BackPACK")
+    from backpack.extensions.secondorder.hbp.conv2d import HBPConv2d
+
+    class ExpandConv2d(HBPConv2d):
+        def weight(self, ext, module, g_inp, g_out, backproped):
+            _, A = super().weight(ext, module, g_inp, g_out, backproped)
+            return [expand_output_factor(backproped), A]
+
+        def bias(self, ext, module, g_inp, g_out, backproped):
+            return [expand_output_factor(backproped)]
+
+    return ExpandConv2d
 
 
 @contextlib.contextmanager

@@ -58,6 +58,24 @@ KNOWN = [
         "argument) where laplace-torch raises another type or nothing",
         "differences.md#clearer-errors",
     ),
+    (
+        "backend/BackPackGGN/all-kron/*/conv", "*",
+        "BackPackGGN Kron on a convolution is the KFC pair of every backend; "
+        "laplace-torch keeps BackPACK's position sums (T times larger, reduce G)",
+        "differences.md#fixed-behaviour (Kron with BackPackGGN on convolutions)",
+    ),
+    (
+        "backend/[CA]*Hessian/all-kron/*", "*",
+        "Kron with an exact-Hessian backend is refused at construction; "
+        "laplace-torch builds it and fails in fit with NotImplementedError",
+        "differences.md#clearer-errors",
+    ),
+    (
+        "backend/BackPackEF/all-kron/*", "*",
+        "Kron with BackPackEF is refused at construction; laplace-torch builds it "
+        "and fails in fit with NotImplementedError",
+        "differences.md#clearer-errors",
+    ),
 ]  # fmt: skip
 
 
