@@ -534,7 +534,7 @@ class BaseFunctionalLaplace(BaseLaplace):
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
         # probit reads only diag(f_var); regression yields the full (N, C, C)
-        marginal = link_approx == LinkApprox.PROBIT and not self._predicts_regression
+        marginal = link_approx == LinkApprox.PROBIT and not self._tunes_regression
         cached = []
         with torch.no_grad():
             for batch in val_loader:
@@ -554,7 +554,7 @@ class BaseFunctionalLaplace(BaseLaplace):
                     f_var = self._posterior_variance(
                         terms.prior, W, terms.f.shape[0], marginal
                     )
-                    if self._predicts_regression:
+                    if self._tunes_regression:
                         yield (terms.f, f_var), y
                         continue
                     yield apply_link(link_approx, terms.f, f_var, n_samples), y
