@@ -28,6 +28,18 @@ from numbers import Number
 import torch
 from torch import nn
 
+#: half-precision dtypes have no linear algebra (eigh, Cholesky, solves) on the CPU
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype linear algebra runs in for tensors of ``dtype``: float32 for
+    float16 and bfloat16 (which have no decompositions on the CPU and too few
+    digits for them anyway), ``dtype`` itself otherwise. Results go back to
+    ``dtype``."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
 __all__ = ["Kron", "KronDecomposed", "damped_factor_eigenvalues"]
 
 Tensor = torch.Tensor
@@ -252,7 +264,8 @@ class Kron:
     __rmul__ = __mul__
 
     def decompose(self, damping: bool = False) -> KronDecomposed:
-        """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``).
+        """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``;
+        float16/bfloat16 factors are decomposed in float32, the result cast back).
 
         The factors are PSD by construction, so eigenvalues are clamped at zero to
         remove round-off; a warning is emitted if a clearly negative one is found.
@@ -270,7 +283,8 @@ class Kron:
         for block in self.kfacs:
             vecs, vals = [], []
             for factor in block:
-                lam, Q = torch.linalg.eigh(factor)
+                lam, Q = torch.linalg.eigh(factor.to(linalg_dtype(factor.dtype)))
+                lam, Q = lam.to(factor.dtype), Q.to(factor.dtype)
                 tol = torch.finfo(lam.dtype).eps ** 0.5
                 if lam.numel() and bool((lam < -tol * lam.abs().max()).any()):
                     warnings.warn(
