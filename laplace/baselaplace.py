@@ -679,6 +679,7 @@ class BaseLaplace:
                 grid_size,
                 base=float(log_prior_prec_base),
                 dtype=self._dtype,
+                device=self._device,
             )
             prior.tune_by_gridsearch(
                 self,

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature.backpack import BackPackGGN
 from laplace.curvature.curvature import CurvatureInterface, GGNInterface
-from laplace.data import Inputs, dataset_size, split_batch, to_device
+from laplace.data import Inputs, dataset_size, split_batch, subset_indices, to_device
 from laplace.functional import kernel, subset
 from laplace.functional.gp import KernelSystem
 from laplace.likelihood import get_likelihood
@@ -212,9 +212,7 @@ class BaseFunctionalLaplace(BaseLaplace):
             )
         self.model.eval()
         loss, n_outputs = self._training_loss(train_loader, progress_bar)
-        indices = np.random.default_rng(self.seed).choice(
-            N, self.n_subset, replace=False
-        )
+        indices = subset_indices(N, self.n_subset, self.seed)
         inputs = subset.inputs_of(
             train_loader, indices, self.dict_key_x, self.dict_key_y, self._device
         )

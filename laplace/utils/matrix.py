@@ -325,17 +325,25 @@ class Kron:
         """Log determinant of ``H`` (0-dim), summed over the blocks.
 
         A pair contributes ``log det(G (x) A) = p_in log det G + p_out log det A``.
+        Float16/bfloat16 factors are taken in float32 (``linalg_dtype``), the sum
+        returned in their dtype. An empty ``Kron`` has log determinant 0 (in the
+        default dtype, on the CPU: there is no factor to take them from).
         """
+        if not self.kfacs:  # no factor to take a dtype or device from
+            return torch.zeros((), dtype=torch.get_default_dtype())
+        ref = self.kfacs[0][0]
+
+        def logdet(F: Tensor) -> Tensor:
+            return torch.logdet(F.to(linalg_dtype(F.dtype)))
+
         terms = []
         for block in self.kfacs:
             if len(block) == 1:
-                terms.append(torch.logdet(block[0]))
+                terms.append(logdet(block[0]))
             else:
                 G, A = block
-                terms.append(
-                    A.shape[0] * torch.logdet(G) + G.shape[0] * torch.logdet(A)
-                )
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+                terms.append(A.shape[0] * logdet(G) + G.shape[0] * logdet(A))
+        return torch.stack(terms).sum().to(ref.dtype)
 
     def diag(self) -> Tensor:
         """Diagonal of ``H``, ``(P,)``; ``diag(G (x) A) = diag(G) (x) diag(A)``."""
