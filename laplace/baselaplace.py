@@ -412,6 +412,13 @@ class BaseLaplace:
             return False
         return self._predicts_regression
 
+    @property
+    def _tunes_regression(self) -> bool:
+        """Whether the grid search scores regression moments: reward modeling is
+        tuned on its validation pairs, as the classification it was fitted with
+        (laplace-torch's choice), so only regression is."""
+        return self._regression_output(fitting=True)
+
     def _check_predictable(self) -> None:
         """Refuse a predictive that needs a fit (subclasses may allow the
         prior-only predictive before ``fit``)."""
@@ -566,14 +573,19 @@ class BaseLaplace:
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
         """A callable yielding ``(prediction, y)`` per validation batch at the current
         hyperparameters; regression: ``(f_mu, f_var)``, with ``f_var`` ``(N, C, C)``
-        ('glm') or ``(N, C)`` ('nn')."""
+        ('glm') or ``(N, C)`` ('nn'); reward modeling: the probabilities of the
+        pairs (``fitting=True``)."""
 
         def predictions():
             with torch.no_grad():
                 for batch in val_loader:
                     x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
                     pred = self(
-                        x, pred_type, link_approx=link_approx, n_samples=n_samples
+                        x,
+                        pred_type,
+                        link_approx=link_approx,
+                        n_samples=n_samples,
+                        fitting=True,
                     )
                     yield pred, y.to(self._device)
 
@@ -667,6 +679,7 @@ class BaseLaplace:
                 grid_size,
                 base=float(log_prior_prec_base),
                 dtype=self._dtype,
+                device=self._device,
             )
             prior.tune_by_gridsearch(
                 self,

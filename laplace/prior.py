@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from laplace.utils.enums import (
-    Likelihood,
     LinkApprox,
     PredType,
     PriorStructure,
@@ -202,16 +201,13 @@ def default_loss(la: BaseLaplace):
     under the predictive of a new observation, ``N(f_mu, f_var + sigma_noise^2 I)``
     (``RunningGaussianNLLMetric``); laplace-torch's mean squared error of ``f_mu``
     does not depend on the prior precision at all (``f_mu`` is the network's
-    output). Reward modelling keeps the mean squared error.
+    output). Reward modeling: the running NLL of its validation pairs, scored as
+    the classification it was fitted with (laplace-torch's default).
     """
-    from torchmetrics import MeanSquaredError
-
     from laplace.utils.metrics import RunningGaussianNLLMetric, RunningNLLMetric
 
-    if la.likelihood == Likelihood.REGRESSION:
+    if la._tunes_regression:
         metric = RunningGaussianNLLMetric()
-    elif la._predicts_regression:
-        metric = MeanSquaredError()
     else:
         metric = RunningNLLMetric()
     return metric.to(la._device)
@@ -225,11 +221,12 @@ def _loss_inputs(
     Regression predictions are ``(f_mu, f_var)``: the Gaussian NLL reads the mean
     and the variance of a new observation ``f_var + sigma^2`` (``f_var`` of shape
     ``(N, C, C)`` or its diagonal ``(N, C)``); any other loss reads ``f_mu``, as in
-    laplace-torch. Classification predictions are the probabilities.
+    laplace-torch. Classification predictions (and reward modeling's pairs) are the
+    probabilities.
     """
     from laplace.utils.metrics import RunningGaussianNLLMetric
 
-    if not la._predicts_regression:
+    if not la._tunes_regression:
         return (prediction,)
     f_mu, f_var = prediction
     if not isinstance(loss, RunningGaussianNLLMetric):

@@ -107,16 +107,18 @@ class SubnetLaplace(ParametricLaplace):
             )
         # the curvature and Jacobians are taken over the trainable parameters only:
         # the selected entries' positions among those
-        position = torch.full((self.n_params,), -1, dtype=torch.long)
+        position = torch.full(
+            (self.n_params,), -1, dtype=torch.long, device=self._device
+        )
         start = count = 0
         for p in self.params:
             if p.requires_grad:
                 position[start : start + p.numel()] = torch.arange(
-                    count, count + p.numel()
+                    count, count + p.numel(), device=self._device
                 )
                 count += p.numel()
             start += p.numel()
-        treated = position.to(self._device)[idx]
+        treated = position[idx]
         if bool((treated < 0).any()):
             frozen = idx[treated < 0][:10].tolist()
             names = sorted(

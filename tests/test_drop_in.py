@@ -270,6 +270,55 @@ def test_reward_modeling_accepts_pairs_in_any_input_shape(device):
     torch.testing.assert_close(fitted[0].H, fitted[1].H)
 
 
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_reward_modeling_gridsearch_is_the_pair_nll_argmin(structure, device):
+    """laplace-torch tunes reward modeling on its validation pairs as the
+    classification it was fitted with: a loss gets the probabilities of the pairs
+    (``la(x, fitting=True)``, ``(N, 2)``) and the default is the running NLL. The
+    chosen value is the argmin of that NLL, computed by brute force over the grid
+    with the public predictive."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(start_dim=1)
+    ).to(device, DTYPE)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, generator=g, dtype=DTYPE)
+    X = torch.randn(64, 2, 3, generator=g, dtype=DTYPE)
+    Xv = torch.randn(16, 2, 3, generator=g, dtype=DTYPE)
+    y, yv = [((x @ w)[:, 1] > (x @ w)[:, 0]).long() for x in (X, Xv)]
+    yv[:4] = 1 - yv[:4]  # some validation pairs the model gets wrong
+    X, y, Xv, yv = X.to(device), y.to(device), Xv.to(device), yv.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    la = Laplace(model, "reward_modeling", "all", structure)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=16))
+    val_loader = DataLoader(TensorDataset(Xv, yv), batch_size=8)
+    grid = torch.logspace(-4, 4, 21, dtype=DTYPE)
+    nll = []
+    for prec in grid:
+        la.prior_precision = prec.item()
+        probs = la(Xv, fitting=True)
+        nll.append(-probs[torch.arange(16), yv].log().mean().item())
+    expected = grid[torch.tensor(nll).argmin()]
+    seen = []
+
+    def loss(probs, targets):
+        seen.append(probs.shape)
+        return nn.functional.nll_loss(probs.log(), targets)
+
+    for kwargs in ({}, {"loss": loss}):
+        la.optimize_prior_precision(
+            method="gridsearch", val_loader=val_loader, grid_size=21, **kwargs
+        )
+        torch.testing.assert_close(la.prior_precision, expected.to(device).expand(1))
+    assert seen[0] == (16, 2)
+    if structure != "kron":  # an interior optimum: neither end of the grid
+        assert 0 < torch.tensor(nll).argmin() < 20
+
+
 # -- GP members --------
 @pytest.mark.parametrize("cls", [FunctionalLaplace, FunctionalLLLaplace])
 def test_gp_default_backend_and_predictive_moments(cls, device):

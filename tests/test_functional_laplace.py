@@ -30,6 +30,7 @@ from laplace import (
 )
 from laplace.curvature import CurvlinopsEF, CurvlinopsHessian
 from laplace.functional import base as functional_base
+from laplace.predictive import links
 
 DT = torch.float64
 
@@ -436,12 +437,14 @@ def test_classification_links_apply_to_the_gp_moments():
     dist = torch.distributions.MultivariateNormal(f_mu, f_var)
     ref = torch.softmax(dist.sample((20000,)), -1).mean(0)
     torch.testing.assert_close(probs, ref, atol=0.01, rtol=0)
-    for link in ("bridge", "bridge_norm"):
-        p = la(xt, link_approx=link)
-        torch.testing.assert_close(p.sum(-1), torch.ones(4, dtype=DT))
+    # the Laplace bridges of the GP moments (the formulas: tests/test_links.py)
+    for name, bridge in (("bridge", links.bridge), ("bridge_norm", links.bridge_norm)):
+        torch.testing.assert_close(la(xt, link_approx=name), bridge(f_mu, f_var))
+    # predictive samples: the softmax of the GP's function samples, same draws
     samples = la.predictive_samples(xt, n_samples=7, generator=gen(1))
-    assert samples.shape == (7, 4, 3)
-    torch.testing.assert_close(samples.sum(-1), torch.ones(7, 4, dtype=DT))
+    f_samples = la.functional_samples(xt, n_samples=7, generator=gen(1))
+    assert samples.shape == f_samples.shape == (7, 4, 3)
+    torch.testing.assert_close(samples, torch.softmax(f_samples, -1))
 
 
 def test_predictive_samples_follow_the_gp_predictive():

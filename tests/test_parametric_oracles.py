@@ -1029,6 +1029,9 @@ def test_indefinite_full_posterior_precision_raises_on_both_paths():
         la.log_marginal_likelihood(prior_precision=p)
     with pytest.raises(NotPositiveDefiniteError):
         la.log_marginal_likelihood(prior_precision=p.clone().requires_grad_())
+    # a LinAlgError, as the failed Cholesky users of laplace-torch catch
+    with pytest.raises(torch.linalg.LinAlgError):
+        la.log_marginal_likelihood(prior_precision=p)
 
 
 def sine_regression_mlp():

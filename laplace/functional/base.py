@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature.backpack import BackPackGGN
 from laplace.curvature.curvature import CurvatureInterface, GGNInterface
-from laplace.data import Inputs, dataset_size, split_batch, to_device
+from laplace.data import Inputs, dataset_size, split_batch, subset_indices, to_device
 from laplace.functional import kernel, subset
 from laplace.functional.gp import KernelSystem
 from laplace.likelihood import get_likelihood
@@ -212,9 +212,7 @@ class BaseFunctionalLaplace(BaseLaplace):
             )
         self.model.eval()
         loss, n_outputs = self._training_loss(train_loader, progress_bar)
-        indices = np.random.default_rng(self.seed).choice(
-            N, self.n_subset, replace=False
-        )
+        indices = subset_indices(N, self.n_subset, self.seed)
         inputs = subset.inputs_of(
             train_loader, indices, self.dict_key_x, self.dict_key_y, self._device
         )
@@ -534,7 +532,7 @@ class BaseFunctionalLaplace(BaseLaplace):
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
         # probit reads only diag(f_var); regression yields the full (N, C, C)
-        marginal = link_approx == LinkApprox.PROBIT and not self._predicts_regression
+        marginal = link_approx == LinkApprox.PROBIT and not self._tunes_regression
         cached = []
         with torch.no_grad():
             for batch in val_loader:
@@ -554,7 +552,7 @@ class BaseFunctionalLaplace(BaseLaplace):
                     f_var = self._posterior_variance(
                         terms.prior, W, terms.f.shape[0], marginal
                     )
-                    if self._predicts_regression:
+                    if self._tunes_regression:
                         yield (terms.f, f_var), y
                         continue
                     yield apply_link(link_approx, terms.f, f_var, n_samples), y

@@ -384,7 +384,7 @@ class ParametricLaplace(BaseLaplace):
         def predictions():
             with torch.no_grad():
                 for terms, y in cached:
-                    if self._predicts_regression:
+                    if self._tunes_regression:
                         yield (terms.f, self._glm_variance(terms)), y
                         continue
                     f_var = self._glm_variance(terms, marginal_link)

@@ -75,7 +75,8 @@ class FullLaplace(ParametricLaplace):
         NotPositiveDefiniteError
             if some ``factor * lambda_i + p0 <= 0``.
         """
-        if self.fitted and self.prior_precision.numel() == 1:  # else: P is P0
+        # before fit the posterior is the prior: its Cholesky factor (super)
+        if self.fitted and self.prior_precision.numel() == 1:
             if not self._H_spectrum_tried:
                 self._H_eigenvalues = symmetric_eigenvalues(self.H.detach())
                 self._H_spectrum_tried = True

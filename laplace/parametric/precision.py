@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from laplace.utils.lowrank import LowRankPlusDiagonal
-from laplace.utils.matrix import KronDecomposed
+from laplace.utils.matrix import KronDecomposed, linalg_dtype
 
 Tensor = torch.Tensor
 #: per parameter tensor: ``(Q_out, Q_in)`` for a matrix block, ``(Q,)`` otherwise;
@@ -35,8 +35,12 @@ Tensor = torch.Tensor
 Basis = tuple[Tensor | None, ...]
 
 
-class NotPositiveDefiniteError(RuntimeError):
-    """The posterior precision is not positive definite."""
+class NotPositiveDefiniteError(torch.linalg.LinAlgError):
+    """The posterior precision is not positive definite.
+
+    A ``torch.linalg.LinAlgError`` (so a ``RuntimeError``), as the failed Cholesky
+    factorization laplace-torch lets through: ``except`` clauses written for it
+    catch this too."""
 
 
 def not_positive_definite(what: str) -> NotPositiveDefiniteError:
@@ -78,10 +82,14 @@ class PrecisionForm:
 
 
 class DensePrecision(PrecisionForm):
-    """A dense ``(P, P)`` precision, used through its Cholesky factor ``L``."""
+    """A dense ``(P, P)`` precision, used through its Cholesky factor ``L``.
+
+    A float16/bfloat16 ``P`` is factorised in float32 (``linalg_dtype``: half
+    precision has no Cholesky on the CPU); results come back in ``P``'s dtype."""
 
     def __init__(self, P: Tensor) -> None:
         self.P = P
+        self._work = linalg_dtype(P.dtype)
         self._chol: Tensor | None = None
         self._cov: Tensor | None = None
 
@@ -89,14 +97,14 @@ class DensePrecision(PrecisionForm):
     def cholesky(self) -> Tensor:
         """Lower ``L`` with ``L L^T = P`` (computed once)."""
         if self._chol is None:
-            L, info = torch.linalg.cholesky_ex(self.P)
+            L, info = torch.linalg.cholesky_ex(self.P.to(self._work))
             if int(info) != 0:
                 raise not_positive_definite(f"Cholesky failed at column {int(info)}")
             self._chol = L
         return self._chol
 
     def logdet(self) -> Tensor:
-        return 2 * self.cholesky.diagonal().log().sum()
+        return (2 * self.cholesky.diagonal().log().sum()).to(self.P.dtype)
 
     def square_form(self, delta: Tensor) -> Tensor:
         return ((delta @ self.P) * delta).sum(-1)
@@ -105,10 +113,10 @@ class DensePrecision(PrecisionForm):
         N, C, P = J.shape
         # W = L^-1 J^T, so that J P^-1 J^T = W^T W
         W = torch.linalg.solve_triangular(
-            self.cholesky, J.reshape(N * C, P).T, upper=False
+            self.cholesky, J.reshape(N * C, P).T.to(self._work), upper=False
         )
         W = W.T.reshape(N, C, P)
-        return W @ W.mT
+        return (W @ W.mT).to(J.dtype)
 
     def inv_diag(self) -> Tensor:
         return self.covariance().diagonal()
@@ -116,7 +124,7 @@ class DensePrecision(PrecisionForm):
     def covariance(self) -> Tensor:
         """``P^-1`` ``(P, P)`` (computed once)."""
         if self._cov is None:
-            self._cov = torch.cholesky_inverse(self.cholesky)
+            self._cov = torch.cholesky_inverse(self.cholesky).to(self.P.dtype)
         return self._cov
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -125,7 +133,8 @@ class DensePrecision(PrecisionForm):
             L.shape[0], n, dtype=L.dtype, device=L.device, generator=generator
         )
         # x = L^-T eps has covariance L^-T L^-1 = P^-1
-        return torch.linalg.solve_triangular(L.mT, eps, upper=True).T
+        theta = torch.linalg.solve_triangular(L.mT, eps, upper=True).T
+        return theta.to(self.P.dtype)
 
     def to_matrix(self) -> Tensor:
         return self.P

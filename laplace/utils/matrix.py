@@ -28,6 +28,18 @@ from numbers import Number
 import torch
 from torch import nn
 
+#: half-precision dtypes have no linear algebra (eigh, Cholesky, solves) on the CPU
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype linear algebra runs in for tensors of ``dtype``: float32 for
+    float16 and bfloat16 (which have no decompositions on the CPU and too few
+    digits for them anyway), ``dtype`` itself otherwise. Results go back to
+    ``dtype``."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
 __all__ = ["Kron", "KronDecomposed", "damped_factor_eigenvalues"]
 
 Tensor = torch.Tensor
@@ -252,7 +264,8 @@ class Kron:
     __rmul__ = __mul__
 
     def decompose(self, damping: bool = False) -> KronDecomposed:
-        """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``).
+        """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``;
+        float16/bfloat16 factors are decomposed in float32, the result cast back).
 
         The factors are PSD by construction, so eigenvalues are clamped at zero to
         remove round-off; a warning is emitted if a clearly negative one is found.
@@ -270,7 +283,8 @@ class Kron:
         for block in self.kfacs:
             vecs, vals = [], []
             for factor in block:
-                lam, Q = torch.linalg.eigh(factor)
+                lam, Q = torch.linalg.eigh(factor.to(linalg_dtype(factor.dtype)))
+                lam, Q = lam.to(factor.dtype), Q.to(factor.dtype)
                 tol = torch.finfo(lam.dtype).eps ** 0.5
                 if lam.numel() and bool((lam < -tol * lam.abs().max()).any()):
                     warnings.warn(
@@ -311,17 +325,25 @@ class Kron:
         """Log determinant of ``H`` (0-dim), summed over the blocks.
 
         A pair contributes ``log det(G (x) A) = p_in log det G + p_out log det A``.
+        Float16/bfloat16 factors are taken in float32 (``linalg_dtype``), the sum
+        returned in their dtype. An empty ``Kron`` has log determinant 0 (in the
+        default dtype, on the CPU: there is no factor to take them from).
         """
+        if not self.kfacs:  # no factor to take a dtype or device from
+            return torch.zeros((), dtype=torch.get_default_dtype())
+        ref = self.kfacs[0][0]
+
+        def logdet(F: Tensor) -> Tensor:
+            return torch.logdet(F.to(linalg_dtype(F.dtype)))
+
         terms = []
         for block in self.kfacs:
             if len(block) == 1:
-                terms.append(torch.logdet(block[0]))
+                terms.append(logdet(block[0]))
             else:
                 G, A = block
-                terms.append(
-                    A.shape[0] * torch.logdet(G) + G.shape[0] * torch.logdet(A)
-                )
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+                terms.append(A.shape[0] * logdet(G) + G.shape[0] * logdet(A))
+        return torch.stack(terms).sum().to(ref.dtype)
 
     def diag(self) -> Tensor:
         """Diagonal of ``H``, ``(P,)``; ``diag(G (x) A) = diag(G) (x) diag(A)``."""

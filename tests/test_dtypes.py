@@ -1,0 +1,84 @@
+"""A model's dtype is kept through fit, predictive, evidence, tuning and sampling.
+
+laplace-torch 0.3 (measured on CPU with ``.double()``, ``.half()``, ``.bfloat16()``
+MLPs, classification and regression) works in float64 everywhere; in float16 and
+bfloat16 its Diag works throughout, its Full fits only (the predictive, the evidence,
+tuning and sampling fail: no half Cholesky/logdet on the CPU) and its Kron (all
+weights and last layer) exits the process during the fit. Here all of them work,
+with outputs and tuned precisions in the model's dtype (the decompositions run in
+float32, ``laplace.utils.matrix.linalg_dtype``).
+
+Values: float64 equals float32 to ``rtol=1e-4`` (the float32 round-off of these
+small problems, ~1e-6, with margin); float16/bfloat16 equal float32 to the few
+digits they carry (``rtol=atol=0.05``/``0.1``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace import Laplace
+
+CASES = [("all", "full"), ("all", "kron"), ("all", "diag"), ("last_layer", "kron")]
+LIKELIHOODS = ["classification", "regression"]
+HALF_TOL = {torch.float16: 0.05, torch.bfloat16: 0.1}
+
+
+def _problem(likelihood, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(device)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(16, 3, generator=g)
+    if likelihood == "classification":
+        y = torch.randint(0, 2, (16,), generator=g)
+    else:
+        y = torch.randn(16, 2, generator=g)
+    return model, X.to(device), y.to(device)
+
+
+def _run(model, X, y, likelihood, subset, structure, dtype):
+    """Everything a user calls, in ``dtype``: the outputs, by name."""
+    model = copy.deepcopy(model).to(dtype)
+    X = X.to(dtype)
+    y = y.to(dtype) if y.is_floating_point() else y
+    la = Laplace(model, likelihood, subset, structure)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
+    out = {"pred": la(X[:4]), "lml": la.log_marginal_likelihood()}
+    la.optimize_prior_precision(method="marglik", n_steps=20)
+    out["prior_precision"] = la.prior_precision
+    out["lml_tuned"] = la.log_marginal_likelihood()
+    out["sample"] = la.sample(3)
+    if likelihood == "regression":
+        out["f_mu"], out["f_var"] = out.pop("pred")
+    return out
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize(("subset", "structure"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_outputs_keep_the_model_dtype_and_values(
+    dtype, subset, structure, likelihood, device
+):
+    model, X, y = _problem(likelihood, device)
+    got = _run(model, X, y, likelihood, subset, structure, dtype)
+    reference = _run(model, X, y, likelihood, subset, structure, torch.float32)
+    for name, value in got.items():
+        assert value.dtype == dtype, name
+        assert value.device.type == device.type, name
+        assert torch.isfinite(value).all(), name
+    tol = HALF_TOL.get(dtype, None)
+    for name in got:
+        if name == "sample":  # draws differ between dtypes; dtype checked above
+            continue
+        expected = reference[name].to(dtype)
+        if tol is None:
+            torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-6)
+        elif name not in ("lml", "lml_tuned", "prior_precision"):
+            torch.testing.assert_close(got[name], expected, rtol=tol, atol=tol)
+        else:  # evidences of ~10 and tuned precisions: relative digits only
+            torch.testing.assert_close(got[name], expected, rtol=tol, atol=0)
