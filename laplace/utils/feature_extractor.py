@@ -194,7 +194,8 @@ class FeatureExtractor(nn.Module):
         if self.feature_reduction is FeatureReduction.PICK_LAST:
             mask = attention_mask
             if mask is not None and mask.shape == features.shape[:2]:
-                return features[torch.arange(len(features)), _last_kept(mask)]
+                rows = torch.arange(len(features), device=features.device)
+                return features[rows, _last_kept(mask).to(features.device)]
             return features[:, -1]
         return features.mean(dim=1)
 

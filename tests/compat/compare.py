@@ -118,6 +118,12 @@ KNOWN = [
         "ValueError; laplace-torch fails too, with another type",
         "differences.md#clearer-errors",
     ),
+    (
+        "cls/*-gp/reward_modeling/*", "construct",
+        "the GP view with reward modeling is refused at construction; laplace-torch "
+        "builds it and fails in fit",
+        "differences.md#clearer-errors",
+    ),
 ]  # fmt: skip
 
 
