@@ -68,7 +68,12 @@ def build_lt_venv(torch_requirement: str) -> tuple[str | None, str]:
     return ``(python, note)``; ``python`` is None when it could not be built."""
     python = os.path.join(LT_VENV, "bin", "python")
     stamp = os.path.join(LT_VENV, ".installed")
-    wanted = f"{LT_PACKAGE} {torch_requirement}"
+    # the requirements' text is part of the stamp: editing them updates the venv
+    with open(LT_REQUIREMENTS) as f:
+        pins = " ".join(
+            line.strip() for line in f if line.strip() and not line.startswith("#")
+        )
+    wanted = f"{LT_PACKAGE} {torch_requirement} {pins}"
     if os.path.exists(stamp) and open(stamp).read() == wanted:
         why = lt_ready(python)
         if why is None:

@@ -25,6 +25,9 @@ import os
 import sys
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workflows  # noqa: E402 (this directory's, whichever interpreter runs this)
+
 #: (subset_of_weights, hessian_structure) the factory offers
 CLASSES = [
     ("all", "full"),
@@ -98,6 +101,9 @@ def scenario_table() -> dict[str, dict]:
     # bad input: the error types
     for case in BAD_INPUT:
         table[f"errors/{case}"] = dict(kind="errors", case=case)
+    # laplace-torch's example workflows, written anew (workflows.py)
+    for name in workflows.WORKFLOWS:
+        table[f"workflow/{name}"] = dict(kind="workflow", workflow=name)
     return table
 
 
@@ -574,6 +580,8 @@ def main(argv=None) -> int:
                 run_readme(readme[name], rec)
             elif table[name]["kind"] == "errors":
                 run_errors(laplace, table[name]["case"], rec)
+            elif table[name]["kind"] == "workflow":
+                workflows.run(laplace, table[name]["workflow"], rec)
             else:
                 spec = table[name]
                 run_class(laplace, spec, rec, full=spec["kind"] == "class")
