@@ -136,6 +136,12 @@ KNOWN = [
         "each value; laplace-torch's metric is not reset between grid values",
         "differences.md#fixed-behaviour (Grid search with a running metric)",
     ),
+    (
+        "cls/all-full/regression/float32/*", "pred/nn~*",
+        "float32 nn predictive: ours is within sampling error of exact float64 draws "
+        "from the same posterior, laplace-torch's variance about 6 standard errors off",
+        "differences.md#fixed-behaviour (float32 weight samples)",
+    ),
 ]  # fmt: skip
 
 
