@@ -15,6 +15,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
+from laplace.predictive.links import (
+    bridge,
+    bridge_norm,
+    dirichlet_from_gaussian,
+    link,
+    mc,
+    mc_gaussian,
+    probit,
+    sample_outputs,
+)
 from laplace.prior import (
     as_prior_precision,
     check_gridsearch_arguments,
@@ -133,7 +143,9 @@ def test_gridsearch_refuses_a_non_positive_or_non_integer_grid_size(grid_size):
 
 def test_gridsearch_argument_errors_name_what_is_wrong():
     """check_gridsearch_arguments mutants 3/4/10-14/23."""
-    with pytest.raises(ValueError, match=r"^method='gridsearch' needs val_loader=, a "):
+    with pytest.raises(
+        ValueError, match=r"^method='gridsearch' needs val_loader=, a DataLoader"
+    ):
         check_gridsearch_arguments(None, None, -1.0, 1.0, 3)
     with pytest.raises(
         TypeError, match=r"^loss must be a torchmetrics\.Metric .*int\.$"
@@ -293,7 +305,11 @@ def test_a_failing_gridsearch_keeps_the_prior(failure):
             raise KeyError("boom")
         return float("nan")
 
-    expected = (KeyError, "boom") if failure == "raises" else (RuntimeError, "finite")
+    expected = (
+        (KeyError, "boom")
+        if failure == "raises"
+        else (RuntimeError, "^The validation loss is not finite")
+    )
     with pytest.raises(expected[0], match=expected[1]):
         la.optimize_prior_precision(
             method="gridsearch",
@@ -302,3 +318,110 @@ def test_a_failing_gridsearch_keeps_the_prior(failure):
             loss=loss,
         )
     torch.testing.assert_close(la.prior_precision, torch.tensor([0.5], dtype=DTYPE))
+
+
+# -- laplace.predictive.links --------------------------------------------------------
+def _singular_covariances():
+    """Rank one, zero and the sum-zero centring matrix (PSD, singular)."""
+    v = torch.tensor([1.0, -2.0, 0.5], dtype=DTYPE)
+    centring = torch.eye(3, dtype=DTYPE) - 1 / 3
+    return torch.stack([torch.outer(v, v), torch.zeros(3, 3, dtype=DTYPE), centring])
+
+
+def test_sampling_singular_covariances_is_differentiable():
+    """Singular PSD covariances are factored by the jittered Cholesky, whose
+    gradient is finite (the eigh fallback's is not at a zero covariance: mutants
+    sending them to it, _psd_sqrt 23/24/57/70/71/74/75)."""
+    f_var = _singular_covariances().requires_grad_(True)
+    f_mu = torch.zeros(3, 3, dtype=DTYPE, requires_grad=True)
+    s = sample_outputs(f_mu, f_var, 50, torch.Generator().manual_seed(0))
+    s.square().sum().backward()
+    assert torch.isfinite(f_var.grad).all() and torch.isfinite(f_mu.grad).all()
+
+
+def test_an_indefinite_covariance_is_clipped_to_its_psd_part():
+    """Covariances too indefinite for the jitter (eigenvalue -1e-2) are factored by
+    eigh with the negative eigenvalues clipped: the samples have covariance
+    ``Q diag(max(lam, 0)) Q^T``; two such rows among positive definite ones
+    (_psd_sqrt 90-107)."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=DTYPE)).Q
+    lam = torch.tensor([1.0, -1e-2, 2.0], dtype=DTYPE)
+    bad = Q @ torch.diag(lam) @ Q.T
+    clipped = Q @ torch.diag(lam.clamp_min(0.0)) @ Q.T
+    pd = torch.eye(3, dtype=DTYPE) + 0.3
+    f_var = torch.stack([pd, bad, pd, 2 * bad])
+    f_mu = torch.zeros(4, 3, dtype=DTYPE)
+    s = sample_outputs(f_mu, f_var, 40_000, torch.Generator().manual_seed(1))
+    expected = torch.stack([pd, clipped, pd, 2 * clipped])
+    cov = torch.einsum("sni,snj->nij", s, s) / s.shape[0]
+    torch.testing.assert_close(cov, expected, atol=0.06, rtol=0)
+    null = Q[:, 1]  # no sample leaves the PSD part
+    torch.testing.assert_close(
+        s[:, [1, 3]] @ null, torch.zeros(40_000, 2, dtype=DTYPE), atol=1e-7, rtol=0
+    )
+
+
+def test_sampling_works_on_the_inputs_device_not_the_default_one():
+    """eps, the identity and the jitter are made on ``f_mu``'s device, even when
+    torch's default device is another one (sample_outputs 16/20, _psd_sqrt
+    8/11/15/18)."""
+    f_mu = torch.zeros(3, 3, dtype=DTYPE)
+    f_var = _singular_covariances()
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        s = sample_outputs(f_mu, f_var, 4, g)
+    assert s.device == torch.device("cpu") and torch.isfinite(s).all()
+
+
+def test_sampling_one_output_and_the_documented_defaults():
+    """One output (C = 1) is a valid Gaussian (_check_gaussian 1); one sample is
+    valid and the default is 100 samples, for ``sample_outputs``, ``mc_gaussian``
+    and ``link('mc')`` (sample_outputs 1/9/10, mc_gaussian 1, link 1)."""
+    f_mu = torch.zeros(2, 1, dtype=DTYPE)
+    assert sample_outputs(f_mu, torch.ones(2, 1, 1, dtype=DTYPE), 1).shape == (1, 2, 1)
+    mu = torch.tensor([[0.5, -0.2, 0.1]], dtype=DTYPE)
+    var = torch.eye(3, dtype=DTYPE)[None]
+    assert sample_outputs(mu, var).shape == (100, 1, 3)
+    expected = mc(sample_outputs(mu, var, 100, torch.Generator().manual_seed(3)))
+    for out in [
+        mc_gaussian(mu, var, generator=torch.Generator().manual_seed(3)),
+        link("mc", mu, var, generator=torch.Generator().manual_seed(3)),
+    ]:
+        torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("n_samples", [0, True, 2.0])
+def test_sampling_refuses_a_bad_n_samples(n_samples):
+    """sample_outputs 7."""
+    with pytest.raises(ValueError, match="n_samples must be a positive int"):
+        sample_outputs(torch.zeros(1, 2), torch.ones(1, 2), n_samples)
+
+
+@pytest.mark.parametrize("fn", [bridge, bridge_norm, dirichlet_from_gaussian])
+def test_the_bridges_need_two_classes(fn):
+    """The Laplace bridge needs C >= 2 and works for C = 2 (bridge_norm 6,
+    dirichlet_from_gaussian 6/7)."""
+    with pytest.raises(ValueError, match="at least 2 classes, got C=1"):
+        fn(torch.zeros(2, 1, dtype=DTYPE), torch.ones(2, 1, dtype=DTYPE))
+    out = fn(torch.tensor([[0.3, -0.3]], dtype=DTYPE), torch.ones(1, 2, dtype=DTYPE))
+    assert out.shape == (1, 2) and torch.isfinite(out).all()
+
+
+def test_link_input_errors_name_what_is_wrong():
+    """_check_gaussian 2/5-10, mc 5-7, link 7/12."""
+    var = torch.ones(1, 2)
+    with pytest.raises(
+        TypeError, match=r"^f_mu and f_var must be torch\.Tensors, got list and Tensor"
+    ):
+        probit([[0.0, 1.0]], var)
+    with pytest.raises(TypeError, match=r"got Tensor and list\.$"):
+        probit(torch.zeros(1, 2), [[1.0, 1.0]])
+    with pytest.raises(
+        ValueError, match=r"f_samples must have shape \(S, N, C\), got None"
+    ):
+        mc([[0.0]])
+    with pytest.raises(ValueError, match=r"got \(2, 3\)\.$"):
+        mc(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"expected one of 'probit', 'bridge', "):
+        link(["probit"], torch.zeros(1, 2), var)
