@@ -425,3 +425,62 @@ def test_link_input_errors_name_what_is_wrong():
         mc(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"expected one of 'probit', 'bridge', "):
         link(["probit"], torch.zeros(1, 2), var)
+
+
+# -- laplace.parametric ----------------------------------------------------------------
+def test_kron_laplace_defaults_and_forwarded_arguments():
+    """KronLaplace has laplace-torch 0.3's defaults and hands its arguments to
+    BaseLaplace (KronLaplace.__init__ 1/2/6-9/20-24/32-36)."""
+    from laplace import KronLaplace
+    from laplace.curvature import BackPackGGN
+
+    la = KronLaplace(_model(), "regression")
+    assert la.sigma_noise.item() == 1.0 and la.prior_precision.tolist() == [1.0]
+    assert (la.dict_key_x, la.dict_key_y) == ("input_ids", "labels")
+    la = KronLaplace(
+        _model(),
+        "regression",
+        dict_key_x="x",
+        dict_key_y="y",
+        backend=BackPackGGN,
+        backend_kwargs={"a": 1},
+        asdl_fisher_kwargs={"b": 2},
+    )
+    assert (la.dict_key_x, la.dict_key_y) == ("x", "y")
+    assert la.backend_kwargs == {"a": 1} and la.asdl_fisher_kwargs == {"b": 2}
+    la = KronLaplace(_model(), "regression", backend=BackPackGGN)
+    assert isinstance(la.backend, BackPackGGN)
+
+
+def test_kron_laplace_refuses_a_per_parameter_prior_naming_the_alternatives():
+    """KronLaplace._check_prior_precision 3-5."""
+    from laplace import KronLaplace
+
+    with pytest.raises(
+        ValueError, match=r"Use hessian_structure='diag' or 'full' for a per-parameter"
+    ):
+        KronLaplace(_model(), "regression", prior_precision=torch.ones(32))
+
+
+def test_kron_laplace_keeps_the_model_dtype_and_its_fit_progress_bar(capsys):
+    """The Kron factors have the model's dtype (KronLaplace._init_H 3/6); ``fit``
+    shows a bar only when asked (KronLaplace.fit 2/5/8)."""
+    la = _fitted("kron", "regression")
+    assert capsys.readouterr().err == ""
+    assert all(f.dtype == DTYPE for fs in la.H.kfacs for f in fs)
+    la.fit(_loader("regression"), progress_bar=True)
+    assert "100%" in capsys.readouterr().err
+
+
+def test_a_non_positive_definite_precision_says_what_to_do():
+    """not_positive_definite 1-9: the message names the causes and the remedies."""
+    la = _fitted("full", "regression", prior_precision=1e-3)
+    la.H = -la.H.abs().sum() * torch.eye(la.n_params, dtype=DTYPE)
+    la.prior_precision = torch.full((la.n_layers,), 1e-3, dtype=DTYPE)
+    with pytest.raises(
+        Exception,
+        match=r"The curvature has negative eigenvalues \(e\.g\. the exact Hessian "
+        r"away from a minimum\) or the prior precision is too small: use a GGN/EF "
+        r"backend or a larger prior precision\.$",
+    ):
+        _ = la.log_det_posterior_precision
