@@ -363,9 +363,9 @@ def test_an_indefinite_covariance_is_clipped_to_its_psd_part():
 
 
 def test_sampling_works_on_the_inputs_device_not_the_default_one():
-    """eps, the identity and the jitter are made on ``f_mu``'s device, even when
-    torch's default device is another one (sample_outputs 16/20, _psd_sqrt
-    8/11/15/18)."""
+    """The identity and the jitter of the Cholesky retries are made on the
+    covariance's device, even when torch's default device is another one
+    (_psd_sqrt 8/11/15/18)."""
     f_mu = torch.zeros(3, 3, dtype=DTYPE)
     f_var = _singular_covariances()
     g = torch.Generator().manual_seed(0)
