@@ -182,7 +182,7 @@ def tune_by_marglik(
             neg_marglik = -la.log_marginal_likelihood(prior_precision=log_prec.exp())
             if not torch.isfinite(neg_marglik):
                 raise RuntimeError(
-                    f"The log marginal likelihood became {float(-neg_marglik)} at step "
+                    f"The log marginal likelihood became {-neg_marglik.detach().item()} at step "
                     f"{step}; try a smaller lr or another init_prior_prec."
                 )
             neg_marglik.backward()
