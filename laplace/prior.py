@@ -181,8 +181,9 @@ def tune_by_marglik(
             optimizer.zero_grad()
             neg_marglik = -la.log_marginal_likelihood(prior_precision=log_prec.exp())
             if not torch.isfinite(neg_marglik):
+                value = -neg_marglik.detach().item()
                 raise RuntimeError(
-                    f"The log marginal likelihood became {-neg_marglik.detach().item()} at step "
+                    f"The log marginal likelihood became {value} at step "
                     f"{step}; try a smaller lr or another init_prior_prec."
                 )
             neg_marglik.backward()
