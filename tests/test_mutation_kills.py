@@ -271,15 +271,6 @@ def test_gridsearch_gives_a_metric_targets_in_the_prediction_shape(device):
     assert la.prior_precision.shape == (1,)
 
 
-def test_gridsearch_for_reward_modelling_uses_the_mean_squared_error():
-    """Reward modelling without a loss: the MSE of f_mu, which ties over the grid so
-    the first value is kept (default_loss 3)."""
-    la = _fitted("diag", "reward_modeling")
-    val = _loader("regression", seed=5)
-    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=3)
-    torch.testing.assert_close(la.prior_precision, torch.tensor([1e-4], dtype=DTYPE))
-
-
 def test_gridsearch_with_sampled_predictions_uses_n_samples():
     """``n_samples`` reaches the sampled ('nn') predictive (tune_by_gridsearch 11)."""
     la = _fitted("diag", "classification")
