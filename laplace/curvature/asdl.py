@@ -226,7 +226,8 @@ class AsdlFisher(AsdlInterface):
         if getattr(self, "stochastic", False):
             config["n_mc_samples"] = self.num_samples
             if self.generator is not None:
-                seed = int(torch.randint(2**31, (), generator=self.generator))
+                g = self.generator
+                seed = int(torch.randint(2**31, (), generator=g, device=g.device))
                 config["seed"] = seed
         return asdl.get_fisher_maker(module, asdl.FisherConfig(**config))
 

@@ -128,7 +128,9 @@ class BackPackInterface(CurvatureInterface):
         generator = getattr(self, "generator", None)
         if generator is None:
             return contextlib.nullcontext()
-        seed = int(torch.randint(2**62, (), generator=generator))
+        seed = int(
+            torch.randint(2**62, (), generator=generator, device=generator.device)
+        )
         devices = [] if self.params[0].device.type == "cpu" else [self.params[0].device]
         stack = contextlib.ExitStack()
         stack.enter_context(torch.random.fork_rng(devices=devices))
