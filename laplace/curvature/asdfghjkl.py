@@ -10,7 +10,6 @@ working alternative.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -34,36 +33,21 @@ __all__ = [
     "Likelihood",
 ]
 
-#: functions of the old asdfghjkl API these backends are written against
-_OLD_API = ("fisher_for_cross_entropy", "batch_gradient")
-
-_INSTALL = (
-    "pip install git+https://github.com/wiseodd/asdl@asdfghjkl (a git-only build "
-    "of asdfghjkl with its old API)"
-)
-
 
 def _require_asdfghjkl(backend: str) -> None:
-    """Raise ``ImportError`` unless an ``asdfghjkl`` with the old API imports."""
-    try:
-        library = importlib.import_module("asdfghjkl")
-    except ImportError as err:
-        raise ImportError(
-            f"{backend} needs the git-only asdfghjkl library ({_INSTALL}), which is "
-            "not installed. Use AsdlGGN, AsdlEF or AsdlHessian from "
-            "laplace.curvature instead: they compute the same curvature with the "
-            "released ASDL (pip install asdfghjkl==0.1a4)."
-        ) from err
-    missing = [name for name in _OLD_API if not hasattr(library, name)]
-    if missing:
-        raise ImportError(
-            f"{backend} needs the git-only asdfghjkl library ({_INSTALL}); the "
-            f"installed asdfghjkl lacks {missing}. Use AsdlGGN, AsdlEF or "
-            "AsdlHessian from laplace.curvature instead."
-        )
-    raise NotImplementedError(
-        f"{backend} is not implemented on the old asdfghjkl API in this package; "
-        "use AsdlGGN, AsdlEF or AsdlHessian from laplace.curvature instead."
+    """Raise the ``ImportError`` that says what ``backend`` needs and what works.
+
+    laplace-torch's asdfghjkl backends compute with a git-only build of asdfghjkl
+    (its API before it became ASDL), which no package index carries; this package
+    computes the same curvature with the released ASDL instead, so the backends of
+    this module never run: constructing one raises, whether or not that build is
+    installed."""
+    raise ImportError(
+        f"{backend} needs the git-only asdfghjkl library with its old API (not on "
+        "the package index; laplace-torch's asdfghjkl backends are written against "
+        "it). Use AsdlGGN, AsdlEF or AsdlHessian from laplace.curvature instead: "
+        "they compute the same curvature with the released ASDL (pip install "
+        "asdfghjkl==0.1a4, imported as asdl)."
     )
 
 
