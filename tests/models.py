@@ -41,7 +41,15 @@ class DictModel(nn.Module):
         return self.net(batch["input_ids"] * batch["scale"])
 
 
-def data(kind: str, likelihood: str, n: int = 6, n_out: int = 4, dtype=torch.float64):
+def data(
+    kind: str,
+    likelihood: str,
+    n: int = 6,
+    n_out: int = 4,
+    dtype=torch.float64,
+    device="cpu",
+):
+    """Drawn on the CPU (the same numbers on every device), moved to ``device``."""
     g = torch.Generator().manual_seed(1)
     x = (
         torch.randn(n, 2, 6, 6, generator=g)
@@ -53,10 +61,10 @@ def data(kind: str, likelihood: str, n: int = 6, n_out: int = 4, dtype=torch.flo
         y = torch.randint(0, n_out, (n,), generator=g)
     else:
         y = torch.randn(n, n_out, generator=g).to(dtype)
-    return x, y
+    return x.to(device), y.to(device)
 
 
-def model(kind: str, n_out: int = 4, dtype=torch.float64) -> nn.Module:
+def model(kind: str, n_out: int = 4, dtype=torch.float64, device="cpu") -> nn.Module:
     torch.manual_seed(0)
     m = cnn(n_out) if kind == "cnn" else mlp(n_out=n_out)
-    return m.to(dtype)
+    return m.to(device, dtype)

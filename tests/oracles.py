@@ -49,7 +49,9 @@ def jacobian(model, x) -> torch.Tensor:
 def output_hessian(likelihood: str, f: torch.Tensor) -> torch.Tensor:
     """Hessian ``(N, C, C)`` of the per-example loss w.r.t. the output."""
     if likelihood == "regression":  # 0.5 * ||f - y||^2
-        return torch.eye(f.shape[1], dtype=f.dtype).expand(f.shape[0], -1, -1)
+        return torch.eye(f.shape[1], dtype=f.dtype, device=f.device).expand(
+            f.shape[0], -1, -1
+        )
     p = torch.softmax(f, -1)
     return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
 

@@ -21,17 +21,17 @@ class Branchy(nn.Module):
         return self.head(torch.relu(self.body(x)))
 
 
-def test_finds_the_layer_that_produces_the_output():
+def test_finds_the_layer_that_produces_the_output(device):
     torch.manual_seed(0)
-    model = Branchy()
-    x = torch.randn(5, 3)
+    model = Branchy().to(device)
+    x = torch.randn(5, 3, device=device)
     out, phi = FeatureExtractor(model).forward_with_features(x)
     torch.testing.assert_close(out, model(x))
     torch.testing.assert_close(phi, torch.relu(model.body(x)))
 
 
-def test_named_last_layer_and_unknown_name():
-    model = Branchy()
+def test_named_last_layer_and_unknown_name(device):
+    model = Branchy().to(device)
     extractor = FeatureExtractor(model, last_layer_name="head")
     assert extractor.last_layer is model.head
     with pytest.raises(ValueError, match=r"nn.Linear modules are \['head', 'body'\]"):
@@ -46,21 +46,22 @@ def test_named_last_layer_and_unknown_name():
         ("average", lambda h: h.mean(1)),
     ],
 )
-def test_feature_reduction(reduction, expected):
+def test_feature_reduction(reduction, expected, device):
     """Sequence features ``(batch, seq_len, dim)`` are reduced to ``(batch, dim)``."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    x = torch.randn(5, 7, 3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(device)
+    x = torch.randn(5, 7, 3, device=device)
     extractor = FeatureExtractor(model, feature_reduction=reduction)
     out, phi = extractor.forward_with_features(x)
     torch.testing.assert_close(out, model(x))
     torch.testing.assert_close(phi, expected(model[0](x)).detach())
 
 
-def test_3d_features_without_reduction_are_refused():
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+def test_3d_features_without_reduction_are_refused(device):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(device)
+    x = torch.randn(5, 7, 3, device=device)
     with pytest.raises(ValueError, match="feature_reduction"):
-        FeatureExtractor(model).forward_with_features(torch.randn(5, 7, 3))
+        FeatureExtractor(model).forward_with_features(x)
 
 
 # -- Hugging Face sequence classifiers: a head at every position, the last token kept --
@@ -78,9 +79,9 @@ class _SeqClassifier(nn.Module):
     def forward(self, batch):
         ids = batch["input_ids"]
         logits = self.score(self.body(self.emb(ids)))  # (B, T, C)
-        positions = torch.arange(ids.shape[1])
+        positions = torch.arange(ids.shape[1], device=ids.device)
         last = (positions * (ids != self.pad)).argmax(-1)
-        return logits[torch.arange(ids.shape[0]), last]
+        return logits[torch.arange(ids.shape[0], device=ids.device), last]
 
 
 def _padded_batch(device):

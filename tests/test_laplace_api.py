@@ -33,44 +33,45 @@ STRUCTURES = {
 DTYPE = torch.float64
 
 
-def _model(n_out=3, seed=0):
+def _model(n_out=3, seed=0, *, device):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, n_out)).to(DTYPE)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, n_out))
+    return model.to(device, DTYPE)
 
 
-def _loader(likelihood, n=20, n_out=3, batch_size=8, seed=1):
+def _loader(likelihood, n=20, n_out=3, batch_size=8, seed=1, *, device):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 4, generator=g, dtype=DTYPE)
     if likelihood == "classification":
         y = torch.randint(0, n_out, (n,), generator=g)
     else:
         y = torch.randn(n, n_out, generator=g, dtype=DTYPE)
-    return DataLoader(TensorDataset(X, y), batch_size=batch_size)
+    return DataLoader(TensorDataset(X.to(device), y.to(device)), batch_size=batch_size)
 
 
-def _fitted(structure, likelihood="classification", **kwargs):
+def _fitted(structure, likelihood="classification", *, device, **kwargs):
     la = Laplace(
-        _model(),
+        _model(device=device),
         likelihood,
         subset_of_weights="all",
         hessian_structure=structure,
         **kwargs,
     )
-    la.fit(_loader(likelihood))
+    la.fit(_loader(likelihood, device=device))
     return la
 
 
 # -- the factory --------
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_factory_builds_the_registered_class(structure):
-    la = Laplace(_model(), "classification", "all", structure)
+def test_factory_builds_the_registered_class(structure, device):
+    la = Laplace(_model(device=device), "classification", "all", structure)
     assert type(la) is STRUCTURES[structure]
     assert isinstance(la, ParametricLaplace) and isinstance(la, BaseLaplace)
 
 
-def test_factory_accepts_enums_and_passes_arguments():
+def test_factory_accepts_enums_and_passes_arguments(device):
     la = Laplace(
-        _model(),
+        _model(device=device),
         laplace.Likelihood.REGRESSION,
         laplace.SubsetOfWeights.ALL,
         laplace.HessianStructure.KRON,
@@ -81,11 +82,11 @@ def test_factory_accepts_enums_and_passes_arguments():
     assert float(la.sigma_noise) == 0.5
 
 
-def test_factory_refuses_unknown_combinations_listing_valid_ones():
+def test_factory_refuses_unknown_combinations_listing_valid_ones(device):
     with pytest.raises(ValueError, match="valid combinations: .*'all', 'diag'"):
-        Laplace(_model(), "classification", "subnetwork", "gp")
+        Laplace(_model(device=device), "classification", "subnetwork", "gp")
     with pytest.raises(ValueError, match="hessian_structure='foo' is not valid"):
-        Laplace(_model(), "classification", "all", "foo")
+        Laplace(_model(device=device), "classification", "all", "foo")
 
 
 def test_public_names_import():
@@ -98,19 +99,19 @@ def test_public_names_import():
 
 
 # -- arguments --------
-def test_only_parameters_requiring_grad_are_treated():
-    model = _model()
+def test_only_parameters_requiring_grad_are_treated(device):
+    model = _model(device=device)
     model[0].bias.requires_grad_(False)
     la = DiagLaplace(model, "classification")
     expected = sum(p.numel() for p in model.parameters()) - 6
     assert la.n_params == expected and la.n_layers == 3
-    la.fit(_loader("classification"))
+    la.fit(_loader("classification", device=device))
     assert la.posterior_precision.shape == (expected,)
 
 
-def test_backend_kwargs_and_asdl_fisher_kwargs_reach_the_backend():
+def test_backend_kwargs_and_asdl_fisher_kwargs_reach_the_backend(device):
     la = DiagLaplace(
-        _model(),
+        _model(device=device),
         "classification",
         backend_kwargs={"stochastic": True, "num_samples": 3},
     )
@@ -119,62 +120,83 @@ def test_backend_kwargs_and_asdl_fisher_kwargs_reach_the_backend():
     fits = {}
     for kwargs in ({}, {"scale": 3.0}):
         la = DiagLaplace(
-            _model(), "classification", backend=AsdlGGN, asdl_fisher_kwargs=kwargs
+            _model(device=device),
+            "classification",
+            backend=AsdlGGN,
+            asdl_fisher_kwargs=kwargs,
         )
         assert isinstance(la.backend, AsdlGGN) and la.backend.fisher_kwargs == kwargs
-        la.fit(_loader("classification"))
+        la.fit(_loader("classification", device=device))
         fits[len(kwargs)] = la.H
     assert fits[0].abs().max() > 0
     torch.testing.assert_close(fits[1], 3 * fits[0])
 
 
 @pytest.mark.parametrize("backend", [CurvlinopsGGN, CurvlinopsEF, BackPackGGN, AsdlGGN])
-def test_each_backend_fits(backend):
-    la = Laplace(_model(), "classification", "all", "diag", backend=backend)
-    la.fit(_loader("classification"))
+def test_each_backend_fits(backend, device):
+    la = Laplace(
+        _model(device=device), "classification", "all", "diag", backend=backend
+    )
+    la.fit(_loader("classification", device=device))
     assert torch.isfinite(la.log_marginal_likelihood())
 
 
-def test_backend_must_be_a_curvature_class():
+def test_backend_must_be_a_curvature_class(device):
     with pytest.raises(TypeError, match="CurvatureInterface subclass"):
         DiagLaplace(
-            _model(), "classification", backend=CurvlinopsGGN(_model(), "regression")
+            _model(device=device),
+            "classification",
+            backend=CurvlinopsGGN(_model(device=device), "regression"),
         )
 
 
-def test_hyperparameters_are_validated():
+def test_hyperparameters_are_validated(device):
     with pytest.raises(ValueError, match="sigma_noise must be 1"):
-        DiagLaplace(_model(), "classification", sigma_noise=2.0)
-    la = DiagLaplace(_model(), "classification")
+        DiagLaplace(_model(device=device), "classification", sigma_noise=2.0)
+    la = DiagLaplace(_model(device=device), "classification")
     with pytest.raises(ValueError, match="sigma_noise must be 1"):
         la.sigma_noise = 0.5
     with pytest.raises(ValueError, match="positive"):
-        DiagLaplace(_model(), "regression", sigma_noise=-1.0)
+        DiagLaplace(_model(device=device), "regression", sigma_noise=-1.0)
     with pytest.raises(ValueError, match="prior_precision must be a scalar or a 1-D"):
-        DiagLaplace(_model(), "regression", prior_precision=torch.ones(7))
+        DiagLaplace(
+            _model(device=device),
+            "regression",
+            prior_precision=torch.ones(7, device=device),
+        )
     with pytest.raises(ValueError, match="positive and finite"):
-        DiagLaplace(_model(), "regression", prior_precision=0.0)
+        DiagLaplace(_model(device=device), "regression", prior_precision=0.0)
     with pytest.raises(ValueError, match="prior_mean"):
-        DiagLaplace(_model(), "regression", prior_mean=torch.ones(3))
+        DiagLaplace(
+            _model(device=device), "regression", prior_mean=torch.ones(3, device=device)
+        )
     with pytest.raises(ValueError, match="temperature"):
-        DiagLaplace(_model(), "regression", temperature=0)
+        DiagLaplace(_model(device=device), "regression", temperature=0)
     with pytest.raises(ValueError, match="likelihood='poisson' is not valid"):
-        DiagLaplace(_model(), "poisson")
+        DiagLaplace(_model(device=device), "poisson")
     with pytest.raises(ValueError, match="KronLaplace takes a scalar prior"):
-        KronLaplace(_model(), "regression", prior_precision=torch.ones(51))
+        KronLaplace(
+            _model(device=device),
+            "regression",
+            prior_precision=torch.ones(51, device=device),
+        )
 
 
-def test_prior_precision_structures_are_kept():
-    la = DiagLaplace(_model(), "regression", prior_precision=torch.tensor(2.0))
+def test_prior_precision_structures_are_kept(device):
+    la = DiagLaplace(
+        _model(device=device),
+        "regression",
+        prior_precision=torch.tensor(2.0, device=device),
+    )
     assert la.prior_precision.shape == (1,)
-    la.prior_precision = torch.arange(1.0, 5.0)
+    la.prior_precision = torch.arange(1.0, 5.0, device=device)
     assert la.prior_precision.shape == (4,)
     assert la.prior_precision_diag.shape == (la.n_params,)
     assert la.prior_precision_diag[0] == 1 and la.prior_precision_diag[-1] == 4
 
 
-def test_a_failed_setter_leaves_the_object_as_it_was():
-    la = _fitted("diag", "regression")
+def test_a_failed_setter_leaves_the_object_as_it_was(device):
+    la = _fitted("diag", "regression", device=device)
     before = la.log_marginal_likelihood().item()
     with pytest.raises(ValueError):
         la.prior_precision = -1.0
@@ -183,8 +205,8 @@ def test_a_failed_setter_leaves_the_object_as_it_was():
 
 # -- before fit --------
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_evidence_and_tuning_before_fit_are_refused(structure):
-    la = Laplace(_model(), "classification", "all", structure)
+def test_evidence_and_tuning_before_fit_are_refused(structure, device):
+    la = Laplace(_model(device=device), "classification", "all", structure)
     for call in [
         lambda: la.log_marginal_likelihood(),
         lambda: la.optimize_prior_precision(),
@@ -194,10 +216,10 @@ def test_evidence_and_tuning_before_fit_are_refused(structure):
 
 
 @pytest.mark.parametrize("structure", ["kron", "lowrank"])
-def test_posterior_before_fit_is_refused_without_an_empty_curvature(structure):
+def test_posterior_before_fit_is_refused_without_an_empty_curvature(structure, device):
     # laplace-torch refuses these too (Kron: "not fitted"; LowRank cannot be built)
-    la = Laplace(_model(), "classification", "all", structure)
-    x = torch.randn(2, 4, dtype=DTYPE)
+    la = Laplace(_model(device=device), "classification", "all", structure)
+    x = torch.randn(2, 4, dtype=DTYPE, device=device)
     for call in [lambda: la(x), lambda: la.sample(2), lambda: la.functional_samples(x)]:
         with pytest.raises(RuntimeError, match="not fitted: call fit"):
             call()
@@ -208,7 +230,7 @@ def test_before_fit_the_posterior_is_the_prior(structure, device):
     """As laplace-torch: before fit the mean is the prior mean and the posterior
     precision the prior's; the predictive is the prior predictive J P0^-1 J^T."""
     torch.manual_seed(0)
-    model = _model().to(device)
+    model = _model(device=device)
     mu0 = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DTYPE)
     la = Laplace(
         model,
@@ -224,7 +246,8 @@ def test_before_fit_the_posterior_is_the_prior(structure, device):
     prec = la.posterior_precision
     torch.testing.assert_close(prec if prec.ndim == 1 else prec.diagonal(), expected)
     torch.testing.assert_close(
-        la.log_det_posterior_precision, torch.tensor(P * math.log(2.0), dtype=DTYPE)
+        la.log_det_posterior_precision,
+        torch.tensor(P * math.log(2.0), dtype=DTYPE, device=device),
     )
     assert la.log_likelihood.item() == 0.0  # no data seen
     x = torch.randn(3, 4, dtype=DTYPE, device=device)
@@ -267,9 +290,9 @@ def _split(theta, model):
 
 
 # -- predictive arguments --------
-def test_predictive_argument_errors_come_before_work():
-    la = _fitted("diag")
-    x = torch.randn(2, 4, dtype=DTYPE)
+def test_predictive_argument_errors_come_before_work(device):
+    la = _fitted("diag", device=device)
+    x = torch.randn(2, 4, dtype=DTYPE, device=device)
     with pytest.raises(ValueError, match="link_approx='mc'"):
         la(x, pred_type="nn")
     with pytest.raises(ValueError, match="link_approx='foo' is not valid"):
@@ -281,18 +304,18 @@ def test_predictive_argument_errors_come_before_work():
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_predictive_shapes(structure):
-    x = torch.randn(5, 4, dtype=DTYPE)
-    la = _fitted(structure)
+def test_predictive_shapes(structure, device):
+    x = torch.randn(5, 4, dtype=DTYPE, device=device)
+    la = _fitted(structure, device=device)
     for link in ["probit", "bridge", "bridge_norm", "mc"]:
         p = la(x, link_approx=link, n_samples=10)
         assert p.shape == (5, 3)
-        torch.testing.assert_close(p.sum(-1), torch.ones(5, dtype=DTYPE))
+        torch.testing.assert_close(p.sum(-1), torch.ones(5, dtype=DTYPE, device=device))
     assert la(x, pred_type="nn", link_approx="mc", n_samples=4).shape == (5, 3)
     assert la(x, diagonal_output=True).shape == (5, 3)
     assert la.predictive_samples(x, n_samples=6).shape == (6, 5, 3)
     assert la.predictive_samples(x, "nn", n_samples=6).shape == (6, 5, 3)
-    lr = _fitted(structure, "regression")
+    lr = _fitted(structure, "regression", device=device)
     f_mu, f_var = lr(x)
     assert f_mu.shape == (5, 3) and f_var.shape == (5, 3, 3)
     f_mu, f_cov = lr(x, joint=True)
@@ -303,16 +326,16 @@ def test_predictive_shapes(structure):
 
 
 # -- tuning --------
-def test_gridsearch_needs_a_validation_loader():
-    la = _fitted("diag")
+def test_gridsearch_needs_a_validation_loader(device):
+    la = _fitted("diag", device=device)
     with pytest.raises(ValueError, match="needs val_loader"):
         la.optimize_prior_precision(method="gridsearch")
     with pytest.raises(ValueError, match="method='grid' is not valid"):
         la.optimize_prior_precision(method="grid")
 
 
-def test_kron_refuses_a_diagonal_prior_structure_before_work():
-    la = _fitted("kron")
+def test_kron_refuses_a_diagonal_prior_structure_before_work(device):
+    la = _fitted("kron", device=device)
     before = la.prior_precision.clone()
     with pytest.raises(ValueError, match="KronLaplace takes a scalar prior"):
         la.optimize_prior_precision(prior_structure="diag")
@@ -321,10 +344,10 @@ def test_kron_refuses_a_diagonal_prior_structure_before_work():
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
 @pytest.mark.parametrize("prior_structure", ["scalar", "layerwise", "diag"])
-def test_marglik_tuning_increases_the_evidence(structure, prior_structure):
+def test_marglik_tuning_increases_the_evidence(structure, prior_structure, device):
     if structure == "kron" and prior_structure == "diag":
         pytest.skip("refused, see above")
-    la = _fitted(structure)
+    la = _fitted(structure, device=device)
     before = la.log_marginal_likelihood().item()
     la.optimize_prior_precision(n_steps=30, prior_structure=prior_structure)
     n = {"scalar": 1, "layerwise": la.n_layers, "diag": la.n_params}[prior_structure]
@@ -334,50 +357,63 @@ def test_marglik_tuning_increases_the_evidence(structure, prior_structure):
 
 @pytest.mark.parametrize(
     "loss",
-    [None, RunningNLLMetric(), lambda p, y: -p[torch.arange(len(y)), y].log().mean()],
+    [
+        None,
+        RunningNLLMetric(),
+        lambda p, y: -p[torch.arange(len(y), device=y.device), y].log().mean(),
+    ],
 )
-def test_gridsearch_with_metric_or_callable(loss, capsys):
-    la = _fitted("kron")
+def test_gridsearch_with_metric_or_callable(loss, capsys, device):
+    la = _fitted("kron", device=device)
     la.optimize_prior_precision(
         method="gridsearch",
-        val_loader=_loader("classification", seed=5),
+        val_loader=_loader("classification", seed=5, device=device),
         grid_size=7,
         loss=loss,
         verbose=True,
     )
     tuned = la.prior_precision.clone()
-    grid = torch.logspace(-4, 4, 7, dtype=DTYPE)
-    x_val, y_val = next(iter(_loader("classification", seed=5, batch_size=10**6)))
+    grid = torch.logspace(-4, 4, 7, dtype=DTYPE, device=device)
+    x_val, y_val = next(
+        iter(_loader("classification", seed=5, batch_size=10**6, device=device))
+    )
     nlls = []
     for value in grid:  # brute force over the public probit predictive
         la.prior_precision = float(value)
-        nlls.append(-la(x_val)[torch.arange(len(y_val)), y_val].log().mean().item())
+        nlls.append(
+            -la(x_val)[torch.arange(len(y_val), device=device), y_val]
+            .log()
+            .mean()
+            .item()
+        )
     assert len(set(nlls)) == len(nlls)  # the prior matters
     torch.testing.assert_close(tuned, grid[int(torch.tensor(nlls).argmin())].reshape(1))
     assert "prior precision" in capsys.readouterr().out
 
 
-def test_gridsearch_regression_uses_mean_squared_error():
-    la = _fitted("diag", "regression")
+def test_gridsearch_regression_uses_mean_squared_error(device):
+    la = _fitted("diag", "regression", device=device)
     la.optimize_prior_precision(
         method="gridsearch",
-        val_loader=_loader("regression", seed=5),
+        val_loader=_loader("regression", seed=5, device=device),
         grid_size=3,
         loss=torchmetrics.MeanSquaredError(),
     )
     # a user loss gets f_mu, the network's output: every grid value ties and the
     # first (smallest) is kept, as in laplace-torch
-    torch.testing.assert_close(la.prior_precision, torch.tensor([1e-4], dtype=DTYPE))
+    torch.testing.assert_close(
+        la.prior_precision, torch.tensor([1e-4], dtype=DTYPE, device=device)
+    )
 
 
 # -- non-finite data --------
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_nan_in_a_batch_is_named_and_the_fit_kept(structure):
-    la = _fitted(structure, "regression")
+def test_nan_in_a_batch_is_named_and_the_fit_kept(structure, device):
+    la = _fitted(structure, "regression", device=device)
     before = la.log_marginal_likelihood().item()
-    X = torch.randn(12, 4, dtype=DTYPE)
+    X = torch.randn(12, 4, dtype=DTYPE, device=device)
     X[9, 0] = float("nan")
-    y = torch.randn(12, 3, dtype=DTYPE)
+    y = torch.randn(12, 3, dtype=DTYPE, device=device)
     bad = DataLoader(TensorDataset(X, y), batch_size=4)
     with pytest.raises(RuntimeError, match="batch 2 is not finite"):
         la.fit(bad)
@@ -386,12 +422,12 @@ def test_nan_in_a_batch_is_named_and_the_fit_kept(structure):
 
 # -- accumulation --------
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_two_fits_on_halves_equal_one_fit_on_the_whole(structure):
-    X = torch.randn(16, 4, dtype=DTYPE)
-    y = torch.randint(0, 3, (16,))
-    whole = Laplace(_model(), "classification", "all", structure)
+def test_two_fits_on_halves_equal_one_fit_on_the_whole(structure, device):
+    X = torch.randn(16, 4, dtype=DTYPE, device=device)
+    y = torch.randint(0, 3, (16,), device=device)
+    whole = Laplace(_model(device=device), "classification", "all", structure)
     whole.fit(DataLoader(TensorDataset(X, y), batch_size=5))
-    halves = Laplace(_model(), "classification", "all", structure)
+    halves = Laplace(_model(device=device), "classification", "all", structure)
     halves.fit(DataLoader(TensorDataset(X[:6], y[:6]), batch_size=4))
     halves.fit(DataLoader(TensorDataset(X[6:], y[6:]), batch_size=3), override=False)
     assert halves.n_data == whole.n_data == 16
@@ -404,10 +440,10 @@ def test_two_fits_on_halves_equal_one_fit_on_the_whole(structure):
     )
 
 
-def test_lowrank_refuses_to_accumulate():
-    la = _fitted("lowrank")
+def test_lowrank_refuses_to_accumulate(device):
+    la = _fitted("lowrank", device=device)
     with pytest.raises(ValueError, match="cannot accumulate"):
-        la.fit(_loader("classification"), override=False)
+        la.fit(_loader("classification", device=device), override=False)
 
 
 # -- serialization --------
@@ -420,14 +456,18 @@ def _roundtrip(state):
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
-def test_state_dict_round_trip(structure, likelihood):
+def test_state_dict_round_trip(structure, likelihood, device):
     kw = {"sigma_noise": 0.7} if likelihood == "regression" else {}
-    la = _fitted(structure, likelihood, prior_precision=0.5, temperature=0.9, **kw)
+    la = _fitted(
+        structure, likelihood, prior_precision=0.5, temperature=0.9, **kw, device=device
+    )
     la.optimize_prior_precision(n_steps=5, prior_structure="layerwise")
-    x = torch.randn(3, 4, dtype=DTYPE)
+    x = torch.randn(3, 4, dtype=DTYPE, device=device)
     expected = la(x)
     state = _roundtrip(la.state_dict())
-    model = _model(seed=123)  # other weights: the MAP comes from the state
+    model = _model(
+        seed=123, device=device
+    )  # other weights: the MAP comes from the state
     la2 = Laplace(model, likelihood, "all", structure)
     la2.load_state_dict(state)
     torch.testing.assert_close(la2(x), expected)
@@ -437,46 +477,49 @@ def test_state_dict_round_trip(structure, likelihood):
     torch.testing.assert_close(la2.prior_precision, la.prior_precision)
 
 
-def test_state_dict_loads_onto_another_dtype():
-    la = _fitted("kron", "regression", sigma_noise=0.5)
-    model32 = _model().float()
+def test_state_dict_loads_onto_another_dtype(device):
+    la = _fitted("kron", "regression", sigma_noise=0.5, device=device)
+    model32 = _model(device=device).float()
     la32 = KronLaplace(model32, "regression")
     la32.load_state_dict(la.state_dict())
-    x = torch.randn(3, 4, dtype=DTYPE)
+    x = torch.randn(3, 4, dtype=DTYPE, device=device)
     f64, v64 = la(x)
     f32, v32 = la32(x.float())
     assert v32.dtype == torch.float32
     torch.testing.assert_close(v32, v64.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_state_dict_mismatches_are_refused():
-    la = _fitted("diag")
+def test_state_dict_mismatches_are_refused(device):
+    la = _fitted("diag", device=device)
     state = la.state_dict()
     with pytest.raises(ValueError, match="is of a DiagLaplace, not of a FullLaplace"):
-        FullLaplace(_model(), "classification").load_state_dict(state)
+        FullLaplace(_model(device=device), "classification").load_state_dict(state)
     with pytest.raises(ValueError, match="likelihood='classification'"):
-        DiagLaplace(_model(), "regression").load_state_dict(state)
-    other = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).to(DTYPE)
+        DiagLaplace(_model(device=device), "regression").load_state_dict(state)
+    other = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
+    other = other.to(device, DTYPE)
     with pytest.raises(ValueError, match="belongs to another model"):
         DiagLaplace(other, "classification").load_state_dict(state)
     with pytest.raises(ValueError, match="missing keys"):
-        DiagLaplace(_model(), "classification").load_state_dict({"mean": 1})
+        DiagLaplace(_model(device=device), "classification").load_state_dict(
+            {"mean": 1}
+        )
 
 
 # -- dict batches --------
 class _DictModel(nn.Module):
-    def __init__(self):
+    def __init__(self, device):
         super().__init__()
-        self.net = _model()
+        self.net = _model(device=device)
 
     def forward(self, batch):
         return self.net(batch["features"])
 
 
 class _DictData(torch.utils.data.Dataset):
-    def __init__(self, n=12):
-        self.X = torch.randn(n, 4, dtype=DTYPE)
-        self.y = torch.randint(0, 3, (n,))
+    def __init__(self, device, n=12):
+        self.X = torch.randn(n, 4, dtype=DTYPE, device=device)
+        self.y = torch.randint(0, 3, (n,), device=device)
 
     def __len__(self):
         return len(self.y)
@@ -486,11 +529,11 @@ class _DictData(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_dict_batches(structure):
-    data = _DictData()
+def test_dict_batches(structure, device):
+    data = _DictData(device)
     loader = DataLoader(data, batch_size=5)
     la = Laplace(
-        _DictModel(),
+        _DictModel(device),
         "classification",
         "all",
         structure,
@@ -498,7 +541,7 @@ def test_dict_batches(structure):
         dict_key_y="target",
     )
     la.fit(loader)
-    ref = Laplace(_model(), "classification", "all", structure)
+    ref = Laplace(_model(device=device), "classification", "all", structure)
     ref.fit(DataLoader(TensorDataset(data.X, data.y), batch_size=5))
     torch.testing.assert_close(
         la.log_marginal_likelihood(), ref.log_marginal_likelihood()
@@ -510,11 +553,13 @@ def test_dict_batches(structure):
 
 # -- the glm predictive of Kron and Diag never forms the Jacobian ----------------------
 @pytest.mark.parametrize("structure", ["kron", "diag"])
-def test_kron_and_diag_glm_predictive_never_form_the_jacobian(structure, monkeypatch):
+def test_kron_and_diag_glm_predictive_never_form_the_jacobian(
+    structure, monkeypatch, device
+):
     from laplace.curvature import backprop_factor
 
-    la = _fitted(structure)
-    x = torch.randn(4, 4, dtype=DTYPE)
+    la = _fitted(structure, device=device)
+    x = torch.randn(4, 4, dtype=DTYPE, device=device)
     expected = la.functional_variance(la._jacobians(x)[0])
 
     def refuse(*args, **kwargs):
@@ -525,7 +570,9 @@ def test_kron_and_diag_glm_predictive_never_form_the_jacobian(structure, monkeyp
     with torch.no_grad():
         la(x)
         la.optimize_prior_precision(
-            method="gridsearch", val_loader=_loader("classification"), grid_size=2
+            method="gridsearch",
+            val_loader=_loader("classification", device=device),
+            grid_size=2,
         )
     la.prior_precision = 1.0
     torch.testing.assert_close(la._glm_distribution(x, False, False)[1], expected)

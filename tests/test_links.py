@@ -364,16 +364,17 @@ METRIC_TARGETS = [0, 2, -100, 1, 1, -100]
 METRIC_NLL = 1.1723441406549422
 
 
-def t(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=DT)
+def t(x, device="cpu") -> torch.Tensor:
+    return torch.tensor(x, dtype=DT, device=device)
 
 
-def random_gaussian(n: int, c: int, seed: int, var_scale: float = 1.0):
+def random_gaussian(n: int, c: int, seed: int, var_scale: float = 1.0, device="cpu"):
+    """Drawn on the CPU (the same numbers on every device), moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     f_mu = torch.randn(n, c, generator=g, dtype=DT)
     A = torch.randn(n, c, c, generator=g, dtype=DT)
     f_var = var_scale * (A @ A.mT / c + 0.1 * torch.eye(c, dtype=DT))
-    return f_mu, f_var
+    return f_mu.to(device), f_var.to(device)
 
 
 # ---------------------------------------------------------------------- probit
@@ -389,28 +390,31 @@ def probit_by_hand(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
         ]
         top = max(z)
         e = [math.exp(v - top) for v in z]
-        out[i] = t([v / sum(e) for v in e])
+        out[i] = t([v / sum(e) for v in e], f_mu.device)
     return out
 
 
-def test_probit_matches_its_formula():
-    f_mu, f_var = random_gaussian(5, 4, seed=0, var_scale=3.0)
+def test_probit_matches_its_formula(device):
+    f_mu, f_var = random_gaussian(5, 4, seed=0, var_scale=3.0, device=device)
     assert_close(probit(f_mu, f_var), probit_by_hand(f_mu, f_var))
 
 
-def test_probit_accepts_the_diagonal():
-    f_mu, f_var = random_gaussian(5, 4, seed=1)
+def test_probit_accepts_the_diagonal(device):
+    f_mu, f_var = random_gaussian(5, 4, seed=1, device=device)
     diag = torch.diagonal(f_var, dim1=1, dim2=2)
     assert_close(probit(f_mu, diag), probit(f_mu, f_var))
 
 
-def test_probit_limits():
-    f_mu, _ = random_gaussian(4, 3, seed=2)
-    zero = torch.zeros(4, 3, 3, dtype=DT)
+def test_probit_limits(device):
+    f_mu, _ = random_gaussian(4, 3, seed=2, device=device)
+    zero = torch.zeros(4, 3, 3, dtype=DT, device=device)
     assert_close(probit(f_mu, zero), torch.softmax(f_mu, -1))
-    huge = 1e12 * torch.eye(3, dtype=DT).expand(4, 3, 3)
+    huge = 1e12 * torch.eye(3, dtype=DT, device=device).expand(4, 3, 3)
     assert_close(
-        probit(f_mu, huge), torch.full((4, 3), 1 / 3, dtype=DT), atol=1e-6, rtol=0
+        probit(f_mu, huge),
+        torch.full((4, 3), 1 / 3, dtype=DT, device=device),
+        atol=1e-6,
+        rtol=0,
     )
 
 
@@ -419,17 +423,17 @@ def test_probit_limits():
 
 @pytest.mark.parametrize("case", sorted(LAPLACE_TORCH_FIXTURES))
 @pytest.mark.parametrize("name", ["probit", "bridge", "bridge_norm"])
-def test_links_match_laplace_torch(case, name):
+def test_links_match_laplace_torch(case, name, device):
     fx = LAPLACE_TORCH_FIXTURES[case]
-    out = LINKS[name](t(fx["f_mu"]), t(fx["f_var"]))
-    assert_close(out, t(fx[name]), atol=1e-12, rtol=1e-10)
+    out = LINKS[name](t(fx["f_mu"], device=device), t(fx["f_var"], device=device))
+    assert_close(out, t(fx[name], device=device), atol=1e-12, rtol=1e-10)
 
 
-def test_condition_sum_zero_is_gaussian_conditioning():
+def test_condition_sum_zero_is_gaussian_conditioning(device):
     # Oracle: condition the joint Gaussian of (f, 1^T f) on 1^T f = 0 densely.
-    f_mu, f_var = random_gaussian(3, 4, seed=3)
+    f_mu, f_var = random_gaussian(3, 4, seed=3, device=device)
     mu, var = condition_sum_zero(f_mu, f_var)
-    one = torch.ones(4, dtype=DT)
+    one = torch.ones(4, dtype=DT, device=device)
     for i in range(3):
         cov_fs = f_var[i] @ one  # Cov(f, 1^T f)
         var_s = one @ f_var[i] @ one
@@ -437,70 +441,78 @@ def test_condition_sum_zero_is_gaussian_conditioning():
         cov_expected = f_var[i] - torch.outer(cov_fs, cov_fs) / var_s
         assert_close(mu[i], mu_expected)
         assert_close(var[i], torch.diagonal(cov_expected))
-        assert_close(mu[i].sum(), torch.zeros((), dtype=DT), atol=1e-12, rtol=0)
+        assert_close(
+            mu[i].sum(), torch.zeros((), dtype=DT, device=device), atol=1e-12, rtol=0
+        )
 
 
-def test_dirichlet_from_gaussian_by_hand():
+def test_dirichlet_from_gaussian_by_hand(device):
     # mu = 0: alpha_k = (1 - 2/3 + 3/9) / var_k = (2/3) / var_k
-    alpha = dirichlet_from_gaussian(torch.zeros(1, 3, dtype=DT), t([[1.0, 2.0, 4.0]]))
-    assert_close(alpha, t([[2 / 3, 1 / 3, 1 / 6]]))
+    alpha = dirichlet_from_gaussian(
+        torch.zeros(1, 3, dtype=DT, device=device), t([[1.0, 2.0, 4.0]], device=device)
+    )
+    assert_close(alpha, t([[2 / 3, 1 / 3, 1 / 6]], device=device))
     # a general row: the formula term by term
-    mu, var = t([[0.5, -1.0, 2.0]]), t([[0.3, 1.2, 2.5]])
+    mu, var = t([[0.5, -1.0, 2.0]], device=device), t([[0.3, 1.2, 2.5]], device=device)
     s = sum(math.exp(-m) for m in mu[0].tolist())
     expected = [
         (1 - 2 / 3 + math.exp(m) / 9 * s) / v
         for m, v in zip(mu[0].tolist(), var[0].tolist())
     ]
-    assert_close(dirichlet_from_gaussian(mu, var), t([expected]))
+    assert_close(dirichlet_from_gaussian(mu, var), t([expected], device=device))
 
 
-def test_bridge_two_classes_by_hand():
+def test_bridge_two_classes_by_hand(device):
     # C = 2: conditioning on f_1 + f_2 = 0 equalises the variances, and the bridge
     # reduces to softmax(mu'). mu = (1, 0), Sigma = diag(1, 4): r = (1, 4), s = 5,
     # mu' = (1 - 1/5, -4/5) = (0.8, -0.8).
-    out = bridge(t([[1.0, 0.0]]), torch.diag(t([1.0, 4.0]))[None])
+    out = bridge(
+        t([[1.0, 0.0]], device=device), torch.diag(t([1.0, 4.0], device=device))[None]
+    )
     p = 1 / (1 + math.exp(-1.6))
-    assert_close(out, t([[p, 1 - p]]))
+    assert_close(out, t([[p, 1 - p]], device=device))
 
 
-def test_bridge_three_classes_by_hand():
+def test_bridge_three_classes_by_hand(device):
     # mu = (1, 0, 0), Sigma = I: mu' = mu - 1/3 (bridge ignores a constant shift),
     # Sigma'_kk = 2/3 for all k, so p_k ~ 1 - 2/3 + e^{mu_k} (e^{-1} + 2) / 9.
     w = [1 / 3 + math.exp(m) * (math.exp(-1) + 2) / 9 for m in (1.0, 0.0, 0.0)]
-    out = bridge(t([[1.0, 0.0, 0.0]]), torch.eye(3, dtype=DT)[None])
-    assert_close(out, t([[v / sum(w) for v in w]]))
+    out = bridge(
+        t([[1.0, 0.0, 0.0]], device=device), torch.eye(3, dtype=DT, device=device)[None]
+    )
+    assert_close(out, t([[v / sum(w) for v in w]], device=device))
 
 
 @pytest.mark.parametrize("fn", [bridge, bridge_norm])
-def test_bridge_diagonal_form_is_a_diagonal_covariance(fn):
-    f_mu, f_var = random_gaussian(4, 5, seed=4)
+def test_bridge_diagonal_form_is_a_diagonal_covariance(fn, device):
+    f_mu, f_var = random_gaussian(4, 5, seed=4, device=device)
     diag = torch.diagonal(f_var, dim1=1, dim2=2)
     assert_close(fn(f_mu, diag), fn(f_mu, torch.diag_embed(diag)))
 
 
-def test_bridge_norm_is_scale_free():
+def test_bridge_norm_is_scale_free(device):
     # (mu, Sigma) -> (sqrt(c) mu, c Sigma) leaves the normalised Gaussian unchanged.
-    f_mu, f_var = random_gaussian(4, 3, seed=5)
+    f_mu, f_var = random_gaussian(4, 3, seed=5, device=device)
     assert_close(bridge_norm(3.0 * f_mu, 9.0 * f_var), bridge_norm(f_mu, f_var))
 
 
 @pytest.mark.parametrize("fn", [bridge, bridge_norm])
-def test_bridge_is_stable_for_large_logits(fn):
-    f_mu = t([[1000.0, 0.0, -1000.0], [300.0, 300.0, -300.0]])
-    f_var = torch.eye(3, dtype=DT).expand(2, 3, 3)
+def test_bridge_is_stable_for_large_logits(fn, device):
+    f_mu = t([[1000.0, 0.0, -1000.0], [300.0, 300.0, -300.0]], device=device)
+    f_var = torch.eye(3, dtype=DT, device=device).expand(2, 3, 3)
     out = fn(f_mu, f_var)
     assert torch.isfinite(out).all()
-    assert_close(out.sum(-1), torch.ones(2, dtype=DT))
+    assert_close(out.sum(-1), torch.ones(2, dtype=DT, device=device))
     assert out[0, 0] > 0.99
 
 
 # ----------------------------------------------------------------- Monte Carlo
 
 
-def test_mc_on_two_classes_matches_quadrature():
+def test_mc_on_two_classes_matches_quadrature(device):
     # For C = 2, E[softmax(f)_1] = E[sigmoid(d)], d ~ N(mu_1 - mu_2, v) with
     # v = S_11 + S_22 - 2 S_12: a 1-D Gauss-Hermite quadrature is the oracle.
-    f_mu, f_var = random_gaussian(3, 2, seed=6, var_scale=2.0)
+    f_mu, f_var = random_gaussian(3, 2, seed=6, var_scale=2.0, device=device)
     nodes, weights = np.polynomial.hermite.hermgauss(80)
     expected = []
     for i in range(3):
@@ -509,64 +521,71 @@ def test_mc_on_two_classes_matches_quadrature():
         d = m + math.sqrt(2 * v) * nodes
         p1 = float(np.sum(weights / (1 + np.exp(-d))) / math.sqrt(math.pi))
         expected.append([p1, 1 - p1])
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     out = mc_gaussian(f_mu, f_var, n_samples=200_000, generator=g)
     # MC standard error <= 0.5 / sqrt(2e5) ~ 1.1e-3; allow about 4.5 of them.
-    assert_close(out, t(expected), atol=5e-3, rtol=0)
+    assert_close(out, t(expected, device=device), atol=5e-3, rtol=0)
 
 
-def test_mc_matches_a_large_sample_estimate():
+def test_mc_matches_a_large_sample_estimate(device):
     # Brute force: torch.distributions draws, independent of sample_outputs.
-    f_mu, f_var = random_gaussian(3, 4, seed=7, var_scale=2.0)
+    f_mu, f_var = random_gaussian(3, 4, seed=7, var_scale=2.0, device=device)
     torch.manual_seed(123)
     draws = torch.distributions.MultivariateNormal(f_mu, f_var).sample((200_000,))
     expected = torch.softmax(draws, -1).mean(0)
-    out = link("mc", f_mu, f_var, 200_000, torch.Generator().manual_seed(1))
+    out = link("mc", f_mu, f_var, 200_000, torch.Generator(device).manual_seed(1))
     # two independent estimates, each with standard error below ~1.1e-3
     assert_close(out, expected, atol=6e-3, rtol=0)
 
 
-def test_sample_outputs_moments_and_reproducibility():
-    f_mu, f_var = random_gaussian(2, 3, seed=8)
-    s = sample_outputs(f_mu, f_var, 100_000, torch.Generator().manual_seed(2))
+def test_sample_outputs_moments_and_reproducibility(device):
+    f_mu, f_var = random_gaussian(2, 3, seed=8, device=device)
+    s = sample_outputs(f_mu, f_var, 100_000, torch.Generator(device).manual_seed(2))
     assert s.shape == (100_000, 2, 3)
     assert_close(s.mean(0), f_mu, atol=0.02, rtol=0)
     centred = s - s.mean(0)
     cov = torch.einsum("sni,snj->nij", centred, centred) / (s.shape[0] - 1)
     assert_close(cov, f_var, atol=0.03, rtol=0)
-    again = sample_outputs(f_mu, f_var, 100_000, torch.Generator().manual_seed(2))
+    again = sample_outputs(f_mu, f_var, 100_000, torch.Generator(device).manual_seed(2))
     assert torch.equal(s, again)
 
 
-def test_sample_outputs_diagonal_form_equals_diagonal_covariance():
-    f_mu, f_var = random_gaussian(3, 4, seed=9)
+def test_sample_outputs_diagonal_form_equals_diagonal_covariance(device):
+    f_mu, f_var = random_gaussian(3, 4, seed=9, device=device)
     diag = torch.diagonal(f_var, dim1=1, dim2=2)
-    a = sample_outputs(f_mu, diag, 5, torch.Generator().manual_seed(3))
+    a = sample_outputs(f_mu, diag, 5, torch.Generator(device).manual_seed(3))
     b = sample_outputs(
-        f_mu, torch.diag_embed(diag), 5, torch.Generator().manual_seed(3)
+        f_mu, torch.diag_embed(diag), 5, torch.Generator(device).manual_seed(3)
     )
     assert_close(a, b)
 
 
-def test_sample_outputs_handles_singular_covariances():
-    v = t([1.0, -2.0, 0.5])
-    f_mu = t([[0.1, 0.2, 0.3], [1.0, -1.0, 0.0], [0.0, 0.0, 0.0]])
-    centring = torch.eye(3, dtype=DT) - 1 / 3  # PSD, rank 2, singular
-    f_var = torch.stack([torch.outer(v, v), torch.zeros(3, 3, dtype=DT), centring])
-    s = sample_outputs(f_mu, f_var, 1000, torch.Generator().manual_seed(4))
+def test_sample_outputs_handles_singular_covariances(device):
+    v = t([1.0, -2.0, 0.5], device=device)
+    f_mu = t([[0.1, 0.2, 0.3], [1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], device=device)
+    centring = torch.eye(3, dtype=DT, device=device) - 1 / 3  # PSD, rank 2, singular
+    f_var = torch.stack(
+        [torch.outer(v, v), torch.zeros(3, 3, dtype=DT, device=device), centring]
+    )
+    s = sample_outputs(f_mu, f_var, 1000, torch.Generator(device).manual_seed(4))
     assert torch.isfinite(s).all()
     dev = s - f_mu
     # rank one: every deviation is a multiple of v
     coef = dev[:, 0] @ v / (v @ v)
     assert_close(dev[:, 0], coef[:, None] * v, atol=1e-6, rtol=0)
     # zero covariance: the samples are the mean
-    assert_close(dev[:, 1], torch.zeros(1000, 3, dtype=DT), atol=1e-6, rtol=0)
+    assert_close(
+        dev[:, 1], torch.zeros(1000, 3, dtype=DT, device=device), atol=1e-6, rtol=0
+    )
     # sum-zero covariance: deviations sum to zero
-    assert_close(dev[:, 2].sum(-1), torch.zeros(1000, dtype=DT), atol=1e-6, rtol=0)
+    assert_close(
+        dev[:, 2].sum(-1), torch.zeros(1000, dtype=DT, device=device), atol=1e-6, rtol=0
+    )
 
 
-def test_mc_averages_softmax_over_samples():
-    samples = torch.randn(7, 2, 3, dtype=DT, generator=torch.Generator().manual_seed(5))
+def test_mc_averages_softmax_over_samples(device):
+    g = torch.Generator().manual_seed(5)
+    samples = torch.randn(7, 2, 3, dtype=DT, generator=g).to(device)
     expected = sum(torch.softmax(samples[s], -1) for s in range(7)) / 7
     assert_close(mc(samples), expected)
 
@@ -575,22 +594,22 @@ def test_mc_averages_softmax_over_samples():
 
 
 @pytest.mark.parametrize("fn", [probit, bridge, bridge_norm])
-def test_gradients_wrt_mean_and_covariance(fn):
-    f_mu, f_var = random_gaussian(2, 3, seed=10)
+def test_gradients_wrt_mean_and_covariance(fn, device):
+    f_mu, f_var = random_gaussian(2, 3, seed=10, device=device)
     f_mu.requires_grad_(True)
     f_var.requires_grad_(True)
     assert torch.autograd.gradcheck(fn, (f_mu, f_var))
 
 
-def test_mc_gradients_wrt_mean_and_covariance():
-    f_mu, f_var = random_gaussian(2, 3, seed=11)
+def test_mc_gradients_wrt_mean_and_covariance(device):
+    f_mu, f_var = random_gaussian(2, 3, seed=11, device=device)
     f_mu.requires_grad_(True)
     f_var.requires_grad_(True)
 
     def fn(m, v):
         # Cholesky reads one triangle, so perturb symmetrically; same draws each call
         v = (v + v.mT) / 2
-        return mc_gaussian(m, v, 16, torch.Generator().manual_seed(6))
+        return mc_gaussian(m, v, 16, torch.Generator(device).manual_seed(6))
 
     assert torch.autograd.gradcheck(fn, (f_mu, f_var))
 
@@ -598,11 +617,14 @@ def test_mc_gradients_wrt_mean_and_covariance():
 # -------------------------------------------------------------------- dispatch
 
 
-def test_dispatch_table_covers_link_approx():
+def test_dispatch_table_covers_link_approx(device):
     assert set(LINKS) == {m.value for m in LinkApprox}
-    f_mu, f_var = random_gaussian(2, 3, seed=12)
+    f_mu, f_var = random_gaussian(2, 3, seed=12, device=device)
     for member in LinkApprox:
-        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        g1, g2 = (
+            torch.Generator(device).manual_seed(7),
+            torch.Generator(device).manual_seed(7),
+        )
         by_enum = link(member, f_mu, f_var, n_samples=8, generator=g1)
         by_str = link(member.value, f_mu, f_var, n_samples=8, generator=g2)
         assert_close(by_enum, by_str)

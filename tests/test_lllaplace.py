@@ -28,25 +28,25 @@ DT = torch.float64
 STRUCTURES = ("full", "kron", "diag")
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+def gen(seed, device="cpu"):
+    return torch.Generator(device).manual_seed(seed)
 
 
-def mlp(n_out=3, bias=True, n_in=4, hidden=6):
+def mlp(n_out=3, bias=True, n_in=4, hidden=6, *, device):
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out, bias=bias)
-    ).to(DT)
+    ).to(device, DT)
 
 
-def loader(likelihood, n_out=3, n=20, n_in=4, batch_size=8, seed=1):
+def loader(likelihood, n_out=3, n=20, n_in=4, batch_size=8, seed=1, *, device):
     g = gen(seed)
     x = torch.randn(n, n_in, generator=g, dtype=DT)
     if likelihood == "classification":
         y = torch.randint(0, n_out, (n,), generator=g)
     else:
         y = torch.randn(n, n_out, generator=g, dtype=DT)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    return DataLoader(TensorDataset(x.to(device), y.to(device)), batch_size=batch_size)
 
 
 def all_inputs(dl):
@@ -72,8 +72,8 @@ def dense(la):
     return pp
 
 
-def queries(n=5, n_in=4, seed=7):
-    return torch.randn(n, n_in, generator=gen(seed), dtype=DT)
+def queries(n=5, n_in=4, seed=7, *, device):
+    return torch.randn(n, n_in, generator=gen(seed), dtype=DT).to(device)
 
 
 # -- the curvature is the last block of the all-weights curvature -----------------
@@ -81,9 +81,9 @@ def queries(n=5, n_in=4, seed=7):
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_last_layer_curvature_is_the_block_of_all_weights(
-    structure, likelihood, backend
+    structure, likelihood, backend, device
 ):
-    model, dl = mlp(), loader(likelihood)
+    model, dl = mlp(device=device), loader(likelihood, device=device)
     ll = Laplace(model, likelihood, "last_layer", structure, backend=backend)
     ll.fit(dl)
     full = Laplace(model, likelihood, "all", structure, backend=backend)
@@ -111,18 +111,18 @@ def test_last_layer_curvature_is_the_block_of_all_weights(
     ids=["multi", "no-bias", "single-output", "frozen-weight"],
 )
 def test_closed_form_variance_equals_jacobian_oracle(
-    structure, n_out, bias, frozen, damping
+    structure, n_out, bias, frozen, damping, device
 ):
     likelihood = "regression" if n_out == 1 else "classification"
-    model = mlp(n_out=n_out, bias=bias)
+    model = mlp(n_out=n_out, bias=bias, device=device)
     if frozen == "weight":
         model[-1].weight.requires_grad_(False)
     kwargs = {"damping": True} if damping else {}
     la = Laplace(
         model, likelihood, "last_layer", structure, prior_precision=0.7, **kwargs
     )
-    la.fit(loader(likelihood, n_out=n_out))
-    x = queries()
+    la.fit(loader(likelihood, n_out=n_out, device=device))
+    x = queries(device=device)
     oracle_model = frozen_but_last(model)
     if frozen == "weight":
         oracle_model[-1].weight.requires_grad_(False)
@@ -144,18 +144,18 @@ def test_closed_form_variance_equals_jacobian_oracle(
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_predictive_links_and_nn_samples(structure):
-    model = mlp()
+def test_predictive_links_and_nn_samples(structure, device):
+    model = mlp(device=device)
     la = Laplace(model, "classification", "last_layer", structure)
-    la.fit(loader("classification"))
-    x = queries()
+    la.fit(loader("classification", device=device))
+    x = queries(device=device)
     _, f_var = la._glm_distribution(x, False, False)
     f_mu = model(x).detach()
     kappa = 1 / torch.sqrt(1 + torch.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1))
     torch.testing.assert_close(
         la(x, link_approx="probit"), torch.softmax(f_mu * kappa, -1)
     )
-    g = gen(0)
+    g = gen(0, device)
     mc = la(x, link_approx="mc", n_samples=20000, generator=g)
     # Monte Carlo over the same Gaussian, drawn independently: within 0.01 (the
     # standard error of 20000 draws is at most 0.5 / sqrt(20000) = 0.0035)
@@ -164,45 +164,47 @@ def test_predictive_links_and_nn_samples(structure):
     ref = torch.softmax(dist.sample((20000,)), -1).mean(0)
     torch.testing.assert_close(mc, ref, atol=0.01, rtol=0)
     # the nn predictive through the network at weight samples, run here by hand
-    thetas = la.sample(3, generator=gen(5))
-    f_nn = la._nn_samples(x, 3, gen(5))
+    thetas = la.sample(3, generator=gen(5, device))
+    f_nn = la._nn_samples(x, 3, gen(5, device))
     for theta, f in zip(thetas, f_nn):
         W = theta[:18].reshape(3, 6)
         b = theta[18:]
         torch.testing.assert_close(f, model[:-1](x).detach() @ W.T + b)
 
 
-def test_regression_glm_is_bayesian_linear_regression_on_features():
+def test_regression_glm_is_bayesian_linear_regression_on_features(device):
     """Full last-layer Laplace for regression is exact Bayesian linear regression
     on the features: posterior and predictive in closed form."""
-    model = mlp(n_out=1)
-    dl = loader("regression", n_out=1)
+    model = mlp(n_out=1, device=device)
+    dl = loader("regression", n_out=1, device=device)
     sigma, p0 = 0.4, 1.3
     la = Laplace(
         model, "regression", "last_layer", "full", sigma_noise=sigma, prior_precision=p0
     )
     la.fit(dl)
     phi = model[:-1](all_inputs(dl)).detach()
-    Phi = torch.cat([phi, torch.ones(len(phi), 1, dtype=DT)], 1)
-    P = Phi.T @ Phi / sigma**2 + p0 * torch.eye(7, dtype=DT)
+    Phi = torch.cat([phi, torch.ones(len(phi), 1, dtype=DT, device=device)], 1)
+    P = Phi.T @ Phi / sigma**2 + p0 * torch.eye(7, dtype=DT, device=device)
     torch.testing.assert_close(la.posterior_precision, P)
-    x = queries()
+    x = queries(device=device)
     q = model[:-1](x).detach()
-    Q = torch.cat([q, torch.ones(len(q), 1, dtype=DT)], 1)
+    Q = torch.cat([q, torch.ones(len(q), 1, dtype=DT, device=device)], 1)
     _, f_var = la(x)
     torch.testing.assert_close(f_var[:, 0, 0], ((Q @ torch.linalg.inv(P)) * Q).sum(1))
 
 
-def test_enable_backprop_gives_input_gradients():
-    model = mlp(n_out=1)
+def test_enable_backprop_gives_input_gradients(device):
+    model = mlp(n_out=1, device=device)
     la = Laplace(model, "regression", "last_layer", "kron", enable_backprop=True)
-    la.fit(loader("regression", n_out=1))
-    x = queries().requires_grad_()
+    la.fit(loader("regression", n_out=1, device=device))
+    x = queries(device=device).requires_grad_()
     f_mu, f_var = la(x)
     (f_mu.sum() + f_var.sum()).backward()
 
     def scalar(x_):
-        phi = torch.cat([model[:-1](x_), torch.ones(len(x_), 1, dtype=DT)], 1)
+        phi = torch.cat(
+            [model[:-1](x_), torch.ones(len(x_), 1, dtype=DT, device=device)], 1
+        )
         Sigma = torch.linalg.inv(dense(la)).detach()
         # parameters ordered weight (6) then bias (1): phi~ is the Jacobian
         return model(x_).sum() + torch.einsum("np,pq,nq->", phi, Sigma, phi)
@@ -226,23 +228,30 @@ class HeadFirst(nn.Module):
 
 
 @pytest.mark.parametrize("make", [mlp, HeadFirst], ids=["sequential", "custom"])
-def test_last_layer_is_found_on_the_first_forward_pass(make):
+def test_last_layer_is_found_on_the_first_forward_pass(make, device):
     torch.manual_seed(0)
-    model = make().to(DT)
-    la = Laplace(model, "classification", prior_precision=torch.tensor([0.5, 2.0]))
+    model = make(device=device) if make is mlp else make().to(device, DT)
+    prior = torch.tensor([0.5, 2.0], device=device)
+    la = Laplace(model, "classification", prior_precision=prior)
     assert isinstance(la, KronLLLaplace) and la.n_params is None and la.mean is None
-    la.fit(loader("classification"))
+    la.fit(loader("classification", device=device))
     head = model[-1] if isinstance(model, nn.Sequential) else model.head
     assert la.model.last_layer is head and la.n_params == 21
-    torch.testing.assert_close(la.prior_precision, torch.tensor([0.5, 2.0], dtype=DT))
+    torch.testing.assert_close(
+        la.prior_precision, torch.tensor([0.5, 2.0], dtype=DT, device=device)
+    )
     named = Laplace(model, "classification", last_layer_name=la.model.last_layer_name)
     assert named.n_params == 21
 
 
-def test_prior_of_the_wrong_length_is_refused_when_the_layer_is_found():
-    la = Laplace(mlp(), "classification", prior_precision=torch.ones(5))
+def test_prior_of_the_wrong_length_is_refused_when_the_layer_is_found(device):
+    la = Laplace(
+        mlp(device=device),
+        "classification",
+        prior_precision=torch.ones(5, device=device),
+    )
     with pytest.raises(ValueError, match="prior_precision"):
-        la.fit(loader("classification"))
+        la.fit(loader("classification", device=device))
 
 
 class SequenceHead(nn.Module):
@@ -263,12 +272,12 @@ class SequenceHead(nn.Module):
 
 
 @pytest.mark.parametrize("reduction", ["pick_first", "pick_last", "average"])
-def test_feature_reduction_end_to_end(reduction):
+def test_feature_reduction_end_to_end(reduction, device):
     torch.manual_seed(0)
-    model = SequenceHead(reduction).to(DT)
+    model = SequenceHead(reduction).to(device, DT)
     g = gen(2)
-    x = torch.randn(12, 5, 4, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (12,), generator=g)
+    x = torch.randn(12, 5, 4, generator=g, dtype=DT).to(device)
+    y = torch.randint(0, 3, (12,), generator=g).to(device)
     dl = DataLoader(TensorDataset(x, y), batch_size=5)
     kwargs = {} if reduction == "average" else {"feature_reduction": reduction}
     if reduction == "average":  # the model reduces before the head: 2-D features
@@ -283,7 +292,9 @@ def test_feature_reduction_end_to_end(reduction):
     H = oracles.ggn(
         nn.Sequential(model.head).requires_grad_(True), phi, "classification"
     )
-    torch.testing.assert_close(la.posterior_precision - torch.eye(21, dtype=DT), H)
+    torch.testing.assert_close(
+        la.posterior_precision - torch.eye(21, dtype=DT, device=device), H
+    )
 
 
 # -- dict batches --------------------------------------------------------------------
@@ -305,11 +316,11 @@ class DictClassifier(nn.Module):
         return self.classifier(h)
 
 
-def dict_loader(n=20, seed=1):
+def dict_loader(device, n=20, seed=1):
     g = gen(seed)
-    x = torch.randn(n, 4, generator=g, dtype=DT)
-    mask = (torch.rand(n, 4, generator=g) > 0.2).to(DT)
-    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 4, generator=g, dtype=DT).to(device)
+    mask = (torch.rand(n, 4, generator=g) > 0.2).to(device, DT)
+    y = torch.randint(0, 3, (n,), generator=g).to(device)
     items = [
         {"input_ids": x[i], "attention_mask": mask[i], "labels": y[i]} for i in range(n)
     ]
@@ -321,10 +332,10 @@ def dict_loader(n=20, seed=1):
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_dict_batches_fit_predict_tune_and_serialize(structure):
+def test_dict_batches_fit_predict_tune_and_serialize(structure, device):
     torch.manual_seed(0)
-    model = DictClassifier().to(DT)
-    dl, x, mask, y = dict_loader()
+    model = DictClassifier().to(device, DT)
+    dl, x, mask, y = dict_loader(device)
     la = Laplace(model, "classification", "last_layer", structure)
     la.fit(dl)
     # the same as a plain tensor model on the masked inputs
@@ -345,19 +356,21 @@ def test_dict_batches_fit_predict_tune_and_serialize(structure):
     torch.testing.assert_close(again(batch), la(batch))
 
 
-def test_missing_dict_key_is_named():
+def test_missing_dict_key_is_named(device):
     torch.manual_seed(0)
-    dl, *_ = dict_loader()
-    la = Laplace(DictClassifier().to(DT), "classification", dict_key_y="targets")
+    dl, *_ = dict_loader(device)
+    la = Laplace(
+        DictClassifier().to(device, DT), "classification", dict_key_y="targets"
+    )
     with pytest.raises(KeyError, match="dict_key_y='targets'"):
         la.fit(dl)
 
 
-def test_parameter_efficient_fine_tuning_treats_only_trainable_weights():
+def test_parameter_efficient_fine_tuning_treats_only_trainable_weights(device):
     torch.manual_seed(0)
-    model = DictClassifier().to(DT)
+    model = DictClassifier().to(device, DT)
     model.body.weight.requires_grad_(False)  # "LoRA-like": most weights frozen
-    dl, *_ = dict_loader()
+    dl, *_ = dict_loader(device)
     la = Laplace(model, "classification", "all", "diag")
     la.fit(dl)
     assert la.n_params == 6 + 18 + 3
@@ -380,10 +393,10 @@ class RewardModel(nn.Module):
         return r.squeeze(-1) if x.ndim == 3 else r
 
 
-def pair_loader(n=16, seed=3):
+def pair_loader(device, n=16, seed=3):
     g = gen(seed)
-    x = torch.randn(n, 2, 4, generator=g, dtype=DT)
-    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 2, 4, generator=g, dtype=DT).to(device)
+    y = torch.randint(0, 2, (n,), generator=g).to(device)
     return DataLoader(TensorDataset(x, y), batch_size=6), x, y
 
 
@@ -400,10 +413,10 @@ class PairsAsClasses(nn.Module):
 
 @pytest.mark.parametrize("subset", ["last_layer", "all"])
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_reward_modeling_fits_pairs_and_predicts_rewards(subset, structure):
+def test_reward_modeling_fits_pairs_and_predicts_rewards(subset, structure, device):
     torch.manual_seed(0)
-    model = RewardModel().to(DT)
-    dl, x, y = pair_loader()
+    model = RewardModel().to(device, DT)
+    dl, x, y = pair_loader(device)
     la = Laplace(model, "reward_modeling", subset, structure, prior_precision=0.8)
     la.fit(dl)
     oracle_model = copy.deepcopy(model)
@@ -421,7 +434,7 @@ def test_reward_modeling_fits_pairs_and_predicts_rewards(subset, structure):
     loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
     torch.testing.assert_close(la.log_likelihood, -loss.detach())
     # predict as regression on single items
-    xq = queries()
+    xq = queries(device=device)
     f_mu, f_var = la(xq)
     assert f_mu.shape == (5, 1) and f_var.shape == (5, 1, 1)
     J = oracles.jacobian(oracle_model, xq)
@@ -430,14 +443,14 @@ def test_reward_modeling_fits_pairs_and_predicts_rewards(subset, structure):
     torch.testing.assert_close(f_mu, model(xq).detach())
 
 
-def test_reward_modeling_kron_last_layer_has_the_pair_factors():
+def test_reward_modeling_kron_last_layer_has_the_pair_factors(device):
     """KFAC of the reward head over pairs, the two items as the positions of a shared
     weight (KFAC-expand; laplace-torch gives the same numbers):
     ``G = sum_n sum_t Lambda_n[t, t]`` and ``A`` the mean over pairs of the
     item-averaged ``phi phi^T``."""
     torch.manual_seed(0)
-    model = RewardModel().to(DT)
-    dl, x, y = pair_loader()
+    model = RewardModel().to(device, DT)
+    dl, x, y = pair_loader(device)
     la = Laplace(model, "reward_modeling", "last_layer", "kron")
     la.fit(dl)
     phi = model.body(x).detach()  # (n, 2, 6)
@@ -450,12 +463,15 @@ def test_reward_modeling_kron_last_layer_has_the_pair_factors():
     torch.testing.assert_close(H[6, 6], G)
 
 
-def test_reward_modeling_bad_input():
+def test_reward_modeling_bad_input(device):
     torch.manual_seed(0)
-    model = RewardModel().to(DT)
+    model = RewardModel().to(device, DT)
     la = Laplace(model, "reward_modeling", "last_layer", "kron")
     flat = DataLoader(
-        TensorDataset(torch.randn(6, 4, dtype=DT), torch.zeros(6, dtype=torch.long)),
+        TensorDataset(
+            torch.randn(6, 4, dtype=DT, device=device),
+            torch.zeros(6, dtype=torch.long, device=device),
+        ),
         batch_size=3,
     )
     with pytest.raises(ValueError, match=r"pairs.*\(batch, 2, \.\.\.\)"):
@@ -465,32 +481,34 @@ def test_reward_modeling_bad_input():
 
 
 # -- bad input ---------------------------------------------------------------------
-def test_no_linear_last_layer_says_how_to_name_one():
-    model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=-1)).to(DT)
+def test_no_linear_last_layer_says_how_to_name_one(device):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=-1)).to(device, DT)
     la = Laplace(model, "classification", "last_layer", "diag")
     with pytest.raises(ValueError, match="last_layer_name"):
-        la.fit(loader("classification"))
+        la.fit(loader("classification", device=device))
 
 
-def test_unknown_last_layer_name_lists_the_linear_modules():
+def test_unknown_last_layer_name_lists_the_linear_modules(device):
     with pytest.raises(ValueError, match=r"nn.Linear modules are \['0', '2'\]"):
-        Laplace(mlp(), "classification", last_layer_name="classifier")
+        Laplace(mlp(device=device), "classification", last_layer_name="classifier")
 
 
-def test_sequence_features_without_reduction_are_refused():
+def test_sequence_features_without_reduction_are_refused(device):
     torch.manual_seed(0)
-    model = SequenceHead("pick_last").to(DT)
-    x = torch.randn(6, 5, 4, dtype=DT)
-    dl = DataLoader(TensorDataset(x, torch.zeros(6, dtype=torch.long)), batch_size=3)
+    model = SequenceHead("pick_last").to(device, DT)
+    x = torch.randn(6, 5, 4, dtype=DT, device=device)
+    y = torch.zeros(6, dtype=torch.long, device=device)
+    dl = DataLoader(TensorDataset(x, y), batch_size=3)
     la = Laplace(model, "classification", "last_layer", "kron")
     with pytest.raises(ValueError, match="feature_reduction"):
         la.fit(dl)
 
 
-def test_classes_and_feature_extractor_are_public():
-    la = Laplace(mlp(), "classification", "last_layer", "full")
+def test_classes_and_feature_extractor_are_public(device):
+    la = Laplace(mlp(device=device), "classification", "last_layer", "full")
     assert isinstance(la, FullLLLaplace) and isinstance(la, LLLaplace)
     assert isinstance(la.model, FeatureExtractor)
     assert isinstance(
-        Laplace(mlp(), "classification", "last_layer", "diag"), DiagLLLaplace
+        Laplace(mlp(device=device), "classification", "last_layer", "diag"),
+        DiagLLLaplace,
     )

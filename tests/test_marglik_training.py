@@ -35,20 +35,22 @@ CLASSES = {
 }
 
 
-def make_model(n_in=2, width=6, n_out=1, seed=0) -> nn.Module:
+def make_model(n_in=2, width=6, n_out=1, seed=0, *, device) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(n_in, width), nn.Tanh(), nn.Linear(width, n_out))
-    return model.to(DTYPE)
+    return model.to(device, DTYPE)
 
 
-def make_loader(likelihood="regression", n=24, n_in=2, n_out=1, batch_size=8):
+def make_loader(
+    likelihood="regression", n=24, n_in=2, n_out=1, batch_size=8, *, device
+):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, n_in, generator=g, dtype=DTYPE)
     if likelihood == "classification":
         y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     else:
         y = torch.sin(2 * x[:, :1]) + 0.1 * torch.randn(n, n_out, generator=g).to(x)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    return DataLoader(TensorDataset(x.to(device), y.to(device)), batch_size=batch_size)
 
 
 def theta(model: nn.Module) -> torch.Tensor:
@@ -97,7 +99,10 @@ def oracle(
     optimizer = torch.optim.SGD(params, lr=lr)
     regression = likelihood == "regression"
     tune_sigma = regression and not fix_sigma
-    log_s = torch.tensor(math.log(s0 if regression else 1.0), dtype=DTYPE)
+    device = params[0].device
+    log_s = torch.tensor(
+        math.log(s0 if regression else 1.0), dtype=DTYPE, device=device
+    )
     log_s.requires_grad_(tune_sigma)
     log_p, hyper_opt = None, None
     margliks, losses, best = [], [], None
@@ -107,7 +112,7 @@ def oracle(
         pieces = []
         for p in params:
             if log_p is None or id(p) not in treated_ids:
-                pieces.append(torch.full((p.numel(),), p0, dtype=DTYPE))
+                pieces.append(torch.full((p.numel(),), p0, dtype=DTYPE, device=device))
                 continue
             k = treated_ids.index(id(p))
             prec = log_p.detach().exp()
@@ -156,7 +161,7 @@ def oracle(
                 "layerwise": len(treated),
                 "diag": sum(p.numel() for p in treated),
             }[prior_structure]
-            log_p = torch.full((length,), math.log(p0), dtype=DTYPE)
+            log_p = torch.full((length,), math.log(p0), dtype=DTYPE, device=device)
             log_p.requires_grad_(True)
             hyper_opt = torch.optim.Adam([log_p, log_s], lr=lr_hyp)
         for _ in range(n_hypersteps):
@@ -169,7 +174,11 @@ def oracle(
         if best is None or margliks[-1] < best[0]:
             best = (margliks[-1], theta(model), prec.detach(), s.detach())
     torch.nn.utils.vector_to_parameters(best[1], model.parameters())
-    sigma_best = best[3] if tune_sigma else torch.tensor(s0 if regression else 1.0)
+    sigma_best = (
+        best[3]
+        if tune_sigma
+        else torch.tensor(s0 if regression else 1.0, device=device)
+    )
     la = Laplace(
         model,
         likelihood,
@@ -199,13 +208,13 @@ ORACLE_CASES = [
     ORACLE_CASES,
 )
 def test_equals_oracle(
-    likelihood, structure, subset, prior_structure, temperature, fix_sigma
+    likelihood, structure, subset, prior_structure, temperature, fix_sigma, device
 ):
     n_out = 3 if likelihood == "classification" else 1
-    loader = make_loader(likelihood)
+    loader = make_loader(likelihood, device=device)
     schedule = dict(n_epochs=7, burnin=2, frequency=2, n_hypersteps=3)
     hyper = dict(lr_hyp=0.2, p0=0.7, s0=0.6, temperature=temperature)
-    expected_model = make_model(n_out=n_out)
+    expected_model = make_model(n_out=n_out, device=device)
     la_expected, margliks_expected, losses_expected = oracle(
         expected_model,
         loader,
@@ -220,7 +229,7 @@ def test_equals_oracle(
     )
     phases = []
     la, model, margliks, losses = marglik_training(
-        make_model(n_out=n_out),
+        make_model(n_out=n_out, device=device),
         loader,
         likelihood=likelihood,
         hessian_structure=structure,
@@ -258,7 +267,7 @@ def test_equals_oracle(
 # ----------------------------------------------------------------------------------
 
 
-def test_recovers_known_noise_and_evidence_increases():
+def test_recovers_known_noise_and_evidence_increases(device):
     """y = sin(2x) + 0.2 eps on [-2, 2]: the noise is learned within 10% (the
     realized noise has a root mean square of 0.197 and the network fits to 0.195)
     and the evidence grows over training."""
@@ -266,9 +275,9 @@ def test_recovers_known_noise_and_evidence_increases():
     g = torch.Generator().manual_seed(0)
     x = 2 * (2 * torch.rand(n, 1, generator=g, dtype=DTYPE) - 1)
     y = torch.sin(2 * x) + sigma_true * torch.randn(n, 1, generator=g, dtype=DTYPE)
-    loader = DataLoader(TensorDataset(x, y), batch_size=40)
+    loader = DataLoader(TensorDataset(x.to(device), y.to(device)), batch_size=40)
     la, model, margliks, losses = marglik_training(
-        make_model(n_in=1, width=20),
+        make_model(n_in=1, width=20, device=device),
         loader,
         likelihood="regression",
         hessian_structure="full",
@@ -287,10 +296,10 @@ def test_recovers_known_noise_and_evidence_increases():
     assert losses[-1] < losses[0]
 
 
-def test_returns_the_best_phase_not_the_last():
+def test_returns_the_best_phase_not_the_last(device):
     """An 'optimizer' that makes the fit ever worse: the best evidence is an early
     one, and its weights and hyperparameters are what comes back."""
-    loader = make_loader(batch_size=12)  # two steps per epoch
+    loader = make_loader(batch_size=12, device=device)  # two steps per epoch
     ends = []
 
     class Worsening(torch.optim.Optimizer):
@@ -305,11 +314,12 @@ def test_returns_the_best_phase_not_the_last():
             for group in self.param_groups:
                 for p in group["params"]:
                     noise = torch.randn(p.shape, generator=self.gen, dtype=DTYPE)
+                    noise = noise.to(p.device)
                     p.add_(0.05 * self.steps**2 * noise)
             if self.steps % 2 == 0:
                 ends.append(theta(model))
 
-    model = make_model()
+    model = make_model(device=device)
     la, returned, margliks, _ = marglik_training(
         model,
         loader,
@@ -331,11 +341,11 @@ def test_returns_the_best_phase_not_the_last():
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_structures_and_subsets(structure, subset):
-    model = make_model(n_out=3)
+def test_structures_and_subsets(structure, subset, device):
+    model = make_model(n_out=3, device=device)
     la, returned, margliks, losses = marglik_training(
         model,
-        make_loader("classification"),
+        make_loader("classification", device=device),
         hessian_structure=structure,
         subset_of_weights=subset,
         n_epochs=2,
@@ -349,7 +359,7 @@ def test_structures_and_subsets(structure, subset):
     assert la.prior_precision.shape == (n_layers,)  # layer-wise by default
     if subset == "last_layer":
         assert la.params == list(model[-1].parameters())
-    assert torch.isfinite(la(torch.randn(5, 2, dtype=DTYPE))).all()
+    assert torch.isfinite(la(torch.randn(5, 2, dtype=DTYPE, device=device))).all()
 
 
 @pytest.mark.parametrize(
@@ -363,10 +373,10 @@ def test_structures_and_subsets(structure, subset):
         ("diag", "last_layer", 7),
     ],
 )
-def test_prior_structure_shapes(prior_structure, subset, length):
+def test_prior_structure_shapes(prior_structure, subset, length, device):
     la, *_ = marglik_training(
-        make_model(),
-        make_loader(),
+        make_model(device=device),
+        make_loader(device=device),
         likelihood="regression",
         hessian_structure="diag",
         subset_of_weights=subset,
@@ -378,10 +388,10 @@ def test_prior_structure_shapes(prior_structure, subset, length):
     assert not la.prior_precision.requires_grad and not la.sigma_noise.requires_grad
 
 
-def test_fix_sigma_noise_keeps_the_initial_noise():
+def test_fix_sigma_noise_keeps_the_initial_noise(device):
     la, *_ = marglik_training(
-        make_model(),
-        make_loader(),
+        make_model(device=device),
+        make_loader(device=device),
         likelihood="regression",
         hessian_structure="kron",
         sigma_noise_init=0.37,
@@ -391,7 +401,9 @@ def test_fix_sigma_noise_keeps_the_initial_noise():
     )
     assert la.sigma_noise.item() == pytest.approx(0.37, rel=1e-12)
     la, *_ = marglik_training(
-        make_model(n_out=3), make_loader("classification"), n_epochs=1
+        make_model(n_out=3, device=device),
+        make_loader("classification", device=device),
+        n_epochs=1,
     )
     assert la.sigma_noise.item() == 1.0  # no noise to learn in classification
 
@@ -406,7 +418,8 @@ class DictData(Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        return {"input_ids": self.x[i], "scale": torch.tensor(1.0), "labels": self.y[i]}
+        scale = torch.tensor(1.0, device=self.x.device)
+        return {"input_ids": self.x[i], "scale": scale, "labels": self.y[i]}
 
 
 class DictModel(nn.Module):
@@ -419,8 +432,8 @@ class DictModel(nn.Module):
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
-def test_dict_batches_equal_tensor_batches(subset):
-    loader = make_loader("classification")
+def test_dict_batches_equal_tensor_batches(subset, device):
+    loader = make_loader("classification", device=device)
     common = dict(
         hessian_structure="kron",
         subset_of_weights=subset,
@@ -429,11 +442,11 @@ def test_dict_batches_equal_tensor_batches(subset):
         optimizer_cls=sgd(),
     )
     _, tensor_model, margliks, losses = marglik_training(
-        make_model(n_out=3), loader, **common
+        make_model(n_out=3, device=device), loader, **common
     )
     dict_loader = DataLoader(DictData(loader), batch_size=8)
     la, dict_model, dict_margliks, dict_losses = marglik_training(
-        DictModel(make_model(n_out=3)), dict_loader, **common
+        DictModel(make_model(n_out=3, device=device)), dict_loader, **common
     )
     torch.testing.assert_close(dict_margliks, margliks)
     torch.testing.assert_close(dict_losses, losses)
@@ -450,7 +463,7 @@ def test_dict_batches_equal_tensor_batches(subset):
     class Keyed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = make_model(n_out=3)
+            self.net = make_model(n_out=3, device=device)
 
         def forward(self, batch):
             return self.net(batch["x"])
@@ -461,9 +474,11 @@ def test_dict_batches_equal_tensor_batches(subset):
     torch.testing.assert_close(keyed_margliks, margliks)
 
 
-def test_missing_dict_key_fails_on_the_first_batch():
-    loader = DataLoader(DictData(make_loader("classification")), batch_size=8)
-    model = DictModel(make_model(n_out=3))
+def test_missing_dict_key_fails_on_the_first_batch(device):
+    loader = DataLoader(
+        DictData(make_loader("classification", device=device)), batch_size=8
+    )
+    model = DictModel(make_model(n_out=3, device=device))
     before = theta(model)
     with pytest.raises(KeyError, match="dict_key_y='target'"):
         marglik_training(model, loader, dict_key_y="target", n_epochs=1)
@@ -471,10 +486,10 @@ def test_missing_dict_key_fails_on_the_first_batch():
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
-def test_enable_backprop(subset):
+def test_enable_backprop(subset, device):
     la, *_ = marglik_training(
-        make_model(),
-        make_loader(),
+        make_model(device=device),
+        make_loader(device=device),
         likelihood="regression",
         hessian_structure="full",
         subset_of_weights=subset,
@@ -483,24 +498,24 @@ def test_enable_backprop(subset):
         n_hypersteps=1,
     )
     assert la.enable_backprop
-    x = torch.randn(4, 2, dtype=DTYPE, requires_grad=True)
+    x = torch.randn(4, 2, dtype=DTYPE, device=device, requires_grad=True)
     f_mu, f_var = la(x)
     (f_mu.sum() + f_var.sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_reward_modeling():
+def test_reward_modeling(device):
     class Reward(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = make_model(n_in=2, n_out=1)
+            self.net = make_model(n_in=2, n_out=1, device=device)
 
         def forward(self, x):
             r = self.net(x)
             return r.squeeze(-1) if x.ndim == 3 else r
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 2, 2, generator=g, dtype=DTYPE)
+    x = torch.randn(20, 2, 2, generator=g, dtype=DTYPE).to(device)
     y = (x[:, 0, 0] < x[:, 1, 0]).long()  # the item with the larger x0 wins
     loader = DataLoader(TensorDataset(x, y), batch_size=10)
     for subset in ["all", "last_layer"]:
@@ -514,18 +529,18 @@ def test_reward_modeling():
             n_hypersteps=2,
         )
         assert la.likelihood == "reward_modeling" and len(margliks) == 4
-        f_mu, f_var = la(torch.randn(3, 2, dtype=DTYPE))
+        f_mu, f_var = la(torch.randn(3, 2, dtype=DTYPE, device=device))
         assert f_mu.shape == (3, 1) and f_var.shape == (3, 1, 1)
     with pytest.raises(ValueError, match=r"pairs"):
         single = DataLoader(TensorDataset(x[:, 0], y), batch_size=10)
         marglik_training(Reward(), single, likelihood="reward_modeling", n_epochs=1)
 
 
-def test_scheduler_steps_after_every_batch():
+def test_scheduler_steps_after_every_batch(device):
     calls = []
     la, *_ = marglik_training(
-        make_model(n_out=3),
-        make_loader("classification"),  # three batches
+        make_model(n_out=3, device=device),
+        make_loader("classification", device=device),  # three batches
         n_epochs=2,
         n_hypersteps=1,
         scheduler_cls=torch.optim.lr_scheduler.LambdaLR,
@@ -534,11 +549,11 @@ def test_scheduler_steps_after_every_batch():
     assert calls == list(range(7))  # once at construction, then per batch
 
 
-def test_progress_bar_and_schedule(capsys):
+def test_progress_bar_and_schedule(capsys, device):
     epochs = []
     marglik_training(
-        make_model(n_out=3),
-        make_loader("classification"),
+        make_model(n_out=3, device=device),
+        make_loader("classification", device=device),
         n_epochs=7,
         n_epochs_burnin=3,
         marglik_frequency=2,
@@ -566,14 +581,19 @@ def test_import_styles():
     assert "marglik_training" in laplace.__all__
 
 
-def test_non_finite_training_loss_names_the_epoch():
-    loader = make_loader()
+def test_non_finite_training_loss_names_the_epoch(device):
+    loader = make_loader(device=device)
     x, y = loader.dataset.tensors
     y = y.clone()
     y[9] = float("nan")  # second batch
     bad = DataLoader(TensorDataset(x, y), batch_size=8)
     with pytest.raises(RuntimeError, match="epoch 1, batch 1"):
-        marglik_training(make_model(), bad, likelihood="regression", n_epochs=1)
+        marglik_training(
+            make_model(device=device),
+            bad,
+            likelihood="regression",
+            n_epochs=1,
+        )
 
 
 # ----------------------------------------------------------------------------------
@@ -608,54 +628,64 @@ BAD = [
 
 
 @pytest.mark.parametrize("kwargs, error, match", BAD)
-def test_bad_input(kwargs, error, match):
-    model = make_model()
+def test_bad_input(kwargs, error, match, device):
+    model = make_model(device=device)
     before = theta(model)
     kwargs = {"likelihood": "regression", "n_epochs": 2, **kwargs}
     with pytest.raises(error, match=match):
-        marglik_training(model, make_loader(), **kwargs)
+        marglik_training(model, make_loader(device=device), **kwargs)
     torch.testing.assert_close(theta(model), before)  # nothing trained
 
 
-def test_bad_model_and_loader():
+def test_bad_model_and_loader(device):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        marglik_training(lambda x: x, make_loader())
-    frozen = make_model().requires_grad_(False)
+        marglik_training(lambda x: x, make_loader(device=device))
+    frozen = make_model(device=device).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters that require grad"):
-        marglik_training(frozen, make_loader())
+        marglik_training(frozen, make_loader(device=device))
     with pytest.raises(TypeError, match="train_loader must be a"):
-        marglik_training(make_model(), [(torch.ones(2, 2), torch.ones(2))])
+        marglik_training(
+            make_model(device=device),
+            [(torch.ones(2, 2, device=device), torch.ones(2, device=device))],
+        )
 
 
-def test_backend_without_the_structure_or_dict_support():
+def test_backend_without_the_structure_or_dict_support(device):
     from laplace.curvature import BackPackGGN, CurvlinopsEF
 
     # CurvlinopsEF has no KFAC: refused up front, naming backends that have one
     if "kron" not in CurvlinopsEF.supported_structures:
         with pytest.raises(ValueError, match="CurvlinopsEF cannot compute"):
-            marglik_training(make_model(), make_loader(), backend=CurvlinopsEF)
+            marglik_training(
+                make_model(device=device),
+                make_loader(device=device),
+                backend=CurvlinopsEF,
+            )
     if not BackPackGGN.supports_dict_inputs:
-        loader = DataLoader(DictData(make_loader("classification")), batch_size=8)
-        model = DictModel(make_model(n_out=3))
+        loader = DataLoader(
+            DictData(make_loader("classification", device=device)), batch_size=8
+        )
+        model = DictModel(make_model(n_out=3, device=device))
         before = theta(model)
         with pytest.raises(ValueError, match="mapping"):
             marglik_training(model, loader, backend=BackPackGGN, n_epochs=1)
         torch.testing.assert_close(theta(model), before)
 
 
-def test_targets_of_the_wrong_form_fail_on_the_first_batch():
-    loader = make_loader("regression")  # float targets for classification
+def test_targets_of_the_wrong_form_fail_on_the_first_batch(device):
+    # float targets for classification
+    loader = make_loader("regression", device=device)
     with pytest.raises(ValueError, match="class indices"):
-        marglik_training(make_model(n_out=3), loader, n_epochs=1)
+        marglik_training(make_model(n_out=3, device=device), loader, n_epochs=1)
 
 
 @pytest.mark.parametrize("structure", ["full", "kron"])
-def test_structure_as_enum(structure):
+def test_structure_as_enum(structure, device):
     from laplace import HessianStructure, Likelihood, PriorStructure
 
     la, *_ = marglik_training(
-        make_model(),
-        make_loader(),
+        make_model(device=device),
+        make_loader(device=device),
         likelihood=Likelihood.REGRESSION,
         hessian_structure=HessianStructure(structure),
         prior_structure=PriorStructure.SCALAR,
@@ -665,15 +695,15 @@ def test_structure_as_enum(structure):
     assert la.prior_precision.shape == (1,)
 
 
-def test_model_is_trained_in_train_mode():
+def test_model_is_trained_in_train_mode(device):
     """Laplace fits in eval mode; every epoch trains in train mode again (dropout
     is active while training)."""
     modes = []
-    model = make_model()
+    model = make_model(device=device)
     model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
     marglik_training(
         model,
-        make_loader(batch_size=24),
+        make_loader(batch_size=24, device=device),
         likelihood="regression",
         hessian_structure="diag",
         n_epochs=2,

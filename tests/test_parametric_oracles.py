@@ -52,8 +52,12 @@ STRUCTURE_PRIORS = [
 # ---- problem set-up ------------------------------------------------------------------
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def gen(seed: int, device="cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
+
+
+def device_of(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
 
 
 def sigma_of(likelihood: str) -> float:
@@ -64,8 +68,8 @@ def factor_of(sigma, temperature=TEMPERATURE):
     return 1 / (sigma**2 * temperature)
 
 
-def make_model(arch: str) -> nn.Module:
-    return model(arch, N_OUT[arch])
+def make_model(arch: str, device) -> nn.Module:
+    return model(arch, N_OUT[arch]).to(device)
 
 
 def trainable_params(m: nn.Module) -> list[nn.Parameter]:
@@ -85,44 +89,47 @@ def loader(x, y, batch_size=BATCH) -> DataLoader:
 
 
 @functools.cache
-def train_data(arch: str, likelihood: str):
-    return data(arch, likelihood, n=N, n_out=N_OUT[arch])
+def train_data(arch: str, likelihood: str, device):
+    x, y = data(arch, likelihood, n=N, n_out=N_OUT[arch])
+    return x.to(device), y.to(device)
 
 
 @functools.cache
-def query_inputs(arch: str) -> torch.Tensor:
+def query_inputs(arch: str, device) -> torch.Tensor:
     shape = (4, 3) if arch == "mlp" else (3, 2, 6, 6)
-    return torch.randn(*shape, generator=gen(2), dtype=DT)
+    return torch.randn(*shape, generator=gen(2), dtype=DT).to(device)
 
 
 @functools.cache
-def query_jacobian(arch: str) -> torch.Tensor:
+def query_jacobian(arch: str, device) -> torch.Tensor:
     """Oracle Jacobian ``(n, C, P)`` at the query inputs."""
-    return oracles.jacobian(make_model(arch), query_inputs(arch))
+    return oracles.jacobian(make_model(arch, device), query_inputs(arch, device))
 
 
 @functools.cache
-def train_loss(arch: str, likelihood: str) -> torch.Tensor:
-    x, y = train_data(arch, likelihood)
+def train_loss(arch: str, likelihood: str, device) -> torch.Tensor:
+    x, y = train_data(arch, likelihood, device)
     with torch.no_grad():
-        return oracles.loss(likelihood, make_model(arch)(x), y)
+        return oracles.loss(likelihood, make_model(arch, device)(x), y)
 
 
 @functools.cache
-def oracle_ggn(arch: str, likelihood: str) -> torch.Tensor:
-    x, _ = train_data(arch, likelihood)
-    return oracles.ggn(make_model(arch), x, likelihood)
+def oracle_ggn(arch: str, likelihood: str, device) -> torch.Tensor:
+    x, _ = train_data(arch, likelihood, device)
+    return oracles.ggn(make_model(arch, device), x, likelihood)
 
 
 @functools.cache
-def oracle_curvature(arch: str, likelihood: str, structure: str) -> torch.Tensor:
+def oracle_curvature(
+    arch: str, likelihood: str, structure: str, device
+) -> torch.Tensor:
     """Dense ``H`` of a structure: the GGN (full; lowrank with rank = P), its
     diagonal (diag), the block diagonal of ``kron(G, A)`` blocks (kron)."""
     if structure == "kron":
-        x, _ = train_data(arch, likelihood)
-        blocks = oracles.kfac_blocks(make_model(arch), x, likelihood)
+        x, _ = train_data(arch, likelihood, device)
+        blocks = oracles.kfac_blocks(make_model(arch, device), x, likelihood)
         return torch.block_diag(*blocks).detach()
-    H = oracle_ggn(arch, likelihood)
+    H = oracle_ggn(arch, likelihood, device)
     return torch.diag(H.diagonal()) if structure == "diag" else H
 
 
@@ -131,31 +138,36 @@ def prior_of(kind: str, m: nn.Module):
     if kind == "scalar":
         return 0.5
     if kind == "layerwise":
-        return torch.linspace(0.3, 1.5, len(trainable_params(m)), dtype=DT)
-    return 0.2 + torch.rand(n_params(m), generator=gen(3), dtype=DT)
+        n = len(trainable_params(m))
+        return torch.linspace(0.3, 1.5, n, dtype=DT, device=device_of(m))
+    return 0.2 + torch.rand(n_params(m), generator=gen(3), dtype=DT).to(device_of(m))
 
 
 def p0_of(prior, m: nn.Module) -> torch.Tensor:
     """Oracle expansion of a prior precision to the diagonal ``(P,)``."""
     params = trainable_params(m)
-    prior = torch.as_tensor(prior, dtype=DT).reshape(-1)
+    dev = device_of(m)
+    prior = torch.as_tensor(prior, dtype=DT, device=dev).reshape(-1)
     if prior.numel() == 1:
-        return prior * torch.ones(n_params(m), dtype=DT)
+        return prior * torch.ones(n_params(m), dtype=DT, device=dev)
     if prior.numel() == len(params):
         return torch.cat(
-            [v * torch.ones(p.numel(), dtype=DT) for v, p in zip(prior, params)]
+            [
+                v * torch.ones(p.numel(), dtype=DT, device=dev)
+                for v, p in zip(prior, params)
+            ]
         )
     assert prior.numel() == n_params(m)
     return prior
 
 
 def oracle_precision(
-    arch, likelihood, structure, prior, sigma=None, temperature=TEMPERATURE
+    arch, likelihood, structure, prior, sigma=None, temperature=TEMPERATURE, *, device
 ):
     sigma = sigma_of(likelihood) if sigma is None else sigma
-    H = oracle_curvature(arch, likelihood, structure)
+    H = oracle_curvature(arch, likelihood, structure, device)
     factor = factor_of(sigma, temperature)
-    return factor * H + torch.diag(p0_of(prior, make_model(arch)))
+    return factor * H + torch.diag(p0_of(prior, make_model(arch, device)))
 
 
 def oracle_log_marglik(
@@ -166,32 +178,35 @@ def oracle_log_marglik(
     sigma=None,
     prior_mean=0.0,
     temperature=TEMPERATURE,
+    *,
+    device,
 ):
     """``log_lik - 0.5 (log det P - log det P0 + scatter)`` from the dense ``P``."""
-    m = make_model(arch)
+    m = make_model(arch, device)
     sigma = torch.as_tensor(sigma_of(likelihood) if sigma is None else sigma)
+    sigma = sigma.to(device)
     factor = factor_of(sigma, temperature)
-    log_lik = -factor * train_loss(arch, likelihood)
+    log_lik = -factor * train_loss(arch, likelihood, device)
     if likelihood == "regression":
         n_terms = N * N_OUT[arch]
         log_lik = log_lik - n_terms * torch.log(sigma * math.sqrt(2 * math.pi))
     p0 = p0_of(prior, m)
-    P = factor * oracle_curvature(arch, likelihood, structure) + torch.diag(p0)
+    P = factor * oracle_curvature(arch, likelihood, structure, device) + torch.diag(p0)
     sign, logdet = torch.linalg.slogdet(P)
     assert sign == 1
     scatter = (p0 * (theta_of(m) - prior_mean) ** 2).sum()
     return log_lik - 0.5 * (logdet - p0.log().sum() + scatter)
 
 
-def fitted(arch, likelihood, structure, batch_size=BATCH, **kwargs):
+def fitted(arch, likelihood, structure, device, batch_size=BATCH, **kwargs):
     """A Laplace of ``structure`` fit on the training data in batches."""
-    m = make_model(arch)
+    m = make_model(arch, device)
     kwargs.setdefault("sigma_noise", sigma_of(likelihood))
     kwargs.setdefault("temperature", TEMPERATURE)
     if structure == "lowrank":
         kwargs.setdefault("rank", n_params(m))
     la = Laplace(m, likelihood, "all", structure, **kwargs)
-    la.fit(loader(*train_data(arch, likelihood), batch_size=batch_size))
+    la.fit(loader(*train_data(arch, likelihood, device), batch_size=batch_size))
     return la
 
 
@@ -209,12 +224,14 @@ def dense_precision(la) -> torch.Tensor:
     return U @ torch.diag(eigenvalues) @ U.T + torch.diag(p0)
 
 
-def oracle_glm(arch, likelihood, structure, prior):
+def oracle_glm(arch, likelihood, structure, prior, device):
     """``f_mu`` ``(n, C)`` and ``f_var = J P^-1 J^T`` ``(n, C, C)`` at the queries."""
-    J = query_jacobian(arch)
-    Sigma = torch.linalg.inv(oracle_precision(arch, likelihood, structure, prior))
+    J = query_jacobian(arch, device)
+    Sigma = torch.linalg.inv(
+        oracle_precision(arch, likelihood, structure, prior, device=device)
+    )
     with torch.no_grad():
-        f_mu = make_model(arch)(query_inputs(arch))
+        f_mu = make_model(arch, device)(query_inputs(arch, device))
     return f_mu, torch.einsum("ncp,pq,ndq->ncd", J, Sigma, J)
 
 
@@ -238,14 +255,16 @@ def a_prior_for(structure: str, m: nn.Module):
 @pytest.mark.parametrize("prior_kind", PRIORS)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_posterior_precision_is_factor_H_plus_prior(structure, likelihood, prior_kind):
-    prior = prior_of(prior_kind, make_model("mlp"))
+def test_posterior_precision_is_factor_H_plus_prior(
+    structure, likelihood, prior_kind, device
+):
+    prior = prior_of(prior_kind, make_model("mlp", device))
     if structure == "kron" and prior_kind == "diag":
         with pytest.raises(ValueError):
-            fitted("mlp", likelihood, structure, prior_precision=prior)
+            fitted("mlp", likelihood, structure, device, prior_precision=prior)
         return
-    la = fitted("mlp", likelihood, structure, prior_precision=prior)
-    expected = oracle_precision("mlp", likelihood, structure, prior)
+    la = fitted("mlp", likelihood, structure, device, prior_precision=prior)
+    expected = oracle_precision("mlp", likelihood, structure, prior, device=device)
     assert_close(dense_precision(la), expected)
     Sigma = torch.linalg.inv(expected)
     assert_close(la.posterior_variance, Sigma.diagonal())
@@ -257,32 +276,42 @@ def test_posterior_precision_is_factor_H_plus_prior(structure, likelihood, prior
 
 @pytest.mark.parametrize("batch_size", [1, 5, N])
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_cnn_posterior_precision_does_not_depend_on_batching(structure, batch_size):
+def test_cnn_posterior_precision_does_not_depend_on_batching(
+    structure, batch_size, device
+):
     """Weight sharing: conv KFAC sums ``G`` over positions and averages ``A``."""
-    prior = prior_of("layerwise", make_model("cnn"))
+    prior = prior_of("layerwise", make_model("cnn", device))
     la = fitted(
-        "cnn", "regression", structure, batch_size=batch_size, prior_precision=prior
+        "cnn",
+        "regression",
+        structure,
+        device,
+        batch_size=batch_size,
+        prior_precision=prior,
     )
-    expected = oracle_precision("cnn", "regression", structure, prior)
+    expected = oracle_precision("cnn", "regression", structure, prior, device=device)
     assert_close(dense_precision(la), expected)
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
-def test_damped_kron_log_det_is_that_of_its_posterior_precision(likelihood):
+def test_damped_kron_log_det_is_that_of_its_posterior_precision(likelihood, device):
     # with a scale c = 1 / (sigma^2 T) != 1 the damped block is
     # c (G + sqrt(d/c)) (x) (A + sqrt(d/c)); the bias blocks are c G + d
-    prior = prior_of("layerwise", make_model("mlp"))
-    la = fitted("mlp", likelihood, "kron", prior_precision=prior, damping=True)
+    prior = prior_of("layerwise", make_model("mlp", device))
+    la = fitted("mlp", likelihood, "kron", device, prior_precision=prior, damping=True)
     c = factor_of(sigma_of(likelihood))
     blocks = []
     for kfac, d in zip(la.H.kfacs, la.prior_precision):
         if len(kfac) == 1:
-            blocks.append(c * kfac[0] + d * torch.eye(len(kfac[0]), dtype=d.dtype))
+            blocks.append(
+                c * kfac[0]
+                + d * torch.eye(len(kfac[0]), dtype=d.dtype, device=d.device)
+            )
             continue
         G, A = kfac
         root = torch.sqrt(d / c)
-        eye_G = torch.eye(len(G), dtype=G.dtype)
-        eye_A = torch.eye(len(A), dtype=A.dtype)
+        eye_G = torch.eye(len(G), dtype=G.dtype, device=G.device)
+        eye_A = torch.eye(len(A), dtype=A.dtype, device=A.device)
         blocks.append(c * torch.kron(G + root * eye_G, A + root * eye_A))
     expected = torch.block_diag(*blocks)
     assert_close(dense_precision(la), expected)
@@ -290,20 +319,23 @@ def test_damped_kron_log_det_is_that_of_its_posterior_precision(likelihood):
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
-def test_lowrank_keeps_the_top_eigenpairs_of_the_ggn(likelihood):
+def test_lowrank_keeps_the_top_eigenpairs_of_the_ggn(likelihood, device):
     k = 10
-    m = make_model("mlp")
+    m = make_model("mlp", device)
     prior = prior_of("diag", m)
-    la = fitted("mlp", likelihood, "lowrank", rank=k, prior_precision=prior)
+    la = fitted("mlp", likelihood, "lowrank", device, rank=k, prior_precision=prior)
     factor = factor_of(sigma_of(likelihood))
-    lam, V = torch.linalg.eigh(oracle_ggn("mlp", likelihood))
+    lam, V = torch.linalg.eigh(oracle_ggn("mlp", likelihood, device))
     lam, V = lam.flip(0)[:k], V.flip(1)[:, :k]
     # a gap after the k-th eigenvalue makes the top-k eigenspace well defined
-    assert lam[-1] > 1.05 * torch.linalg.eigvalsh(oracle_ggn("mlp", likelihood))[-k - 1]
+    assert (
+        lam[-1]
+        > 1.05 * torch.linalg.eigvalsh(oracle_ggn("mlp", likelihood, device))[-k - 1]
+    )
     (U, eigenvalues), p0 = la.posterior_precision
     assert U.shape == (n_params(m), k)
     assert_close(eigenvalues, factor * lam)
-    assert_close(U.T @ U, torch.eye(k, dtype=DT))
+    assert_close(U.T @ U, torch.eye(k, dtype=DT, device=device))
     assert_close(p0, p0_of(prior, m))
     expected = factor * V @ torch.diag(lam) @ V.T + torch.diag(p0_of(prior, m))
     assert_close(dense_precision(la), expected)
@@ -311,7 +343,7 @@ def test_lowrank_keeps_the_top_eigenpairs_of_the_ggn(likelihood):
     assert_close(la.posterior_variance, Sigma.diagonal())
     # evidence and functional variance of the truncated precision
     p0 = p0_of(prior, m)
-    log_lik = -factor * train_loss("mlp", likelihood)
+    log_lik = -factor * train_loss("mlp", likelihood, device)
     if likelihood == "regression":
         sigma = sigma_of(likelihood)
         log_lik = log_lik - N * N_OUT["mlp"] * math.log(sigma * math.sqrt(2 * math.pi))
@@ -320,7 +352,7 @@ def test_lowrank_keeps_the_top_eigenpairs_of_the_ggn(likelihood):
     lml = log_lik - 0.5 * (logdet - p0.log().sum() + scatter)
     assert_close(la.log_det_posterior_precision, logdet)
     assert_close(la.log_marginal_likelihood(), lml)
-    J = query_jacobian("mlp")
+    J = query_jacobian("mlp", device)
     assert_close(la.functional_variance(J), J @ Sigma @ J.mT)
 
 
@@ -329,19 +361,21 @@ def test_lowrank_keeps_the_top_eigenpairs_of_the_ggn(likelihood):
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure,prior_kind", STRUCTURE_PRIORS)
-def test_evidence_terms_match_dense_formulas(structure, prior_kind, likelihood):
-    m = make_model("mlp")
+def test_evidence_terms_match_dense_formulas(structure, prior_kind, likelihood, device):
+    m = make_model("mlp", device)
     prior = prior_of(prior_kind, m)
-    mu0 = 0.1 * torch.randn(n_params(m), generator=gen(4), dtype=DT)
-    la = fitted("mlp", likelihood, structure, prior_precision=prior, prior_mean=mu0)
+    mu0 = 0.1 * torch.randn(n_params(m), generator=gen(4), dtype=DT).to(device)
+    la = fitted(
+        "mlp", likelihood, structure, device, prior_precision=prior, prior_mean=mu0
+    )
 
     sigma = sigma_of(likelihood)
     factor = factor_of(sigma)
-    log_lik = -factor * train_loss("mlp", likelihood)
+    log_lik = -factor * train_loss("mlp", likelihood, device)
     if likelihood == "regression":
         log_lik = log_lik - N * N_OUT["mlp"] * math.log(sigma * math.sqrt(2 * math.pi))
     p0 = p0_of(prior, m)
-    P = oracle_precision("mlp", likelihood, structure, prior)
+    P = oracle_precision("mlp", likelihood, structure, prior, device=device)
     sign, logdet_P = torch.linalg.slogdet(P)
     assert sign == 1
     scatter = (p0 * (theta_of(m) - mu0) ** 2).sum()
@@ -354,19 +388,26 @@ def test_evidence_terms_match_dense_formulas(structure, prior_kind, likelihood):
     expected = log_lik - 0.5 * (logdet_P - p0.log().sum() + scatter)
     assert_close(la.log_marginal_likelihood(), expected)
     assert_close(
-        expected, oracle_log_marglik("mlp", likelihood, structure, prior, None, mu0)
+        expected,
+        oracle_log_marglik(
+            "mlp", likelihood, structure, prior, None, mu0, device=device
+        ),
     )
 
     # new hyperparameters passed to log_marginal_likelihood replace the current ones
-    new_prior = 2.5 * torch.as_tensor(prior, dtype=DT).reshape(-1)
+    new_prior = 2.5 * torch.as_tensor(prior, dtype=DT, device=device).reshape(-1)
     new_sigma = 1.3 if likelihood == "regression" else None
     value = la.log_marginal_likelihood(
         prior_precision=new_prior,
-        sigma_noise=None if new_sigma is None else torch.tensor(new_sigma, dtype=DT),
+        sigma_noise=None
+        if new_sigma is None
+        else torch.tensor(new_sigma, dtype=DT, device=device),
     )
     assert_close(
         value,
-        oracle_log_marglik("mlp", likelihood, structure, new_prior, new_sigma, mu0),
+        oracle_log_marglik(
+            "mlp", likelihood, structure, new_prior, new_sigma, mu0, device=device
+        ),
     )
     # a scalar prior mean
     la.prior_mean = 0.3
@@ -378,15 +419,17 @@ def test_evidence_terms_match_dense_formulas(structure, prior_kind, likelihood):
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("arch,structure", ARCH_STRUCTURES)
-def test_functional_variance_is_J_Pinv_Jt(arch, structure, likelihood):
-    m = make_model(arch)
+def test_functional_variance_is_J_Pinv_Jt(arch, structure, likelihood, device):
+    m = make_model(arch, device)
     prior = a_prior_for(structure, m)
-    la = fitted(arch, likelihood, structure, prior_precision=prior)
-    J = query_jacobian(arch)
-    f_mu, f_var = oracle_glm(arch, likelihood, structure, prior)
+    la = fitted(arch, likelihood, structure, device, prior_precision=prior)
+    J = query_jacobian(arch, device)
+    f_mu, f_var = oracle_glm(arch, likelihood, structure, prior, device)
     assert_close(la.functional_variance(J), f_var)
 
-    Sigma = torch.linalg.inv(oracle_precision(arch, likelihood, structure, prior))
+    Sigma = torch.linalg.inv(
+        oracle_precision(arch, likelihood, structure, prior, device=device)
+    )
     J_flat = J.reshape(-1, J.shape[-1])
     f_cov = J_flat @ Sigma @ J_flat.T
     assert_close(la.functional_covariance(J), f_cov)
@@ -394,7 +437,7 @@ def test_functional_variance_is_J_Pinv_Jt(arch, structure, likelihood):
 
     if likelihood != "regression":
         return
-    x = query_inputs(arch)
+    x = query_inputs(arch, device)
     mean, var = la(x)
     assert_close(mean, f_mu)
     assert_close(var, f_var)
@@ -408,18 +451,22 @@ def test_functional_variance_is_J_Pinv_Jt(arch, structure, likelihood):
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_changed_hyperparameters_and_refits_reach_every_quantity(structure, likelihood):
+def test_changed_hyperparameters_and_refits_reach_every_quantity(
+    structure, likelihood, device
+):
     """A posterior cached at an old curvature, prior, noise or temperature must not
     leak into the precision, the evidence (also its gradient path) or the
     predictive: each change is followed by a check against the oracle."""
-    m = make_model("mlp")
-    x, y = train_data("mlp", likelihood)
-    xq, J = query_inputs("mlp"), query_jacobian("mlp")
+    m = make_model("mlp", device)
+    x, y = train_data("mlp", likelihood, device)
+    xq, J = query_inputs("mlp", device), query_jacobian("mlp", device)
     with torch.no_grad():
         f_mu = m(xq)
 
     def check(prior, sigma, temperature):
-        P = oracle_precision("mlp", likelihood, structure, prior, sigma, temperature)
+        P = oracle_precision(
+            "mlp", likelihood, structure, prior, sigma, temperature, device=device
+        )
         assert_close(dense_precision(la), P)
         f_var = J @ torch.linalg.inv(P) @ J.mT
         assert_close(la.functional_variance(J), f_var)
@@ -431,24 +478,31 @@ def test_changed_hyperparameters_and_refits_reach_every_quantity(structure, like
                 la(xq), torch.softmax(f_mu / (1 + math.pi / 8 * var).sqrt(), -1)
             )
         args = ("mlp", likelihood, structure)
-        expected = oracle_log_marglik(*args, prior, sigma, temperature=temperature)
+        expected = oracle_log_marglik(
+            *args, prior, sigma, temperature=temperature, device=device
+        )
         assert_close(la.log_marginal_likelihood(), expected)
         # differentiable priors (full + scalar: the eigenvalue path of the log-det)
         for value in (prior, 0.7):
-            tracked = torch.as_tensor(value, dtype=DT).reshape(-1).clone()
+            tracked = torch.as_tensor(value, dtype=DT, device=device)
+            tracked = tracked.reshape(-1).clone()
             assert_close(
                 la.log_marginal_likelihood(tracked.requires_grad_(True)),
-                oracle_log_marglik(*args, value, sigma, temperature=temperature),
+                oracle_log_marglik(
+                    *args, value, sigma, temperature=temperature, device=device
+                ),
             )
         la.prior_precision = prior  # back from the tracked values ...
         assert_close(dense_precision(la), P)  # ... and the posterior cached again
 
     sigma = sigma_of(likelihood)
-    la = fitted("mlp", likelihood, structure, prior_precision=0.5)
+    la = fitted("mlp", likelihood, structure, device, prior_precision=0.5)
     la.fit(loader(x[:6], y[:6]))  # another curvature, used by every quantity ...
     dense_precision(la), la.functional_variance(J), la(xq), la.log_marginal_likelihood()
     for value in (0.5, 0.7):
-        la.log_marginal_likelihood(torch.tensor([value], dtype=DT, requires_grad=True))
+        la.log_marginal_likelihood(
+            torch.tensor([value], dtype=DT, device=device, requires_grad=True)
+        )
     la.prior_precision = 0.5
     la.fit(loader(x, y))  # ... then a refit on all the data
     check(0.5, sigma, TEMPERATURE)
@@ -463,14 +517,14 @@ def test_changed_hyperparameters_and_refits_reach_every_quantity(structure, like
 
 
 @pytest.mark.parametrize("structure", ["full", "kron"])
-def test_glm_predictive_samples_have_the_glm_moments(structure):
-    m = make_model("mlp")
+def test_glm_predictive_samples_have_the_glm_moments(structure, device):
+    m = make_model("mlp", device)
     prior = a_prior_for(structure, m)
-    la = fitted("mlp", "regression", structure, prior_precision=prior)
-    x = query_inputs("mlp")
-    f_mu, f_var = oracle_glm("mlp", "regression", structure, prior)
+    la = fitted("mlp", "regression", structure, device, prior_precision=prior)
+    x = query_inputs("mlp", device)
+    f_mu, f_var = oracle_glm("mlp", "regression", structure, prior, device)
     n = 20_000
-    f = la.predictive_samples(x, "glm", n_samples=n, generator=gen(18))
+    f = la.predictive_samples(x, "glm", n_samples=n, generator=gen(18, device))
     assert f.shape == (n, *f_mu.shape)
     # mean within 5 and each covariance entry within 6 standard errors (see
     # test_samples_have_the_posterior_moments)
@@ -480,7 +534,7 @@ def test_glm_predictive_samples_have_the_glm_moments(structure):
     se = ((f_var**2 + var[:, :, None] * var[:, None, :]) / n).sqrt()
     assert ((cov - f_var).abs() < 6 * se).all()
     diag = la.predictive_samples(
-        x, "glm", n_samples=n, diagonal_output=True, generator=gen(18)
+        x, "glm", n_samples=n, diagonal_output=True, generator=gen(18, device)
     )
     assert ((diag.var(0) - var).abs() < 6 * (2 * var**2 / n).sqrt()).all()
 
@@ -489,12 +543,12 @@ def test_glm_predictive_samples_have_the_glm_moments(structure):
 
 
 @pytest.mark.parametrize("arch,structure", ARCH_STRUCTURES)
-def test_probit_and_bridges(arch, structure):
-    m = make_model(arch)
+def test_probit_and_bridges(arch, structure, device):
+    m = make_model(arch, device)
     prior = a_prior_for(structure, m)
-    la = fitted(arch, "classification", structure, prior_precision=prior)
-    x = query_inputs(arch)
-    f_mu, f_var = oracle_glm(arch, "classification", structure, prior)
+    la = fitted(arch, "classification", structure, device, prior_precision=prior)
+    x = query_inputs(arch, device)
+    f_mu, f_var = oracle_glm(arch, "classification", structure, prior, device)
     kappa = 1 / torch.sqrt(1 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1))
     expected = torch.softmax(kappa * f_mu, dim=-1)
     assert_close(la(x, link_approx="probit"), expected)
@@ -504,33 +558,33 @@ def test_probit_and_bridges(arch, structure):
         probs = la(x, link_approx=link)
         assert probs.shape == f_mu.shape
         assert ((probs >= 0) & (probs <= 1)).all()
-        assert_close(probs.sum(-1), torch.ones(len(x), dtype=DT))
+        assert_close(probs.sum(-1), torch.ones(len(x), dtype=DT, device=device))
 
 
 @pytest.mark.parametrize("structure", ["full", "kron"])
-def test_mc_link_averages_softmax_over_the_glm_gaussian(structure):
-    m = make_model("mlp")
+def test_mc_link_averages_softmax_over_the_glm_gaussian(structure, device):
+    m = make_model("mlp", device)
     prior = a_prior_for(structure, m)
-    la = fitted("mlp", "classification", structure, prior_precision=prior)
-    x = query_inputs("mlp")
-    f_mu, f_var = oracle_glm("mlp", "classification", structure, prior)
+    la = fitted("mlp", "classification", structure, device, prior_precision=prior)
+    x = query_inputs("mlp", device)
+    f_mu, f_var = oracle_glm("mlp", "classification", structure, prior, device)
 
     # reference E[softmax(f)], f ~ N(f_mu, f_var), from many samples of our own
     S, S_ref = 20_000, 100_000
     lam, V = torch.linalg.eigh(f_var)
     root = V * lam.clamp_min(0).sqrt()[:, None, :]
-    eps = torch.randn(S_ref, *f_mu.shape, generator=gen(6), dtype=DT)
+    eps = torch.randn(S_ref, *f_mu.shape, generator=gen(6), dtype=DT).to(device)
     softmax = torch.softmax(f_mu + torch.einsum("ncd,snd->snc", root, eps), -1)
     reference, sd = softmax.mean(0), softmax.std(0)
 
-    probs = la(x, link_approx="mc", n_samples=S, generator=gen(5))
+    probs = la(x, link_approx="mc", n_samples=S, generator=gen(5, device))
     # both estimates are means of i.i.d. draws of softmax(f) with standard deviation
     # sd: a 5-standard-error band around the reference holds with overwhelming
     # probability for each of the n * C entries
     tol = 5 * sd * (1 / math.sqrt(S) + 1 / math.sqrt(S_ref))
     assert ((probs - reference).abs() <= tol).all(), (probs - reference).abs() / tol
-    assert_close(probs.sum(-1), torch.ones(len(x), dtype=DT))
-    again = la(x, link_approx="mc", n_samples=S, generator=gen(5))
+    assert_close(probs.sum(-1), torch.ones(len(x), dtype=DT, device=device))
+    again = la(x, link_approx="mc", n_samples=S, generator=gen(5, device))
     assert torch.equal(probs, again)
 
 
@@ -539,14 +593,15 @@ def test_mc_link_averages_softmax_over_the_glm_gaussian(structure):
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_log_prob_is_the_gaussian_posterior_density(structure, likelihood):
-    m = make_model("mlp")
+def test_log_prob_is_the_gaussian_posterior_density(structure, likelihood, device):
+    m = make_model("mlp", device)
     prior = a_prior_for(structure, m)
-    la = fitted("mlp", likelihood, structure, prior_precision=prior)
-    P = oracle_precision("mlp", likelihood, structure, prior)
+    la = fitted("mlp", likelihood, structure, device, prior_precision=prior)
+    P = oracle_precision("mlp", likelihood, structure, prior, device=device)
     theta = theta_of(m)
     mvn = MultivariateNormal(theta, precision_matrix=P)
-    values = theta + 0.05 * torch.randn(5, len(theta), generator=gen(8), dtype=DT)
+    eps = torch.randn(5, len(theta), generator=gen(8), dtype=DT)
+    values = theta + 0.05 * eps.to(device)
     delta = values - theta
     square = ((delta @ P) * delta).sum(-1)
 
@@ -561,12 +616,13 @@ def test_log_prob_is_the_gaussian_posterior_density(structure, likelihood):
 # ---- 6. Bayesian linear regression in closed form ------------------------------------
 
 
-def linear_problem(bias: bool, orthogonal: bool):
+def linear_problem(bias: bool, orthogonal: bool, device):
     """``y = X w + noise`` and the exact posterior of ``nn.Linear(D, 1)``.
 
     With ``orthogonal`` the columns of ``X`` are orthogonal to each other and to the
     ones column, so ``X~^T X~`` is diagonal: then the diagonal and the KFAC (whose
     only dropped term is the weight-bias cross term ``X^T 1``) curvatures are exact.
+    Drawn on the CPU, everything moved to ``device``.
     """
     D, n, s, a = 3, 12, 0.4, 2.0
     g = gen(9)
@@ -579,7 +635,8 @@ def linear_problem(bias: bool, orthogonal: bool):
     y = y + s * torch.randn(n, 1, generator=g, dtype=DT)
 
     def features(Z):  # X~: a column of ones for the bias
-        return torch.cat([Z, torch.ones(len(Z), 1, dtype=DT)], 1) if bias else Z
+        ones = torch.ones(len(Z), 1, dtype=DT, device=Z.device)
+        return torch.cat([Z, ones], 1) if bias else Z
 
     Xt = features(X)
     P = Xt.T @ Xt / s**2 + a * torch.eye(Xt.shape[1], dtype=DT)
@@ -592,7 +649,8 @@ def linear_problem(bias: bool, orthogonal: bool):
     evidence = MultivariateNormal(
         torch.zeros(n, dtype=DT), s**2 * torch.eye(n, dtype=DT) + Xt @ Xt.T / a
     ).log_prob(y[:, 0])
-    return lin, X, y, s, a, features, P, mean, evidence
+    X, y, P, mean, evidence = (t.to(device) for t in (X, y, P, mean, evidence))
+    return lin.to(device), X, y, s, a, features, P, mean, evidence
 
 
 @pytest.mark.parametrize(
@@ -606,8 +664,10 @@ def linear_problem(bias: bool, orthogonal: bool):
         ("diag", True, True),
     ],
 )
-def test_bayesian_linear_regression_is_exact(structure, bias, orthogonal):
-    lin, X, y, s, a, features, P, mean, evidence = linear_problem(bias, orthogonal)
+def test_bayesian_linear_regression_is_exact(structure, bias, orthogonal, device):
+    lin, X, y, s, a, features, P, mean, evidence = linear_problem(
+        bias, orthogonal, device
+    )
     kwargs = {"rank": len(mean)} if structure == "lowrank" else {}
     la = Laplace(
         lin, "regression", "all", structure, sigma_noise=s, prior_precision=a, **kwargs
@@ -615,7 +675,7 @@ def test_bayesian_linear_regression_is_exact(structure, bias, orthogonal):
     la.fit(loader(X, y))
     assert_close(la.mean, mean)
     assert_close(dense_precision(la), P)
-    xq = torch.randn(5, X.shape[1], generator=gen(10), dtype=DT)
+    xq = torch.randn(5, X.shape[1], generator=gen(10), dtype=DT).to(device)
     f_mu, f_var = la(xq)
     Xq = features(xq)
     assert_close(f_mu, Xq @ mean[:, None])
@@ -629,23 +689,29 @@ def test_bayesian_linear_regression_is_exact(structure, bias, orthogonal):
 
 def _directions(prior: torch.Tensor) -> list[torch.Tensor]:
     if prior.numel() <= 8:  # every coordinate
-        return list(torch.eye(prior.numel(), dtype=DT))
+        return list(torch.eye(prior.numel(), dtype=DT, device=prior.device))
     g = gen(11)
-    return [torch.randn(prior.numel(), generator=g, dtype=DT) for _ in range(3)]
+    return [
+        torch.randn(prior.numel(), generator=g, dtype=DT).to(prior.device)
+        for _ in range(3)
+    ]
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure,prior_kind", STRUCTURE_PRIORS)
 def test_log_marglik_gradients_match_finite_differences(
-    structure, prior_kind, likelihood
+    structure, prior_kind, likelihood, device
 ):
-    m = make_model("mlp")
-    prior0 = torch.as_tensor(prior_of(prior_kind, m), dtype=DT).reshape(-1)
-    sigma0 = torch.tensor(sigma_of(likelihood), dtype=DT)
-    la = fitted("mlp", likelihood, structure, prior_precision=prior0)
+    m = make_model("mlp", device)
+    prior0 = torch.as_tensor(prior_of(prior_kind, m), dtype=DT, device=device)
+    prior0 = prior0.reshape(-1)
+    sigma0 = torch.tensor(sigma_of(likelihood), dtype=DT, device=device)
+    la = fitted("mlp", likelihood, structure, device, prior_precision=prior0)
 
     def oracle(prior, sigma):
-        return oracle_log_marglik("mlp", likelihood, structure, prior, sigma)
+        return oracle_log_marglik(
+            "mlp", likelihood, structure, prior, sigma, device=device
+        )
 
     prior = prior0.clone().requires_grad_(True)
     regression = likelihood == "regression"
@@ -669,10 +735,10 @@ def test_log_marglik_gradients_match_finite_differences(
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_glm_predictive_gradient_wrt_inputs(structure, likelihood):
-    la = fitted("mlp", likelihood, structure, enable_backprop=True)
-    x0 = query_inputs("mlp")[:3].clone()
-    w = torch.randn(3, N_OUT["mlp"], generator=gen(12), dtype=DT)
+def test_glm_predictive_gradient_wrt_inputs(structure, likelihood, device):
+    la = fitted("mlp", likelihood, structure, device, enable_backprop=True)
+    x0 = query_inputs("mlp", device)[:3].clone()
+    w = torch.randn(3, N_OUT["mlp"], generator=gen(12), dtype=DT).to(device)
 
     def outputs(x):
         if likelihood == "regression":
@@ -698,10 +764,10 @@ def test_glm_predictive_gradient_wrt_inputs(structure, likelihood):
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_predictive_does_not_track_the_input_without_enable_backprop(
-    structure, likelihood
+    structure, likelihood, device
 ):
-    la = fitted("mlp", likelihood, structure)
-    x = query_inputs("mlp").clone().requires_grad_(True)
+    la = fitted("mlp", likelihood, structure, device)
+    x = query_inputs("mlp", device).clone().requires_grad_(True)
     outs = [la(x), la(x, pred_type="nn", link_approx="mc", n_samples=3)]
     if likelihood == "regression":
         outs.append(la(x, joint=True))
@@ -716,15 +782,17 @@ def test_predictive_does_not_track_the_input_without_enable_backprop(
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_samples_have_the_posterior_moments(structure):
-    m = make_model("mlp")
+def test_samples_have_the_posterior_moments(structure, device):
+    m = make_model("mlp", device)
     prior = a_prior_for(structure, m)
-    la = fitted("mlp", "regression", structure, prior_precision=prior)
+    la = fitted("mlp", "regression", structure, device, prior_precision=prior)
     n = 20_000
-    samples = la.sample(n, generator=gen(13))
+    samples = la.sample(n, generator=gen(13, device))
     P = n_params(m)
     assert samples.shape == (n, P)
-    Sigma = torch.linalg.inv(oracle_precision("mlp", "regression", structure, prior))
+    Sigma = torch.linalg.inv(
+        oracle_precision("mlp", "regression", structure, prior, device=device)
+    )
     var = Sigma.diagonal()
 
     # mean: each coordinate within 5 standard errors sqrt(var_i / n)
@@ -742,7 +810,9 @@ def test_samples_have_the_posterior_moments(structure):
     rms = ((Sigma.square().sum() + var.sum() ** 2) / n).sqrt()
     assert torch.linalg.norm(S - Sigma) < 1.5 * rms
 
-    assert torch.equal(la.sample(7, generator=gen(14)), la.sample(7, generator=gen(14)))
+    assert torch.equal(
+        la.sample(7, generator=gen(14, device)), la.sample(7, generator=gen(14, device))
+    )
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
@@ -751,8 +821,8 @@ def test_float32_samples_have_the_posterior_moments(structure, device):
     float32 Laplace is within sampling error of the inverse of its own precision
     (taken in float64), as a float64 one is (laplace-torch's float32 Full 'nn'
     predictive was 6 standard errors off such draws on the compat scenario)."""
-    m = make_model("mlp").float().to(device)
-    x, y = train_data("mlp", "regression")
+    m = make_model("mlp", device).float().to(device)
+    x, y = train_data("mlp", "regression", device)
     la = Laplace(
         m, "regression", "all", structure, sigma_noise=0.7, prior_precision=1.0
     )
@@ -769,16 +839,22 @@ def test_float32_samples_have_the_posterior_moments(structure, device):
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_nn_predictive_is_the_network_at_posterior_samples(structure, likelihood):
-    m = make_model("mlp")
-    la = fitted("mlp", likelihood, structure, prior_precision=a_prior_for(structure, m))
-    x = query_inputs("mlp")
+def test_nn_predictive_is_the_network_at_posterior_samples(
+    structure, likelihood, device
+):
+    m = make_model("mlp", device)
+    la = fitted(
+        "mlp", likelihood, structure, device, prior_precision=a_prior_for(structure, m)
+    )
+    x = query_inputs("mlp", device)
     S = 40
-    thetas = la.sample(S, generator=gen(15))
+    thetas = la.sample(S, generator=gen(15, device))
     f = torch.stack([network_at(m, theta, x) for theta in thetas])  # (S, n, C)
 
-    out = la(x, pred_type="nn", link_approx="mc", n_samples=S, generator=gen(15))
-    samples = la.predictive_samples(x, "nn", n_samples=S, generator=gen(15))
+    out = la(
+        x, pred_type="nn", link_approx="mc", n_samples=S, generator=gen(15, device)
+    )
+    samples = la.predictive_samples(x, "nn", n_samples=S, generator=gen(15, device))
     if likelihood == "regression":
         assert_close(out[0], f.mean(0))
         assert_close(out[1], f.var(0))
@@ -788,9 +864,9 @@ def test_nn_predictive_is_the_network_at_posterior_samples(structure, likelihood
         assert_close(samples, torch.softmax(f, -1))
     assert samples.shape == (S, len(x), N_OUT["mlp"])
 
-    glm = la.predictive_samples(x, "glm", n_samples=S, generator=gen(16))
+    glm = la.predictive_samples(x, "glm", n_samples=S, generator=gen(16, device))
     assert glm.shape == (S, len(x), N_OUT["mlp"])
-    again = la.predictive_samples(x, "glm", n_samples=S, generator=gen(16))
+    again = la.predictive_samples(x, "glm", n_samples=S, generator=gen(16, device))
     assert torch.equal(glm, again)
 
 
@@ -799,9 +875,9 @@ def test_nn_predictive_is_the_network_at_posterior_samples(structure, likelihood
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_fits_on_two_parts_equal_one_fit_on_the_whole(structure, likelihood):
-    x, y = train_data("mlp", likelihood)
-    m = make_model("mlp")
+def test_fits_on_two_parts_equal_one_fit_on_the_whole(structure, likelihood, device):
+    x, y = train_data("mlp", likelihood, device)
+    m = make_model("mlp", device)
     prior = prior_of("layerwise", m)
     kwargs = dict(
         sigma_noise=sigma_of(likelihood), temperature=TEMPERATURE, prior_precision=prior
@@ -809,24 +885,25 @@ def test_fits_on_two_parts_equal_one_fit_on_the_whole(structure, likelihood):
     la = Laplace(m, likelihood, "all", structure, **kwargs)
     la.fit(loader(x[:5], y[:5], batch_size=2))
     la.fit(loader(x[5:], y[5:], batch_size=3), override=False)
-    whole = fitted("mlp", likelihood, structure, **kwargs)
+    whole = fitted("mlp", likelihood, structure, device, **kwargs)
 
     assert la.n_data == N
     assert_close(dense_precision(la), dense_precision(whole))
     assert_close(
-        dense_precision(la), oracle_precision("mlp", likelihood, structure, prior)
+        dense_precision(la),
+        oracle_precision("mlp", likelihood, structure, prior, device=device),
     )
     assert_close(la.log_likelihood, whole.log_likelihood)
     assert_close(la.log_marginal_likelihood(), whole.log_marginal_likelihood())
     assert_close(
         la.log_marginal_likelihood(),
-        oracle_log_marglik("mlp", likelihood, structure, prior),
+        oracle_log_marglik("mlp", likelihood, structure, prior, device=device),
     )
 
 
-def test_lowrank_refuses_to_accumulate_fits():
-    la = fitted("mlp", "regression", "lowrank", rank=5)
-    x, y = train_data("mlp", "regression")
+def test_lowrank_refuses_to_accumulate_fits(device):
+    la = fitted("mlp", "regression", "lowrank", device, rank=5)
+    x, y = train_data("mlp", "regression", device)
     with pytest.raises(ValueError):
         la.fit(loader(x, y), override=False)
 
@@ -834,16 +911,16 @@ def test_lowrank_refuses_to_accumulate_fits():
 # ---- 11. prior precision tuning ------------------------------------------------------
 
 
-def scalar_evidence_maximiser(likelihood: str, structure: str) -> float:
+def scalar_evidence_maximiser(likelihood: str, structure: str, device) -> float:
     """``log p*`` maximising the dense evidence over a scalar prior ``p``.
 
     ``d evidence / d log p = 0.5 (P - sum_i p / (f lam_i + p) - p ||theta||^2)``,
     with ``lam`` the eigenvalues of the oracle ``H`` and ``f`` the factor, decreases
     strictly in ``p``: its unique root is found by bisection.
     """
-    lam = torch.linalg.eigvalsh(oracle_curvature("mlp", likelihood, structure))
+    lam = torch.linalg.eigvalsh(oracle_curvature("mlp", likelihood, structure, device))
     lam = lam.clamp_min(0) * factor_of(sigma_of(likelihood))
-    r2 = theta_of(make_model("mlp")).square().sum()
+    r2 = theta_of(make_model("mlp", device)).square().sum()
 
     def slope(log_p):
         p = math.exp(log_p)
@@ -859,29 +936,31 @@ def scalar_evidence_maximiser(likelihood: str, structure: str) -> float:
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_marglik_tuning_finds_the_scalar_optimum(structure, likelihood):
-    la = fitted("mlp", likelihood, structure)
+def test_marglik_tuning_finds_the_scalar_optimum(structure, likelihood, device):
+    la = fitted("mlp", likelihood, structure, device)
     la.optimize_prior_precision(
         method="marglik", n_steps=200, lr=0.1, prior_structure="scalar"
     )
     assert la.prior_precision.shape == (1,)
     assert not la.prior_precision.requires_grad
-    log_p_star = scalar_evidence_maximiser(likelihood, structure)
+    log_p_star = scalar_evidence_maximiser(likelihood, structure, device)
     assert abs(la.prior_precision.log().item() - log_p_star) < 1e-3
 
 
 @pytest.mark.parametrize("likelihood", ["regression"])
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_marglik_tuning_layerwise_is_stationary(structure, likelihood):
-    la = fitted("mlp", likelihood, structure)
+def test_marglik_tuning_layerwise_is_stationary(structure, likelihood, device):
+    la = fitted("mlp", likelihood, structure, device)
     la.optimize_prior_precision(
         method="marglik", n_steps=200, lr=0.1, prior_structure="layerwise"
     )
     log_p = la.prior_precision.log()
-    assert log_p.shape == (len(trainable_params(make_model("mlp"))),)
+    assert log_p.shape == (len(trainable_params(make_model("mlp", device))),)
 
     def oracle(log_prior):
-        return oracle_log_marglik("mlp", likelihood, structure, log_prior.exp())
+        return oracle_log_marglik(
+            "mlp", likelihood, structure, log_prior.exp(), device=device
+        )
 
     h = 1e-5
     for i in range(len(log_p)):
@@ -892,24 +971,26 @@ def test_marglik_tuning_layerwise_is_stationary(structure, likelihood):
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_gridsearch_picks_the_grid_minimiser_of_the_validation_loss(structure):
-    la = fitted("mlp", "classification", structure)
-    m = make_model("mlp")
+def test_gridsearch_picks_the_grid_minimiser_of_the_validation_loss(structure, device):
+    la = fitted("mlp", "classification", structure, device)
+    m = make_model("mlp", device)
     g = gen(17)
-    x_val = torch.randn(9, 3, generator=g, dtype=DT)
-    y_val = torch.randint(0, N_OUT["mlp"], (9,), generator=g)
+    x_val = torch.randn(9, 3, generator=g, dtype=DT).to(device)
+    y_val = torch.randint(0, N_OUT["mlp"], (9,), generator=g).to(device)
 
     def nll(probs, y):
-        return -probs[torch.arange(len(y)), y].log().mean()
+        return -probs[torch.arange(len(y), device=y.device), y].log().mean()
 
     J = oracles.jacobian(m, x_val)
     with torch.no_grad():
         f_mu = m(x_val)
-    H = oracle_curvature("mlp", "classification", structure)
-    grid = torch.logspace(-2, 2, 9, dtype=DT)
+    H = oracle_curvature("mlp", "classification", structure, device)
+    grid = torch.logspace(-2, 2, 9, dtype=DT, device=device)
     losses = []
     for p in grid:
-        Sigma = torch.linalg.inv(H / TEMPERATURE + p * torch.eye(len(H), dtype=DT))
+        Sigma = torch.linalg.inv(
+            H / TEMPERATURE + p * torch.eye(len(H), dtype=DT, device=device)
+        )
         f_var = torch.einsum("ncp,pq,ncq->nc", J, Sigma, J)
         losses.append(
             nll(torch.softmax(f_mu / (1 + math.pi / 8 * f_var).sqrt(), -1), y_val)
@@ -959,15 +1040,15 @@ def test_spectrum_is_computed_in_float64_and_none_where_it_does_not_converge(
     assert symmetric_eigenvalues(H) is None
 
 
-def test_full_evidence_without_a_spectrum_uses_the_cholesky_factor(monkeypatch):
+def test_full_evidence_without_a_spectrum_uses_the_cholesky_factor(monkeypatch, device):
     """The scalar-prior evidence of Full reads the spectrum of ``H``; where no
     eigensolver converges, the log-determinant and its gradient come from the
     Cholesky factor of the posterior precision."""
-    la = fitted("mlp", "classification", "full")
+    la = fitted("mlp", "classification", "full", device)
     _eigvalsh_failing_in(monkeypatch, (torch.float32, torch.float64))
-    prior = torch.tensor([0.7], dtype=DT, requires_grad=True)
+    prior = torch.tensor([0.7], dtype=DT, device=device, requires_grad=True)
     la.prior_precision = prior
-    P = la._h_factor * la.H + 0.7 * torch.eye(la.n_params, dtype=DT)
+    P = la._h_factor * la.H + 0.7 * torch.eye(la.n_params, dtype=DT, device=device)
     logdet = la.log_det_posterior_precision
     assert_close(logdet, torch.logdet(P))
     logdet.backward()  # d log det P / d p0 = tr(P^-1)
@@ -1034,7 +1115,7 @@ def test_tuned_evidence_is_the_reported_one_for_an_indefinite_hessian(device):
     assert abs(slope.item()) < 1e-4
 
 
-def test_indefinite_full_posterior_precision_raises_on_both_paths():
+def test_indefinite_full_posterior_precision_raises_on_both_paths(device):
     """Where ``factor * H + p`` has a negative eigenvalue the evidence is undefined:
     the reported and the tuned evidence both raise (laplace-torch returns NaN, or a
     finite number where an even count of eigenvalues is negative)."""
@@ -1044,9 +1125,9 @@ def test_indefinite_full_posterior_precision_raises_on_both_paths():
     m, x, y = trained_mlp_and_data(0)
     lam_min = torch.linalg.eigvalsh(oracles.true_hessian(m, x, y, "regression"))[0]
     assert lam_min < -1
-    la = Laplace(m, "regression", "all", "full", backend=CurvlinopsHessian)
-    la.fit(loader(x, y))
-    p = torch.tensor([0.5 * -lam_min.item()], dtype=DT)
+    la = Laplace(m.to(device), "regression", "all", "full", backend=CurvlinopsHessian)
+    la.fit(loader(x.to(device), y.to(device)))
+    p = torch.tensor([0.5 * -lam_min.item()], dtype=DT, device=device)
     with pytest.raises(NotPositiveDefiniteError):
         la.log_marginal_likelihood(prior_precision=p)
     with pytest.raises(NotPositiveDefiniteError):

@@ -36,27 +36,36 @@ def test_parameters_per_layer():
     ],
     ids=["scalar", "layerwise", "diag"],
 )
-def test_expand_each_structure(value, expected):
-    prec = as_prior_precision(value, 3, 12, dtype=torch.float64)
-    torch.testing.assert_close(expand_prior_precision(prec, PARAMS), expected.double())
-
-
-def test_gradients_reach_the_structured_precision():
-    layerwise = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64, requires_grad=True)
-    prec = as_prior_precision(layerwise, 3, 12)
-    expand_prior_precision(prec, PARAMS).log().sum().backward()
+def test_expand_each_structure(value, expected, device):
+    prec = as_prior_precision(value, 3, 12, dtype=torch.float64, device=device)
+    params = [p.to(device) for p in PARAMS]
     torch.testing.assert_close(
-        layerwise.grad, torch.tensor([6 / 2, 3 / 3, 3 / 5]).double()
+        expand_prior_precision(prec, params), expected.to(device, torch.float64)
+    )
+
+
+def test_gradients_reach_the_structured_precision(device):
+    layerwise = torch.tensor(
+        [2.0, 3.0, 5.0], dtype=torch.float64, device=device, requires_grad=True
+    )
+    prec = as_prior_precision(layerwise, 3, 12)
+    params = [p.to(device) for p in PARAMS]
+    expand_prior_precision(prec, params).log().sum().backward()
+    torch.testing.assert_close(
+        layerwise.grad, torch.tensor([6 / 2, 3 / 3, 3 / 5]).to(device, torch.float64)
     )
 
 
 @pytest.mark.parametrize(
     "structure, length", [("scalar", 1), ("layerwise", 3), ("diag", 12)]
 )
-def test_initial_precision_of_each_structure(structure, length):
-    prec = prior_precision_of_structure(0.5, structure, 3, 12, dtype=torch.float64)
+def test_initial_precision_of_each_structure(structure, length, device):
+    prec = prior_precision_of_structure(
+        0.5, structure, 3, 12, dtype=torch.float64, device=device
+    )
     assert prec.shape == (length,)
-    torch.testing.assert_close(prec, torch.full((length,), 0.5, dtype=torch.float64))
+    expected = torch.full((length,), 0.5, dtype=torch.float64, device=device)
+    torch.testing.assert_close(prec, expected)
 
 
 @pytest.mark.parametrize(

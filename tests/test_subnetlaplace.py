@@ -19,21 +19,21 @@ DT = torch.float64
 STRUCTURES = {"full": FullSubnetLaplace, "diag": DiagSubnetLaplace}
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+def gen(seed, device="cpu"):
+    return torch.Generator(device).manual_seed(seed)
 
 
-def mlp(n_out=3, frozen=True):
+def mlp(n_out=3, frozen=True, *, device):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, n_out)
-    ).to(DT)
+    ).to(device, DT)
     if frozen:
         model[2].bias.requires_grad_(False)
     return model
 
 
-def cnn(n_out=3):
+def cnn(n_out=3, *, device):
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
@@ -41,29 +41,30 @@ def cnn(n_out=3):
         nn.Conv2d(3, 2, 2, stride=2),
         nn.Flatten(),
         nn.Linear(2 * 3 * 3, n_out),
-    ).to(DT)
+    ).to(device, DT)
 
 
 class Scaled(nn.Module):
     """A parameter outside nn.Linear: the generic (torch.func) route."""
 
-    def __init__(self):
+    def __init__(self, *, device):
         super().__init__()
-        self.net = mlp()
-        self.scale = nn.Parameter(torch.tensor([0.5, 1.0, 1.5], dtype=DT))
+        self.net = mlp(device=device)
+        scale = torch.tensor([0.5, 1.0, 1.5], dtype=DT, device=device)
+        self.scale = nn.Parameter(scale)
 
     def forward(self, x):
         return self.net(x) * self.scale
 
 
-def data(likelihood, n=12, image=False, seed=1):
+def data(likelihood, n=12, image=False, seed=1, *, device):
     g = gen(seed)
     x = torch.randn(n, *((2, 6, 6) if image else (4,)), generator=g, dtype=DT)
     if likelihood == "classification":
         y = torch.randint(0, 3, (n,), generator=g)
     else:
         y = torch.randn(n, 3, generator=g, dtype=DT)
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def loader(x, y):
@@ -73,7 +74,10 @@ def loader(x, y):
 def trainable_positions(model):
     """Positions of the trainable entries in the vector of all parameters."""
     mask = torch.cat(
-        [torch.full((p.numel(),), p.requires_grad) for p in model.parameters()]
+        [
+            torch.full((p.numel(),), p.requires_grad, device=p.device)
+            for p in model.parameters()
+        ]
     )
     return mask.nonzero().flatten()
 
@@ -88,7 +92,7 @@ def among_trainable(model, idx):
     """The entries ``idx`` (all parameters) numbered among the trainable ones, as the
     oracles number them."""
     lookup = {int(a): i for i, a in enumerate(trainable_positions(model))}
-    return torch.tensor([lookup[int(i)] for i in idx])
+    return torch.tensor([lookup[int(i)] for i in idx], device=idx.device)
 
 
 def all_weights(model):
@@ -96,7 +100,7 @@ def all_weights(model):
 
 
 def fitted(structure, model, likelihood, idx, **kwargs):
-    x, y = data(likelihood)
+    x, y = data(likelihood, device=next(model.parameters()).device)
     la = STRUCTURES[structure](model, likelihood, idx, **kwargs)
     la.fit(loader(x, y))
     return la, x
@@ -107,9 +111,9 @@ def fitted(structure, model, likelihood, idx, **kwargs):
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("backend", [None, BackPackGGN, AsdlGGN])
 def test_precision_is_the_submatrix_of_the_dense_curvature(
-    structure, likelihood, backend
+    structure, likelihood, backend, device
 ):
-    model = mlp(frozen=backend is None)
+    model = mlp(frozen=backend is None, device=device)
     idx = pick(model, 9)
     kw = {"sigma_noise": 0.7} if likelihood == "regression" else {}
     la, x = fitted(
@@ -118,7 +122,7 @@ def test_precision_is_the_submatrix_of_the_dense_curvature(
     t = among_trainable(model, idx)
     G = oracles.ggn(model, x, likelihood)[t][:, t]
     factor = 1 / 0.7**2 if likelihood == "regression" else 1.0
-    P = factor * G + 0.5 * torch.eye(9, dtype=DT)
+    P = factor * G + 0.5 * torch.eye(9, dtype=DT, device=device)
     if structure == "full":
         torch.testing.assert_close(la.H, G)
         torch.testing.assert_close(la.posterior_precision, P)
@@ -130,11 +134,11 @@ def test_precision_is_the_submatrix_of_the_dense_curvature(
     torch.testing.assert_close(la.mean_subnet, all_weights(model)[idx])
 
 
-def test_empirical_fisher_submatrix():
-    model = mlp()
+def test_empirical_fisher_submatrix(device):
+    model = mlp(device=device)
     idx = pick(model, 7)
     la, x = fitted("full", model, "classification", idx, backend=CurvlinopsEF)
-    _, y = data("classification")
+    _, y = data("classification", device=device)
     t = among_trainable(model, idx)
     G = oracles.empirical_fisher(model, x, y, "classification")[t][:, t]
     torch.testing.assert_close(la.H, G)
@@ -143,18 +147,18 @@ def test_empirical_fisher_submatrix():
 # -- predictives with every other weight fixed ----------------------------------------
 @pytest.mark.parametrize("structure", ["full", "diag"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "generic"])
-def test_glm_predictive_equals_the_oracle(structure, kind):
-    model = {"mlp": mlp, "cnn": cnn, "generic": Scaled}[kind]()
+def test_glm_predictive_equals_the_oracle(structure, kind, device):
+    model = {"mlp": mlp, "cnn": cnn, "generic": Scaled}[kind](device=device)
     idx = pick(model, 8, seed=3)
     image = kind == "cnn"
-    x, y = data("regression", image=image)
+    x, y = data("regression", image=image, device=device)
     la = STRUCTURES[structure](model, "regression", idx, prior_precision=1.3)
     la.fit(loader(x, y))
-    xt = data("regression", n=4, image=image, seed=9)[0]
+    xt = data("regression", n=4, image=image, seed=9, device=device)[0]
     t = among_trainable(model, idx)
     J = oracles.jacobian(model, xt)[..., t]
     G = oracles.ggn(model, x, "regression")[t][:, t]
-    P = G + 1.3 * torch.eye(8, dtype=DT)
+    P = G + 1.3 * torch.eye(8, dtype=DT, device=device)
     if structure == "diag":
         P = torch.diag(P.diagonal())
     f_var = J @ torch.linalg.solve(P, J.transpose(1, 2))
@@ -167,22 +171,24 @@ def test_glm_predictive_equals_the_oracle(structure, kind):
     torch.testing.assert_close(joint, Jf @ torch.linalg.solve(P, Jf.T))
 
 
-def test_classification_probit_and_nn_predictive():
-    model = mlp()
+def test_classification_probit_and_nn_predictive(device):
+    model = mlp(device=device)
     idx = pick(model, 10)
     la, x = fitted("full", model, "classification", idx, prior_precision=2.0)
-    xt = data("classification", n=3, seed=9)[0]
+    xt = data("classification", n=3, seed=9, device=device)[0]
     J = oracles.jacobian(model, xt)[..., among_trainable(model, idx)]
     var = (J @ la.posterior_covariance @ J.transpose(1, 2)).diagonal(dim1=1, dim2=2)
     expected = torch.softmax(model(xt).detach() / torch.sqrt(1 + math.pi / 8 * var), -1)
     torch.testing.assert_close(la(xt), expected)
     # the nn predictive runs the network at samples that move only the subnetwork
-    samples = la.sample(50, generator=gen(4))
-    outside = torch.ones(la.n_params, dtype=torch.bool)
+    samples = la.sample(50, generator=gen(4, device))
+    outside = torch.ones(la.n_params, dtype=torch.bool, device=device)
     outside[idx] = False
     assert torch.equal(samples[:, outside], la.mean.expand(50, -1)[:, outside])
     assert (samples[:, idx] != la.mean[idx]).all()
-    probs = la(xt, pred_type="nn", link_approx="mc", n_samples=50, generator=gen(4))
+    probs = la(
+        xt, pred_type="nn", link_approx="mc", n_samples=50, generator=gen(4, device)
+    )
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
     outs = []
@@ -193,11 +199,11 @@ def test_classification_probit_and_nn_predictive():
     torch.testing.assert_close(probs, torch.softmax(torch.stack(outs), -1).mean(0))
 
 
-def test_samples_follow_the_subnetwork_posterior():
-    model = mlp()
+def test_samples_follow_the_subnetwork_posterior(device):
+    model = mlp(device=device)
     idx = pick(model, 4)
     la, _ = fitted("full", model, "regression", idx, prior_precision=3.0)
-    s = la.sample(40000, generator=gen(0))[:, idx]
+    s = la.sample(40000, generator=gen(0, device))[:, idx]
     cov = torch.cov(s.T)
     torch.testing.assert_close(s.mean(0), la.mean[idx], atol=0.02, rtol=0)
     torch.testing.assert_close(
@@ -211,17 +217,17 @@ def test_samples_follow_the_subnetwork_posterior():
 # -- evidence, tuning ------------------------------------------------------------------
 @pytest.mark.parametrize("structure", ["full", "diag"])
 @pytest.mark.parametrize("prior", ["scalar", "layerwise", "diag"])
-def test_evidence_and_gradients_equal_the_oracle(structure, prior):
-    model = mlp()
+def test_evidence_and_gradients_equal_the_oracle(structure, prior, device):
+    model = mlp(device=device)
     idx = pick(model, 9)
     la, x = fitted(structure, model, "regression", idx)
     sizes = [p.numel() for p in model.parameters()]
     n = {"scalar": 1, "layerwise": len(sizes), "diag": sum(sizes)}[prior]
-    p0 = torch.linspace(0.5, 2.0, n, dtype=DT).requires_grad_(True)
-    sigma = torch.tensor(0.8, dtype=DT, requires_grad=True)
+    p0 = torch.linspace(0.5, 2.0, n, dtype=DT, device=device).requires_grad_(True)
+    sigma = torch.tensor(0.8, dtype=DT, device=device, requires_grad=True)
     ours = la.log_marginal_likelihood(p0, sigma)
 
-    _, y = data("regression")
+    _, y = data("regression", device=device)
     t = among_trainable(model, idx)
     G = oracles.ggn(model, x, "regression")[t][:, t]
     if structure == "diag":
@@ -229,7 +235,11 @@ def test_evidence_and_gradients_equal_the_oracle(structure, prior):
     full_p0 = (
         p0.expand(sum(sizes))
         if n == 1
-        else (p0.repeat_interleave(torch.tensor(sizes)) if prior == "layerwise" else p0)
+        else (
+            p0.repeat_interleave(torch.tensor(sizes, device=device))
+            if prior == "layerwise"
+            else p0
+        )
     )
     p0_s = full_p0[idx]
     theta = all_weights(model)[idx]
@@ -251,19 +261,19 @@ def test_evidence_and_gradients_equal_the_oracle(structure, prior):
 
 
 @pytest.mark.parametrize("prior_structure", ["scalar", "layerwise", "diag"])
-def test_marglik_tuning_increases_the_evidence(prior_structure):
-    model = mlp()
+def test_marglik_tuning_increases_the_evidence(prior_structure, device):
+    model = mlp(device=device)
     la, _ = fitted("full", model, "classification", pick(model, 12))
     before = la.log_marginal_likelihood().item()
     la.optimize_prior_precision(prior_structure=prior_structure, n_steps=30)
     assert la.log_marginal_likelihood().item() > before
 
 
-def test_gridsearch_tunes_the_prior():
-    model = mlp()
+def test_gridsearch_tunes_the_prior(device):
+    model = mlp(device=device)
     la, x = fitted("diag", model, "classification", pick(model, 12))
-    xv, yv = data("classification", seed=5)
-    grid = torch.logspace(-4, 4, 5, dtype=xv.dtype)
+    xv, yv = data("classification", seed=5, device=device)
+    grid = torch.logspace(-4, 4, 5, dtype=xv.dtype, device=device)
     nlls = []
     for (
         value
@@ -279,8 +289,8 @@ def test_gridsearch_tunes_the_prior():
 
 
 # -- the fit never forms a (P, P) matrix or (N, C, P) vectors --------------------------
-def test_fit_works_on_subnetwork_columns_only(monkeypatch):
-    model = mlp()
+def test_fit_works_on_subnetwork_columns_only(monkeypatch, device):
+    model = mlp(device=device)
     idx = pick(model, 6)
     widths = []
     original = backprop_factor.symmetric_gram
@@ -295,10 +305,10 @@ def test_fit_works_on_subnetwork_columns_only(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "generic"])
-def test_selected_per_example_vectors_equal_the_selected_columns(kind):
-    model = {"mlp": mlp, "cnn": cnn, "generic": Scaled}[kind]()
+def test_selected_per_example_vectors_equal_the_selected_columns(kind, device):
+    model = {"mlp": mlp, "cnn": cnn, "generic": Scaled}[kind](device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    x = data("classification", n=4, image=kind == "cnn")[0]
+    x = data("classification", n=4, image=kind == "cnn", device=device)[0]
     idx = among_trainable(model, pick(model, 11, seed=2))  # among params
     f, V = backprop_factor.per_example_vectors(
         model, params, x, backprop_factor.identity_factor
@@ -311,44 +321,50 @@ def test_selected_per_example_vectors_equal_the_selected_columns(kind):
 
 
 # -- serialization and bad input ------------------------------------------------------
-def test_state_dict_round_trip():
-    model = mlp()
+def test_state_dict_round_trip(device):
+    model = mlp(device=device)
     idx = pick(model, 8)
     la, _ = fitted("full", model, "classification", idx, prior_precision=0.7)
     state = la.state_dict()
-    other = mlp()
+    other = mlp(device=device)
     la2 = FullSubnetLaplace(other, "classification", idx)
     la2.load_state_dict(state)
-    xt = data("classification", n=3, seed=9)[0]
+    xt = data("classification", n=3, seed=9, device=device)[0]
     torch.testing.assert_close(la2(xt), la(xt))
     torch.testing.assert_close(
         la2.log_marginal_likelihood(), la.log_marginal_likelihood()
     )
     with pytest.raises(ValueError, match="another subnetwork"):
-        FullSubnetLaplace(mlp(), "classification", idx.flip(0)).load_state_dict(state)
+        FullSubnetLaplace(
+            mlp(device=device), "classification", idx.flip(0)
+        ).load_state_dict(state)
 
 
-def test_bad_input_is_refused_clearly():
-    model = mlp()
+def test_bad_input_is_refused_clearly(device):
+    model = mlp(device=device)
     P = sum(p.numel() for p in model.parameters())
+
+    def at(values, **kwargs):
+        return torch.tensor(values, device=device, **kwargs)
+
     make = lambda idx: Laplace(  # noqa: E731
         model, "classification", "subnetwork", "full", subnetwork_indices=idx
     )
     with pytest.raises(ValueError, match=rf"\[0, {P}\)"):
-        make(torch.tensor([0, P]))
-    frozen = ~torch.isin(torch.arange(P), trainable_positions(model))
+        make(at([0, P]))
+    frozen = ~torch.isin(torch.arange(P, device=device), trainable_positions(model))
     with pytest.raises(ValueError, match=r"do not require grad \(2.bias\)"):
-        make(torch.cat([torch.tensor([0]), frozen.nonzero().flatten()[:2]]))
+        make(torch.cat([at([0]), frozen.nonzero().flatten()[:2]]))
     with pytest.raises(ValueError, match="non-negative"):
-        make(torch.tensor([-1, 2]))
+        make(at([-1, 2]))
     with pytest.raises(ValueError, match="distinct.*\\[3\\]"):
-        make(torch.tensor([3, 1, 3]))
+        make(at([3, 1, 3]))
     with pytest.raises(ValueError, match="non-empty 1-D"):
-        make(torch.tensor([], dtype=torch.long))
+        make(at([], dtype=torch.long))
     with pytest.raises(ValueError, match="non-empty 1-D"):
-        make(torch.tensor([[0, 1]]))
+        make(at([[0, 1]]))
     with pytest.raises(TypeError, match="integers"):
-        make(torch.tensor([0.0, 1.0]))
+        make(at([0.0, 1.0]))
     with pytest.raises(TypeError, match="LongTensor"):
         make([0, 1])
     with pytest.raises(TypeError, match="subnetwork_indices"):
@@ -359,21 +375,21 @@ def test_bad_input_is_refused_clearly():
             "classification",
             "subnetwork",
             "kron",
-            subnetwork_indices=torch.tensor([0]),
+            subnetwork_indices=at([0]),
         )
     with pytest.raises(ValueError, match="reward_modeling"):
-        FullSubnetLaplace(model, "reward_modeling", torch.tensor([0]))
-    la = FullSubnetLaplace(model, "classification", torch.tensor([0, 1]))
-    la.fit(loader(*data("classification")))
+        FullSubnetLaplace(model, "reward_modeling", at([0]))
+    la = FullSubnetLaplace(model, "classification", at([0, 1]))
+    la.fit(loader(*data("classification", device=device)))
     with pytest.raises(ValueError, match=r"\(batch, outputs, 2\)"):
-        la.functional_variance(torch.zeros(2, 3, P, dtype=DT))
+        la.functional_variance(torch.zeros(2, 3, P, dtype=DT, device=device))
     assert isinstance(la, SubnetLaplace)
 
 
-def test_mask_indices_select_the_same_weights_in_a_model_with_frozen_parameters():
+def test_mask_indices_select_the_same_weights_in_a_model_with_frozen_parameters(device):
     from laplace.utils import ParamNameSubnetMask
 
-    model = mlp()  # model[2].bias is frozen and comes before "4.weight"
+    model = mlp(device=device)  # model[2].bias is frozen and comes before "4.weight"
     indices = ParamNameSubnetMask(model, ["4.weight"]).select()
     la, x = fitted("full", model, "classification", indices)
     start = sum(p.numel() for p in list(model.parameters())[:4])
