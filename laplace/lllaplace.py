@@ -80,7 +80,15 @@ class LastLayerMixin:
         for batch in train_loader:
             x, _ = split_batch(batch, self.dict_key_x, self.dict_key_y)
             with torch.no_grad():
-                self.model.find_last_layer(to_device(x, self._device))
+                f, _ = self.model.find_last_layer(to_device(x, self._device))
+            if f.ndim > 2 and self.likelihood != Likelihood.REWARD_MODELING:
+                # e.g. logits at every position: the curvature would come from the
+                # reduced features, the predictive could not be formed
+                raise ValueError(
+                    f"The model's output has shape {tuple(f.shape)}; a last-layer "
+                    "Laplace needs outputs of shape (batch, outputs). Return the "
+                    "outputs of the position the task uses (e.g. logits[:, -1])."
+                )
             self._bind_params(self._select_params())
             return
         raise ValueError("train_loader yielded no batches.")

@@ -512,3 +512,27 @@ def test_classes_and_feature_extractor_are_public(device):
         Laplace(mlp(device=device), "classification", "last_layer", "diag"),
         DiagLLLaplace,
     )
+
+
+def test_outputs_at_every_position_are_refused_before_fitting(device):
+    """A token-level model (logits at every position): refused when the last layer
+    is found, before any curvature (it would be fit on reduced features and could
+    not predict)."""
+
+    class TokenLevel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # (B, T, 3) -> (B, T, 2)
+            return self.head(torch.tanh(self.body(x)))
+
+    model = TokenLevel().to(device)
+    x = torch.randn(6, 5, 3, device=device)
+    y = torch.randint(0, 2, (6,), device=device)
+    la = Laplace(model, "classification", feature_reduction="pick_last")
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    with pytest.raises(ValueError, match=r"\(6, 5, 2\)|\(3, 5, 2\)"):
+        la.fit(loader)
+    assert not la.fitted
