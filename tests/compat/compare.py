@@ -142,6 +142,12 @@ KNOWN = [
         "from the same posterior, laplace-torch's variance about 6 standard errors off",
         "differences.md#fixed-behaviour (float32 weight samples)",
     ),
+    (
+        "workflow/huggingface/token_level-pick_last", "fit",
+        "logits at every position are refused with a ValueError when the last layer "
+        "is found; laplace-torch fails in fit with a shape mismatch",
+        "differences.md#clearer-errors",
+    ),
 ]  # fmt: skip
 
 
