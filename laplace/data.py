@@ -78,17 +78,6 @@ def dataset_size(loader: Any) -> int:
         ) from err
 
 
-def check_pairs(x: Inputs, dict_key_x: str) -> None:
-    """Refuse reward-modeling training inputs that are not pairs ``(batch, 2, ...)``."""
-    shape = tuple(input_tensor(x, dict_key_x).shape)
-    if len(shape) < 3 or shape[1] != 2:
-        raise ValueError(
-            "likelihood='reward_modeling' fits on pairs: training inputs of shape "
-            "(batch, 2, ...) with targets (batch,) naming the preferred item (0 or "
-            f"1); got inputs of shape {shape}."
-        )
-
-
 def unpack_batch(batch: Any, dict_key_y: str) -> tuple[Inputs, Any]:
     """Split a data-loader item into ``(x, y)``.
 

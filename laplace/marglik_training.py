@@ -34,7 +34,7 @@ from laplace import prior
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature.asdl import AsdlGGN
 from laplace.curvature.curvature import CurvatureInterface, check_backend
-from laplace.data import batch_size, check_pairs, dataset_size, split_batch, to_device
+from laplace.data import batch_size, dataset_size, split_batch, to_device
 from laplace.laplace import Laplace
 from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.utils.enums import (
@@ -470,8 +470,6 @@ def _batches(loader, s: _Settings, dict_key_x, dict_key_y, device, epoch):
                     f"backend {s.backend.__name__} cannot take mapping (dict) batches; "
                     "use AsdlGGN (the default) or CurvlinopsGGN."
                 )
-            if s.likelihood == Likelihood.REWARD_MODELING:
-                check_pairs(x, dict_key_x)
         yield x, y
 
 
@@ -485,6 +483,7 @@ class _MapObjective:
 
     def __init__(self, s: _Settings, N: int, dict_key_x: str) -> None:
         self.lik: OutputLikelihood = get_likelihood(s.likelihood)
+        self.pairs = s.likelihood == Likelihood.REWARD_MODELING
         self.temperature = s.temperature
         self.N = N
         self.dict_key_x = dict_key_x
@@ -492,6 +491,13 @@ class _MapObjective:
     def __call__(self, model, x, y, prior_groups, sigma: Tensor):
         M = batch_size(x, self.dict_key_x)
         f = model(x)
+        if self.pairs and (f.ndim != 2 or f.shape[1] != 2):
+            # any input the model maps to a pair's two rewards, as Laplace.fit takes
+            raise ValueError(
+                "likelihood='reward_modeling' trains on pairs: the model must map "
+                "each training input to the rewards of its two items, outputs of "
+                f"shape (batch, 2); got outputs of shape {tuple(f.shape)}."
+            )
         y = self.lik.check_targets(f, y)
         data = self.lik.loss(f, y) / (self.lik.factor * M)
         weighted = sum(_weighted_square_norm(p, d) for p, d in prior_groups)

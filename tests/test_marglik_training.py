@@ -711,3 +711,34 @@ def test_model_is_trained_in_train_mode(device):
     )
     assert modes[0] is True and modes.count(True) == 2  # one batch per epoch
     assert not model.training
+
+
+def test_reward_modeling_takes_any_input_the_model_maps_to_pairs(device):
+    """As Laplace.fit: flattened pairs ``(batch, 2 * d)`` train exactly as
+    ``(batch, 2, d)`` when the model maps both to the pair's two rewards."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = make_model(n_in=2, n_out=1, device=device)
+
+        def forward(self, x):
+            if x.ndim == 3 or x.shape[-1] == 4:
+                return self.net(x.reshape(-1, 2, 2)).squeeze(-1)
+            return self.net(x)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 2, 2, generator=g, dtype=DTYPE).to(device)
+    y = (x[:, 0, 0] < x[:, 1, 0]).long()
+    results = []
+    for inputs in (x, x.reshape(20, 4)):
+        loader = DataLoader(TensorDataset(inputs, y), batch_size=10)
+        la, model, margliks, _ = marglik_training(
+            Flat(), loader, likelihood="reward_modeling", n_epochs=2, n_hypersteps=2
+        )
+        results.append((torch.stack([torch.as_tensor(m) for m in margliks]), la))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(
+        results[0][1].prior_precision, results[1][1].prior_precision
+    )
