@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.testing import assert_close
 
+from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.predictive import glm
 
 DTYPE = torch.float64
@@ -97,3 +99,69 @@ def test_glm_refuses_factors_and_blocks_of_different_lengths():
         glm.inv_square_form(factors, inv[:1])
     with pytest.raises(ValueError):
         glm.inv_square_form(factors[:1], inv)
+
+
+# ---- laplace/curvature/kron_assembly.py ----------------------------------------------
+
+
+def test_kfac_refuses_a_layer_without_kronecker_factors_with_its_name_and_remedies():
+    """A trainable LayerNorm has no KFAC form: the error names the layer, its type and
+    what would work; the same layer frozen is skipped.
+
+    Kills kfac_layers 12-22 (message dropped, type of None, text altered).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError) as err:
+        kfac_layers(model, list(model.parameters()))
+    assert str(err.value) == (
+        "KFAC cannot handle layer '1' (LayerNorm) whose parameters require grad: "
+        "only nn.Linear and nn.Conv2d have Kronecker factors. Use "
+        "hessian_structure='diag' or 'full', freeze the layer, or use last-layer "
+        "Laplace."
+    )
+    params = [p for n, p in model.named_parameters() if not n.startswith("1.")]
+    assert [name for name, _ in kfac_layers(model, params)] == ["0", "2"]
+
+
+@pytest.mark.parametrize("N", [0, -3])
+def test_assemble_kron_refuses_a_data_set_without_points(N):
+    """Kills assemble_kron 1 (``N < 0``: N = 0 divides by zero) and 3 (no message)."""
+    layer = nn.Linear(3, 2).to(DTYPE)
+    factors = {"l": LayerFactors(torch.eye(2, dtype=DTYPE), torch.eye(3, dtype=DTYPE))}
+    with pytest.raises(
+        ValueError, match=f"N must be the positive size of the data set; got {N}"
+    ):
+        assemble_kron(list(layer.parameters()), [("l", layer)], factors, N)
+
+
+@pytest.mark.parametrize("N", [1, 4])
+@pytest.mark.parametrize("g_scale,a_scale", [(1.0, 1.0), (2.0, 3.0), (0.5, 2.0)])
+def test_assemble_kron_scales_the_factors_and_averages_A_over_N(N, g_scale, a_scale):
+    """The weight block is ``kron(g_scale G, a_scale A / N)`` and the bias block
+    ``g_scale G`` (its own copy), in parameter order, for one datum as for several.
+
+    Kills assemble_kron 2 (``N <= 1`` refuses a data set of one point) and 10
+    (``g_scale == 2`` skips the scale 2).
+    """
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(3, 2).to(DTYPE)
+    B = torch.randn(2, 2, generator=g, dtype=DTYPE)
+    X = torch.randn(3, 3, generator=g, dtype=DTYPE)
+    G, A = B @ B.T, X @ X.T
+    factors = {"l": LayerFactors(G.clone(), A.clone(), g_scale, a_scale)}
+    kron = assemble_kron(list(layer.parameters()), [("l", layer)], factors, N)
+    expected = torch.block_diag(torch.kron(g_scale * G, a_scale * A / N), g_scale * G)
+    assert_close(kron.to_matrix(), expected)
+    assert kron.kfacs[1][0].data_ptr() != kron.kfacs[0][0].data_ptr()
+    # parameter order: bias first
+    kron = assemble_kron(
+        [layer.bias, layer.weight],
+        [("l", layer)],
+        {"l": LayerFactors(G.clone(), A.clone(), g_scale, a_scale)},
+        N,
+    )
+    assert_close(
+        kron.to_matrix(),
+        torch.block_diag(g_scale * G, torch.kron(g_scale * G, a_scale * A / N)),
+    )
