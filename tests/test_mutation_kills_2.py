@@ -301,7 +301,6 @@ def test_lowrank_ef_eigenvalues_are_those_of_the_empirical_fisher(likelihood):
     regression scale 1/4 becomes 1 or 1/8).
     """
     from laplace.curvature import CurvlinopsEF
-
     from oracles import empirical_fisher
 
     m = _pl_model()
@@ -467,3 +466,57 @@ def test_functional_samples_defaults_and_forwarded_options():
     assert_close(cov(diag), torch.diag(blocks.diagonal()), atol=0.05 * scale, rtol=0)
     assert (f_cov - blocks).abs().max() > 0.2 * scale
     assert (blocks - torch.diag(blocks.diagonal())).abs().max() > 0.2 * scale
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_a_non_finite_loss_with_a_finite_curvature_is_refused_naming_the_loss(
+    structure,
+):
+    """A NaN regression target makes the loss NaN but not the GGN: fit still
+    refuses, says it is the loss of that batch, and keeps the previous state.
+
+    Kills ParametricLaplace.fit 52 (``and``: both must be non-finite) and 57-72
+    (what / message altered).
+    """
+    X, y = _pl_data("regression")
+    la = _laplace(_pl_model(), "regression", hessian_structure=structure)
+    la.fit(_loader(X, y))
+    H = la.H.clone()
+    y_bad = y.clone()
+    y_bad[7, 0] = float("nan")
+    with pytest.raises(RuntimeError) as err:
+        la.fit(_loader(X, y_bad))
+    assert str(err.value) == (
+        "The loss of batch 1 is not finite (NaN or inf); check the inputs and "
+        "targets of that batch and the model's outputs. The Laplace approximation "
+        "was left as it was."
+    )
+    assert_close(la.H, H)
+    with pytest.raises(ValueError, match="^train_loader yielded no batches.$"):
+        la.fit(_loader(X[:0], y[:0]))
+
+
+def test_a_curvature_whose_sum_overflows_is_still_finite():
+    """``_all_finite`` is exact when the sum of finite entries overflows.
+
+    Kills _all_finite 4 and 5 (the element-wise fallback dropped).
+    """
+    from laplace.parametric.base import _all_finite
+
+    assert _all_finite(torch.full((4,), 1e308, dtype=DTYPE))
+    assert not _all_finite(torch.tensor([1.0, float("nan")], dtype=DTYPE))
+    assert not _all_finite(torch.tensor([1e308, float("inf")], dtype=DTYPE))
+
+
+@pytest.mark.parametrize("structure", ["diag", "lowrank"])
+def test_fit_shows_its_progress_bar_only_when_asked(structure, capsys):
+    """Kills ParametricLaplace.fit 15/18/20/21 (bar description) and
+    LowRankLaplace.fit 2 (bar on by default)."""
+    X, y = _pl_data("regression")
+    kw = {"rank": 2} if structure == "lowrank" else {}
+    la = _laplace(_pl_model(), "regression", hessian_structure=structure, **kw)
+    la.fit(_loader(X, y))
+    assert capsys.readouterr().err == ""
+    if structure == "diag":
+        la.fit(_loader(X, y), progress_bar=True)
+        assert "fit: 100%" in capsys.readouterr().err
