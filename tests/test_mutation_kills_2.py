@@ -520,3 +520,37 @@ def test_fit_shows_its_progress_bar_only_when_asked(structure, capsys):
     if structure == "diag":
         la.fit(_loader(X, y), progress_bar=True)
         assert "fit: 100%" in capsys.readouterr().err
+
+
+def test_fit_refuses_one_dimensional_regression_targets():
+    """Kills ParametricLaplace.fit 37/38/39 (the targets not checked)."""
+    X, y = _pl_data("regression")
+    la = _laplace(_pl_model(), "regression", hessian_structure="diag")
+    with pytest.raises(ValueError, match=r"Regression targets y of shape \(5,\)"):
+        la.fit(_loader(X, y[:, 0]))
+
+
+def test_positional_arguments_reach_the_base_class():
+    """``FullLaplace(model, likelihood, sigma_noise, prior_precision)`` as in
+    laplace-torch. Kills ParametricLaplace.__init__ 7 (``*args`` dropped)."""
+    from laplace import FullLaplace
+
+    la = FullLaplace(_pl_model(), "regression", 0.5, 2.0)
+    assert_close(
+        la.sigma_noise, torch.tensor(0.5, dtype=DTYPE).reshape(la.sigma_noise.shape)
+    )
+    assert_close(la.prior_precision, torch.tensor([2.0], dtype=DTYPE))
+
+
+def test_lowrank_eig_kwargs_reach_the_eigensolver():
+    """Kills LowRankLaplace.fit 51 (``eig_kwargs`` dropped)."""
+    X, y = _pl_data("regression")
+    la = _laplace(
+        _pl_model(),
+        "regression",
+        hessian_structure="lowrank",
+        rank=2,
+        eig_kwargs={"no_such_option": 1},
+    )
+    with pytest.raises(TypeError, match="no_such_option"):
+        la.fit(_loader(X, y))
