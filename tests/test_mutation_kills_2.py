@@ -554,3 +554,61 @@ def test_lowrank_eig_kwargs_reach_the_eigensolver():
     )
     with pytest.raises(TypeError, match="no_such_option"):
         la.fit(_loader(X, y))
+
+
+# ---- laplace/curvature/curvature.py --------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", ["none", "frozen", "trained"])
+def test_last_layer_jacobian_and_diag_with_a_missing_or_frozen_bias(bias):
+    """The last-layer Jacobian has a bias block only for a trained bias, and equals
+    jacrev of ``f = W phi + b`` w.r.t. the trained parameters; the last-layer GGN
+    diagonal equals ``diag(J^T Lambda J)``.
+
+    Kills last_layer_jacobian 28 and _OuterProductCurvature._last_layer_diag 10
+    (``bias is not None or bias.requires_grad``).
+    """
+    from laplace.curvature.curvature import GGNInterface, last_layer_jacobian
+    from oracles import output_hessian
+
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3, bias=bias != "none").to(DTYPE)
+    if bias == "frozen":
+        layer.bias.requires_grad_(False)
+    phi = torch.randn(5, 4, dtype=DTYPE)
+    params = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+
+    def f(theta, x):
+        return torch.func.functional_call(layer, theta, (x[None],))[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, phi)
+    J = torch.cat([jac[n].reshape(5, 3, -1) for n in params], -1)
+    assert_close(last_layer_jacobian(layer, phi), J)
+
+    model = nn.Sequential(nn.Identity(), layer)
+    backend = GGNInterface(model, "classification", last_layer=True)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    _, diag = backend.diag(phi, y)
+    Lam = output_hessian("classification", layer(phi).detach())
+    assert_close(diag, torch.einsum("ncp,ncd,ndp->p", J, Lam, J))
+
+
+def test_stochastic_ggn_draws_from_the_given_generator():
+    """The Monte-Carlo GGN is reproducible from its generator and changes with it.
+
+    Kills GGNInterface._output_factor 3/6 (the generator dropped).
+    """
+    from laplace.curvature.curvature import GGNInterface
+
+    torch.manual_seed(0)
+    model = _pl_model()
+    X, y = _pl_data("classification")
+
+    def H(seed):
+        torch.manual_seed(123)  # the global RNG must not matter
+        g = torch.Generator().manual_seed(seed)
+        backend = GGNInterface(model, "classification", stochastic=True, generator=g)
+        return backend.full(X, y)[1]
+
+    assert_close(H(1), H(1))
+    assert (H(1) - H(2)).abs().max() > 1e-6
