@@ -98,7 +98,7 @@ def test_subnet_benchmark_quick_marglik_training_ours_only(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout, "kron")
     assert len(rows) == 1, proc.stdout
-    assert rows[0][1:3] == ["ours", "default (CurvlinopsGGN)"]
+    assert rows[0][1:3] == ["ours", "default (AsdlGGN)"]
     assert float(rows[0][3]) > 0
     assert "### Errors" not in proc.stdout
     raw = json.loads(output.with_suffix(".json").read_text())
