@@ -17,7 +17,8 @@ The derivative in ``c`` is summed term by term: the equivalent
 ``(n - d \partial \ell / \partial d) / c`` subtracts two sums of about ``n`` that
 cancel wherever most ``h_i`` are (numerically) zero, as they are for the curvature of
 an over-parameterised network, and loses every digit in float32. The sums are
-accumulated in float64 whatever the dtype of ``h``.
+accumulated in ``h``'s dtype by torch's pairwise summation (relative error about
+``eps log n``); a float64 accumulation doubled the cost of a tuning step.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ class _AffineLogSum(torch.autograd.Function):
         with torch.no_grad():
             ha = h if a is None else torch.outer(h, a)
             lam = torch.add(d, ha, alpha=float(c))
-            value = lam.log().sum(dtype=torch.float64)
+            value = lam.log().sum()
             inv = lam.reciprocal_()
-            inv_sum = inv.sum(dtype=torch.float64)
-            h_sum = inv.mul_(ha).sum(dtype=torch.float64)  # sum h / (c h + d)
+            inv_sum = inv.sum()
+            h_sum = inv.mul_(ha).sum()  # sum h / (c h + d)
         ctx.save_for_backward(inv_sum.to(h.dtype), h_sum.to(h.dtype))
         return value.to(h.dtype)
 
@@ -66,7 +67,7 @@ def affine_log_sum(c: Tensor, d: Tensor, h: Tensor, a: Tensor | None = None) -> 
     Returns
     -------
     torch.Tensor
-        0-dim, of ``h``'s dtype (summed in float64).
+        0-dim, of ``h``'s dtype.
     """
     c = torch.as_tensor(c, device=h.device).to(h.dtype).reshape(())
     d = torch.as_tensor(d, device=h.device).to(h.dtype).reshape(())
