@@ -249,6 +249,8 @@ def test_support_table_is_as_documented():
     """The README's support matrix; changing a backend must change both."""
     yes, no = True, False
     expected = {
+        "NativeGGN": (yes, yes, yes, yes),
+        "NativeEF": (yes, yes, yes, yes),
         "CurvlinopsGGN": (yes, yes, yes, yes),
         "CurvlinopsEF": (yes, yes, yes, yes),
         "CurvlinopsHessian": (yes, no, yes, yes),

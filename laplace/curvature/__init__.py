@@ -20,9 +20,12 @@ from laplace.curvature.curvlinops import (
     CurvlinopsHessian,
     CurvlinopsInterface,
 )
+from laplace.curvature.native import NativeEF, NativeGGN, NativeInterface
 
 #: every concrete backend, the explicit table behind support messages
 BACKENDS = (
+    NativeGGN,
+    NativeEF,
     CurvlinopsGGN,
     CurvlinopsEF,
     CurvlinopsHessian,
@@ -54,6 +57,9 @@ __all__ = [
     "CurvatureInterface",
     "GGNInterface",
     "EFInterface",
+    "NativeInterface",
+    "NativeGGN",
+    "NativeEF",
     "CurvlinopsInterface",
     "CurvlinopsGGN",
     "CurvlinopsEF",

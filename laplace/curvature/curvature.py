@@ -551,9 +551,9 @@ def check_backend(
     """The backend class (the default for None); one that cannot compute
     ``structure`` is refused now rather than at fit."""
     if backend is None:
-        from laplace.curvature.curvlinops import CurvlinopsGGN
+        from laplace.curvature.native import NativeGGN
 
-        backend = CurvlinopsGGN
+        backend = NativeGGN
     if not (isinstance(backend, type) and issubclass(backend, CurvatureInterface)):
         raise TypeError(
             "backend must be a CurvatureInterface subclass such as CurvlinopsGGN, "

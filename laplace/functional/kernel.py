@@ -25,11 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from laplace.curvature import backprop_factor
+from laplace.curvature import backprop_factor, engine
+from laplace.curvature.rules import Outer
 
 Tensor = torch.Tensor
 
@@ -129,15 +131,15 @@ class JacobianSet:
         total = None
         for layer in self.layers:
             scale = _input_products(layer, layer, diagonal=True)  # (N,) or None
-            if layer.g is None:
+            if scale is None:
+                term = 0
+            elif layer.g is None:
                 eye = torch.eye(C, dtype=scale.dtype, device=scale.device)
                 term = scale[:, None] if independent else scale[:, None, None] * eye
                 term = term.expand(self.n, C) if independent else term
-            elif scale is not None:
+            else:
                 term = _g_products(layer.g, layer.g, independent, diagonal=True)
                 term = term * (scale[:, None] if independent else scale[:, None, None])
-            else:
-                term = 0
             if layer.shared is not None:
                 term = term + _explicit_products(
                     layer.shared, layer.shared, independent, diagonal=True
@@ -191,12 +193,17 @@ def _same_form(A: JacobianSet, B: JacobianSet) -> bool:
     if (A.explicit is None) != (B.explicit is None) or len(A.layers) != len(B.layers):
         return False
     return all(
-        la.module is lb.module
+        _held(la) == _held(lb)
         and (la.a is None) == (lb.a is None)
         and (la.shared is None) == (lb.shared is None)
         and (la.g is None) == (lb.g is None)
         for la, lb in zip(A.layers, B.layers)
     )
+
+
+def _held(layer: LayerJacobian) -> tuple[int, int]:
+    """Which parameters a layer entry holds (by identity)."""
+    return id(getattr(layer.module, "weight", None)), id(layer.module.bias)
 
 
 def _any_tensor(layer: LayerJacobian) -> Tensor:
@@ -277,36 +284,29 @@ def jacobian_set(
     if output_layer is not None:
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             return _output_layer_set(output_layer, params, x)
-    found = backprop_factor.backprop_to_layers(
-        model,
-        params,
-        x,
-        backprop_factor.identity_factor,
-        outputs_2d=True,
-        create_graph=create_graph,
+    tape = engine.run(
+        model, params, x, backprop_factor.identity_factor, keep_graph=create_graph
     )
-    if found is None:
-        J, f = backprop_factor.jacobian(model, params, x, create_graph)
-        return f, JacobianSet(f.shape[0], f.shape[1], [], J)
-    f, per_layer = found
-    wanted = {id(p) for p in params}
-    layers = []
-    for module, a, g in per_layer:
-        a, g = backprop_factor.layer_terms(module, a, g)
-        weight = id(module.weight) in wanted
-        bias = module.bias is not None and id(module.bias) in wanted
-        if a.shape[1] == 1:
-            a = a[:, 0] if weight else None
-            layers.append(LayerJacobian(module, f.shape[0], g[:, :, 0], a, bias=bias))
-        else:
-            shared = None
-            if weight:
-                shared = torch.einsum("cnto,nti->ncoi", g, a).flatten(start_dim=2)
-            entry = LayerJacobian(
-                module, f.shape[0], g.sum(2), shared=shared, bias=bias
+    n, C = tape.f.shape
+    return tape.f, JacobianSet(n, C, [_param_layer(tape, p) for p in params])
+
+
+def _param_layer(tape: engine.Tape, p: nn.Parameter) -> LayerJacobian:
+    """One parameter's Jacobian: factored for a linear weight used at one position
+    (``g a^T``) or a bias (``g``), explicit ``(N, C, numel)`` otherwise."""
+    terms = tape.of(p)
+    n = tape.N
+    if len(terms) == 1 and isinstance(terms[0], Outer) and terms[0].g_rows:
+        term = terms[0]
+        if p.ndim == 1 and term.n_a == 1:
+            return LayerJacobian(
+                SimpleNamespace(weight=None, bias=p), n, term.g.sum(2), bias=True
             )
-            layers.append(entry)
-    return f, JacobianSet(f.shape[0], f.shape[1], layers)
+        if term.positions == 1 and term.index is None:
+            holder = SimpleNamespace(weight=p, bias=None)
+            return LayerJacobian(holder, n, term.g[:, :, 0], term.a[:, 0])
+    J = engine.param_vectors(tape, p).transpose(0, 1)
+    return LayerJacobian(SimpleNamespace(weight=p, bias=None), n, None, shared=J)
 
 
 def _output_layer_set(layer: nn.Module, params, phi: Tensor):

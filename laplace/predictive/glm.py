@@ -40,16 +40,38 @@ def rotate(factors: Sequence[Factor], bases: Sequence[tuple]) -> list[Factor]:
     standing for the identity.
     """
     rotated = []
-    for (a, g), basis in zip(factors, bases, strict=True):
-        if a is None:
+    for factor, basis in zip(factors, bases, strict=True):
+        a, g = factor[:2]
+        if a is None and len(basis) == 1:
             Q = basis[0]
             rotated.append((None, g if Q is None else g @ Q))
-            continue
-        Q_out, Q_in = basis
-        rotated.append(
-            (a if Q_in is None else a @ Q_in, g if Q_out is None else g @ Q_out)
-        )
+        elif a is None:  # a Jacobian (C, N, rows * cols) in a pair's eigenbasis
+            rotated.append((None, _rotate_matrix(g, *basis)))
+        elif len(factor) == 3:  # a weight viewed as (in, out): Q_1 acts on a
+            Q_in, Q_out = basis
+            rotated.append((_apply(a, Q_in), _apply(g, Q_out), True))
+        else:
+            Q_out, Q_in = basis
+            rotated.append((_apply(a, Q_in), _apply(g, Q_out)))
     return rotated
+
+
+def _apply(x: Tensor, Q: Tensor | None) -> Tensor:
+    return x if Q is None else x @ Q
+
+
+def _rotate_matrix(J: Tensor, Q1: Tensor | None, Q2: Tensor | None) -> Tensor:
+    """``Q1^T J_cn Q2`` for Jacobians ``(C, N, r * c)`` of an ``(r, c)`` parameter
+    (None: the identity)."""
+    if Q1 is None and Q2 is None:
+        return J
+    r = Q1.shape[0] if Q1 is not None else J.shape[-1] // Q2.shape[0]
+    Jm = J.reshape(*J.shape[:2], r, -1)
+    if Q1 is not None:
+        Jm = torch.einsum("cnrs,ri->cnis", Jm, Q1)
+    if Q2 is not None:
+        Jm = Jm @ Q2
+    return Jm.flatten(start_dim=2)
 
 
 def inv_square_form(factors: Sequence[Factor], inv_eigenvalues: Sequence[Tensor]):
@@ -58,9 +80,12 @@ def inv_square_form(factors: Sequence[Factor], inv_eigenvalues: Sequence[Tensor]
     ``inv_eigenvalues`` holds ``(out, in)`` for weights and ``(n,)`` for vectors.
     """
     f_var = None
-    for (a, g), inv in zip(factors, inv_eigenvalues, strict=True):
+    for factor, inv in zip(factors, inv_eigenvalues, strict=True):
+        a, g = factor[:2]
+        if len(factor) == 3:  # viewed as (in, out): the eigenvalues transposed
+            inv = inv.mT
         if a is None:
-            term = torch.einsum("cno,dno,o->ncd", g, g, inv)
+            term = torch.einsum("cno,dno,o->ncd", g, g, inv.flatten())
         elif a.shape[1] == 1:
             g1 = g[:, :, 0]
             s = a[:, 0].square() @ inv.mT  # (N, out)

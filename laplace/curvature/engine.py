@@ -1,0 +1,656 @@
+r"""The curvature engine: module hooks, one batched backward pass, per-module rules.
+
+The generalized Gauss-Newton matrix, the Monte-Carlo Fisher and the empirical Fisher
+of a summed loss are all
+
+$$
+    H = \sum_n \sum_k v_{nk} v_{nk}^\top, \qquad v_{nk} = J_n^\top M_n[:, k],
+$$
+
+with ``J_n`` the ``(C, P)`` Jacobian of the outputs of datum ``n`` and ``M`` a factor
+``(N, C, K)`` of the output Hessian (its square root, sampled gradients, or the loss
+gradient). ``run`` computes the per-parameter *terms* of the ``v_nk`` without any
+Jacobian and without mapping over the user's model:
+
+1. forward hooks on the modules holding the parameters record what each module's
+   rule needs (``laplace.curvature.rules``);
+2. one backward pass of the ``K`` columns of ``M`` (batched) gives the gradients
+   of the tapped tensors;
+3. each rule turns its records into terms (``Outer`` or ``Vectors``).
+
+Every structure is then a pure function of the terms, written once here:
+``vectors`` (the ``v_nk``, optionally of selected entries), ``diagonal``,
+``dense`` (``V^T V``), ``kron`` (KFAC-expand or -reduce), and the Jacobian factors
+of the GLM predictive and the GP kernel (``M = I``).
+
+Rows. A rule sees the leading dimension of its module's input as its rows. When a
+module sees the batch elsewhere (sequence-first transformers, ``(T, N, d)``) or
+flattened (``(N K, d)``), the engine finds where, by backpropagating the first and
+the last example alone, and brings the terms to ``N`` examples.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from laplace.curvature.rules import RULES, Fallback, Outer, Record, Rule, Term, Vectors
+
+Tensor = torch.Tensor
+FactorFn = Callable[[Tensor], Tensor]
+
+#: a parameter without Kronecker structure gets a dense block up to this size,
+#: its diagonal above
+DENSE_BLOCK_LIMIT = 4096
+#: entries of one chunk of per-example gradients formed at a time
+_CHUNK_ENTRIES = 1 << 24
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+
+
+# -- the plan: which rule serves which parameter -----------------------------------
+@dataclass
+class Entry:
+    """One hooked module: its rule and the parameters it serves."""
+
+    name: str
+    module: nn.Module
+    rule: Rule
+    params: dict[str, nn.Parameter]
+
+
+@dataclass
+class Plan:
+    entries: list[Entry]
+    params: list[nn.Parameter]
+    names: dict[int, str] = field(default_factory=dict)
+
+
+def plan(model: nn.Module, params: Sequence[nn.Parameter]) -> Plan:
+    """The modules to hook and their rules, for the parameters ``params``.
+
+    Every module whose rule covers one of ``params`` is hooked (a parameter shared
+    by several modules, e.g. a weight-tied embedding and head, by all of them);
+    parameters no rule covers are served by ``Fallback`` on the modules holding
+    them directly.
+    """
+    wanted = {id(p) for p in params}
+    entries: list[Entry] = []
+    covered: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        rule = next((r for r in RULES if r.applies(module)), None)
+        if rule is None:
+            continue
+        mine = {n: p for n, p in rule.parameters(module).items() if id(p) in wanted}
+        if mine and not any(e.module is module and e.rule is rule for e in entries):
+            entries.append(Entry(name, module, rule, mine))
+            covered |= {id(p) for p in mine.values()}
+    for name, module in model.named_modules(remove_duplicate=False):
+        rest = [
+            n
+            for n, p in module.named_parameters(recurse=False)
+            if id(p) in wanted and id(p) not in covered
+        ]
+        if rest and not any(
+            e.module is module and isinstance(e.rule, Fallback) for e in entries
+        ):
+            rule = Fallback(rest)
+            entries.append(Entry(name, module, rule, rule.parameters(module)))
+    names = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), pname)
+    missing = [p for p in params if id(p) not in names]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the parameters are not parameters of the model; "
+            "the curvature is taken over parameters of the model only."
+        )
+    return Plan(entries, list(params), names)
+
+
+# -- running the model --------------------------------------------------------------
+@dataclass
+class Tape:
+    """The outputs ``f`` and the terms of every parameter, ``terms[id(p)]``."""
+
+    f: Tensor
+    params: list[nn.Parameter]
+    terms: dict[int, list[Term]]
+    K: int
+
+    @property
+    def N(self) -> int:
+        return self.f.shape[0]
+
+    def of(self, p: nn.Parameter) -> list[Term]:
+        return self.terms.get(id(p), [])
+
+
+def run(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    x,
+    factor_fn: FactorFn,
+    keep_graph: bool = False,
+    the_plan: Plan | None = None,
+) -> Tape:
+    """Forward ``x`` with hooks, backpropagate the columns of ``M = factor_fn(f)``
+    ``(N, C, K)`` and collect the terms of ``params``.
+
+    With ``keep_graph`` the outputs and terms stay differentiable w.r.t. ``x``
+    (for predictives with ``enable_backprop``); otherwise they are detached.
+    """
+    the_plan = the_plan or plan(model, params)
+    records: list[list[Record]] = [[] for _ in the_plan.entries]
+    handles = []
+    for i, entry in enumerate(the_plan.entries):
+
+        def hook(module, args, kwargs, output, i=i, entry=entry):
+            record, new_output = entry.rule.forward(module, args, kwargs, output)
+            if not keep_graph:
+                record.data = _detached(record.data)
+            records[i].append(record)
+            return new_output
+
+        handles.append(entry.module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.enable_grad():
+            f = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(f, Tensor):
+        raise TypeError(
+            f"The model must return a tensor of outputs; it returned a "
+            f"{type(f).__name__}. Wrap it so that forward returns the logits."
+        )
+    f_out = f if keep_graph else f.detach()
+    M = factor_fn(f.detach())  # (N, C, K)
+    K = M.shape[-1]
+    calls = [(e, r) for e, recs in zip(the_plan.entries, records) for r in recs]
+    taps = [t for _, r in calls for t in r.taps]
+    if not taps:
+        return Tape(f_out, list(params), {}, K)
+    grads = _backward(f, taps, M.permute(2, 0, 1), keep_graph)
+    N = f.shape[0]
+    layouts = _layouts(f, calls, taps, N)
+    terms: dict[int, list[Term]] = {}
+    start = 0
+    for (entry, record), layout in zip(calls, layouts):
+        g = grads[start : start + len(record.taps)]
+        start += len(record.taps)
+        if layout.batch_dim:
+            record = _batch_first(record, layout.batch_dim)
+            g = [t.movedim(layout.batch_dim + 1, 1) for t in g]
+        for pname, term in entry.rule.terms(entry.module, record, g).items():
+            if pname not in entry.params:
+                continue
+            if not keep_graph:
+                term = _detached_term(term)
+            term = _to_examples(term, N, entry)
+            terms.setdefault(id(entry.params[pname]), []).append(term)
+    return Tape(f_out, list(params), terms, K)
+
+
+def _backward(f: Tensor, taps: list[Tensor], cotangents: Tensor, keep_graph: bool):
+    """Gradients ``(K, *tap.shape)`` of ``<f, cotangents[k]>`` w.r.t. every tap."""
+    try:
+        grads = torch.autograd.grad(
+            f,
+            taps,
+            grad_outputs=cotangents,
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=True,
+            create_graph=keep_graph,
+        )
+    except RuntimeError:  # an operation without a batching rule: one pass per column
+        columns = [
+            torch.autograd.grad(
+                f,
+                taps,
+                c,
+                allow_unused=True,
+                retain_graph=True,
+                create_graph=keep_graph,
+            )
+            for c in cotangents
+        ]
+        grads = [
+            None if col[0] is None else torch.stack(col)
+            for col in zip(*columns, strict=True)
+        ]
+    K = cotangents.shape[0]
+    return [
+        t.new_zeros(K, *t.shape) if g is None else g
+        for t, g in zip(taps, grads, strict=True)
+    ]
+
+
+@dataclass
+class _Layout:
+    batch_dim: int = 0  # where the examples are in the tapped tensors
+
+
+#: tapped layouts found by probing, per module and tap shape
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layouts(f: Tensor, calls, taps, N: int) -> list[_Layout]:
+    """Where each call's tapped tensors hold the examples (dimension 0 unless a
+    probe says otherwise: a module applied sequence-first or to flattened rows)."""
+    out: list[_Layout] = []
+    unsure = []
+    for i, (entry, record) in enumerate(calls):
+        tap = record.taps[0]
+        key = (tuple(tap.shape), N)
+        known = _LAYOUTS.get(entry.module, {}).get(key)
+        if known is not None:
+            out.append(_Layout(known))
+        elif tap.shape[0] == N and N not in tuple(tap.shape[1:]):
+            out.append(_Layout(0))
+        else:
+            out.append(_Layout(0))
+            unsure.append(i)
+    if unsure and N > 1:
+        _probe(f, calls, taps, unsure, out, N)
+    return out
+
+
+def _probe(f, calls, taps, unsure, out, N) -> None:
+    """Backpropagate the first and the last example alone and find, for each unsure
+    call, the dimension of its tap where their gradients live apart."""
+    probe = torch.zeros(2, *f.shape, dtype=f.dtype, device=f.device)
+    probe[0, 0] = 1.0 + torch.rand(f.shape[1:], dtype=f.dtype, device=f.device)
+    probe[1, -1] = 1.0 + torch.rand(f.shape[1:], dtype=f.dtype, device=f.device)
+    chosen = [calls[i][1].taps[0] for i in unsure]
+    grads = _backward(f, chosen, probe, keep_graph=False)
+    for i, g in zip(unsure, grads):
+        entry, record = calls[i]
+        dim = _batch_dim(g, N)
+        if dim is None:
+            raise ValueError(
+                f"The curvature engine cannot tell which entries of the output of "
+                f"module {entry.name!r} ({type(entry.module).__name__}, shape "
+                f"{tuple(record.taps[0].shape)}) belong to which of the {N} examples: "
+                "each example's outputs must depend on its own rows only (a batch "
+                "dimension, possibly flattened with others). Put the model in eval "
+                "mode (batch statistics couple examples) or freeze this module."
+            )
+        if dim and not entry.rule.positionwise(entry.module):
+            raise ValueError(
+                f"Module {entry.name!r} ({type(entry.module).__name__}) sees the "
+                f"batch in dimension {dim} of its output; its rule needs the batch "
+                "first."
+            )
+        _LAYOUTS.setdefault(entry.module, {})[(tuple(record.taps[0].shape), N)] = dim
+        out[i] = _Layout(dim)
+
+
+def _batch_dim(g: Tensor, N: int) -> int | None:
+    """The dimension of a tap where example 0's gradient (``g[0]``) lives in the
+    first of ``N`` equal groups and the last example's (``g[1]``) in the last."""
+    for dim in range(g.ndim - 1):
+        size = g.shape[dim + 1]
+        if size % N:
+            continue
+        m = size // N
+        first, last = g[0].movedim(dim, 0), g[1].movedim(dim, 0)
+        if bool(first[m:].ne(0).any()) or bool(last[: size - m].ne(0).any()):
+            continue
+        return dim
+    return None
+
+
+def _batch_first(record: Record, dim: int) -> Record:
+    """A record of a positionwise rule with its batch moved to dimension 0."""
+    data = record.data
+    if isinstance(data, Tensor):
+        data = data.movedim(dim, 0)
+    return Record(record.taps, data, record.rows)
+
+
+def _to_examples(term: Term, N: int, entry: Entry) -> Term:
+    """Bring a term over ``L = N m`` rows (flattened items) to ``N`` examples."""
+    L = term.g.shape[1] if isinstance(term, Outer) else term.V.shape[1]
+    if L == N:
+        return term
+    if L % N:
+        raise ValueError(
+            f"Module {entry.name!r} ({type(entry.module).__name__}) treats {L} rows "
+            f"as its batch, which do not split into the {N} examples."
+        )
+    if isinstance(term, Vectors):
+        V = term.V
+        return Vectors(V.reshape(V.shape[0], N, L // N, V.shape[-1]).sum(2))
+    a = None if term.a is None else term.a.reshape(N, -1, term.a.shape[-1])
+    g = term.g.reshape(term.g.shape[0], N, -1, term.g.shape[-1])
+    index = None if term.index is None else term.index.reshape(N, -1)
+    return Outer(a, g, term.g_rows, index, term.n_a)
+
+
+def _detached(data):
+    return torch.utils._pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, Tensor) else t, data
+    )
+
+
+def _detached_term(term: Term) -> Term:
+    if isinstance(term, Vectors):
+        return Vectors(term.V.detach())
+    a = None if term.a is None else term.a.detach()
+    return Outer(a, term.g.detach(), term.g_rows, term.index, term.n_a)
+
+
+# -- structures from the terms -----------------------------------------------------
+def term_vectors(term: Term, numel: int) -> Tensor:
+    """Per-example gradients ``(K, N, numel)`` of one term."""
+    if isinstance(term, Vectors):
+        return term.V
+    K, N = term.g.shape[:2]
+    if term.index is not None:
+        rows, cols = term.view
+        V = term.g.new_zeros(K, N, term.n_a, term.g.shape[-1])
+        idx = term.index[None, :, :, None].expand(K, -1, -1, term.g.shape[-1])
+        V.scatter_add_(2, idx, term.g)
+        return V.reshape(K, N, numel)
+    if term.g_rows:
+        V = torch.einsum("knto,nti->knoi", term.g, term.a)
+    else:
+        V = torch.einsum("nti,knto->knio", term.a, term.g)
+    return V.reshape(K, N, numel)
+
+
+def param_vectors(tape: Tape, p: nn.Parameter, rows: slice = slice(None)) -> Tensor:
+    """Per-example gradients ``(K, N, numel)`` of ``p``: the sum of its terms."""
+    terms = [t.rows(rows) for t in tape.of(p)]
+    if not terms:
+        n = len(range(*rows.indices(tape.N)))
+        return tape.f.new_zeros(tape.K, n, p.numel())
+    V = term_vectors(terms[0], p.numel())
+    for t in terms[1:]:
+        V = V + term_vectors(t, p.numel())
+    return V
+
+
+def vectors(tape: Tape, indices: Tensor | None = None) -> Tensor:
+    """``V`` ``(K, N, P)``: the ``v_nk`` of all parameters in order, or
+    ``(K, N, len(indices))`` of the entries ``indices`` only."""
+    if indices is None:
+        return torch.cat([param_vectors(tape, p) for p in tape.params], dim=-1)
+    out = None
+    for p, local, cols in _index_groups(tape.params, indices):
+        part = _selected(tape, p, local)
+        if out is None:
+            out = part.new_zeros(part.shape[0], part.shape[1], len(indices))
+        out[:, :, cols] = part
+    return out
+
+
+def _selected(tape: Tape, p: nn.Parameter, local: Tensor) -> Tensor:
+    """``V[..., local]`` of ``p`` without forming all of its per-example entries."""
+    total = None
+    for term in tape.of(p):
+        if isinstance(term, Vectors) or term.index is not None:
+            part = term_vectors(term, p.numel())[..., local]
+        else:
+            rows, cols = term.view
+            r, c = local // cols, local % cols
+            gi, ai = (r, c) if term.g_rows else (c, r)
+            part = torch.einsum("knts,nts->kns", term.g[..., gi], term.a[..., ai])
+        total = part if total is None else total + part
+    if total is None:
+        return tape.f.new_zeros(tape.K, tape.N, len(local))
+    return total
+
+
+def _index_groups(params, indices):
+    """``[(param, positions in it, columns of the result)]`` for ``indices`` into
+    the concatenated parameters."""
+    indices = torch.as_tensor(indices)
+    columns = torch.arange(len(indices), device=indices.device)
+    groups, start = [], 0
+    for p in params:
+        stop = start + p.numel()
+        mask = (indices >= start) & (indices < stop)
+        if bool(mask.any()):
+            groups.append((p, indices[mask] - start, columns[mask]))
+        start = stop
+    return groups
+
+
+def diagonal(tape: Tape) -> Tensor:
+    """``diag(sum_nk v_nk v_nk^T)`` ``(P,)``."""
+    return torch.cat([param_diagonal(tape, p) for p in tape.params])
+
+
+def param_diagonal(tape: Tape, p: nn.Parameter) -> Tensor:
+    terms = tape.of(p)
+    if len(terms) == 1 and isinstance(terms[0], Outer) and terms[0].positions == 1:
+        term = terms[0]
+        s = term.g[:, :, 0].square().sum(0)  # (N, n_g)
+        a2 = term.dense_a()[:, 0].square()  # (N, n_a)
+        d = s.T @ a2 if term.g_rows else a2.T @ s
+        return d.flatten()
+    if len(terms) == 1 and isinstance(terms[0], Vectors):
+        return terms[0].V.square().sum((0, 1))
+    total = tape.f.new_zeros(p.numel())
+    for rows in _chunks(tape, p.numel()):
+        total += param_vectors(tape, p, rows).square().sum((0, 1))
+    return total
+
+
+def _chunks(tape: Tape, numel: int):
+    step = max(1, _CHUNK_ENTRIES // max(1, tape.K * numel))
+    for start in range(0, tape.N, step):
+        yield slice(start, min(start + step, tape.N))
+
+
+def dense(tape: Tape, indices: Tensor | None = None) -> Tensor:
+    """``sum_nk v_nk v_nk^T`` ``(P, P)`` (or over ``indices``)."""
+    V = vectors(tape, indices)
+    return symmetric_gram(V.reshape(-1, V.shape[-1]))
+
+
+def symmetric_gram(V: Tensor, block: int = 512) -> Tensor:
+    """``V^T V`` ``(P, P)`` for ``V`` ``(M, P)`` at about half the cost of ``V.T @ V``:
+    only the blocks on and below the diagonal are multiplied, the rest copied."""
+    P = V.shape[1]
+    if P <= block:
+        return V.T @ V
+    H = V.new_empty(P, P)
+    for start in range(0, P, block):
+        stop = min(start + block, P)
+        H[start:stop, :stop] = V[:, start:stop].T @ V[:, :stop]
+    for start in range(block, P, block):
+        stop = min(start + block, P)
+        H[:start, start:stop] = H[start:stop, :start].T
+    return H
+
+
+# -- Kronecker factors ----------------------------------------------------------------
+def kron_blocks(tape: Tape, N_data: int, approx: str = "expand") -> list[list[Tensor]]:
+    """The blocks of ``laplace.utils.matrix.Kron`` for one batch, in parameter order.
+
+    A parameter with ``Outer`` terms of one matrix view ``(R, C)`` gets the pair
+    ``[L, R_sum / (K T N_data)]`` (a vector parameter ``[L]``), ``L`` and ``R_sum`` the
+    sums over all terms ``i = (k, n, t)`` of the outer products of the row-side and
+    column-side vectors (a forward-side vector counted once per column ``k``), and
+    ``T`` the positions per example over all the parameter's uses. For one use this
+    is ``(sum g g^T) (x) (mean a a^T)``; over the ``N_data`` points of a data set the
+    second factor is averaged, the first summed (KFAC-expand). With
+    ``approx='reduce'`` each use first sums ``g`` and averages ``a`` over its
+    positions (KFAC-reduce). A one-hot forward side (an embedding) gives a diagonal
+    factor (a 1-D tensor: the token counts). Any other parameter gets its exact
+    dense block ``sum v v^T`` up to ``DENSE_BLOCK_LIMIT`` entries, else its exact
+    diagonal (a 1-D block).
+    """
+    if approx not in KFAC_APPROXIMATIONS:
+        raise ValueError(
+            f"kfac_approx must be one of {KFAC_APPROXIMATIONS}; got {approx!r}."
+        )
+    return [param_kron(tape, p, N_data, approx) for p in tape.params]
+
+
+def param_kron(tape: Tape, p: nn.Parameter, N_data: int, approx: str):
+    terms = tape.of(p)
+    outer = [t for t in terms if isinstance(t, Outer)]
+    views = {t.view for t in outer}
+    if terms and len(outer) == len(terms) and len(views) == 1:
+        (view,) = views
+        if p.ndim == 1 and view[1] == 1 and all(t.g_rows for t in outer):
+            return [_side_sum(outer, tape.K, "g", approx)]
+        return _kron_pair(outer, tape.K, N_data, approx)
+    if p.numel() <= DENSE_BLOCK_LIMIT:
+        V = param_vectors(tape, p)
+        return [symmetric_gram(V.reshape(-1, V.shape[-1]))]
+    return [param_diagonal(tape, p)]
+
+
+def _reduced(term: Outer, approx: str) -> Outer:
+    if approx == "expand" or term.positions == 1 or term.index is not None:
+        return term
+    return Outer(term.a.mean(1, keepdim=True), term.g.sum(2, keepdim=True), term.g_rows)
+
+
+def _side_sum(terms: list[Outer], K: int, side: str, approx: str) -> Tensor:
+    """``sum_i u_i u_i^T`` over the vectors ``u`` of one side of the terms: the
+    backpropagated side (``'g'``) or the forward side (``'a'``, counted ``K`` times);
+    a diagonal (1-D) when every forward side is one-hot."""
+    total = None
+    for term in (_reduced(t, approx) for t in terms):
+        if side == "g":
+            g = term.g.reshape(-1, term.g.shape[-1])
+            part = g.T @ g
+        elif term.index is not None:
+            counts = torch.bincount(term.index.flatten(), minlength=term.n_a)
+            part = K * counts.to(term.g.dtype)
+        else:
+            a = term.a.reshape(-1, term.a.shape[-1])
+            part = K * (a.T @ a)
+        if total is None:
+            total = part
+        elif total.ndim != part.ndim:
+            total = _as_matrix(total) + _as_matrix(part)
+        else:
+            total = total + part
+    return total
+
+
+def _as_matrix(F: Tensor) -> Tensor:
+    return torch.diag(F) if F.ndim == 1 else F
+
+
+def _kron_pair(terms: list[Outer], K: int, N_data: int, approx: str):
+    rows_side = [t for t in terms if t.g_rows]
+    cols_side = [t for t in terms if not t.g_rows]
+    # the row factor: g of row-g terms, a of the others; the column factor likewise
+    left = _mixed_sum(rows_side, "g", cols_side, "a", K, approx)
+    right = _mixed_sum(rows_side, "a", cols_side, "g", K, approx)
+    T = sum(1 if approx == "reduce" and t.index is None else t.positions for t in terms)
+    right = right / (K * T * N_data)
+    return [left, right]
+
+
+def _mixed_sum(first, side1, second, side2, K, approx):
+    parts = []
+    if first:
+        parts.append(_side_sum(first, K, side1, approx))
+    if second:
+        parts.append(_side_sum(second, K, side2, approx))
+    if len(parts) == 1:
+        return parts[0]
+    a, b = parts
+    if a.ndim != b.ndim:
+        return _as_matrix(a) + _as_matrix(b)
+    return a + b
+
+
+# -- Jacobian factors (M = I) ----------------------------------------------------------
+def jacobian_factor(tape: Tape, p: nn.Parameter):
+    """The Jacobian of ``p`` for the GLM predictive: ``(a, g)`` (view ``(out, in)``),
+    ``(a, g, True)`` (view ``(in, out)``) for one linear use, else ``(None, J)``
+    with ``J`` ``(C, N, numel)`` (see ``backprop_factor.jacobian_factors``)."""
+    terms = tape.of(p)
+    if (
+        len(terms) == 1
+        and isinstance(terms[0], Outer)
+        and terms[0].index is None
+        and p.ndim >= 2
+    ):
+        term = terms[0]
+        return (term.a, term.g) if term.g_rows else (term.a, term.g, True)
+    return None, param_vectors(tape, p)
+
+
+# -- what each parameter gets, for the user ---------------------------------------
+def structure_table(
+    model: nn.Module, params: Sequence[nn.Parameter]
+) -> list[dict[str, str]]:
+    """One row per parameter: its name, the module(s) and rule(s) serving it, and the
+    block it gets in a Kronecker-factored curvature."""
+    the_plan = plan(model, params)
+    rows = []
+    for p in params:
+        users = [e for e in the_plan.entries if any(q is p for q in e.params.values())]
+        rules = sorted({e.rule.name for e in users})
+        outer = all(
+            not isinstance(e.rule, (Fallback,)) and e.rule.name != "norm" for e in users
+        )
+        if outer and users and p.ndim >= 2:
+            kron = "kronecker"
+        elif outer and users:
+            kron = "dense"
+        else:
+            kron = "dense" if p.numel() <= DENSE_BLOCK_LIMIT else "diagonal"
+        rows.append(
+            {
+                "parameter": the_plan.names.get(id(p), "?"),
+                "modules": ", ".join(
+                    f"{e.name or '(model)'} ({type(e.module).__name__})" for e in users
+                ),
+                "rules": ", ".join(rules),
+                "kron": kron,
+            }
+        )
+    return rows
+
+
+def warn_fallbacks(model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+    """One warning naming the modules served by ``Fallback`` and what they get."""
+    rows = [r for r in structure_table(model, params) if "fallback" in r["rules"]]
+    if not rows:
+        return
+    listing = "; ".join(
+        f"{r['parameter']} in {r['modules']}: {r['kron']}" for r in rows
+    )
+    warnings.warn(
+        "The curvature engine has no rule for some modules; their parameters get "
+        "exact per-example gradients from torch.func on the module alone, and in a "
+        f"Kronecker-factored curvature their exact dense block or diagonal: {listing}.",
+        stacklevel=3,
+    )
+
+
+__all__ = [
+    "DENSE_BLOCK_LIMIT",
+    "KFAC_APPROXIMATIONS",
+    "Plan",
+    "Tape",
+    "plan",
+    "run",
+    "vectors",
+    "param_vectors",
+    "diagonal",
+    "dense",
+    "symmetric_gram",
+    "kron_blocks",
+    "structure_table",
+    "warn_fallbacks",
+]
+_ = math
