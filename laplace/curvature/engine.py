@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from laplace.curvature.rules import RULES, Fallback, Outer, Record, Rule, Term, Vectors
+from laplace.curvature import rules
+from laplace.curvature.rules import Fallback, Outer, Record, Rule, Term, Vectors
 
 Tensor = torch.Tensor
 FactorFn = Callable[[Tensor], Tensor]
@@ -51,6 +52,17 @@ DENSE_BLOCK_LIMIT = 4096
 #: entries of one chunk of per-example gradients formed at a time
 _CHUNK_ENTRIES = 1 << 24
 KFAC_APPROXIMATIONS = ("expand", "reduce")
+
+
+#: the rule table, searched in order (BackPACK-style dispatch); parameters no rule
+#: covers get ``rules.Fallback``
+RULES: tuple[Rule, ...] = (
+    rules.LinearRule(),
+    rules.TransposedLinearRule(),
+    rules.ConvRule(),
+    rules.EmbeddingRule(),
+    rules.NormRule(),
+)
 
 
 # -- the plan: which rule serves which parameter -----------------------------------

@@ -18,7 +18,8 @@ backpropagated gradients into *terms* (``Rule.terms``), one per parameter:
 The engine derives every structure from the terms alone (per-example gradients,
 the exact diagonal, the dense matrix, Kronecker factors, Jacobian factors), so a
 rule holds no formula of any structure. The table ``RULES`` is searched in order;
-the first rule whose ``applies`` is true handles the module. A parameter no rule
+the first rule whose ``applies`` is true handles the module (the table is
+``laplace.curvature.engine.RULES``). A parameter no rule
 covers gets the generic ``Fallback``: per-example gradients of its module by
 ``torch.func`` on that module alone.
 """
@@ -475,13 +476,3 @@ def _rows(args, kwargs) -> int:
         if t.ndim > 0:
             return t.shape[0]
     return 1
-
-
-#: the rule table, searched in order; ``Fallback`` covers the rest
-RULES: tuple[Rule, ...] = (
-    LinearRule(),
-    TransposedLinearRule(),
-    ConvRule(),
-    EmbeddingRule(),
-    NormRule(),
-)
