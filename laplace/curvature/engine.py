@@ -160,10 +160,18 @@ def run(
     the_plan = the_plan or plan(model, params)
     records: list[list[Record]] = [[] for _ in the_plan.entries]
     handles = []
+    busy = [False]  # a rule's own recomputation is not recorded
+
     for i, entry in enumerate(the_plan.entries):
 
         def hook(module, args, kwargs, output, i=i, entry=entry):
-            record, new_output = entry.rule.forward(module, args, kwargs, output)
+            if busy[0]:
+                return None
+            busy[0] = True
+            try:
+                record, new_output = entry.rule.forward(module, args, kwargs, output)
+            finally:
+                busy[0] = False
             if not keep_graph:
                 record.data = _detached(record.data)
             records[i].append(record)
