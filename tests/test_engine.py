@@ -372,3 +372,45 @@ def test_parameter_used_outside_any_module_gets_the_documented_fallback(device):
     ggn = oracles.ggn(m, x, "classification")
     _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
     torch.testing.assert_close(H, ggn)
+
+
+@pytest.mark.parametrize(
+    "name", ["linear-seq", "hf-conv1d", "embedding", "tied", "layernorm", "conv2d"]
+)
+def test_matrix_free_products_equal_the_dense_ggn(name, device):
+    m, x = build(name, device)
+    ggn = oracles.ggn(m, x, "classification")
+    tape = engine.run(m, _params(m), x, _ggn_factor)
+    X = torch.randn(ggn.shape[0], 3, device=device)
+    torch.testing.assert_close(engine.gram_matmat(tape, X), ggn @ X)
+
+
+def test_lowrank_eigenpairs_come_from_the_engine(device, monkeypatch):
+    """LowRank's products are the engine's (no Curvlinops, no forward-mode AD):
+    its eigenvalues are the top ones of the dense GGN."""
+    from laplace import Laplace
+    from laplace.parametric import lowrank
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Curvlinops was called")
+
+    monkeypatch.setattr(lowrank, "import_library", refuse)
+    monkeypatch.setattr(torch.func, "jvp", refuse)
+    m, x = build("tied", device)
+    y = torch.randint(0, 7, (len(x),), device=device)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=2
+    )
+    la = Laplace(
+        m,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="lowrank",
+        rank=4,
+    )
+    la.fit(loader)
+    ggn = oracles.ggn(m, x, "classification")
+    lam = torch.linalg.eigvalsh(ggn).flip(0)[:4]
+    (U, eigenvalues), _ = la.posterior_precision
+    torch.testing.assert_close(eigenvalues, lam, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(U.T @ ggn @ U, torch.diag(lam), rtol=1e-5, atol=1e-8)

@@ -158,6 +158,7 @@ def run(
     (for predictives with ``enable_backprop``); otherwise they are detached.
     """
     the_plan = the_plan or plan(model, params)
+    n_examples = _leading_dimension(x)
     records: list[list[Record]] = [[] for _ in the_plan.entries]
     handles = []
     busy = [False]  # a rule's own recomputation is not recorded
@@ -172,6 +173,16 @@ def run(
                 record, new_output = entry.rule.forward(module, args, kwargs, output)
             finally:
                 busy[0] = False
+            if (
+                new_output is None
+                and n_examples > 1
+                and record.rows == 1
+                and entry.rule.positionwise(module)
+                and isinstance(output, Tensor)
+                and output.ndim > 1
+                and output.shape[0] == 1
+            ):
+                record, new_output = _per_example_copy(record, output, n_examples)
             if not keep_graph:
                 record.data = _detached(record.data)
             records[i].append(record)
@@ -215,6 +226,28 @@ def run(
             term = _to_examples(term, N, entry)
             terms.setdefault(id(entry.params[pname]), []).append(term)
     return Tape(f_out, list(params), terms, K)
+
+
+def _leading_dimension(x) -> int:
+    """The number of examples of a batch: the leading dimension of its (first)
+    tensor."""
+    leaves, _ = torch.utils._pytree.tree_flatten(x)
+    for t in leaves:
+        if isinstance(t, Tensor) and t.ndim > 0:
+            return t.shape[0]
+    return 1
+
+
+def _per_example_copy(record: Record, output: Tensor, N: int):
+    """A positionwise module applied once for the whole batch (e.g. a position
+    embedding of ``position_ids`` ``(1, T)``, broadcast over the examples): its
+    output is passed on as ``N`` copies, so that each example's gradient is
+    backpropagated apart; the record's input is repeated alike."""
+    copies = output.expand(N, *output.shape[1:]).clone()
+    data = record.data
+    if isinstance(data, Tensor) and data.ndim > 0 and data.shape[0] == 1:
+        data = data.expand(N, *data.shape[1:])
+    return Record([copies], data, N), copies
 
 
 def _backward(f: Tensor, taps: list[Tensor], cotangents: Tensor, keep_graph: bool):
@@ -491,6 +524,60 @@ def symmetric_gram(V: Tensor, block: int = 512) -> Tensor:
         stop = min(start + block, P)
         H[:start, start:stop] = H[start:stop, :start].T
     return H
+
+
+# -- matrix-free products ----------------------------------------------------------
+def gram_matmat(tape: Tape, X: Tensor) -> Tensor:
+    """``sum_nk v_nk v_nk^T X`` ``(P, b)`` for ``X`` ``(P, b)``, from the terms,
+    without forming the ``v_nk``: ``U = V X`` ``(K, N, b)`` then ``V^T U``."""
+    pieces = X.split([p.numel() for p in tape.params])
+    U = None
+    for p, Xp in zip(tape.params, pieces, strict=True):
+        for term in tape.of(p):
+            part = _term_apply(term, Xp)
+            U = part if U is None else U + part
+    if U is None:
+        return torch.zeros_like(X)
+    out = []
+    for p in tape.params:
+        total = X.new_zeros(p.numel(), X.shape[1])
+        for term in tape.of(p):
+            total += _term_apply_transposed(term, U)
+        out.append(total)
+    return torch.cat(out)
+
+
+def _term_apply(term: Term, Xp: Tensor) -> Tensor:
+    """``V X`` ``(K, N, b)`` of one term, ``Xp`` ``(numel, b)``."""
+    if isinstance(term, Vectors):
+        return term.V @ Xp
+    R, C = term.view
+    W = Xp.T.reshape(-1, R, C)  # (b, R, C)
+    if not term.g_rows:
+        W = W.transpose(1, 2)  # (b, n_g, n_a)
+    if term.index is not None:
+        Wa = W.permute(0, 2, 1)[:, term.index]  # (b, N, T, n_g): rows picked by id
+        return torch.einsum("knto,bnto->knb", term.g, Wa)
+    Wa = torch.einsum("boi,nti->bnto", W, term.a)
+    return torch.einsum("knto,bnto->knb", term.g, Wa)
+
+
+def _term_apply_transposed(term: Term, U: Tensor) -> Tensor:
+    """``V^T U`` ``(numel, b)`` of one term, ``U`` ``(K, N, b)``."""
+    if isinstance(term, Vectors):
+        return torch.einsum("knp,knb->pb", term.V, U)
+    gU = torch.einsum("knto,knb->bnto", term.g, U)  # (b, N, T, n_g)
+    if term.index is not None:
+        b = U.shape[-1]
+        out = U.new_zeros(b, term.n_a, term.g.shape[-1])
+        idx = term.index.reshape(1, -1, 1).expand(b, -1, term.g.shape[-1])
+        out.scatter_add_(1, idx, gU.reshape(b, -1, term.g.shape[-1]))
+        M = out  # (b, n_a, n_g): the (n_a, n_g) view of an embedding
+    else:
+        M = torch.einsum("bnto,nti->boi", gU, term.a)  # (b, n_g, n_a)
+        if not term.g_rows:
+            M = M.transpose(1, 2)
+    return M.reshape(M.shape[0], -1).T
 
 
 # -- Kronecker factors ----------------------------------------------------------------

@@ -2,10 +2,13 @@ r"""LowRankLaplace: ``P = factor * U diag(l) U^T + diag(p0)`` from the top eigen
 
 The eigenpairs of the curvature of the whole training set are computed matrix-free
 (block Lanczos or randomized subspace iteration, ``top_eigenpairs``) from
-curvature-matrix products of Curvlinops' linear operators, which iterate over the
-data loader. Sampling, the functional variance and the log-determinant then use the
-Woodbury identities of ``laplace.utils.lowrank.LowRankPlusDiagonal``: ``O(P k^2)``
-and no ``(P, P)`` matrix.
+curvature-matrix products that iterate over the data loader: those of the curvature
+engine (``laplace.curvature.engine.gram_matmat``: module hooks and one batched
+backward pass per batch, no forward-mode AD) for the engine's backends, those of
+Curvlinops' linear operators for the library backends. Sampling, the functional
+variance and the log-determinant then use the Woodbury identities of
+``laplace.utils.lowrank.LowRankPlusDiagonal``: ``O(P k^2)`` and no ``(P, P)``
+matrix.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import torch
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
+from laplace.curvature import engine
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
     GGNInterface,
     import_library,
 )
+from laplace.curvature.native import NativeInterface
 from laplace.data import dataset_size, split_batch, to_device
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
@@ -48,7 +53,8 @@ class LowRankLaplace(ParametricLaplace):
     The curvature is the one of ``backend``: the GGN (default; the Monte-Carlo Fisher
     with ``backend_kwargs={"stochastic": True}``), the empirical Fisher for EF
     backends, or the Hessian for Hessian backends (negative eigenvalues are clipped
-    to 0). Its products come from Curvlinops whichever library the backend wraps.
+    to 0). Its products come from the curvature engine for ``NativeGGN``/``NativeEF``
+    (the default) and from Curvlinops for the library backends.
     See ``ParametricLaplace`` for the other parameters.
     """
 
@@ -150,8 +156,14 @@ class LowRankLaplace(ParametricLaplace):
         self._on_new_curvature()
 
     def _operator(self, data, N: int, progress_bar: bool):
-        """The Curvlinops operator of the backend's curvature and its scale to the
-        loss convention of DESIGN.md section 3."""
+        """The operator of the backend's curvature and its scale to the loss
+        convention of DESIGN.md section 3."""
+        backend = self.backend
+        if isinstance(backend, NativeInterface) or type(backend) in (
+            GGNInterface,
+            EFInterface,
+        ):
+            return _EngineOperator(self.params, data, backend), 1.0
         lib = import_library("curvlinops", "curvlinops-for-pytorch", "Curvlinops")
         backend = self.backend
         kwargs: dict[str, Any] = {
@@ -223,6 +235,31 @@ class LowRankLaplace(ParametricLaplace):
         if U.shape[0] != self.n_params or eigenvalues.shape != U.shape[1:]:
             raise ValueError("The state dict's eigenpairs do not fit this model.")
         return U, eigenvalues
+
+
+class _EngineOperator:
+    """``H X`` over the whole data set from the curvature engine, one batch at a time
+    (``engine.gram_matmat``); Monte-Carlo targets are drawn with a fixed seed per
+    batch, so that every product is with the same matrix."""
+
+    def __init__(self, params, data, backend) -> None:
+        self.params, self.data, self.backend = params, data, backend
+
+    def __matmul__(self, X: Tensor) -> Tensor:
+        backend = self.backend
+        total = torch.zeros_like(X)
+        for i, (x, y) in enumerate(self.data):
+            module, inputs = backend._target(x)
+
+            def factor(f, y=y, i=i):
+                if getattr(backend, "stochastic", False):
+                    gen = torch.Generator(f.device).manual_seed(7919 * (i + 1))
+                    return backend.lik.sampled_gradients(f, backend.num_samples, gen)
+                return backend._output_factor(f, y)
+
+            tape = engine.run(module, self.params, inputs, factor)
+            total += engine.gram_matmat(tape, X)
+        return total
 
 
 class _CheckedData:
