@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from laplace.curvature import rules
+from laplace.curvature import rules, sequence_rules
 from laplace.curvature.rules import Fallback, Outer, Record, Rule, Term, Vectors
 
 Tensor = torch.Tensor
@@ -57,6 +57,9 @@ KFAC_APPROXIMATIONS = ("expand", "reduce")
 #: the rule table, searched in order (BackPACK-style dispatch); parameters no rule
 #: covers get ``rules.Fallback``
 RULES: tuple[Rule, ...] = (
+    sequence_rules.MultiheadAttentionRule(),
+    sequence_rules.LSTMRule(),
+    sequence_rules.GRURule(),
     rules.LinearRule(),
     rules.TransposedLinearRule(),
     rules.ConvRule(),
