@@ -97,11 +97,19 @@ def plan(model: nn.Module, params: Sequence[nn.Parameter]) -> Plan:
     wanted = {id(p) for p in params}
     entries: list[Entry] = []
     covered: set[int] = set()
+    #: children whose parameters a parent's rule serves (MHA's ``out_proj``)
+    served_by_parent: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in served_by_parent:
+            continue
         rule = next((r for r in RULES if r.applies(module)), None)
         if rule is None:
             continue
         mine = {n: p for n, p in rule.parameters(module).items() if id(p) in wanted}
+        for pname in mine:
+            if "." in pname:
+                child = module.get_submodule(pname.rsplit(".", 1)[0])
+                served_by_parent.add(id(child))
         if mine and not any(e.module is module and e.rule is rule for e in entries):
             entries.append(Entry(name, module, rule, mine))
             covered |= {id(p) for p in mine.values()}
