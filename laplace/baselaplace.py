@@ -189,6 +189,23 @@ class BaseLaplace:
             )
         return self._backend
 
+    @property
+    def structure_table(self) -> list[dict[str, str]]:
+        """How the curvature engine serves each parameter: one row per parameter
+        with its ``parameter`` name, the ``modules`` using it, the ``rules`` that
+        compute its terms (``fallback``: per-example gradients by ``torch.func`` on
+        its module alone) and the block it gets with ``hessian_structure='kron'``
+        (``kronecker``, ``dense`` or ``diagonal``). Only for the engine's backends
+        (``NativeGGN``, ``NativeEF``, the default)."""
+        table = getattr(self.backend, "structure_table", None)
+        if table is None:
+            raise ValueError(
+                f"structure_table describes the curvature engine; the backend "
+                f"{type(self.backend).__name__} computes with its own library. Use "
+                "backend=NativeGGN (the default) or NativeEF."
+            )
+        return table()
+
     def _backend_arguments(self) -> dict[str, Any]:
         """Extra backend arguments of a subclass (e.g. ``last_layer=True``)."""
         return {}

@@ -414,3 +414,23 @@ def test_lowrank_eigenpairs_come_from_the_engine(device, monkeypatch):
     (U, eigenvalues), _ = la.posterior_precision
     torch.testing.assert_close(eigenvalues, lam, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(U.T @ ggn @ U, torch.diag(lam), rtol=1e-5, atol=1e-8)
+
+
+def test_laplace_exposes_the_structure_table(device):
+    from laplace import Laplace
+    from laplace.curvature import CurvlinopsGGN
+
+    m, _ = build("layernorm", device)
+    la = Laplace(m, "classification", subset_of_weights="all", hessian_structure="kron")
+    rows = {r["parameter"]: (r["rules"], r["kron"]) for r in la.structure_table}
+    assert rows == {
+        "0.weight": ("linear", "kronecker"),
+        "0.bias": ("linear", "dense"),
+        "1.weight": ("norm", "dense"),
+        "1.bias": ("norm", "dense"),
+        "3.weight": ("linear", "kronecker"),
+        "3.bias": ("linear", "dense"),
+    }
+    other = Laplace(m, "classification", subset_of_weights="all", backend=CurvlinopsGGN)
+    with pytest.raises(ValueError, match="backend=NativeGGN"):
+        other.structure_table

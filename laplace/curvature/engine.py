@@ -717,13 +717,9 @@ def structure_table(
     for p in params:
         users = [e for e in the_plan.entries if any(q is p for q in e.params.values())]
         rules = sorted({e.rule.name for e in users})
-        outer = all(
-            not isinstance(e.rule, (Fallback,)) and e.rule.name != "norm" for e in users
-        )
-        if outer and users and p.ndim >= 2:
-            kron = "kronecker"
-        elif outer and users:
-            kron = "dense"
+        outer = bool(users) and all(e.rule.produces is Outer for e in users)
+        if outer:
+            kron = "kronecker" if p.ndim >= 2 else "dense"
         else:
             kron = "dense" if p.numel() <= DENSE_BLOCK_LIMIT else "diagonal"
         rows.append(

@@ -118,6 +118,8 @@ class Rule:
     """How a module type uses its parameters (see the module docstring)."""
 
     name = "rule"
+    #: what its terms are: ``Outer`` (a Kronecker-factored block) or ``Vectors``
+    produces: type = Outer
 
     def applies(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -308,6 +310,7 @@ class NormRule(Rule):
     ``sum over positions of g * xhat`` and ``sum of g``."""
 
     name = "norm"
+    produces = Vectors
     _TORCH = (
         nn.LayerNorm,
         nn.GroupNorm,
@@ -408,6 +411,7 @@ class Fallback(Rule):
     """
 
     name = "fallback"
+    produces = Vectors
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
