@@ -433,4 +433,4 @@ def test_laplace_exposes_the_structure_table(device):
     }
     other = Laplace(m, "classification", subset_of_weights="all", backend=CurvlinopsGGN)
     with pytest.raises(ValueError, match="backend=NativeGGN"):
-        other.structure_table
+        _ = other.structure_table
