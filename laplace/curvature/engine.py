@@ -612,18 +612,20 @@ def kron_blocks(tape: Tape, N_data: int, approx: str = "expand") -> list[list[Te
         raise ValueError(
             f"kfac_approx must be one of {KFAC_APPROXIMATIONS}; got {approx!r}."
         )
-    return [param_kron(tape, p, N_data, approx) for p in tape.params]
+    grams: dict = {}  # a weight's output-side factor serves its bias too
+    return [param_kron(tape, p, N_data, approx, grams) for p in tape.params]
 
 
-def param_kron(tape: Tape, p: nn.Parameter, N_data: int, approx: str):
+def param_kron(tape: Tape, p: nn.Parameter, N_data: int, approx: str, grams=None):
+    grams = {} if grams is None else grams
     terms = tape.of(p)
     outer = [t for t in terms if isinstance(t, Outer)]
     views = {t.view for t in outer}
     if terms and len(outer) == len(terms) and len(views) == 1:
         (view,) = views
         if p.ndim == 1 and view[1] == 1 and all(t.g_rows for t in outer):
-            return [_side_sum(outer, tape.K, "g", approx)]
-        return _kron_pair(outer, tape.K, N_data, approx)
+            return [_side_sum(outer, tape.K, "g", approx, grams)]
+        return _kron_pair(outer, tape.K, N_data, approx, grams)
     if p.numel() <= DENSE_BLOCK_LIMIT:
         V = param_vectors(tape, p)
         return [symmetric_gram(V.reshape(-1, V.shape[-1]))]
@@ -636,21 +638,30 @@ def _reduced(term: Outer, approx: str) -> Outer:
     return Outer(term.a.mean(1, keepdim=True), term.g.sum(2, keepdim=True), term.g_rows)
 
 
-def _side_sum(terms: list[Outer], K: int, side: str, approx: str) -> Tensor:
+def _side_sum(
+    terms: list[Outer], K: int, side: str, approx: str, grams: dict
+) -> Tensor:
     """``sum_i u_i u_i^T`` over the vectors ``u`` of one side of the terms: the
     backpropagated side (``'g'``) or the forward side (``'a'``, counted ``K`` times);
-    a diagonal (1-D) when every forward side is one-hot."""
+    a diagonal (1-D) when every forward side is one-hot. ``grams`` remembers the
+    products of the backpropagated sides by tensor (a weight and its bias share
+    one), handing out copies (the blocks are accumulated in place)."""
     total = None
-    for term in (_reduced(t, approx) for t in terms):
+    for term in terms:
         if side == "g":
-            g = term.g.reshape(-1, term.g.shape[-1])
-            part = g.T @ g
+            key = (id(term.g), approx)
+            if key not in grams:
+                g = _reduced(term, approx).g
+                grams[key] = (_gram(g.reshape(-1, g.shape[-1])), term.g)
+                part = grams[key][0]
+            else:
+                part = grams[key][0].clone()
         elif term.index is not None:
             counts = torch.bincount(term.index.flatten(), minlength=term.n_a)
             part = K * counts.to(term.g.dtype)
         else:
-            a = term.a.reshape(-1, term.a.shape[-1])
-            part = K * (a.T @ a)
+            a = _reduced(term, approx).a
+            part = _gram(a.reshape(-1, a.shape[-1])).mul_(K)
         if total is None:
             total = part
         elif total.ndim != part.ndim:
@@ -660,27 +671,32 @@ def _side_sum(terms: list[Outer], K: int, side: str, approx: str) -> Tensor:
     return total
 
 
+def _gram(V: Tensor) -> Tensor:
+    """``V^T V`` for a factor: the lower blocks only, in blocks of 256."""
+    return symmetric_gram(V, block=256)
+
+
 def _as_matrix(F: Tensor) -> Tensor:
     return torch.diag(F) if F.ndim == 1 else F
 
 
-def _kron_pair(terms: list[Outer], K: int, N_data: int, approx: str):
+def _kron_pair(terms: list[Outer], K: int, N_data: int, approx: str, grams: dict):
     rows_side = [t for t in terms if t.g_rows]
     cols_side = [t for t in terms if not t.g_rows]
     # the row factor: g of row-g terms, a of the others; the column factor likewise
-    left = _mixed_sum(rows_side, "g", cols_side, "a", K, approx)
-    right = _mixed_sum(rows_side, "a", cols_side, "g", K, approx)
+    left = _mixed_sum(rows_side, "g", cols_side, "a", K, approx, grams)
+    right = _mixed_sum(rows_side, "a", cols_side, "g", K, approx, grams)
     T = sum(1 if approx == "reduce" and t.index is None else t.positions for t in terms)
-    right = right / (K * T * N_data)
+    right = right / (K * T * N_data)  # out of place: the gram may be shared
     return [left, right]
 
 
-def _mixed_sum(first, side1, second, side2, K, approx):
+def _mixed_sum(first, side1, second, side2, K, approx, grams):
     parts = []
     if first:
-        parts.append(_side_sum(first, K, side1, approx))
+        parts.append(_side_sum(first, K, side1, approx, grams))
     if second:
-        parts.append(_side_sum(second, K, side2, approx))
+        parts.append(_side_sum(second, K, side2, approx, grams))
     if len(parts) == 1:
         return parts[0]
     a, b = parts
