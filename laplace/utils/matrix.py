@@ -102,7 +102,8 @@ def _dense(F: Tensor | None, n: int, like: Tensor) -> Tensor:
     for ``None`` (on ``like``'s device and dtype). For testing only."""
     if F is None:
         return torch.eye(n, dtype=like.dtype, device=like.device)
-    return torch.diag(F) if _is_diag(F) else F
+    # contiguous: torch.kron of an identity and a strided eigh basis fails
+    return torch.diag(F) if _is_diag(F) else F.contiguous()
 
 
 def _left(F: Tensor | None, X: Tensor) -> Tensor:
