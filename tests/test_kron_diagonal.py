@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
+from laplace.parametric.precision import KronPrecision
 from laplace.utils.matrix import Kron, KronDecomposed
 
 DTYPE = torch.float64
@@ -276,15 +277,31 @@ LAYOUTS = {
         ([(2, False), (4, True)], 1),
         ([(2, False)], None),
     ],
-    # the backend's own splits: a diagonal block for a weight, a pair over a bias,
-    # W2 viewed as (4, 2) with the averaged diagonal factor first
-    "backend": [
+    # a diagonal block for a weight, a pair of diagonals: still the factor route
+    "diag_weight": [
         ([(12, True)], None),
+        ([(4, False)], None),
+        ([(2, True), (4, True)], 1),
+        ([(2, True)], None),
+    ],
+    # a dense single block for a weight: no (out, in) eigenbasis, Jacobian route
+    "dense_weight": [
+        ([(12, False)], None),
+        ([(4, True)], None),
+        ([(2, False), (4, False)], 1),
+        ([(2, False)], None),
+    ],
+    # the backend's own splits: a pair over a bias, W2 viewed as (4, 2) with the
+    # averaged diagonal factor first
+    "backend": [
+        ([(4, False), (3, True)], 1),
         ([(2, True), (2, True)], 0),
         ([(4, True), (2, False)], 0),
         ([(2, True)], None),
     ],
 }
+#: layouts whose blocks all have an (out, in) eigenbasis
+FACTOR_ROUTE = {"out_in", "diag_weight"}
 
 
 def layout_kron(layout, x, N, densify=False):
@@ -438,10 +455,30 @@ def test_kron_laplace_with_the_backends_layout(device, name, damping):
     assert_close(cov, torch.linalg.inv(P), atol=0.05, rtol=0.2)
 
 
-def test_the_glm_factor_route_is_taken_only_for_out_in_blocks(device):
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_the_glm_factor_route_is_taken_only_for_out_in_blocks(device, name):
+    bases = fitted(make_model(device), LAYOUTS[name])._posterior.eigenbases()
+    assert (bases is not None) == (name in FACTOR_ROUTE)
+
+
+def test_fit_does_not_write_into_the_backends_tensors(device):
+    """A backend may return the same Kron for every batch (e.g. a cache): the
+    fit accumulates into a copy."""
     model = make_model(device)
-    assert fitted(model, LAYOUTS["out_in"])._posterior.eigenbases() is not None
-    assert fitted(model, LAYOUTS["backend"])._posterior.eigenbases() is None
+    X, y = make_data(device)
+    cached = layout_kron(LAYOUTS["out_in"], X, len(X))
+    before = cached.clone()
+
+    class Cached(CurvlinopsGGN):
+        def kron(self, x, y, N, **kwargs):
+            return super().kron(x, y, N, **kwargs)[0], cached
+
+    la = Laplace(model, "regression", "all", hessian_structure="kron", backend=Cached)
+    la.fit(loader(X, y, batch_size=7))  # 3 batches
+    for a, b, c in zip(la.H.kfacs, cached.kfacs, before.kfacs, strict=True):
+        for F, F_cached, F_before in zip(a, b, c, strict=True):
+            assert_close(F_cached, F_before)
+            assert_close(F, 3 * F_before)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -485,8 +522,11 @@ def test_state_dict_keeps_the_layout(device):
     for a, b in zip(la(X_test), fresh(X_test), strict=True):
         assert_close(a, b)
     bad = la.state_dict()
-    bad["H"]["kfacs"][0] = [torch.ones(11, dtype=DTYPE, device=device)]
+    bad["H"]["kfacs"][-1] = [torch.ones(3, dtype=DTYPE, device=device)]
     with pytest.raises(ValueError, match="state dict does not fit the parameters"):
+        fresh.load_state_dict(bad)
+    bad["H"]["kfacs"][0] = [torch.ones(12, dtype=DTYPE, device=device)]  # a pair's
+    with pytest.raises(ValueError, match="Kronecker factors: averaged must hold"):
         fresh.load_state_dict(bad)
 
 
@@ -534,3 +574,39 @@ def test_last_layer_kron_with_the_backends_layout(device, name):
     _, joint = la(X_test, pred_type="glm", joint=True)
     J2 = J.reshape(-1, J.shape[-1])
     assert_close(joint, J2 @ torch.linalg.inv(P) @ J2.T)
+
+
+@pytest.mark.parametrize(
+    ("factors", "shape", "basis"),
+    [
+        ([(2, False), (3, True)], (2, 3), "pair"),  # (out, in)
+        ([(3, True), (2, False)], (2, 3), None),  # split as (3, 2)
+        ([(6, True)], (2, 3), "identity"),  # a diagonal block of a weight
+        ([(6, False)], (2, 3), None),  # a dense block of a weight
+        ([(2, False), (3, False)], (6,), None),  # a pair over a vector
+        ([(6, False)], (6,), "pair"),  # a dense block of a vector
+        ([(6, True)], (6,), "pair"),
+    ],
+)
+def test_kron_precision_bases_in_the_parameter_layout(device, factors, shape, basis):
+    g = torch.Generator().manual_seed(0)
+    kron = Kron([[random_factor(n, d, g, device) for n, d in factors]])
+    K = kron.decompose() + 0.5
+    form = KronPrecision(K, [torch.Size(shape)])
+    bases = form.eigenbases()
+    if basis is None:
+        assert bases is None
+        return
+    expected = tuple(K.eigenvectors[0]) if basis == "pair" else (None, None)
+    assert len(bases[0]) == len(expected)
+    for Q, Q_expected in zip(bases[0], expected, strict=True):
+        assert Q is Q_expected
+    # the bases with the inverse eigenvalues give back the block's inverse
+    inv = form.inverse_eigenvalues()[0]
+    dense = [
+        torch.eye(n, dtype=DTYPE, device=device) if Q is None else Q.contiguous()
+        for Q, n in zip(bases[0], inv.shape)
+    ]
+    Q = torch.kron(*dense) if len(dense) == 2 else dense[0]
+    M = oracle([kron.kfacs[0]]) + 0.5 * torch.eye(6, dtype=DTYPE, device=device)
+    assert_close((Q * inv.flatten()) @ Q.T, torch.linalg.inv(M))
