@@ -261,8 +261,15 @@ def test_no_dense_diagonal_factor_is_formed(device, monkeypatch):
     total = kron + kron.clone() * 2.0
     K = total.decompose(damping=True) + 0.1
     assert K.eigenvectors[0][0] is None and K.eigenvectors[1][0] is None
-    K.bmm(W, -0.5), K.inv_square_form(W), K.diag(-1), K.logdet()
-    Kron([[a, G], [d]]).decompose().bmm(W, -1)
+    # powers compose, and the square form and diagonal agree with them
+    half = K.bmm(W, -0.5)
+    assert_close(K.bmm(half, -0.5), K.bmm(W, -1), rtol=1e-4, atol=1e-5)
+    assert_close(K.bmm(K.bmm(W, -1), 1), W, rtol=1e-4, atol=1e-4)
+    assert_close(K.inv_square_form(W), half @ half.T, rtol=1e-4, atol=1e-4)
+    e = torch.zeros(1, W.shape[-1], device=device)
+    e[0, 7] = 1.0
+    assert_close(K.diag(-1)[7], K.bmm(e, -1)[0, 7])
+    assert torch.isfinite(K.logdet())
 
 
 # ------------------------------------------------------------------- KronLaplace

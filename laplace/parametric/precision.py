@@ -220,10 +220,11 @@ class KronPrecision(PrecisionForm):
         when a block has no eigenbasis of that form: a pair not split as
         ``(out, prod(...))`` or over a vector parameter, or a dense single block of
         a matrix parameter (see ``_parameter_basis``)."""
+        K = self.K
         bases = [
-            _parameter_basis(Qs, self.K.eigenvalues[i], shape)
-            for i, (Qs, shape) in enumerate(
-                zip(self.K.eigenvectors, self.shapes, strict=True)
+            _parameter_basis(Qs, values, shape)
+            for Qs, values, shape in zip(
+                K.eigenvectors, K.eigenvalues, self.shapes, strict=True
             )
         ]
         return None if any(b is None for b in bases) else bases
@@ -231,12 +232,11 @@ class KronPrecision(PrecisionForm):
     def inverse_eigenvalues(self) -> list[Tensor]:
         """``1 / lam`` per parameter in the layout of ``eigenbases``: ``(out, in)``
         or ``(n,)``."""
-        return [
-            self.K.block_eigenvalues(i, -1).reshape(s[0], -1)
-            if len(s) >= 2
-            else self.K.block_eigenvalues(i, -1).reshape(-1)
-            for i, s in enumerate(self.shapes)
-        ]
+        out = []
+        for i, s in enumerate(self.shapes):
+            inv = self.K.block_eigenvalues(i, -1)
+            out.append(inv.reshape(s[0], -1) if len(s) >= 2 else inv.reshape(-1))
+        return out
 
 
 def _parameter_basis(

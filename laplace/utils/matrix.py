@@ -599,7 +599,7 @@ class KronDecomposed:
         )
 
     def block_eigenvalues(self, i: int, exponent: float = 1) -> Tensor:
-        """``lam ** exponent`` of block ``i``: shape ``(p_out, p_in)`` or ``(n,)``."""
+        """``lam ** exponent`` of block ``i``: shape ``(n1, n2)`` or ``(n,)``."""
         vals, delta = self.eigenvalues[i], self.deltas[i]
         if len(vals) == 1:
             lam = vals[0] + delta
