@@ -214,13 +214,15 @@ class LLLaplace(LastLayerMixin, ParametricLaplace):
         if isinstance(form, DensePrecision):
             cov = closed_form.dense_layout(form.covariance(), layer)
             return closed_form.dense_variance(phi, layer, cov, mode)
+        bases = form.eigenbases()
+        if bases is None:  # blocks without (Q_out, Q_in) bases: from the Jacobian
+            J = last_layer_jacobian(layer, phi)
+            if mode == "joint":
+                return form.inv_square_form(J.reshape(1, -1, J.shape[-1]))[0]
+            var = form.inv_square_form(J)
+            return var.diagonal(dim1=-2, dim2=-1) if mode == "diag" else var
         return closed_form.block_variance(
-            phi,
-            layer,
-            self.params,
-            form.eigenbases(),
-            form.inverse_eigenvalues(),
-            mode,
+            phi, layer, self.params, bases, form.inverse_eigenvalues(), mode
         )
 
     def functional_variance_fast(self, X: Inputs) -> Tensor:

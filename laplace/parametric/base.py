@@ -106,6 +106,11 @@ class ParametricLaplace(BaseLaplace):
     def _curvature_batch(self, x: Inputs, y: Tensor, N: int) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
+    def _fit_accumulator(self) -> Any:
+        """What ``fit`` adds the first batch's curvature to (``_add_curvature``):
+        the zero curvature ``_init_H`` unless a subclass says otherwise."""
+        return self._init_H()
+
     def _add_curvature(self, H: Any, H_batch: Any) -> Any:
         """``H + H_batch``; ``H`` is a fresh accumulator and may be updated in place."""
         raise NotImplementedError
@@ -150,7 +155,7 @@ class ParametricLaplace(BaseLaplace):
         accumulate = not override and self.fitted
         self.model.eval()
         mean = parameters_to_vector(self.params).detach()
-        H, loss, n_outputs = self._init_H(), torch.zeros_like(self.loss), None
+        H, loss, n_outputs = self._fit_accumulator(), torch.zeros_like(self.loss), None
         batches = tqdm(train_loader, disable=not progress_bar, desc="fit")
         for i, batch in enumerate(batches):
             x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)

@@ -18,6 +18,12 @@ class KronLaplace(ParametricLaplace):
     """Laplace approximation with a Kronecker-factored curvature: per parameter
     tensor ``G (x) A`` (a dense block for biases), see ``laplace.utils.Kron``.
 
+    The layout of the blocks is the backend's: ``fit`` keeps that of the first
+    batch's ``Kron`` (pairs, single blocks, diagonal factors, any split of a
+    parameter into a pair) and adds the later batches to it; it needs one block per
+    parameter tensor of the parameter's size. Before ``fit`` the curvature is zero
+    in the layout of ``Kron.init_from_model``.
+
     The factors are eigendecomposed once per fit (``KronDecomposed``); the prior
     precision (a scalar or one value per parameter tensor) and the factor
     ``1 / (sigma^2 T)`` then act on the eigenvalues, so the evidence, its gradients
@@ -34,8 +40,9 @@ class KronLaplace(ParametricLaplace):
     Notes
     -----
     See ``ParametricLaplace`` for the other parameters. ``fit(...,
-    override=False)`` adds output-side factors and averages input-side factors over
-    all data seen, so fits on two halves equal one fit on the whole.
+    override=False)`` adds the summed factors (output side) and averages the
+    factor marked ``Kron.averaged`` (input side) over all data seen, so fits on two
+    halves equal one fit on the whole; both fits must have the same layout.
     """
 
     key = ("all", "kron")
@@ -86,19 +93,45 @@ class KronLaplace(ParametricLaplace):
     def _curvature_batch(self, x, y, N):
         return self.backend.kron(x, y, N=N)
 
-    def _add_curvature(self, H: Kron, H_batch: Kron) -> Kron:
+    def _fit_accumulator(self) -> None:
+        return None  # the first batch's Kron gives the layout
+
+    def _add_curvature(self, H: Kron | None, H_batch: Kron) -> Kron:
+        if H is None:
+            self._check_layout(H_batch, "The backend's Kron")
+            return H_batch.clone()  # the backend may keep (and reuse) its tensors
         H += H_batch
         return H
 
+    def _check_layout(self, H: Kron, what: str) -> None:
+        """One block per parameter tensor, each of the parameter's size."""
+        if not isinstance(H, Kron):
+            raise TypeError(f"{what} must be a Kron, got {type(H).__name__}.")
+        sizes = [p.numel() for p in self.params]
+        if H.block_sizes() != sizes:
+            raise ValueError(
+                f"{what} does not fit the parameters: it needs one block per "
+                f"parameter tensor of the parameter's number of entries {sizes}, got "
+                f"blocks of {H.block_sizes()} entries (factor shapes {H._shapes()})."
+            )
+
     def _combine_fits(self, H_old: Kron, H_new: Kron, n_old: int, n_new: int) -> Kron:
+        if H_old._shapes() != H_new._shapes() or H_old.averaged != H_new.averaged:
+            raise ValueError(
+                "fit(override=False) needs the Kron layout of the previous fit, "
+                f"factor shapes {H_old._shapes()} with averaged {H_old.averaged}; the "
+                f"backend gave {H_new._shapes()} with averaged {H_new.averaged}. "
+                "Use fit(override=True) or the same backend."
+            )
         w_old, w_new = n_old / (n_old + n_new), n_new / (n_old + n_new)
-        blocks = []
-        for old, new in zip(H_old.kfacs, H_new.kfacs):
-            if len(old) == 2:
-                blocks.append([old[0] + new[0], w_old * old[1] + w_new * new[1]])
-            else:
-                blocks.append([old[0] + new[0]])
-        return Kron(blocks)
+        blocks = [
+            [
+                w_old * f + w_new * g if j == mean else f + g
+                for j, (f, g) in enumerate(zip(old, new, strict=True))
+            ]
+            for old, new, mean in zip(H_old.kfacs, H_new.kfacs, H_old.averaged)
+        ]
+        return Kron(blocks, H_old.averaged)
 
     @staticmethod
     def _is_finite(H: Kron) -> bool:
@@ -160,7 +193,10 @@ class KronLaplace(ParametricLaplace):
         return total
 
     def _build_form(self) -> KronPrecision:
-        return KronPrecision(self.H_decomposed * self._h_factor + self.prior_precision)
+        return KronPrecision(
+            self.H_decomposed * self._h_factor + self.prior_precision,
+            [p.shape for p in self.params],
+        )
 
     @property
     def posterior_precision(self) -> KronDecomposed:
@@ -168,15 +204,18 @@ class KronLaplace(ParametricLaplace):
         return self._posterior.K
 
     def _H_state(self) -> dict[str, Any]:
-        return {"kfacs": [list(block) for block in self.H.kfacs]}
+        return {
+            "kfacs": [list(block) for block in self.H.kfacs],
+            "averaged": list(self.H.averaged),
+        }
 
     def _load_H(self, state: Any) -> Kron:
         kfacs = [
             [F.to(self._device, self._dtype) for F in block] for block in state["kfacs"]
         ]
-        expected = self._init_H()._shapes()
-        if [[tuple(F.shape) for F in b] for b in kfacs] != expected:
-            raise ValueError(
-                "The state dict's Kronecker factors do not fit this model."
-            )
-        return Kron(kfacs)
+        try:
+            H = Kron(kfacs, state.get("averaged"))
+        except ValueError as err:
+            raise ValueError(f"The state dict's Kronecker factors: {err}") from None
+        self._check_layout(H, "The Kron of the state dict")
+        return H

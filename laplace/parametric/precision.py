@@ -184,10 +184,12 @@ class DiagPrecision(PrecisionForm):
 
 
 class KronPrecision(PrecisionForm):
-    """A ``KronDecomposed`` (its deltas hold the prior precision)."""
+    """A ``KronDecomposed`` (its deltas hold the prior precision) over parameters of
+    ``shapes``, one block per parameter tensor."""
 
-    def __init__(self, K: KronDecomposed) -> None:
+    def __init__(self, K: KronDecomposed, shapes: Sequence[torch.Size]) -> None:
         self.K = K
+        self.shapes = list(shapes)
 
     def logdet(self) -> Tensor:
         return self.K.logdet()
@@ -204,7 +206,7 @@ class KronPrecision(PrecisionForm):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         ref = self.K.deltas
-        P = sum(math.prod(q.shape[0] for q in Qs) for Qs in self.K.eigenvectors)
+        P = sum(self.K.block_sizes())
         eps = torch.randn(n, P, dtype=ref.dtype, device=ref.device, generator=generator)
         # the symmetric square root P^-1/2 has P^-1/2 P^-1/2 = P^-1
         return self.K.bmm(eps, exponent=-0.5)
@@ -212,11 +214,42 @@ class KronPrecision(PrecisionForm):
     def to_matrix(self) -> Tensor:
         return self.K.to_matrix()
 
-    def eigenbases(self) -> list[Basis]:
-        return [tuple(Qs) for Qs in self.K.eigenvectors]
+    def eigenbases(self) -> list[Basis] | None:
+        """``(Q_out, Q_in)`` for a parameter of shape ``(out, ...)`` with at least two
+        dimensions, ``(Q,)`` for the others (``None``: the identity), or ``None``
+        when a block has no eigenbasis of that form: a pair not split as
+        ``(out, prod(...))`` or over a vector parameter, or a dense single block of
+        a matrix parameter (see ``_parameter_basis``)."""
+        K = self.K
+        bases = [
+            _parameter_basis(Qs, values, shape)
+            for Qs, values, shape in zip(
+                K.eigenvectors, K.eigenvalues, self.shapes, strict=True
+            )
+        ]
+        return None if any(b is None for b in bases) else bases
 
     def inverse_eigenvalues(self) -> list[Tensor]:
-        return [self.K.block_eigenvalues(i, -1) for i in range(len(self.K))]
+        """``1 / lam`` per parameter in the layout of ``eigenbases``: ``(out, in)``
+        or ``(n,)``."""
+        out = []
+        for i, s in enumerate(self.shapes):
+            inv = self.K.block_eigenvalues(i, -1)
+            out.append(inv.reshape(s[0], -1) if len(s) >= 2 else inv.reshape(-1))
+        return out
+
+
+def _parameter_basis(
+    Qs: Sequence[Tensor | None], eigenvalues: Sequence[Tensor], shape: torch.Size
+) -> Basis | None:
+    """The eigenbasis of a block in the layout of its parameter (see
+    ``KronPrecision.eigenbases``), or ``None`` where there is none."""
+    if len(shape) < 2:
+        return tuple(Qs) if len(Qs) == 1 else None
+    if len(Qs) == 2:
+        return tuple(Qs) if eigenvalues[0].shape[0] == shape[0] else None
+    # a single block of a matrix parameter: only a diagonal one separates
+    return (None, None) if Qs[0] is None else None
 
 
 class LowRankPrecision(PrecisionForm):

@@ -5,17 +5,27 @@ block-diagonal curvature ``H = blockdiag(H_1, ..., H_L)`` of size ``(P, P)``, wi
 blocks in ``model.parameters()`` order and each parameter flattened row-major (as
 ``torch.nn.utils.parameters_to_vector`` does). A block is either
 
-* a Kronecker pair ``H_l = G (x) A``, with ``G`` of shape ``(p_out, p_out)`` on the
-  output side and ``A`` of shape ``(p_in, p_in)`` on the input side, for a weight of
-  shape ``(p_out, ...)`` with ``p_in = prod(...)``; or
-* a single dense block ``H_l = B`` of shape ``(n, n)`` (biases, norm weights, ...).
+* a Kronecker pair ``H_l = F1 (x) F2`` of an ``(n1, n1)`` and an ``(n2, n2)`` factor:
+  the parameter flattened row-major and viewed as an ``(n1, n2)`` matrix ``X``, so
+  that ``(F1 (x) F2) vec(X) = vec(F1 X F2^T)``. ``Kron.init_from_model`` and the
+  built-in backends use ``[G, A]`` for a weight of shape ``(p_out, ...)``: ``G``
+  ``(p_out, p_out)`` on the output side, ``A`` ``(p_in, p_in)`` on the input side,
+  ``p_in = prod(...)``; another split (e.g. ``[A, G]`` for a weight stored as
+  ``(in, out)``) means the same by the rule above; or
+* a single block ``H_l = B`` of shape ``(n, n)`` (biases, norm weights, ...).
 
-With row-major vectorisation, ``(G (x) A) vec(X) = vec(G X A^T)`` for ``X`` of shape
-``(p_out, p_in)``, so every product below works on the factors and never forms a
-Kronecker product, except in the ``to_matrix`` methods meant for testing.
+Any factor may be *diagonal*: a 1-D tensor ``d`` stands for ``diag(d)``, which is
+never formed. ``[d]`` is a diagonal block (a large parameter without Kronecker
+structure) and ``[a, G]`` is ``diag(a) (x) G`` (e.g. an embedding whose input-side
+factor is the diagonal of token counts); both factors of a pair may be diagonal.
+Every operation below works on the factors (diagonal ones as vectors) and never
+forms a Kronecker product, except in the ``to_matrix`` methods meant for testing.
 
 ``Kron`` holds the factors; ``KronDecomposed`` holds their eigenpairs plus
 additive ``deltas`` (e.g. a prior precision) and supports arbitrary real powers.
+The eigenvalues of a diagonal factor are its entries and its eigenvectors the
+identity, stored as ``None`` (which ``laplace.predictive.glm.rotate`` also reads
+as the identity).
 """
 
 from __future__ import annotations
@@ -52,15 +62,123 @@ def _check_blocks(blocks: Sequence[Sequence[Tensor]], name: str) -> _Blocks:
     for i, block in enumerate(out):
         if len(block) not in (1, 2):
             raise ValueError(
-                f"{name}[{i}] must hold 1 (dense block) or 2 (Kronecker pair) "
+                f"{name}[{i}] must hold 1 (single block) or 2 (Kronecker pair) "
                 f"tensors, got {len(block)}."
             )
     return out
 
 
+def _check_factors(kfacs: _Blocks) -> None:
+    """Every factor is a vector (a diagonal factor) or a square matrix."""
+    for i, block in enumerate(kfacs):
+        for j, F in enumerate(block):
+            if not isinstance(F, Tensor) or not (
+                F.ndim == 1 or (F.ndim == 2 and F.shape[0] == F.shape[1])
+            ):
+                got = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
+                raise ValueError(
+                    f"kfacs[{i}][{j}] must be a square matrix (n, n) or a vector "
+                    f"(n,) standing for its diagonal; got {got}."
+                )
+
+
+def _is_diag(F: Tensor) -> bool:
+    """Whether a factor is stored as its diagonal: a vector ``d`` for ``diag(d)``."""
+    return F.ndim == 1
+
+
+def _dims(block: Sequence[Tensor]) -> tuple[int, ...]:
+    """Sizes ``(n1, n2)`` or ``(n,)`` of a block's factors (or eigenvalue vectors)."""
+    return tuple(F.shape[0] for F in block)
+
+
 def _block_sizes(blocks: _Blocks) -> list[int]:
-    """Number of parameters of each block: ``p_out * p_in`` for a pair, else ``n``."""
-    return [math.prod(f.shape[0] for f in block) for block in blocks]
+    """Number of parameters of each block: ``n1 * n2`` for a pair, else ``n``."""
+    return [math.prod(_dims(block)) for block in blocks]
+
+
+def _dense(F: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """A factor as a dense ``(n, n)`` matrix: ``diag(F)`` for a vector, the identity
+    for ``None`` (on ``like``'s device and dtype). For testing only."""
+    if F is None:
+        return torch.eye(n, dtype=like.dtype, device=like.device)
+    # contiguous: torch.kron of an identity and a strided eigh basis fails
+    return torch.diag(F) if _is_diag(F) else F.contiguous()
+
+
+def _left(F: Tensor | None, X: Tensor) -> Tensor:
+    """``F X`` over the second-to-last axis of ``X``; ``None`` is the identity."""
+    if F is None:
+        return X
+    return F[:, None] * X if _is_diag(F) else F @ X
+
+
+def _right(X: Tensor, F: Tensor | None) -> Tensor:
+    """``X F^T`` over the last axis of ``X``; ``None`` is the identity."""
+    if F is None:
+        return X
+    return X * F if _is_diag(F) else X @ F.mT
+
+
+def _block_matmul(
+    factors: Sequence[Tensor | None], X: Tensor, dims: tuple[int, ...]
+) -> Tensor:
+    """``K x`` for each row ``x`` of ``X`` (``(..., n)``) with ``K`` the block of
+    ``factors`` (dense, diagonal or ``None`` for the identity) of sizes ``dims``.
+
+    A pair ``(F1, F2)`` reshapes rows to ``(n1, n2)`` and computes ``F1 X F2^T``.
+    """
+    if len(factors) == 1:
+        return _right(X, factors[0])
+    Xm = X.reshape(*X.shape[:-1], *dims)
+    return _right(_left(factors[0], Xm), factors[1]).reshape(X.shape)
+
+
+def _transpose(Q: Tensor | None) -> Tensor | None:
+    return None if Q is None else Q.mT
+
+
+def _square(Q: Tensor | None) -> Tensor | None:
+    """Entrywise square of an eigenbasis (the identity's is itself)."""
+    return None if Q is None else Q.square()
+
+
+def _eigen_matmul(
+    Qs: Sequence[Tensor | None], lam: Tensor, X: Tensor, dims: tuple[int, ...]
+) -> Tensor:
+    """``Q diag(lam) Q^T x`` for each row ``x`` of ``X``, with ``Q = Q1 (x) Q2``."""
+    rotated = _block_matmul([_transpose(Q) for Q in Qs], X, dims)
+    return _block_matmul(Qs, rotated * lam.flatten(), dims)
+
+
+def _factor_logdet(F: Tensor) -> Tensor:
+    """``log det F`` (``sum log d`` for a diagonal factor), in ``linalg_dtype``."""
+    F = F.to(linalg_dtype(F.dtype))
+    return F.log().sum() if _is_diag(F) else torch.logdet(F)
+
+
+def _factor_diagonal(F: Tensor) -> Tensor:
+    return F if _is_diag(F) else F.diagonal()
+
+
+def _factor_eigh(F: Tensor) -> tuple[Tensor | None, Tensor]:
+    """Eigenpairs ``(Q, l)`` of a PSD factor, ``l`` clamped at 0; a diagonal factor
+    gives ``(None, d)`` (``None``: the identity). Float16/bfloat16 factors are
+    decomposed in float32, the result cast back. Warns about clearly negative
+    eigenvalues (more than round-off)."""
+    if _is_diag(F):
+        Q, lam = None, F
+    else:
+        lam, Q = torch.linalg.eigh(F.to(linalg_dtype(F.dtype)))
+        lam, Q = lam.to(F.dtype), Q.to(F.dtype)
+    tol = torch.finfo(lam.dtype).eps ** 0.5
+    if lam.numel() and bool((lam < -tol * lam.abs().max()).any()):
+        warnings.warn(
+            "Kronecker factor has clearly negative eigenvalues "
+            f"(min {lam.min().item():.3g}); clamping them to 0.",
+            stacklevel=3,
+        )
+    return Q, lam.clamp(min=0)
 
 
 def _as_scalar(scalar: Number | Tensor) -> Number | Tensor:
@@ -96,29 +214,6 @@ def _apply_blockwise(
         )
     parts = torch.split(W, sizes, dim=-1)
     return torch.cat([fn(part) for fn, part in zip(fns, parts, strict=True)], dim=-1)
-
-
-def _kron(factors: list[Tensor]) -> Tensor:
-    """Dense block: ``G (x) A`` for a pair, ``B`` for a single matrix."""
-    return torch.kron(*factors) if len(factors) == 2 else factors[0]
-
-
-def _block_matmul(factors: list[Tensor], X: Tensor) -> Tensor:
-    """``K x`` for each row ``x`` of ``X`` (``(..., n)``) with ``K = _kron(factors)``.
-
-    A pair ``(G, A)`` reshapes rows to ``(p_out, p_in)`` and computes ``G X A^T``.
-    """
-    if len(factors) == 1:
-        return X @ factors[0].mT
-    G, A = factors
-    Xm = X.reshape(*X.shape[:-1], G.shape[0], A.shape[0])
-    return (G @ Xm @ A.mT).reshape(X.shape)
-
-
-def _eigen_matmul(Qs: list[Tensor], lam: Tensor, X: Tensor) -> Tensor:
-    """``Q diag(lam) Q^T x`` for each row ``x`` of ``X``, with ``Q = _kron(Qs)``."""
-    rotated = _block_matmul([Q.mT for Q in Qs], X)
-    return _block_matmul(Qs, rotated * lam.flatten())
 
 
 def damped_factor_eigenvalues(
@@ -158,18 +253,45 @@ def damped_factor_eigenvalues(
 
 
 class Kron:
-    """Block-diagonal curvature whose blocks are Kronecker pairs or dense matrices.
+    """Block-diagonal curvature whose blocks are Kronecker pairs or single blocks,
+    any factor dense or diagonal (see the module docstring).
 
     Parameters
     ----------
     kfacs : list[list[torch.Tensor]]
-        One entry per parameter tensor: ``[G, A]`` (output-side ``(p_out, p_out)``,
-        input-side ``(p_in, p_in)``) representing ``G (x) A``, or ``[B]`` with a dense
-        ``(n, n)`` block.
+        One entry per parameter tensor: a pair ``[F1, F2]`` representing
+        ``F1 (x) F2`` over the parameter viewed row-major as ``(n1, n2)`` (``[G, A]``,
+        output side first, from ``init_from_model`` and the built-in backends), or
+        a single block ``[B]``. Each factor is a square matrix ``(n, n)`` or a vector
+        ``(n,)`` standing for the diagonal matrix ``diag(d)``: ``[d]`` is a diagonal
+        block, ``[a, G]`` is ``diag(a) (x) G``.
+    averaged : list[int or None], optional
+        Per block, the position of the factor that is an average over the data set
+        rather than a sum (``A`` of ``[G, A]``), or None where all factors are sums.
+        Only ``KronLaplace.fit(override=False)`` reads it, to combine two data sets
+        (sum the other factors, average this one weighted by the data sizes).
+        Defaults to ``1`` for pairs (``[G, A]``) and None for single blocks.
     """
 
-    def __init__(self, kfacs: Sequence[Sequence[Tensor]]) -> None:
+    def __init__(
+        self,
+        kfacs: Sequence[Sequence[Tensor]],
+        averaged: Sequence[int | None] | None = None,
+    ) -> None:
         self.kfacs = _check_blocks(kfacs, "kfacs")
+        _check_factors(self.kfacs)
+        if averaged is None:
+            averaged = [1 if len(block) == 2 else None for block in self.kfacs]
+        self.averaged = list(averaged)
+        if len(self.averaged) != len(self.kfacs) or any(
+            i is not None and i not in range(len(block))
+            for i, block in zip(self.averaged, self.kfacs)
+        ):
+            raise ValueError(
+                "averaged must hold one entry per block, each None or the position "
+                f"of one of the block's factors; got {self.averaged} for blocks of "
+                f"{[len(b) for b in self.kfacs]} factors."
+            )
 
     @staticmethod
     def init_from_model(
@@ -217,23 +339,29 @@ class Kron:
     def __len__(self) -> int:
         return len(self.kfacs)
 
+    def block_sizes(self) -> list[int]:
+        """Number of parameters of each block (``n1 * n2`` for a pair, else ``n``)."""
+        return _block_sizes(self.kfacs)
+
     def clone(self) -> Kron:
         """A copy whose factors are new tensors (``torch.Tensor.clone``), so that
         adding to one in place (``+=``) leaves the other as it was."""
-        return Kron([[f.clone() for f in block] for block in self.kfacs])
+        return Kron([[f.clone() for f in block] for block in self.kfacs], self.averaged)
 
     def __add__(self, other: Kron) -> Kron:
-        """Add factor by factor: ``[G1 + G2, A1 + A2]`` and ``[B1 + B2]``.
+        """Add factor by factor: ``[F1 + F1', F2 + F2']`` and ``[B + B']`` (diagonal
+        factors as vectors).
 
         This accumulates factors over batches; it is *not* the sum of the two
-        Kronecker products, ``G1 (x) A1 + G2 (x) A2``.
+        Kronecker products, ``F1 (x) F2 + F1' (x) F2'``.
         """
         self._check_addable(other)
         return Kron(
             [
                 [f + g for f, g in zip(a, b, strict=True)]
                 for a, b in zip(self.kfacs, other.kfacs, strict=True)
-            ]
+            ],
+            self.averaged,
         )
 
     def __iadd__(self, other: Kron) -> Kron:
@@ -249,23 +377,31 @@ class Kron:
             raise TypeError(f"Can only add Kron to Kron, got {type(other).__name__}.")
         if self._shapes() != other._shapes():
             raise ValueError(
-                "Cannot add Kron objects with different factor shapes: "
-                f"{self._shapes()} vs {other._shapes()}."
+                "Cannot add Kron objects with different factor shapes (a vector is a "
+                f"diagonal factor): {self._shapes()} vs {other._shapes()}."
+            )
+        if self.averaged != other.averaged:
+            raise ValueError(
+                "Cannot add Kron objects whose averaged factors differ: "
+                f"{self.averaged} vs {other.averaged}."
             )
 
     def _shapes(self) -> list[list[tuple[int, ...]]]:
         return [[tuple(f.shape) for f in block] for block in self.kfacs]
 
     def __mul__(self, scalar: Number | Tensor) -> Kron:
-        """Scale the matrix: ``c (G (x) A) = (c G) (x) A`` and ``c B``."""
+        """Scale the matrix: ``c (F1 (x) F2) = (c F1) (x) F2`` and ``c B``."""
         scalar = _as_scalar(scalar)
-        return Kron([[scalar * block[0], *block[1:]] for block in self.kfacs])
+        return Kron(
+            [[scalar * block[0], *block[1:]] for block in self.kfacs], self.averaged
+        )
 
     __rmul__ = __mul__
 
     def decompose(self, damping: bool = False) -> KronDecomposed:
         """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``;
         float16/bfloat16 factors are decomposed in float32, the result cast back).
+        A diagonal factor ``d`` gives ``l = d`` and ``Q = None`` (the identity).
 
         The factors are PSD by construction, so eigenvalues are clamped at zero to
         remove round-off; a warning is emitted if a clearly negative one is found.
@@ -279,23 +415,9 @@ class Kron:
         -------
         kron_decomposed : KronDecomposed
         """
-        eigvecs, eigvals = [], []
-        for block in self.kfacs:
-            vecs, vals = [], []
-            for factor in block:
-                lam, Q = torch.linalg.eigh(factor.to(linalg_dtype(factor.dtype)))
-                lam, Q = lam.to(factor.dtype), Q.to(factor.dtype)
-                tol = torch.finfo(lam.dtype).eps ** 0.5
-                if lam.numel() and bool((lam < -tol * lam.abs().max()).any()):
-                    warnings.warn(
-                        "Kronecker factor has clearly negative eigenvalues "
-                        f"(min {lam.min().item():.3g}); clamping them to 0.",
-                        stacklevel=2,
-                    )
-                vecs.append(Q)
-                vals.append(lam.clamp(min=0))
-            eigvecs.append(vecs)
-            eigvals.append(vals)
+        pairs = [[_factor_eigh(F) for F in block] for block in self.kfacs]
+        eigvecs = [[Q for Q, _ in block] for block in pairs]
+        eigvals = [[lam for _, lam in block] for block in pairs]
         return KronDecomposed(eigvecs, eigvals, damping=damping)
 
     def bmm(self, W: Tensor, exponent: float = 1) -> Tensor:
@@ -318,47 +440,44 @@ class Kron:
                 f"Kron.bmm only supports exponent=1, got {exponent}; use "
                 "Kron.decompose().bmm(W, exponent) for other exponents."
             )
-        fns = [lambda X, b=b: _block_matmul(b, X) for b in self.kfacs]
-        return _apply_blockwise(W, _block_sizes(self.kfacs), fns)
+        fns = [lambda X, b=b: _block_matmul(b, X, _dims(b)) for b in self.kfacs]
+        return _apply_blockwise(W, self.block_sizes(), fns)
 
     def logdet(self) -> Tensor:
         """Log determinant of ``H`` (0-dim), summed over the blocks.
 
-        A pair contributes ``log det(G (x) A) = p_in log det G + p_out log det A``.
-        Float16/bfloat16 factors are taken in float32 (``linalg_dtype``), the sum
-        returned in their dtype. An empty ``Kron`` has log determinant 0 (in the
-        default dtype, on the CPU: there is no factor to take them from).
+        A pair contributes ``log det(F1 (x) F2) = n2 log det F1 + n1 log det F2``,
+        a diagonal factor ``sum log d``. Float16/bfloat16 factors are taken in
+        float32 (``linalg_dtype``), the sum returned in their dtype. An empty
+        ``Kron`` has log determinant 0 (in the default dtype, on the CPU: there is
+        no factor to take them from).
         """
         if not self.kfacs:  # no factor to take a dtype or device from
             return torch.zeros((), dtype=torch.get_default_dtype())
-        ref = self.kfacs[0][0]
-
-        def logdet(F: Tensor) -> Tensor:
-            return torch.logdet(F.to(linalg_dtype(F.dtype)))
-
         terms = []
         for block in self.kfacs:
             if len(block) == 1:
-                terms.append(logdet(block[0]))
+                terms.append(_factor_logdet(block[0]))
             else:
-                G, A = block
-                terms.append(A.shape[0] * logdet(G) + G.shape[0] * logdet(A))
-        return torch.stack(terms).sum().to(ref.dtype)
+                (F1, F2), (n1, n2) = block, _dims(block)
+                terms.append(n2 * _factor_logdet(F1) + n1 * _factor_logdet(F2))
+        return torch.stack(terms).sum().to(self.kfacs[0][0].dtype)
 
     def diag(self) -> Tensor:
-        """Diagonal of ``H``, ``(P,)``; ``diag(G (x) A) = diag(G) (x) diag(A)``."""
-        return torch.cat(
-            [
-                torch.outer(b[0].diagonal(), b[1].diagonal()).flatten()
-                if len(b) == 2
-                else b[0].diagonal()
-                for b in self.kfacs
-            ]
-        )
+        """Diagonal of ``H``, ``(P,)``; ``diag(F1 (x) F2) = diag(F1) (x) diag(F2)``."""
+        diags = []
+        for block in self.kfacs:
+            d = [_factor_diagonal(F) for F in block]
+            diags.append(torch.outer(*d).flatten() if len(d) == 2 else d[0])
+        return torch.cat(diags)
 
     def to_matrix(self) -> Tensor:
         """Dense ``(P, P)`` block-diagonal matrix. Memory heavy: for testing only."""
-        return torch.block_diag(*[_kron(b) for b in self.kfacs])
+        blocks = []
+        for block in self.kfacs:
+            dense = [_dense(F, F.shape[0], F) for F in block]
+            blocks.append(torch.kron(*dense) if len(dense) == 2 else dense[0])
+        return torch.block_diag(*blocks)
 
 
 class KronDecomposed:
@@ -374,12 +493,15 @@ class KronDecomposed:
       Adding deltas and scaling keep the damping.
 
     A single block ``(Q, l)`` always gives ``lam = l + d``. Powers act on ``lam``.
-    Deltas can be added; other Kron or KronDecomposed cannot.
+    Deltas can be added; other Kron or KronDecomposed cannot. Any eigenbasis may be
+    ``None``, the identity: that of a diagonal factor (``Kron.decompose``), whose
+    eigenvalues are its entries (neither sorted nor formed into a matrix).
 
     Parameters
     ----------
-    eigenvectors : list[list[torch.Tensor]]
-        ``[Q_G, Q_A]`` or ``[Q]`` per block, mirroring ``Kron.kfacs``.
+    eigenvectors : list[list[torch.Tensor or None]]
+        ``[Q_G, Q_A]`` or ``[Q]`` per block, mirroring ``Kron.kfacs``; ``None`` for
+        the identity.
     eigenvalues : list[list[torch.Tensor]]
         ``[l_G, l_A]`` or ``[l]`` per block.
     deltas : torch.Tensor, optional
@@ -425,6 +547,10 @@ class KronDecomposed:
     def __len__(self) -> int:
         return len(self.eigenvectors)
 
+    def block_sizes(self) -> list[int]:
+        """Number of parameters of each block (``n1 * n2`` for a pair, else ``n``)."""
+        return _block_sizes(self.eigenvalues)
+
     def __add__(self, deltas: Tensor | float) -> KronDecomposed:
         """Copy with ``deltas`` (scalar or ``(n_blocks,)``) added to its deltas."""
         if isinstance(deltas, (Kron, KronDecomposed)):
@@ -466,14 +592,14 @@ class KronDecomposed:
         """Copy with all tensors detached from the autograd graph."""
         scale = self.scale
         return self._like(
-            [[Q.detach() for Q in b] for b in self.eigenvectors],
+            [[None if Q is None else Q.detach() for Q in b] for b in self.eigenvectors],
             [[lam.detach() for lam in b] for b in self.eigenvalues],
             self.deltas.detach(),
             scale.detach() if isinstance(scale, Tensor) else scale,
         )
 
     def block_eigenvalues(self, i: int, exponent: float = 1) -> Tensor:
-        """``lam ** exponent`` of block ``i``: shape ``(p_out, p_in)`` or ``(n,)``."""
+        """``lam ** exponent`` of block ``i``: shape ``(n1, n2)`` or ``(n,)``."""
         vals, delta = self.eigenvalues[i], self.deltas[i]
         if len(vals) == 1:
             lam = vals[0] + delta
@@ -509,11 +635,14 @@ class KronDecomposed:
         """
         fns = [
             lambda X, i=i: _eigen_matmul(
-                self.eigenvectors[i], self.block_eigenvalues(i, exponent), X
+                self.eigenvectors[i],
+                self.block_eigenvalues(i, exponent),
+                X,
+                _dims(self.eigenvalues[i]),
             )
             for i in range(len(self))
         ]
-        return _apply_blockwise(W, _block_sizes(self.eigenvectors), fns)
+        return _apply_blockwise(W, self.block_sizes(), fns)
 
     def inv_square_form(self, W: Tensor) -> Tensor:
         """``W M^-1 W^T`` per batch element, computed as ``V V^T``, ``V = W M^-1/2``.
@@ -534,24 +663,23 @@ class KronDecomposed:
     def diag(self, exponent: float = 1) -> Tensor:
         """Diagonal of ``M^exponent``, shape ``(P,)``, without forming blocks.
 
-        ``diag(Q diag(lam) Q^T) = (Q * Q) lam``; for ``Q = Q_G (x) Q_A`` this is
-        ``Q_G^2 lam Q_A^2^T`` with ``lam`` of shape ``(p_out, p_in)``.
+        ``diag(Q diag(lam) Q^T) = (Q * Q) lam``; for ``Q = Q_G (x) Q_A``,
+        ``Q * Q = Q_G^2 (x) Q_A^2``: the block product with the squared bases.
         """
         diags = []
         for i, Qs in enumerate(self.eigenvectors):
-            lam = self.block_eigenvalues(i, exponent)
-            if len(Qs) == 1:
-                diags.append(Qs[0].square() @ lam)
-            else:
-                QG2, QA2 = Qs[0].square(), Qs[1].square()
-                diags.append(torch.einsum("ij,kl,jl->ik", QG2, QA2, lam).flatten())
+            lam = self.block_eigenvalues(i, exponent).flatten()
+            squares = [_square(Q) for Q in Qs]
+            diags.append(_block_matmul(squares, lam, _dims(self.eigenvalues[i])))
         return torch.cat(diags)
 
     def to_matrix(self, exponent: float = 1) -> Tensor:
         """Dense ``(P, P)`` block-diagonal ``M^exponent``; memory heavy, for tests."""
         blocks = []
         for i, Qs in enumerate(self.eigenvectors):
-            Q = _kron(Qs)
+            vals = self.eigenvalues[i]
+            dense = [_dense(Q, l.shape[0], l) for Q, l in zip(Qs, vals, strict=True)]
+            Q = torch.kron(*dense) if len(dense) == 2 else dense[0]
             lam = self.block_eigenvalues(i, exponent).flatten()
             blocks.append((Q * lam) @ Q.mT)
         return torch.block_diag(*blocks)
