@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from laplace.utils._checks import check_positive_int
 from laplace.utils.enums import (
     LinkApprox,
     PredType,
@@ -138,8 +139,7 @@ def prior_precision_of_structure(
 
 
 def check_marglik_arguments(n_steps: int, lr: float) -> None:
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}.")
+    check_positive_int(n_steps, "n_steps")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number; got {lr!r}.")
 
@@ -156,8 +156,7 @@ def check_gridsearch_arguments(
             "loss must be a torchmetrics.Metric or a callable(predictions, targets); "
             f"got {type(loss).__name__}."
         )
-    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
-        raise ValueError(f"grid_size must be a positive integer; got {grid_size!r}.")
+    check_positive_int(grid_size, "grid_size")
     if not log_min <= log_max:
         raise ValueError(
             f"log_prior_prec_min ({log_min}) must not exceed log_prior_prec_max "

@@ -93,4 +93,4 @@ def test_a_backend_without_the_structure_is_refused_when_the_laplace_is_built(su
     for backend in (CurvlinopsHessian, BackPackEF):
         with pytest.raises(ValueError, match="cannot compute the 'kron'") as err:
             Laplace(model("mlp"), "classification", subset, "kron", backend=backend)
-        assert "backends that can: CurvlinopsGGN" in str(err.value)
+        assert "backends that can: NativeGGN, NativeEF, CurvlinopsGGN" in str(err.value)

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from laplace.curvature import backprop_factor
 from laplace.data import Inputs, batch_size
 from laplace.likelihood import get_likelihood
+from laplace.utils._checks import check_positive_int
 from laplace.utils.enums import Likelihood, parse_enum
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.matrix import Kron  # noqa: F401  (laplace-torch's module-level name)
@@ -516,10 +517,7 @@ class GGNInterface(_OuterProductCurvature):
         num_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> None:
-        if int(num_samples) < 1:
-            raise ValueError(
-                f"num_samples must be a positive integer; got {num_samples}."
-            )
+        num_samples = check_positive_int(num_samples, "num_samples")
         super().__init__(
             model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y
         )

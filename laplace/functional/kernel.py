@@ -78,8 +78,9 @@ class LayerJacobian:
         g = self._g(n_outputs)
         out: dict[int, Tensor] = {}
         if self.a is not None:
-            J = torch.einsum("cno,ni->ncoi", g, self.a)
-            out[id(self.module.weight)] = J.flatten(start_dim=2)
+            term = Outer(self.a[:, None], g[:, :, None])  # one position
+            J = engine.term_vectors(term, g.shape[-1] * self.a.shape[-1])
+            out[id(self.module.weight)] = J.transpose(0, 1)
         if self.shared is not None:
             out[id(self.module.weight)] = self.shared
         if self.bias:

@@ -30,6 +30,7 @@ from laplace.curvature.native import NativeInterface
 from laplace.data import dataset_size, split_batch, to_device
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
+from laplace.utils._checks import check_positive_int
 from laplace.utils.lowrank import LowRankPlusDiagonal, top_eigenpairs
 
 Tensor = torch.Tensor
@@ -97,8 +98,7 @@ class LowRankLaplace(ParametricLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank:
-            raise ValueError(f"rank must be a positive integer; got {rank!r}.")
+        check_positive_int(rank, "rank")
         if eig_method not in ("lanczos", "randomized"):
             raise ValueError(
                 f"eig_method must be 'lanczos' or 'randomized'; got {eig_method!r}."

@@ -24,6 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
+from laplace.curvature.engine import term_vectors
+from laplace.curvature.rules import Outer
+
 Tensor = torch.Tensor
 #: ``(a, g)``: ``a`` ``(N, T, in)`` and ``g`` ``(C, N, T, out)`` for a weight,
 #: ``(None, g)`` with ``g`` ``(C, N, out)`` for a bias or vector parameter
@@ -102,8 +105,8 @@ def _shared_weight_term(a: Tensor, g: Tensor, inv: Tensor) -> Tensor:
     chunk = max(1, _CHUNK_ENTRIES // (C * inv.numel()))
     pieces = []
     for start in range(0, N, chunk):
-        J = torch.einsum(
-            "cnto,nti->ncoi", g[:, start : start + chunk], a[start : start + chunk]
-        )
-        pieces.append(torch.einsum("ncoi,ndoi,oi->ncd", J, J, inv))
+        rows = slice(start, start + chunk)
+        term = Outer(a[rows], g[:, rows])
+        J = term_vectors(term, inv.numel()).reshape(C, -1, *inv.shape)  # (C, n, o, i)
+        pieces.append(torch.einsum("cnoi,dnoi,oi->ncd", J, J, inv))
     return torch.cat(pieces)

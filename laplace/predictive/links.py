@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from laplace.utils._checks import check_positive_int
 from laplace.utils.enums import LinkApprox
 
 __all__ = [
@@ -381,8 +382,7 @@ def sample_outputs(
     samples : torch.Tensor, shape (n_samples, N, C)
     """
     _check_gaussian(f_mu, f_var)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
+    check_positive_int(n_samples, "n_samples")
     eps = torch.randn(
         (n_samples, *f_mu.shape),
         generator=generator,

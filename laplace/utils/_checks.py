@@ -50,9 +50,16 @@ def _check_scalar(value: object, name: str) -> Real | Tensor:
     return value
 
 
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` if it is an ``int`` (not a bool) of at least 1, else a ValueError
+    naming ``name`` (the one place of this check)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return int(value)
+
+
 def check_n_samples(n_samples: int) -> None:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+    check_positive_int(n_samples, "n_samples")
 
 
 def check_state(la, state: dict, required: set[str]) -> None:
