@@ -33,8 +33,13 @@ def per_example_vectors(model, params, x, factor_fn: FactorFn, indices=None):
     """Outputs ``f`` ``(N, C)`` and the vectors ``V`` ``(K, N, P)`` (or
     ``(K, N, len(indices))`` of the entries ``indices`` of the concatenated
     parameters, without forming the others)."""
-    tape = engine.run(model, params, x, factor_fn)
-    return tape.f, engine.vectors(tape, indices)
+    if indices is None:
+        tape = engine.run(model, params, x, factor_fn)
+        return tape.f, engine.vectors(tape)
+    # only the parameters holding a selected entry are reached
+    groups = engine.index_groups(params, indices)
+    tape = engine.run(model, [p for p, _, _ in groups], x, factor_fn)
+    return tape.f, engine.selected_vectors(tape, groups, len(indices))
 
 
 def outer_product_diag(model, params, x, factor_fn: FactorFn):
@@ -46,8 +51,8 @@ def outer_product_diag(model, params, x, factor_fn: FactorFn):
 def outer_product_full(model, params, x, factor_fn: FactorFn, indices=None):
     """Outputs ``f`` and ``sum_nk v_nk v_nk^T`` ``(P, P)`` (or its submatrix over
     ``indices``) as one symmetric rank-``KN`` update."""
-    tape = engine.run(model, params, x, factor_fn)
-    return tape.f, engine.dense(tape, indices)
+    f, V = per_example_vectors(model, params, x, factor_fn, indices)
+    return f, symmetric_gram(V.reshape(-1, V.shape[-1]))
 
 
 def jacobian(

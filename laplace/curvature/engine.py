@@ -447,11 +447,16 @@ def vectors(tape: Tape, indices: Tensor | None = None) -> Tensor:
     ``(K, N, len(indices))`` of the entries ``indices`` only."""
     if indices is None:
         return torch.cat([param_vectors(tape, p) for p in tape.params], dim=-1)
+    return selected_vectors(tape, index_groups(tape.params, indices), len(indices))
+
+
+def selected_vectors(tape: Tape, groups, n: int) -> Tensor:
+    """``V`` ``(K, N, n)`` of the entries named by ``groups`` (``index_groups``)."""
     out = None
-    for p, local, cols in _index_groups(tape.params, indices):
+    for p, local, cols in groups:
         part = _selected(tape, p, local)
         if out is None:
-            out = part.new_zeros(part.shape[0], part.shape[1], len(indices))
+            out = part.new_zeros(part.shape[0], part.shape[1], n)
         out[:, :, cols] = part
     return out
 
@@ -473,7 +478,7 @@ def _selected(tape: Tape, p: nn.Parameter, local: Tensor) -> Tensor:
     return total
 
 
-def _index_groups(params, indices):
+def index_groups(params, indices):
     """``[(param, positions in it, columns of the result)]`` for ``indices`` into
     the concatenated parameters."""
     indices = torch.as_tensor(indices)
