@@ -11,6 +11,15 @@
 - EF: the same with ``FISHER_EMP``;
 - Hessian: ASDL's ``HessianMaker`` in ``SHAPE_FULL`` and ``SHAPE_DIAG``.
 
+ASDL's ``FisherMaker`` takes every row a layer sees, and every position of a
+``nn.Linear`` layer over a sequence, for an example (wrong full and diagonal
+curvature, or a failing full one); for such models (``_LayerRows``) the full and
+diagonal GGN, MC Fisher and EF come from ASDL's per-example gradients as above,
+with the likelihood's output factor (its Hessian factor, its sampled gradients for
+the MC Fisher, its loss gradient for the EF). Its Kronecker input factor of such a
+``nn.Linear`` layer sums over the positions and is brought to their mean (the
+canonical factor of ``laplace.curvature.kron_assembly``).
+
 ASDL leaves its results as attributes on the modules; they are read and removed after
 every batch, so the model is left as it was. Its GGN of ``LOSS_MSE`` already is the
 Gaussian ``N(f, 1)`` one of DESIGN.md section 3; its empirical Fisher and Hessian are

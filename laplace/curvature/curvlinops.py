@@ -47,7 +47,7 @@ def _curvlinops():
     return import_library("curvlinops", "curvlinops-for-pytorch", "Curvlinops")
 
 
-def library_seed(generator: torch.Generator | None) -> int:
+def _library_seed(generator: torch.Generator | None) -> int:
     """A seed for the library's own random generator, drawn from ``generator``
     (torch's default generator when None): seeding either reproduces the Monte-Carlo
     samples, and every call draws fresh ones."""
@@ -206,7 +206,7 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
         if self.stochastic:
             options = {
                 "mc_samples": self.num_samples,
-                "seed": library_seed(self.generator),
+                "seed": _library_seed(self.generator),
             }
             return "FisherMCLinearOperator", options, self.factor
         return "GGNLinearOperator", {}, self.factor
@@ -216,7 +216,7 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
             options = {
                 "fisher_type": "mc",
                 "mc_samples": self.num_samples,
-                "seed": library_seed(self.generator),
+                "seed": _library_seed(self.generator),
             }
             return options, self.factor
         return {"fisher_type": "type-2"}, self.factor
