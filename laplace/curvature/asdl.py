@@ -11,6 +11,15 @@
 - EF: the same with ``FISHER_EMP``;
 - Hessian: ASDL's ``HessianMaker`` in ``SHAPE_FULL`` and ``SHAPE_DIAG``.
 
+ASDL's ``FisherMaker`` takes every row a layer sees, and every position of a
+``nn.Linear`` layer over a sequence, for an example (wrong full and diagonal
+curvature, or a failing full one); for such models (``_LayerRows``) the full and
+diagonal GGN, MC Fisher and EF come from ASDL's per-example gradients as above,
+with the likelihood's output factor (its Hessian factor, its sampled gradients for
+the MC Fisher, its loss gradient for the EF). Its Kronecker input factor of such a
+``nn.Linear`` layer sums over the positions and is brought to their mean (the
+canonical factor of ``laplace.curvature.kron_assembly``).
+
 ASDL leaves its results as attributes on the modules; they are read and removed after
 every batch, so the model is left as it was. Its GGN of ``LOSS_MSE`` already is the
 Gaussian ``N(f, 1)`` one of DESIGN.md section 3; its empirical Fisher and Hessian are
@@ -48,7 +57,7 @@ from laplace.curvature.curvature import (
     model_left_as_found,
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
-from laplace.data import Inputs
+from laplace.data import Inputs, batch_size
 from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron
 
@@ -74,6 +83,32 @@ class _CheckedLoss(nn.Module):
     def forward(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.inner.reduction = self.reduction
         return self.inner(f, self.lik.check_targets(f, y))
+
+
+class _LayerRows(RowCounter):
+    """``RowCounter`` that also records, for every ``nn.Linear`` layer, the number of
+    positions per row of its input (the size of the dimensions between the first
+    and the last): ASDL's full and diagonal Fisher take each position for an
+    example there (and its full one fails), and its Kronecker input factor sums over
+    the positions where the canonical one averages.
+
+    ``per_example(N)`` is True only when every layer sees the ``N`` examples as
+    rows of a single position.
+    """
+
+    def __enter__(self) -> _LayerRows:
+        super().__enter__()
+        self.positions: dict[int, int] = {}
+
+        def hook(module, inputs, output):
+            if isinstance(module, nn.Linear):
+                self.positions[id(module)] = inputs[0].shape[1:-1].numel()
+
+        self.handles += [m.register_forward_hook(hook) for m in self.layers]
+        return self
+
+    def per_example(self, N: int) -> bool:
+        return super().per_example(N) and all(T == 1 for T in self.positions.values())
 
 
 class AsdlInterface(CurvatureInterface):
@@ -120,7 +155,9 @@ class AsdlInterface(CurvatureInterface):
         is ``_target`` of ``x`` when the caller has it already.
 
         ``self._rows_per_example`` then says whether every layer saw the batch's
-        examples as its rows (ASDL takes a layer's rows for examples)."""
+        examples as its rows, one position each (ASDL takes a layer's rows for
+        examples), and ``self._positions`` holds the positions per row of every
+        ``nn.Linear`` layer (``_LayerRows``); both are set when ASDL fails too."""
         module, inputs = target or self._target(x)
         key = (id(module), shape)
         makers = self.__dict__.setdefault("_makers", {})
@@ -128,12 +165,18 @@ class AsdlInterface(CurvatureInterface):
             makers[key] = (module, self._maker(module, shape))
         maker = makers[key][1]
         loss_fn = _CheckedLoss(self.lik)
+        N = batch_size(x, self.dict_key_x)
+        self._rows_per_example, self._positions = True, {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dummy = maker.setup_model_call(module, inputs)
             maker.setup_loss_call(loss_fn, dummy, y)
-            with RowCounter(module) as rows:
-                out = maker.forward_and_backward()
+            with _LayerRows(module) as rows:
+                try:
+                    out = maker.forward_and_backward()
+                finally:  # known also when ASDL fails on such layers
+                    self._rows_per_example = rows.per_example(N)
+                    self._positions = rows.positions
         for p in module.parameters():  # ASDL's marker of the original flag
             if hasattr(p, _ASDL_MARKER):
                 delattr(p, _ASDL_MARKER)
@@ -142,7 +185,6 @@ class AsdlInterface(CurvatureInterface):
         else:  # the Hessian maker returns nothing
             with torch.no_grad():
                 f = module(inputs)
-        self._rows_per_example = rows.per_example(f.shape[0])
         return module, maker, self.lik.loss(f, self.lik.check_targets(f, y))
 
     def _maker(self, module: nn.Module, shape: str):
@@ -240,7 +282,13 @@ class AsdlFisher(AsdlInterface):
         self._check_batch(x, y)
         if self._prefers_examples():
             return self._by_examples(x, y, diagonal=False)
-        found = super().full(x, y, **kwargs)
+        try:
+            found = super().full(x, y, **kwargs)
+        except RuntimeError:
+            # ASDL's full FisherMaker fails on a Linear layer over positions
+            if self._rows_per_example:
+                raise
+            return self._by_examples(x, y, diagonal=False)
         if not self._rows_per_example:
             return self._by_examples(x, y, diagonal=False)
         return found
@@ -257,7 +305,8 @@ class AsdlFisher(AsdlInterface):
         or EF (``_output_factor``).
 
         Exact also when a layer sees more rows than examples (a model that flattens
-        items), where ASDL's ``FisherMaker`` would take every row for an example.
+        items) or positions per example (a Linear layer over a sequence), where
+        ASDL's ``FisherMaker`` would take every row or position for an example.
         """
         module, inputs = self._target(x)
         with torch.no_grad():
@@ -317,9 +366,13 @@ class AsdlFisher(AsdlInterface):
         for name, layer in layers:
             p = layer.weight if layer.weight.requires_grad else layer.bias
             _, kron = per_param[id(p)]
-            # ASDL: B = output factor summed over the batch, A = input factor
-            # summed over the batch (averaged over positions): the canonical pair
-            factors[name] = LayerFactors(kron.B, kron.A, g_scale=scale)
+            # ASDL: B = output factor summed over the batch (and positions), A =
+            # input factor summed over the batch, averaged over the positions of a
+            # Conv2d but summed over those of a Linear layer: brought to the mean
+            positions = self._positions.get(id(layer), 1)
+            factors[name] = LayerFactors(
+                kron.B, kron.A, g_scale=scale, a_scale=1 / positions
+            )
         return loss, assemble_kron(self.params, layers, factors, N)
 
 

@@ -1,32 +1,40 @@
-"""Curvature from Curvlinops, the default backend.
+"""Curvature from Curvlinops (https://github.com/f-dangel/curvlinops).
 
-- ``kron`` of the GGN/EF (type-2 Fisher = exact GGN factors, Monte-Carlo with
-  ``stochastic=True``, empirical for the EF): the same factors as Curvlinops'
-  ``KFACLinearOperator`` from one batched backward pass of the output-Hessian factor
-  (``laplace.curvature.backprop_factor.kfac_factors``); for models outside that
-  route (a layer called twice) Curvlinops' ``KFACLinearOperator`` itself;
-- ``full`` and ``diag`` of the GGN/EF: one backward pass of a factor of the output
-  Hessian (``laplace.curvature.backprop_factor``), exact and far cheaper than
-  multiplying Curvlinops' ``GGNLinearOperator`` with ``P`` unit vectors;
-- ``full`` and ``diag`` of the Hessian: Curvlinops' ``HessianLinearOperator``
-  applied to blocks of unit vectors.
+Every structure is computed by Curvlinops' public linear operators:
+
+- ``full`` and ``diag``: the operator of the curvature (``GGNLinearOperator``, or
+  ``FisherMCLinearOperator`` with ``stochastic=True``; ``EFLinearOperator``;
+  ``HessianLinearOperator``) multiplied with blocks of ``block_size`` unit vectors,
+  only those of the selected ``subnetwork_indices`` when given; ``diag`` keeps the
+  diagonal of each block (Curvlinops' diagonal estimators, ``hutchinson_diag`` and
+  ``xdiag``, are stochastic). This costs one operator product per parameter (per
+  selected entry): exact, but slower than one backward pass of an output-Hessian
+  factor.
+- ``kron``: ``KFACLinearOperator`` with ``fisher_type`` ``'type-2'`` (the exact GGN
+  factors), ``'mc'`` (``stochastic=True``) or ``'empirical'`` (EF).
+
+The module and inputs are those of ``_target``: the model, or for the last layer
+the last ``nn.Linear`` (``PairedLinear`` for reward modeling) on its features.
+
+Curvlinops works with the sum-reduced ``lossfunc`` (``MSELoss`` for regression);
+the curvature of the loss ``factor * lossfunc`` is ``factor`` times its GGN, Monte-
+Carlo Fisher and Hessian and ``factor**2`` times its empirical Fisher. Monte-Carlo
+samples are drawn by Curvlinops' generator, seeded once per batch from ``generator``
+(or torch's default generator when None), so a seed reproduces them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 
-from laplace.curvature import backprop_factor
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
     GGNInterface,
-    _OuterProductCurvature,
     import_library,
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
@@ -39,17 +47,40 @@ def _curvlinops():
     return import_library("curvlinops", "curvlinops-for-pytorch", "Curvlinops")
 
 
+def _library_seed(generator: torch.Generator | None) -> int:
+    """A seed for the library's own random generator, drawn from ``generator``
+    (torch's default generator when None): seeding either reproduces the Monte-Carlo
+    samples, and every call draws fresh ones."""
+    if generator is None:
+        return int(torch.randint(2**62, ()))
+    return int(torch.randint(2**62, (), generator=generator, device=generator.device))
+
+
 class CurvlinopsInterface(CurvatureInterface):
-    """Interface for the Curvlinops backend (https://github.com/f-dangel/curvlinops)."""
+    """Interface for the Curvlinops backend (https://github.com/f-dangel/curvlinops).
+
+    Subclasses say which operator gives ``full`` and ``diag`` (``_operator_spec``)
+    and which Fisher type gives ``kron`` (``_kfac_spec``).
+    """
 
     supported_structures = frozenset({"full", "kron", "diag"})
     supports_dict_inputs = True
-    #: Curvlinops' ``fisher_type`` of the Kronecker factors
-    _fisher_type = "type-2"
-    _seeds = itertools.count(2147483647, -1)
+    #: unit vectors multiplied per operator product (bounds memory at P x this)
+    block_size = 512
+
+    def _operator_spec(self) -> tuple[str, dict[str, Any], float]:
+        """Name of the Curvlinops operator of ``full`` and ``diag``, its extra
+        arguments, and the factor from its curvature of ``lossfunc`` to ours."""
+        raise NotImplementedError
+
+    def _kfac_spec(self) -> tuple[dict[str, Any], float]:
+        """``KFACLinearOperator``'s ``fisher_type``, ``mc_samples`` and ``seed``, and
+        the factor from its gradient covariances of ``lossfunc`` to ours."""
+        raise NotImplementedError
 
     def _library_inputs(self, x: Inputs, y: torch.Tensor):
-        """Arguments shared by every Curvlinops operator for one batch."""
+        """The module, its inputs and the arguments shared by every Curvlinops
+        operator for one batch."""
         module, inputs = self._target(x)
         kwargs: dict[str, Any] = {
             "check_deterministic": False,
@@ -60,69 +91,87 @@ class CurvlinopsInterface(CurvatureInterface):
             kwargs["batch_size_fn"] = lambda batch: batch[key].shape[0]
         return module, inputs, kwargs
 
+    # -- full and diag: the operator on blocks of unit vectors -----------------------
+    def _column_blocks(self, x: Inputs, y: torch.Tensor):
+        """Summed loss, the indices of the columns, and a generator of
+        ``(chunk, H[:, chunk])`` over consecutive chunks of them."""
+        module, inputs, lib_kwargs = self._library_inputs(x, y)
+        params = self.params
+        with torch.no_grad():
+            f = module(inputs)
+        y = self.lik.check_targets(f, y)
+        name, options, scale = self._operator_spec()
+        operator = getattr(_curvlinops(), name)(
+            module, self.lossfunc, params, [(inputs, y)], **options, **lib_kwargs
+        )
+        ref = params[0]
+        P = sum(p.numel() for p in params)
+        if self.subnetwork_indices is None:
+            indices = torch.arange(P, device=ref.device)
+        else:
+            indices = torch.as_tensor(self.subnetwork_indices, device=ref.device)
+
+        def blocks():
+            for chunk in indices.split(self.block_size):
+                E = torch.zeros(P, len(chunk), dtype=ref.dtype, device=ref.device)
+                E[chunk, torch.arange(len(chunk), device=ref.device)] = 1.0
+                yield chunk, (operator @ E).mul_(scale)
+
+        return self.lik.loss(f, y), indices, blocks()
+
+    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("full")
+        self._check_batch(x, y)
+        loss, idx, blocks = self._column_blocks(x, y)
+        H = None
+        start = 0
+        for chunk, columns in blocks:
+            if H is None:
+                H = columns.new_empty(len(idx), len(idx))
+            H[:, start : start + len(chunk)] = columns[idx]
+            start += len(chunk)
+        return loss, (H + H.T) / 2
+
+    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        self._check_structure("diag")
+        self._check_batch(x, y)
+        loss, idx, blocks = self._column_blocks(x, y)
+        cols = torch.arange(min(len(idx), self.block_size), device=idx.device)
+        diag = [columns[chunk, cols[: len(chunk)]] for chunk, columns in blocks]
+        return loss, torch.cat(diag)
+
+    # -- kron: KFACLinearOperator ---------------------------------------------------
     def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
         self._check_structure("kron")
         self._check_batch(x, y)
         module, inputs, lib_kwargs = self._library_inputs(x, y)
         params = self.params
         layers = kfac_layers(module, params)
-        found = self._kron_by_backprop(module, inputs, y, params, layers, N)
-        if found is not None:
-            return found
         y = self._checked_targets(module, inputs, y)
-        stochastic = getattr(self, "stochastic", False)
+        options, g_scale = self._kfac_spec()
         operator = _curvlinops().KFACLinearOperator(
             module,
             self.lossfunc,
             params,
             [(inputs, y)],
-            fisher_type="mc" if stochastic else self._fisher_type,
-            mc_samples=getattr(self, "num_samples", 1) if stochastic else 1,
-            seed=next(self._seeds),
             separate_weight_and_bias=True,
             num_per_example_loss_terms=1,
+            **options,
             **lib_kwargs,
         )
-        with _last_output(module) as output:
+        with _last_output(module) as output, torch.enable_grad():
             operator.compute_kronecker_factors()
         state = operator.state_dict()
         G, A = state["gradient_covariances"], state["input_covariances"]
-        # Curvlinops: A = batch mean of patches averaged over positions, G = sum of
-        # gradient outer products of lossfunc, whereas our loss is factor * lossfunc.
-        g_scale = self.factor**2 if self._fisher_type == "empirical" else self.factor
+        # Curvlinops: G = sum over the batch (and positions, averaged over MC
+        # samples) of gradient outer products of lossfunc, A = batch mean of the
+        # inputs (patches) averaged over positions
         M = lib_kwargs["num_data"]
         factors = {
             name: LayerFactors(G[name], A.get(name), g_scale, a_scale=M)
             for name, _ in layers
         }
         loss = self.lik.loss(output["f"], y)
-        return loss, assemble_kron(params, layers, factors, N)
-
-    def _kron_by_backprop(self, module, inputs, y, params, layers, N: int):
-        """KFAC from one batched backward pass of the output-Hessian factor of the
-        GGN / MC Fisher / EF (``backprop_factor.kfac_factors``): the factors of
-        Curvlinops' ``KFACLinearOperator`` without its per-column passes. ``None``
-        when the model is outside that route (then Curvlinops computes them)."""
-        if not isinstance(self, _OuterProductCurvature):
-            return None
-        if self._is_linear_last_layer(module, inputs):
-            # G = sum_n Lambda_n, A = phi^T phi: no factor per datum
-            _, loss, (_, G) = self.last_layer_moments(module, inputs, y)
-            A = inputs.T @ inputs if module.weight.requires_grad else None
-            factors = {name: LayerFactors(G, A) for name, _ in layers}
-            return loss, assemble_kron(params, layers, factors, N)
-        targets: dict[str, torch.Tensor] = {}
-
-        def factor(f):
-            targets["y"] = self.lik.check_targets(f, y)
-            return self._output_factor(f, targets["y"])
-
-        found = backprop_factor.kfac_factors(module, params, inputs, factor)
-        if found is None:
-            return None
-        f, per_module = found
-        factors = {name: LayerFactors(*per_module[id(m)]) for name, m in layers}
-        loss = self.lik.loss(f, targets["y"])
         return loss, assemble_kron(params, layers, factors, N)
 
     def _checked_targets(self, module, inputs, y: torch.Tensor) -> torch.Tensor:
@@ -149,65 +198,49 @@ def _last_output(module: torch.nn.Module):
 
 
 class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
-    """GGN (or Monte-Carlo Fisher with ``stochastic=True``) through Curvlinops."""
+    """GGN through Curvlinops' ``GGNLinearOperator`` and type-2 KFAC; with
+    ``stochastic=True`` the Monte-Carlo Fisher of ``num_samples`` targets per datum
+    (``FisherMCLinearOperator``, KFAC of type ``'mc'``)."""
+
+    def _operator_spec(self):
+        if self.stochastic:
+            options = {
+                "mc_samples": self.num_samples,
+                "seed": _library_seed(self.generator),
+            }
+            return "FisherMCLinearOperator", options, self.factor
+        return "GGNLinearOperator", {}, self.factor
+
+    def _kfac_spec(self):
+        if self.stochastic:
+            options = {
+                "fisher_type": "mc",
+                "mc_samples": self.num_samples,
+                "seed": _library_seed(self.generator),
+            }
+            return options, self.factor
+        return {"fisher_type": "type-2"}, self.factor
 
 
 class CurvlinopsEF(CurvlinopsInterface, EFInterface):
-    """Empirical Fisher through Curvlinops."""
+    """Empirical Fisher through Curvlinops' ``EFLinearOperator`` and empirical
+    KFAC."""
 
-    _fisher_type = "empirical"
+    def _operator_spec(self):
+        return "EFLinearOperator", {}, self.factor**2
+
+    def _kfac_spec(self):
+        return {"fisher_type": "empirical"}, self.factor**2
 
 
 class CurvlinopsHessian(CurvlinopsInterface):
-    """The exact Hessian of the summed loss through Curvlinops (full and diag)."""
+    """The exact Hessian of the summed loss through Curvlinops'
+    ``HessianLinearOperator`` (full and diag)."""
 
     supported_structures = frozenset({"full", "diag"})
-    #: unit vectors multiplied per Hessian-matrix product (bounds memory at P x this)
-    block_size = 512
 
-    def _hessian_blocks(self, x: Inputs, y: torch.Tensor):
-        """Summed loss, the indices of the columns, and a generator of
-        ``(chunk, H[:, chunk])`` column blocks over them."""
-        module, inputs, lib_kwargs = self._library_inputs(x, y)
-        params = self.params
-        indices = self._indices()
-        with torch.no_grad():
-            f = module(inputs)
-        y = self.lik.check_targets(f, y)
-        operator = _curvlinops().HessianLinearOperator(
-            module, self.lossfunc, params, [(inputs, y)], **lib_kwargs
-        )
-        P = sum(p.numel() for p in params)
-        ref = params[0]
-
-        def blocks():
-            for chunk in indices.split(self.block_size):
-                E = torch.zeros(P, len(chunk), dtype=ref.dtype, device=ref.device)
-                E[chunk, torch.arange(len(chunk), device=ref.device)] = 1.0
-                yield chunk, self.factor * (operator @ E)
-
-        return self.lik.loss(f, y), indices, blocks()
-
-    def _indices(self) -> torch.Tensor:
-        if self.subnetwork_indices is not None:
-            return torch.as_tensor(self.subnetwork_indices)
-        P = sum(p.numel() for p in self.params)
-        return torch.arange(P, device=self.params[0].device)
-
-    def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
-        self._check_structure("full")
-        self._check_batch(x, y)
-        loss, idx, blocks = self._hessian_blocks(x, y)
-        H = torch.cat([columns[idx] for _, columns in blocks], dim=1)
-        return loss, (H + H.T) / 2
-
-    def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
-        self._check_structure("diag")
-        self._check_batch(x, y)
-        loss, idx, blocks = self._hessian_blocks(x, y)
-        cols = torch.arange(len(idx), device=idx.device)
-        diag = [columns[chunk, cols[: len(chunk)]] for chunk, columns in blocks]
-        return loss, torch.cat(diag)
+    def _operator_spec(self):
+        return "HessianLinearOperator", {}, self.factor
 
 
 __all__ = [
