@@ -17,8 +17,6 @@ from laplace.curvature.native import NativeGGN
 from laplace.likelihood import get_likelihood
 from tests import oracles
 
-torch.set_default_dtype(torch.float64)
-
 
 class Pool(nn.Module):
     """Mean over all dimensions between the batch and the features."""
@@ -142,8 +140,8 @@ def build(name: str, device):
         x = torch.randn(N, 3)
     else:
         raise ValueError(name)
-    m = m.to(device)
-    x = x.to(device)
+    m = m.to(device, torch.float64)
+    x = x.to(device, torch.float64) if x.is_floating_point() else x.to(device)
     with torch.no_grad():
         m(x)  # materialize lazy layers
     for module in m.modules():  # non-trivial affine parameters and running stats
@@ -222,8 +220,10 @@ def test_dense_ggn_and_diagonal_equal_the_oracle(name, device):
     ggn = oracles.ggn(m, x, "classification")
     _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
     _, d = backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
-    torch.testing.assert_close(H, ggn)
-    torch.testing.assert_close(d, ggn.diagonal())
+    # transformers' RMSNorm normalizes in float32 whatever the model's dtype
+    tol = {"atol": 1e-6, "rtol": 1e-5} if name == "hf-rmsnorm" else {}
+    torch.testing.assert_close(H, ggn, **tol)
+    torch.testing.assert_close(d, ggn.diagonal(), **tol)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -367,8 +367,8 @@ def test_parameter_used_outside_any_module_gets_the_documented_fallback(device):
         def forward(self, x):
             return self.lin(torch.tanh(x @ self.w))
 
-    m = Raw().to(device)
-    x = torch.randn(4, 3, device=device)
+    m = Raw().to(device, torch.float64)
+    x = torch.randn(4, 3, device=device, dtype=torch.float64)
     ggn = oracles.ggn(m, x, "classification")
     _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
     torch.testing.assert_close(H, ggn)
@@ -381,7 +381,7 @@ def test_matrix_free_products_equal_the_dense_ggn(name, device):
     m, x = build(name, device)
     ggn = oracles.ggn(m, x, "classification")
     tape = engine.run(m, _params(m), x, _ggn_factor)
-    X = torch.randn(ggn.shape[0], 3, device=device)
+    X = torch.randn(ggn.shape[0], 3, device=device, dtype=ggn.dtype)
     torch.testing.assert_close(engine.gram_matmat(tape, X), ggn @ X)
 
 
