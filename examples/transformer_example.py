@@ -96,6 +96,10 @@ class TransformerClassifier(nn.Module):
 
     The positions are an ``nn.Embedding`` (not a bare ``nn.Parameter``), so that the
     curvature engine has a rule for every parameter (no ``torch.func`` fallback).
+    It is called on the position ids with a batch dimension of one, ``(1, T)``: a
+    row that every example shares, which the engine copies per example (called on
+    ``(T,)`` its output would have no batch dimension at all, and the engine refuses
+    it).
     """
 
     def __init__(self, vocab: int, length: int, dim: int, heads: int, layers: int):
@@ -116,8 +120,8 @@ class TransformerClassifier(nn.Module):
 
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float) -> list:
-    """Cross-entropy with a small weight decay (the MAP under a Gaussian prior);
-    returns the mean training loss of each epoch."""
+    """Cross-entropy with a small (decoupled) weight decay, long enough to fit the
+    flipped labels too; returns the mean training loss of each epoch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, lr, total_steps=epochs * len(loader)
