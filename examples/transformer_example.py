@@ -11,7 +11,7 @@ The steps:
 
 1. train a small transformer classifier (token and position ``nn.Embedding``, a
    stack of ``nn.TransformerEncoderLayer``, a final ``nn.LayerNorm``, mean pooling,
-   a linear head) long enough that it memorizes the flipped labels: its MAP
+   a linear head) long enough that it starts fitting the flipped labels: its MAP
    predictions become over-confident;
 2. fit ``Laplace(model, "classification", subset_of_weights="all",
    hessian_structure="kron")`` over every weight of it (embeddings, attention,
@@ -24,6 +24,10 @@ The steps:
    the probit link) on held-out data: accuracy, negative log-likelihood (NLL),
    Brier score and expected calibration error (ECE, 10 bins of confidence; the
    metrics are those of ``examples/_calibration.py``).
+
+Laplace corrects over-confidence; it does not make an already calibrated network
+better: with ``--label-noise 0`` the MAP network is right and sure, and the Laplace
+predictive is under-confident (its prior, tuned by the evidence, is weak).
 
 It prints the tables and saves the reliability diagrams (accuracy against
 confidence per bin, one panel per predictive) to a PNG file whose path it prints.
