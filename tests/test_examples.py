@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import runpy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,62 @@ def test_bayesopt_example(tmp_path, capsys):
     assert result["regret"] < 0.05
     # ... where random search with as many evaluations is still far on average
     assert result["random_regret"] > 2 * result["regret"] + 0.05
+
+
+# ----------------------------------------------------------------------------------
+# A transformer, Laplace over all its weights
+# ----------------------------------------------------------------------------------
+
+
+def test_transformer_example_sequences_need_the_order():
+    example = runpy.run_path(str(EXAMPLES / "transformer_example.py"))
+    g = torch.Generator().manual_seed(0)
+    x, y = example["make_sequences"](500, 8, 16, 0.0, g)
+    assert x.shape == (500, 8) and x.min() >= 0 and x.max() < 16
+    markers = torch.tensor(example["MARKERS"])
+    # every marker exactly once: the token counts carry no information
+    counts = (x[:, :, None] == markers).sum(dim=1)
+    assert (counts == 1).all()
+    # the class is the marker at the smallest position
+    first = torch.stack([(x == m).float().argmax(dim=1) for m in markers], 1)
+    assert torch.equal(y, first.argmin(dim=1))
+    assert torch.bincount(y, minlength=3).min() > 100  # every class occurs
+
+    # a fraction of the labels flipped, each to another class
+    g = torch.Generator().manual_seed(0)
+    x_noisy, y_noisy = example["make_sequences"](2000, 8, 16, 0.2, g)
+    first = torch.stack([(x_noisy == m).float().argmax(dim=1) for m in markers], 1)
+    flipped = (y_noisy != first.argmin(dim=1)).float().mean().item()
+    assert flipped == pytest.approx(0.2, abs=0.03)
+
+
+def test_transformer_example(tmp_path, capsys):
+    out = tmp_path / "transformer.png"
+    argv = ["--n-train", "800", "--n-test", "1000", "--dim", "16", "--epochs", "60"]
+    with warnings.catch_warnings():
+        # every parameter has a rule: the fallback's warning would be an error
+        warnings.filterwarnings("error", message="The curvature engine has no rule")
+        _, result, printed = run_example("transformer_example.py", argv, out, capsys)
+
+    assert f"reliability diagrams written to {out}" in printed
+    # the structure table covers every weight of the model, none by the fallback
+    structure = result["structure"]
+    assert structure["weights"] == structure["model"] == result["n_params"]
+    rules = {rule for rule, _ in structure["rows"]}
+    assert rules == {"embedding", "linear", "multihead-attention", "norm"}
+    blocks = {rule: block for (rule, block) in structure["rows"] if block != "dense"}
+    assert set(blocks.values()) == {"kronecker"}
+    assert set(blocks) == {"embedding", "linear", "multihead-attention"}
+    assert f"{structure['model']} of the model's {structure['model']} weights" in (
+        printed
+    )
+    # the MAP is over-confident; the Laplace predictive keeps its accuracy and
+    # improves its NLL and calibration
+    results = result["results"]
+    map_ = results.pop("MAP")
+    (la,) = results.values()
+    assert map_["confidence"] > map_["accuracy"] + 0.1
+    assert abs(la["accuracy"] - map_["accuracy"]) < 0.03
+    assert la["nll"] < map_["nll"] and la["ece"] < map_["ece"]
+    assert la["confidence"] < map_["confidence"]
+    assert la["prior_precision"] > 0
