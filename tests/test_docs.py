@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import laplace
 import laplace.curvature
@@ -89,6 +90,20 @@ def test_getting_started_runs_as_written(capsys):
     assert "torch.Size([8, 2])" in printed
     la = namespace["la2"]
     assert la.sigma_noise.item() < 0.3  # tuned towards the data's noise, 0.1
+
+
+def test_transformers_page_runs_as_written(capsys):
+    """The GPT-2 code of "Laplace on transformers" runs as printed."""
+    pytest.importorskip("transformers")
+    text = (DOCS / "guide" / "transformers.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/guide/transformers.md", "exec"), namespace)
+    la = namespace["la"]
+    assert la.fitted and torch.isfinite(la.log_marginal_likelihood())
+    assert namespace["la_reduce"].fitted
 
 
 def test_every_image_the_pages_show_exists():

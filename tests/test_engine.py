@@ -434,3 +434,11 @@ def test_laplace_exposes_the_structure_table(device):
     other = Laplace(m, "classification", subset_of_weights="all", backend=CurvlinopsGGN)
     with pytest.raises(ValueError, match="backend=NativeGGN"):
         _ = other.structure_table
+
+
+def test_batch_statistics_are_refused(device):
+    m, x = build("batchnorm", device)
+    m.train()
+    with pytest.raises(ValueError, match=r"statistics of the batch.*model\.eval\(\)"):
+        backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    assert not any(mod._forward_hooks_with_kwargs for mod in m.modules())

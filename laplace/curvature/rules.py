@@ -329,6 +329,15 @@ class NormRule(Rule):
 
     def forward(self, module, args, kwargs, output):
         x = _first_tensor(args, kwargs, "input")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise ValueError(
+                f"{type(module).__name__} normalizes with the statistics of the batch "
+                "(training mode, or track_running_stats=False), which couples the "
+                "examples: their curvature is not a sum over examples. Call "
+                "model.eval() (Laplace.fit does) with running statistics."
+            )
         with torch.no_grad():
             xhat = normalized(module, x, output)
         return Record([output], xhat, x.shape[0]), None
@@ -384,15 +393,9 @@ def normalized(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
             use_input_stats=not use_stats,
             eps=module.eps,
         )
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        batch_stats = module.training or module.running_mean is None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # running statistics
         return F.batch_norm(
-            x,
-            None if batch_stats else module.running_mean,
-            None if batch_stats else module.running_var,
-            training=batch_stats,
-            momentum=0.0,
-            eps=module.eps,
+            x, module.running_mean, module.running_var, training=False, eps=module.eps
         )
     # an RMSNorm of another library: affine in its weight, so the difference of
     # the outputs at ``w + 1`` and ``w`` is ``xhat`` (also for ``(1 + w) xhat``)
