@@ -133,8 +133,13 @@ def build(name: str, device):
         m = TiedLM()
         x = torch.randint(0, 7, (N, 5))
     elif name == "flattened-rows":
-        m = nn.Sequential(_Items(), nn.Linear(3, 4), nn.Tanh(), _Unitems(4), Pool())
+        m = nn.Sequential(
+            _Items(), nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), _Unitems(4), Pool()
+        )
         x = torch.randn(N, 4, 3)
+    elif name == "reused":  # one module called twice
+        m = _Twice()
+        x = torch.randn(N, 3)
     elif name == "fallback":
         m = nn.Sequential(nn.Linear(3, 4), _Scale(4), nn.Tanh(), nn.Linear(4, 3))
         x = torch.randn(N, 3)
@@ -175,6 +180,17 @@ class _Unitems(nn.Module):
         return x.reshape(-1, 4, self.d)
 
 
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.lin(x)))
+        return self.lin(self.norm(torch.tanh(h)))
+
+
 class _Scale(nn.Module):
     """A module no rule knows: an elementwise scale and a shift."""
 
@@ -202,6 +218,7 @@ MODELS = [
     "hf-rmsnorm",
     "tied",
     "flattened-rows",
+    "reused",
     "fallback",
 ]
 
