@@ -154,6 +154,22 @@ class Tape:
         return self.terms.get(id(p), [])
 
 
+@dataclass
+class Recording:
+    """A forward pass with the rules' records, ready to be backpropagated (once per
+    set of columns of ``M``)."""
+
+    f: Tensor
+    params: list[nn.Parameter]
+    calls: list[tuple[Entry, Record]]
+    layouts: list
+    keep_graph: bool
+
+    @property
+    def outputs(self) -> Tensor:
+        return self.f if self.keep_graph else self.f.detach()
+
+
 def run(
     model: nn.Module,
     params: Sequence[nn.Parameter],
@@ -168,6 +184,18 @@ def run(
     With ``keep_graph`` the outputs and terms stay differentiable w.r.t. ``x``
     (for predictives with ``enable_backprop``); otherwise they are detached.
     """
+    recording = record(model, params, x, keep_graph, the_plan)
+    return backprop(recording, factor_fn(recording.f.detach()))
+
+
+def record(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    x,
+    keep_graph: bool = False,
+    the_plan: Plan | None = None,
+) -> Recording:
+    """The forward pass of ``run``: the outputs and every rule's records."""
     the_plan = the_plan or plan(model, params)
     n_examples = _leading_dimension(x)
     records: list[list[Record]] = [[] for _ in the_plan.entries]
@@ -211,32 +239,38 @@ def run(
             f"The model must return a tensor of outputs; it returned a "
             f"{type(f).__name__}. Wrap it so that forward returns the logits."
         )
-    f_out = f if keep_graph else f.detach()
-    M = factor_fn(f.detach())  # (N, C, K)
-    K = M.shape[-1]
     calls = [(e, r) for e, recs in zip(the_plan.entries, records) for r in recs]
     taps = [t for _, r in calls for t in r.taps]
+    layouts = _layouts(f, calls, taps, f.shape[0]) if taps else []
+    return Recording(f, list(params), calls, layouts, keep_graph)
+
+
+def backprop(recording: Recording, M: Tensor) -> Tape:
+    """The terms of every parameter for the columns of ``M`` ``(N, C, K)``; the
+    recording's graph is kept, so that other columns can follow."""
+    f, calls, keep_graph = recording.f, recording.calls, recording.keep_graph
+    K = M.shape[-1]
+    taps = [t for _, r in calls for t in r.taps]
     if not taps:
-        return Tape(f_out, list(params), {}, K)
+        return Tape(recording.outputs, recording.params, {}, K)
     grads = _backward(f, taps, M.permute(2, 0, 1), keep_graph)
     N = f.shape[0]
-    layouts = _layouts(f, calls, taps, N)
     terms: dict[int, list[Term]] = {}
     start = 0
-    for (entry, record), layout in zip(calls, layouts):
-        g = grads[start : start + len(record.taps)]
-        start += len(record.taps)
+    for (entry, rec), layout in zip(calls, recording.layouts):
+        g = grads[start : start + len(rec.taps)]
+        start += len(rec.taps)
         if layout.batch_dim:
-            record = _batch_first(record, layout.batch_dim)
+            rec = _batch_first(rec, layout.batch_dim)
             g = [t.movedim(layout.batch_dim + 1, 1) for t in g]
-        for pname, term in entry.rule.terms(entry.module, record, g).items():
+        for pname, term in entry.rule.terms(entry.module, rec, g).items():
             if pname not in entry.params:
                 continue
             if not keep_graph:
                 term = _detached_term(term)
             term = _to_examples(term, N, entry)
             terms.setdefault(id(entry.params[pname]), []).append(term)
-    return Tape(f_out, list(params), terms, K)
+    return Tape(recording.outputs, recording.params, terms, K)
 
 
 def _leading_dimension(x) -> int:
@@ -621,6 +655,33 @@ def kron_blocks(tape: Tape, N_data: int, approx: str = "expand") -> list[list[Te
     return [param_kron(tape, p, N_data, approx, grams) for p in tape.params]
 
 
+def kron_by_columns(
+    recording: Recording, M: Tensor, N_data: int, approx: str = "expand"
+) -> list[list[Tensor]]:
+    """``kron_blocks`` of all columns of ``M`` ``(N, C, K)``, one column's backward
+    pass at a time: only one column's gradients are held at once.
+
+    The blocks of the columns add factor by factor (each column counts its forward
+    side once, so that the sums are those of ``kron_blocks`` over all columns); the
+    second factor of a pair, divided by ``T N_data`` per column, is then divided by
+    ``K``.
+    """
+    K = M.shape[-1]
+    total: list[list[Tensor]] | None = None
+    for k in range(K):
+        blocks = kron_blocks(backprop(recording, M[..., k : k + 1]), N_data, approx)
+        if total is None:
+            total = blocks
+            continue
+        for acc, block in zip(total, blocks, strict=True):
+            for a, b in zip(acc, block, strict=True):
+                a.add_(b)
+    for block in total or []:
+        if len(block) == 2 and K > 1:
+            block[1].div_(K)
+    return total or []
+
+
 def param_kron(tape: Tape, p: nn.Parameter, N_data: int, approx: str, grams=None):
     grams = {} if grams is None else grams
     terms = tape.of(p)
@@ -779,6 +840,9 @@ __all__ = [
     "Tape",
     "plan",
     "run",
+    "record",
+    "backprop",
+    "kron_by_columns",
     "vectors",
     "param_vectors",
     "diagonal",

@@ -104,9 +104,10 @@ class NativeInterface(CurvatureInterface):
             targets["y"] = self.lik.check_targets(f, y)
             return self._output_factor(f, targets["y"])
 
-        tape = engine.run(module, params, inputs, factor)
-        blocks = engine.kron_blocks(tape, N, self.kfac_approx)
-        return self.lik.loss(tape.f, targets["y"]), Kron(blocks)
+        recording = engine.record(module, params, inputs)
+        M = factor(recording.f.detach())
+        blocks = engine.kron_by_columns(recording, M, N, self.kfac_approx)
+        return self.lik.loss(recording.outputs, targets["y"]), Kron(blocks)
 
     def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
         self._warn_once(self._target_module())
