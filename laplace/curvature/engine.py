@@ -656,30 +656,41 @@ def kron_blocks(tape: Tape, N_data: int, approx: str = "expand") -> list[list[Te
 
 
 def kron_by_columns(
-    recording: Recording, M: Tensor, N_data: int, approx: str = "expand"
+    recording: Recording,
+    M: Tensor,
+    N_data: int,
+    approx: str = "expand",
+    into: list[list[Tensor]] | None = None,
 ) -> list[list[Tensor]]:
     """``kron_blocks`` of all columns of ``M`` ``(N, C, K)``, one column's backward
-    pass at a time: only one column's gradients are held at once.
+    pass at a time, so that only one column's gradients are held at once, added
+    block by block ``into`` the blocks of an accumulating ``Kron`` (in place) when
+    given.
 
     The blocks of the columns add factor by factor (each column counts its forward
     side once, so that the sums are those of ``kron_blocks`` over all columns); the
-    second factor of a pair, divided by ``T N_data`` per column, is then divided by
+    second factor of a pair, divided by ``T N_data`` per column, is also divided by
     ``K``.
     """
     K = M.shape[-1]
-    total: list[list[Tensor]] | None = None
+    total = into
     for k in range(K):
-        blocks = kron_blocks(backprop(recording, M[..., k : k + 1]), N_data, approx)
+        tape = backprop(recording, M[..., k : k + 1])
+        grams: dict = {}
+        column = []
+        for i, p in enumerate(tape.params):
+            block = param_kron(tape, p, N_data, approx, grams)
+            if len(block) == 2 and K > 1:
+                block[1].div_(K)  # a fresh tensor (see _kron_pair)
+            if total is None:
+                column.append(block)
+            else:
+                for acc, part in zip(total[i], block, strict=True):
+                    acc.add_(part)
         if total is None:
-            total = blocks
-            continue
-        for acc, block in zip(total, blocks, strict=True):
-            for a, b in zip(acc, block, strict=True):
-                a.add_(b)
-    for block in total or []:
-        if len(block) == 2 and K > 1:
-            block[1].div_(K)
-    return total or []
+            total = column
+        del tape, grams
+    return total if total is not None else []
 
 
 def param_kron(tape: Tape, p: nn.Parameter, N_data: int, approx: str, grams=None):

@@ -83,7 +83,15 @@ class NativeInterface(CurvatureInterface):
             self._warned = True
             engine.warn_fallbacks(module, self.params)
 
-    def kron(self, x: Inputs, y: torch.Tensor, N: int, **kwargs: Any):
+    #: ``kron(..., into=H)`` adds the batch's factors into ``H`` in place
+    accumulates_kron: ClassVar[bool] = True
+
+    def kron(
+        self, x: Inputs, y: torch.Tensor, N: int, into: Kron | None = None, **kwargs
+    ):
+        """Kronecker-factored curvature of the batch (see ``CurvatureInterface``);
+        with ``into``, a ``Kron`` of the same layout (an earlier batch's), the
+        batch's factors are added to it in place and it is returned."""
         self._check_structure("kron")
         self._check_batch(x, y)
         if N <= 0:
@@ -96,7 +104,11 @@ class NativeInterface(CurvatureInterface):
             _, loss, (_, G) = self.last_layer_moments(module, inputs, y)
             A = inputs.T @ inputs if module.weight.requires_grad else None
             factors = {name: LayerFactors(G, A) for name, _ in layers}
-            return loss, assemble_kron(params, layers, factors, N)
+            K = assemble_kron(params, layers, factors, N)
+            if into is not None:
+                into += K
+                return loss, into
+            return loss, K
         self._warn_once(module)
         targets: dict[str, torch.Tensor] = {}
 
@@ -106,8 +118,11 @@ class NativeInterface(CurvatureInterface):
 
         recording = engine.record(module, params, inputs)
         M = factor(recording.f.detach())
-        blocks = engine.kron_by_columns(recording, M, N, self.kfac_approx)
-        return self.lik.loss(recording.outputs, targets["y"]), Kron(blocks)
+        loss = self.lik.loss(recording.outputs, targets["y"])
+        if into is not None:
+            engine.kron_by_columns(recording, M, N, self.kfac_approx, into.kfacs)
+            return loss, into
+        return loss, Kron(engine.kron_by_columns(recording, M, N, self.kfac_approx))
 
     def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
         self._warn_once(self._target_module())

@@ -91,16 +91,26 @@ class KronLaplace(ParametricLaplace):
         return Kron.init_from_model(self.params, self._device, self._dtype)
 
     def _curvature_batch(self, x, y, N):
+        into = getattr(self, "_accumulating", None)
+        if into is not None and getattr(self.backend, "accumulates_kron", False):
+            # the batch's factors are added in place: no second Kron in memory
+            return self.backend.kron(x, y, N=N, into=into)
         return self.backend.kron(x, y, N=N)
 
     def _fit_accumulator(self) -> None:
+        self._accumulating: Kron | None = None
         return None  # the first batch's Kron gives the layout
 
     def _add_curvature(self, H: Kron | None, H_batch: Kron) -> Kron:
         if H is None:
             self._check_layout(H_batch, "The backend's Kron")
-            return H_batch.clone()  # the backend may keep (and reuse) its tensors
-        H += H_batch
+            # the engine hands over fresh tensors; others may keep (and reuse) theirs
+            fresh = getattr(self.backend, "accumulates_kron", False)
+            H = H_batch if fresh else H_batch.clone()
+            self._accumulating = H
+            return H
+        if H_batch is not H:
+            H += H_batch
         return H
 
     def _check_layout(self, H: Kron, what: str) -> None:
@@ -139,6 +149,7 @@ class KronLaplace(ParametricLaplace):
 
     def _on_new_curvature(self) -> None:
         super()._on_new_curvature()
+        self._accumulating = None  # a finished fit accumulates no more
         self._decomposed: KronDecomposed | None = None
         self._flat: Tensor | None = None
 
