@@ -164,6 +164,7 @@ class Recording:
     calls: list[tuple[Entry, Record]]
     layouts: list
     keep_graph: bool
+    model: nn.Module | None = None
 
     @property
     def outputs(self) -> Tensor:
@@ -242,7 +243,7 @@ def record(
     calls = [(e, r) for e, recs in zip(the_plan.entries, records) for r in recs]
     taps = [t for _, r in calls for t in r.taps]
     layouts = _layouts(f, calls, taps, f.shape[0]) if taps else []
-    return Recording(f, list(params), calls, layouts, keep_graph)
+    return Recording(f, list(params), calls, layouts, keep_graph, model)
 
 
 def backprop(recording: Recording, M: Tensor) -> Tape:
@@ -253,7 +254,7 @@ def backprop(recording: Recording, M: Tensor) -> Tape:
     taps = [t for _, r in calls for t in r.taps]
     if not taps:
         return Tape(recording.outputs, recording.params, {}, K)
-    grads = _backward(f, taps, M.permute(2, 0, 1), keep_graph)
+    grads = _backward(f, taps, M.permute(2, 0, 1), keep_graph, recording.model)
     N = f.shape[0]
     terms: dict[int, list[Term]] = {}
     start = 0
@@ -295,19 +296,53 @@ def _per_example_copy(record: Record, output: Tensor, N: int):
     return Record([copies], data, N), copies
 
 
-def _backward(f: Tensor, taps: list[Tensor], cotangents: Tensor, keep_graph: bool):
-    """Gradients ``(K, *tap.shape)`` of ``<f, cotangents[k]>`` w.r.t. every tap."""
-    try:
+#: models whose backward pass has operations without a batching rule (torch falls
+#: back to a slow loop, e.g. CPU flash attention): their columns are looped here
+_UNBATCHED: weakref.WeakSet = weakref.WeakSet()
+_NO_BATCHING_RULE = "we have not yet implemented the batching rule"
+
+
+def _backward(
+    f: Tensor,
+    taps: list[Tensor],
+    cotangents: Tensor,
+    keep_graph: bool,
+    model: nn.Module | None = None,
+):
+    """Gradients ``(K, *tap.shape)`` of ``<f, cotangents[k]>`` w.r.t. every tap
+    (one column: a plain backward pass, no batching rules needed)."""
+    if cotangents.shape[0] == 1:
         grads = torch.autograd.grad(
             f,
             taps,
-            grad_outputs=cotangents,
-            is_grads_batched=True,
+            grad_outputs=cotangents[0],
             allow_unused=True,
             retain_graph=True,
             create_graph=keep_graph,
         )
-    except RuntimeError:  # an operation without a batching rule: one pass per column
+        return [
+            t.new_zeros(1, *t.shape) if g is None else g.unsqueeze(0)
+            for t, g in zip(taps, grads, strict=True)
+        ]
+    try:
+        if model is not None and model in _UNBATCHED:
+            raise _Unbatched
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = torch.autograd.grad(
+                f,
+                taps,
+                grad_outputs=cotangents,
+                is_grads_batched=True,
+                allow_unused=True,
+                retain_graph=True,
+                create_graph=keep_graph,
+            )
+        if model is not None and any(
+            _NO_BATCHING_RULE in str(w.message) for w in caught
+        ):
+            _UNBATCHED.add(model)  # looped from the next call on
+    except (RuntimeError, _Unbatched):  # no batching rule: one pass per column
         columns = [
             torch.autograd.grad(
                 f,
@@ -328,6 +363,10 @@ def _backward(f: Tensor, taps: list[Tensor], cotangents: Tensor, keep_graph: boo
         t.new_zeros(K, *t.shape) if g is None else g
         for t, g in zip(taps, grads, strict=True)
     ]
+
+
+class _Unbatched(Exception):
+    """The columns of this model are backpropagated one by one."""
 
 
 @dataclass
