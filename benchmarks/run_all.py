@@ -8,8 +8,9 @@
    torchvision); ``--lt-python`` names another interpreter instead. When none can be
    built or imported, the benchmarks run this library alone and the report says so;
 2. runs each benchmark script (``curvature``, ``laplace``, ``lllaplace``,
-   ``functional``, ``subnet``), each of which measures every workload in fresh,
-   memory-limited processes and writes its report to ``benchmarks/output/``;
+   ``functional``, ``subnet``, ``transformer``), each of which measures every
+   workload in fresh, memory-limited processes and writes its report to
+   ``benchmarks/output/``;
 3. writes ``benchmarks/REPORT.md`` (see ``report.py``): a summary table of time and
    peak-memory ratios over all workloads, then every benchmark's own report. The
    documentation's benchmark page shows that file.
