@@ -15,7 +15,7 @@
    peak-memory ratios over all workloads, then every benchmark's own report. The
    documentation's benchmark page shows that file.
 
-A full run takes about an hour and a half on a 2-core machine, most of it spent
+A full run takes about an hour and three quarters on a 2-core machine, most of it spent
 waiting for laplace-torch. ``--quick`` is a smoke run on small data (half an
 hour); ``--reuse-lt`` measures only this library and takes laplace-torch's figures
 from the previous run of each benchmark; ``--only NAME`` runs some benchmarks.

@@ -409,6 +409,13 @@ def times(a: float | None, b: float | None) -> float | None:
     return a / max(b, 1e-9)
 
 
+def epoch_peak(epoch: Measurement | None) -> float | None:
+    """The epoch's peak in MB, at least 1 (RSS resolves no less than ~1 MB)."""
+    if epoch is None or epoch.peak_mb is None:
+        return None
+    return max(epoch.peak_mb, 1.0)
+
+
 class Report:
     def __init__(self, results: dict[str, Measurement], outputs: dict[str, dict]):
         self.results, self.outputs = results, outputs
@@ -458,7 +465,7 @@ class Report:
                 outcome(m),
                 fmt_ratio(times(m.seconds if ok(m) else None, epoch and epoch.seconds)),
                 fmt_mb(None if peak is None else max(peak, 0.0)),
-                fmt_ratio(times(peak, epoch and max(epoch.peak_mb or 0.0, 1.0))),
+                fmt_ratio(times(peak, epoch_peak(epoch))),
             ]
             if side == OURS:
                 cells += ["", ""]
@@ -483,7 +490,7 @@ class Report:
         if ours is not None:
             time_r = times(ours.seconds if ok(ours) else None, epoch and epoch.seconds)
             peak = ours.peak_mb if ok(ours) else None
-            mem_r = times(peak, epoch and max(epoch.peak_mb or 0.0, 1.0))
+            mem_r = times(peak, epoch_peak(epoch))
             for what, r, target in (
                 ("time", time_r, TIME_TARGET),
                 ("peak memory", mem_r, MEMORY_TARGET),
