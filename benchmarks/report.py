@@ -28,6 +28,7 @@ BENCHMARKS = (
     ("lllaplace", "Last layer"),
     ("functional", "The GP view (FunctionalLaplace)"),
     ("subnet", "Subnetworks and marglik_training"),
+    ("transformer", "Transformers: all weights"),
 )
 OURS, LT = "ours", "laplace-torch"
 #: the section of the report that docs/benchmarks.md includes
@@ -41,7 +42,10 @@ PHASES = {
     "gp": "fit + evidence + predictive",
 }
 #: phases named otherwise in one benchmark
-PHASES_OF = {"subnet": {"marglik": "marglik_training, 5 epochs"}}
+PHASES_OF = {
+    "subnet": {"marglik": "marglik_training, 5 epochs"},
+    "transformer": {"epoch": "one fine-tuning epoch (SGD), the targets' reference"},
+}
 TOKENS = (
     (re.compile(r"^C(\d+)$"), "{} classes"),
     (re.compile(r"^S(\d+)$"), "subnetwork of {} weights"),
@@ -86,6 +90,8 @@ def split_key(key: str) -> tuple[tuple[str, ...], str | None, str]:
 
 
 def short_failure(error: str) -> str:
+    if "refused" in error:  # the library declined the model (its own exception)
+        return "refused"
     if "timed out" in error:
         m = re.search(r"after (\d+)", error)
         return f"> {m[1]} s (timed out)" if m else "timed out"

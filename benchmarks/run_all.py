@@ -8,13 +8,14 @@
    torchvision); ``--lt-python`` names another interpreter instead. When none can be
    built or imported, the benchmarks run this library alone and the report says so;
 2. runs each benchmark script (``curvature``, ``laplace``, ``lllaplace``,
-   ``functional``, ``subnet``), each of which measures every workload in fresh,
-   memory-limited processes and writes its report to ``benchmarks/output/``;
+   ``functional``, ``subnet``, ``transformer``), each of which measures every
+   workload in fresh, memory-limited processes and writes its report to
+   ``benchmarks/output/``;
 3. writes ``benchmarks/REPORT.md`` (see ``report.py``): a summary table of time and
    peak-memory ratios over all workloads, then every benchmark's own report. The
    documentation's benchmark page shows that file.
 
-A full run takes about an hour and a half on a 2-core machine, most of it spent
+A full run takes about an hour and three quarters on a 2-core machine, most of it spent
 waiting for laplace-torch. ``--quick`` is a smoke run on small data (half an
 hour); ``--reuse-lt`` measures only this library and takes laplace-torch's figures
 from the previous run of each benchmark; ``--only NAME`` runs some benchmarks.
