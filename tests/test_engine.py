@@ -459,3 +459,23 @@ def test_batch_statistics_are_refused(device):
     with pytest.raises(ValueError, match=r"statistics of the batch.*model\.eval\(\)"):
         backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
     assert not any(mod._forward_hooks_with_kwargs for mod in m.modules())
+
+
+@pytest.mark.parametrize("columns", [1, 2])
+@pytest.mark.parametrize("name", ["linear-seq", "embedding", "tied", "layernorm"])
+def test_kron_in_chunks_of_columns_equals_all_columns_at_once(
+    name, columns, device, monkeypatch
+):
+    """A large model's KFAC backpropagates one (or a few) columns at a time and adds
+    the chunks; the factors are those of all columns at once."""
+    m, x = build(name, device)
+    n_out = m(x).shape[-1]
+    y = torch.randint(0, n_out, (len(x),), device=device)
+    _, whole = NativeGGN(m, "classification").kron(x, y, N=9)
+    taps = engine.record(m, _params(m), x)
+    n_taps = sum(t.numel() for _, r in taps.calls for t in r.taps)
+    monkeypatch.setattr(engine, "_COLUMN_ENTRIES", columns * n_taps)
+    _, chunked = NativeGGN(m, "classification").kron(x, y, N=9)
+    for a, b in zip(whole.kfacs, chunked.kfacs, strict=True):
+        for fa, fb in zip(a, b, strict=True):
+            torch.testing.assert_close(fa, fb)

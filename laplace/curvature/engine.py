@@ -51,6 +51,10 @@ FactorFn = Callable[[Tensor], Tensor]
 DENSE_BLOCK_LIMIT = 4096
 #: entries of one chunk of per-example gradients formed at a time
 _CHUNK_ENTRIES = 1 << 24
+#: KFAC backpropagates as many columns at once as keep their gradients below this
+#: many entries (one column at a time for large models: memory; all at once for
+#: small ones: speed)
+_COLUMN_ENTRIES = 1 << 24
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
@@ -701,26 +705,30 @@ def kron_by_columns(
     approx: str = "expand",
     into: list[list[Tensor]] | None = None,
 ) -> list[list[Tensor]]:
-    """``kron_blocks`` of all columns of ``M`` ``(N, C, K)``, one column's backward
-    pass at a time, so that only one column's gradients are held at once, added
+    """``kron_blocks`` of all columns of ``M`` ``(N, C, K)``, as many columns per
+    backward pass as keep their gradients below ``_COLUMN_ENTRIES`` entries (one at a
+    time for a large model), added
     block by block ``into`` the blocks of an accumulating ``Kron`` (in place) when
     given.
 
-    The blocks of the columns add factor by factor (each column counts its forward
-    side once, so that the sums are those of ``kron_blocks`` over all columns); the
-    second factor of a pair, divided by ``T N_data`` per column, is also divided by
-    ``K``.
+    The blocks of the chunks of ``c`` columns add factor by factor (each chunk counts
+    its forward side ``c`` times, so that the sums are those of ``kron_blocks`` over
+    all columns); the second factor of a pair, divided by ``c T N_data`` per chunk, is
+    rescaled by ``c / K``.
     """
     K = M.shape[-1]
+    taps = sum(t.numel() for _, r in recording.calls for t in r.taps)
+    step = max(1, min(K, _COLUMN_ENTRIES // max(1, taps)))
     total = into
-    for k in range(K):
-        tape = backprop(recording, M[..., k : k + 1])
+    for k in range(0, K, step):
+        cols = M[..., k : k + step]
+        tape = backprop(recording, cols)
         grams: dict = {}
         column = []
         for i, p in enumerate(tape.params):
             block = param_kron(tape, p, N_data, approx, grams)
-            if len(block) == 2 and K > 1:
-                block[1].div_(K)  # a fresh tensor (see _kron_pair)
+            if len(block) == 2 and cols.shape[-1] != K:
+                block[1].mul_(cols.shape[-1] / K)  # a fresh tensor (_kron_pair)
             if total is None:
                 column.append(block)
             else:
