@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from laplace.curvature import engine
-from laplace.curvature.engine import symmetric_gram  # noqa: F401 (used by adapters)
+from laplace.curvature.engine import symmetric_gram
 
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
 

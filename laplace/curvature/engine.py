@@ -20,8 +20,9 @@ Jacobian and without mapping over the user's model:
 
 Every structure is then a pure function of the terms, written once here:
 ``vectors`` (the ``v_nk``, optionally of selected entries), ``diagonal``,
-``dense`` (``V^T V``), ``kron`` (KFAC-expand or -reduce), and the Jacobian factors
-of the GLM predictive and the GP kernel (``M = I``).
+``symmetric_gram`` (``V^T V``, the dense matrix), ``kron`` (KFAC-expand or
+-reduce), and the Jacobian factors of the GLM predictive and the GP kernel
+(``M = I``).
 
 Rows. A rule sees the leading dimension of its module's input as its rows. When a
 module sees the batch elsewhere (sequence-first transformers, ``(T, N, d)``) or
@@ -31,7 +32,6 @@ the last example alone, and brings the terms to ``N`` examples.
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -597,12 +597,6 @@ def _chunks(tape: Tape, numel: int):
         yield slice(start, min(start + step, tape.N))
 
 
-def dense(tape: Tape, indices: Tensor | None = None) -> Tensor:
-    """``sum_nk v_nk v_nk^T`` ``(P, P)`` (or over ``indices``)."""
-    V = vectors(tape, indices)
-    return symmetric_gram(V.reshape(-1, V.shape[-1]))
-
-
 def symmetric_gram(V: Tensor, block: int = 512) -> Tensor:
     """``V^T V`` ``(P, P)`` for ``V`` ``(M, P)`` at about half the cost of ``V.T @ V``:
     only the blocks on and below the diagonal are multiplied, the rest copied."""
@@ -905,10 +899,8 @@ __all__ = [
     "vectors",
     "param_vectors",
     "diagonal",
-    "dense",
     "symmetric_gram",
     "kron_blocks",
     "structure_table",
     "warn_fallbacks",
 ]
-_ = math
