@@ -479,3 +479,23 @@ def test_kron_in_chunks_of_columns_equals_all_columns_at_once(
     for a, b in zip(whole.kfacs, chunked.kfacs, strict=True):
         for fa, fb in zip(a, b, strict=True):
             torch.testing.assert_close(fa, fb)
+
+
+def test_weight_and_bias_share_one_output_side_product(device, monkeypatch):
+    """A Linear's bias block is its weight's output-side factor: computed once per
+    chunk of columns, equal in value, and not the same tensor (the blocks are
+    accumulated in place)."""
+    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    m = m.to(device=device, dtype=torch.float64)
+    x = torch.randn(6, 5, device=device, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), device=device)
+    calls = []
+    gram = engine._gram
+    monkeypatch.setattr(engine, "_gram", lambda V: calls.append(V.shape) or gram(V))
+    _, kron = NativeGGN(m, "classification").kron(x, y, N=6)
+    # two layers: a forward-side and an output-side product each, none for a bias
+    assert len(calls) == 4
+    (W1, b1), (W2, b2) = kron.kfacs[0:2], kron.kfacs[2:4]
+    for W, b in ((W1, b1), (W2, b2)):
+        torch.testing.assert_close(b[0], W[0])
+        assert b[0].data_ptr() != W[0].data_ptr()

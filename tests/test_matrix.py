@@ -184,6 +184,20 @@ def test_decompose_round_trip(kfacs):
     assert_close(decomposed.logdet(), torch.linalg.slogdet(dense(kfacs))[1])
 
 
+def test_decompose_decomposes_equal_factors_once(kfacs, monkeypatch):
+    """A bias block repeating its weight's factor is eigendecomposed once; the
+    decomposition is that of every factor."""
+    shared = kfacs[0][0]
+    blocks = [*kfacs, [shared.clone()]]
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda F: calls.append(1) or eigh(F))
+    decomposed = Kron(blocks).decompose()
+    assert len(calls) == sum(len(b) for b in kfacs)
+    assert_close(decomposed.to_matrix(), dense(blocks))
+    assert_close(decomposed.logdet(), torch.linalg.slogdet(dense(blocks))[1])
+
+
 DELTAS = {
     "none": None,
     "scalar": torch.tensor(0.7, dtype=DTYPE),

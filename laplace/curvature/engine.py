@@ -767,7 +767,7 @@ def _side_sum(
     total = None
     for term in terms:
         if side == "g":
-            key = (id(term.g), approx)
+            key = (_same_tensor_key(term.g), approx)
             if key not in grams:
                 g = _reduced(term, approx).g
                 grams[key] = (_gram(g.reshape(-1, g.shape[-1])), term.g)
@@ -787,6 +787,12 @@ def _side_sum(
         else:
             total = total + part
     return total
+
+
+def _same_tensor_key(t: Tensor) -> tuple:
+    """Equal for views of the same memory with the same layout (a weight's and its
+    bias's ``g`` are detached separately)."""
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
 def _gram(V: Tensor) -> Tensor:

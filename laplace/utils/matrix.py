@@ -415,7 +415,17 @@ class Kron:
         -------
         kron_decomposed : KronDecomposed
         """
-        pairs = [[_factor_eigh(F) for F in block] for block in self.kfacs]
+        done: list[tuple[Tensor, tuple]] = []  # equal factors are decomposed once
+
+        def eigh_once(F: Tensor) -> tuple:
+            for G, pair in done:
+                if G.shape == F.shape and G.dtype == F.dtype and torch.equal(G, F):
+                    return pair
+            pair = _factor_eigh(F)
+            done.append((F, pair))
+            return pair
+
+        pairs = [[eigh_once(F) for F in block] for block in self.kfacs]
         eigvecs = [[Q for Q, _ in block] for block in pairs]
         eigvals = [[lam for _, lam in block] for block in pairs]
         return KronDecomposed(eigvecs, eigvals, damping=damping)
