@@ -289,13 +289,17 @@ class Report:
         ]
         for c in cases:
             ours, lt = self.get(c, OURS), self.get(c, LT)
-            backend = c.backend or "default (CurvlinopsGGN)"
+            backend = c.backend or "default"
             self.lines.append(
                 f"| {c.classes} | {c.structure} | {backend} | {seconds(ours)} | "
                 f"{seconds(lt)} | {fmt_ratio(speed_up(ours, lt))} | {mb(ours)} | "
                 f"{mb(lt)} | {fmt_memory_ratio(ours, lt)} |"
             )
         self.lines.append("")
+        self.lines += [
+            "`default`: NativeGGN in this library, CurvlinopsGGN in laplace-torch.",
+            "",
+        ]
         for structure in ("kron", "diag", "full"):
             default = next(
                 (c for c in cases if c.structure == structure and not c.backend), None

@@ -14,7 +14,7 @@ def test_curvature_benchmark_quick_run(tmp_path):
     only = "MLP 196-8-10|full|"
     proc = subprocess.run(
         [
-            *(sys.executable, str(script), "--quick", "--only", only + "CurvlinopsGGN"),
+            *(sys.executable, str(script), "--quick", "--only", only + "NativeGGN"),
             *("--output", str(tmp_path / "curvature.md")),  # not benchmarks/output/
         ],
         capture_output=True,
@@ -24,9 +24,10 @@ def test_curvature_benchmark_quick_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| MLP")]
-    assert len(rows) == 3  # one per adapter, the others not measured
-    row = next(line for line in rows if "CurvlinopsGGN" in line)
+    assert len(rows) == 4  # one per backend, the others not measured
+    row = next(line for line in rows if "NativeGGN" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:3] == ["MLP 196-8-10", "full", "**CurvlinopsGGN** (default)"]
+    assert cells[:3] == ["MLP 196-8-10", "full", "**NativeGGN** (default)"]
     assert float(cells[3]) > 0  # a time was measured, no error
+    assert cells[5] == "–"  # the engine is no other library: nothing direct
     assert (tmp_path / "curvature.md").exists()

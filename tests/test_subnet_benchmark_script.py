@@ -48,7 +48,7 @@ def test_subnet_benchmark_quick_run_ours_only(tmp_path):
     timing = [r for r in rows if len(r) == 11]
     assert len(timing) == 1, proc.stdout  # ours only, fit and predictive
     cells = timing[0]
-    assert cells[1:3] == ["ours", "default (CurvlinopsGGN)"]
+    assert cells[1:3] == ["ours", "default (NativeGGN)"]
     assert float(cells[3]) > 0 and float(cells[7]) > 0  # measured, no error
     assert cells[4] == cells[8] == ""  # no speed-up: laplace-torch not run
     # the memory table: S² and 128 · 9 · S float32 entries in MB, 4 × their sum
@@ -143,7 +143,7 @@ def test_subnet_benchmark_report_targets():
     lines = text.splitlines()
     rows = table_rows(text, f"{small:,}")
     assert [r[1:3] for r in rows if len(r) == 11] == [
-        ["ours", "default (CurvlinopsGGN)"],
+        ["ours", "default (NativeGGN)"],
         [LT, "default (CurvlinopsGGN)"],
         [LT, "BackPackGGN"],
         [LT, "AsdlGGN"],
