@@ -348,7 +348,7 @@ def test_last_layer_full_closed_form(backend_cls, likelihood, freeze, device):
 @pytest.mark.parametrize("P", [5, 512, 513, 1500])
 @pytest.mark.parametrize("block", [7, 512])
 def test_symmetric_gram_is_the_gram_matrix(P, block, device):
-    from laplace.curvature.backprop_factor import symmetric_gram
+    from laplace.curvature.structures import symmetric_gram
 
     V = torch.randn(37, P, dtype=torch.float64, device=device)
     torch.testing.assert_close(symmetric_gram(V, block), V.T @ V)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from laplace.curvature import backprop_factor, engine
+from laplace.curvature import backprop_factor, engine, structures
 from laplace.curvature.native import NativeGGN
 from laplace.likelihood import get_likelihood
 from tests import oracles
@@ -399,7 +399,7 @@ def test_matrix_free_products_equal_the_dense_ggn(name, device):
     ggn = oracles.ggn(m, x, "classification")
     tape = engine.run(m, _params(m), x, _ggn_factor)
     X = torch.randn(ggn.shape[0], 3, device=device, dtype=ggn.dtype)
-    torch.testing.assert_close(engine.gram_matmat(tape, X), ggn @ X)
+    torch.testing.assert_close(structures.gram_matmat(tape, X), ggn @ X)
 
 
 def test_lowrank_eigenpairs_come_from_the_engine(device, monkeypatch):
@@ -490,8 +490,8 @@ def test_weight_and_bias_share_one_output_side_product(device, monkeypatch):
     x = torch.randn(6, 5, device=device, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), device=device)
     calls = []
-    gram = engine._gram
-    monkeypatch.setattr(engine, "_gram", lambda V: calls.append(V.shape) or gram(V))
+    gram = structures._gram
+    monkeypatch.setattr(structures, "_gram", lambda V: calls.append(V.shape) or gram(V))
     _, kron = NativeGGN(m, "classification").kron(x, y, N=6)
     # two layers: a forward-side and an output-side product each, none for a bias
     assert len(calls) == 4

@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import oracles
 from laplace import DiagSubnetLaplace, FullSubnetLaplace, Laplace, SubnetLaplace
-from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsEF, backprop_factor
+from laplace.curvature import (
+    AsdlGGN,
+    BackPackGGN,
+    CurvlinopsEF,
+    backprop_factor,
+    structures,
+)
 
 DT = torch.float64
 STRUCTURES = {"full": FullSubnetLaplace, "diag": DiagSubnetLaplace}
@@ -293,13 +299,13 @@ def test_fit_works_on_subnetwork_columns_only(monkeypatch, device):
     model = mlp(device=device)
     idx = pick(model, 6)
     widths = []
-    original = backprop_factor.symmetric_gram
+    original = structures.symmetric_gram
 
     def spy(V, *args, **kwargs):
         widths.append(V.shape[-1])
         return original(V, *args, **kwargs)
 
-    monkeypatch.setattr(backprop_factor, "symmetric_gram", spy)
+    monkeypatch.setattr(structures, "symmetric_gram", spy)
     fitted("full", model, "classification", idx)
     assert widths and set(widths) == {6}
 

@@ -47,7 +47,7 @@ from laplace.curvature._constants import (
     SHAPE_FULL,
     SHAPE_KRON,
 )
-from laplace.curvature.backprop_factor import RowCounter, symmetric_gram
+from laplace.curvature.backprop_factor import RowCounter
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
@@ -57,6 +57,7 @@ from laplace.curvature.curvature import (
     model_left_as_found,
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
+from laplace.curvature.structures import symmetric_gram
 from laplace.data import Inputs, batch_size
 from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron

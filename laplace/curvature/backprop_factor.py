@@ -23,8 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from laplace.curvature import engine
-from laplace.curvature.engine import symmetric_gram
+from laplace.curvature import engine, structures
 
 FactorFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,24 +34,24 @@ def per_example_vectors(model, params, x, factor_fn: FactorFn, indices=None):
     parameters, without forming the others)."""
     if indices is None:
         tape = engine.run(model, params, x, factor_fn)
-        return tape.f, engine.vectors(tape)
+        return tape.f, structures.vectors(tape)
     # only the parameters holding a selected entry are reached
-    groups = engine.index_groups(params, indices)
+    groups = structures.index_groups(params, indices)
     tape = engine.run(model, [p for p, _, _ in groups], x, factor_fn)
-    return tape.f, engine.selected_vectors(tape, groups, len(indices))
+    return tape.f, structures.selected_vectors(tape, groups, len(indices))
 
 
 def outer_product_diag(model, params, x, factor_fn: FactorFn):
     """Outputs ``f`` ``(N, C)`` and ``diag(sum_nk v_nk v_nk^T)`` ``(P,)``."""
     tape = engine.run(model, params, x, factor_fn)
-    return tape.f, engine.diagonal(tape)
+    return tape.f, structures.diagonal(tape)
 
 
 def outer_product_full(model, params, x, factor_fn: FactorFn, indices=None):
     """Outputs ``f`` and ``sum_nk v_nk v_nk^T`` ``(P, P)`` (or its submatrix over
     ``indices``) as one symmetric rank-``KN`` update."""
     f, V = per_example_vectors(model, params, x, factor_fn, indices)
-    return f, symmetric_gram(V.reshape(-1, V.shape[-1]))
+    return f, structures.symmetric_gram(V.reshape(-1, V.shape[-1]))
 
 
 def jacobian(
@@ -62,7 +61,7 @@ def jacobian(
     (the vectors of ``M = I``); ``create_graph`` keeps both differentiable w.r.t.
     ``x``."""
     tape = engine.run(model, params, x, identity_factor, keep_graph=create_graph)
-    return engine.vectors(tape).transpose(0, 1), tape.f
+    return structures.vectors(tape).transpose(0, 1), tape.f
 
 
 def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
@@ -83,7 +82,7 @@ def jacobian_factors(model: nn.Module, params: Sequence[nn.Parameter], x):
     tape = engine.run(model, params, x, identity_factor)
     if tape.f.ndim != 2:
         return None
-    return tape.f, [engine.jacobian_factor(tape, p) for p in params]
+    return tape.f, [structures.jacobian_factor(tape, p) for p in params]
 
 
 class RowCounter:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from laplace.curvature import engine
+from laplace.curvature import engine, structures
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
@@ -55,9 +55,9 @@ class NativeInterface(CurvatureInterface):
         kfac_approx: str = "expand",
         **kwargs: Any,
     ) -> None:
-        if kfac_approx not in engine.KFAC_APPROXIMATIONS:
+        if kfac_approx not in structures.KFAC_APPROXIMATIONS:
             raise ValueError(
-                f"kfac_approx must be one of {engine.KFAC_APPROXIMATIONS}; got "
+                f"kfac_approx must be one of {structures.KFAC_APPROXIMATIONS}; got "
                 f"{kfac_approx!r}."
             )
         super().__init__(

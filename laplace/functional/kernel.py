@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from laplace.curvature import backprop_factor, engine
+from laplace.curvature import backprop_factor, engine, structures
 from laplace.curvature.rules import Outer
 
 Tensor = torch.Tensor
@@ -79,7 +79,7 @@ class LayerJacobian:
         out: dict[int, Tensor] = {}
         if self.a is not None:
             term = Outer(self.a[:, None], g[:, :, None])  # one position
-            J = engine.term_vectors(term, g.shape[-1] * self.a.shape[-1])
+            J = structures.term_vectors(term, g.shape[-1] * self.a.shape[-1])
             out[id(self.module.weight)] = J.transpose(0, 1)
         if self.shared is not None:
             out[id(self.module.weight)] = self.shared
@@ -292,7 +292,7 @@ def jacobian_set(
     return tape.f, JacobianSet(n, C, [_param_layer(tape, p) for p in params])
 
 
-def _param_layer(tape: engine.Tape, p: nn.Parameter) -> LayerJacobian:
+def _param_layer(tape: structures.Tape, p: nn.Parameter) -> LayerJacobian:
     """One parameter's Jacobian: factored for a linear weight used at one position
     (``g a^T``) or a bias (``g``), explicit ``(N, C, numel)`` otherwise."""
     terms = tape.of(p)
@@ -306,7 +306,7 @@ def _param_layer(tape: engine.Tape, p: nn.Parameter) -> LayerJacobian:
         if term.positions == 1 and term.index is None:
             holder = SimpleNamespace(weight=p, bias=None)
             return LayerJacobian(holder, n, term.g[:, :, 0], term.a[:, 0])
-    J = engine.param_vectors(tape, p).transpose(0, 1)
+    J = structures.param_vectors(tape, p).transpose(0, 1)
     return LayerJacobian(SimpleNamespace(weight=p, bias=None), n, None, shared=J)
 
 

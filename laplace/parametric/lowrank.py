@@ -3,7 +3,7 @@ r"""LowRankLaplace: ``P = factor * U diag(l) U^T + diag(p0)`` from the top eigen
 The eigenpairs of the curvature of the whole training set are computed matrix-free
 (block Lanczos or randomized subspace iteration, ``top_eigenpairs``) from
 curvature-matrix products that iterate over the data loader: those of the curvature
-engine (``laplace.curvature.engine.gram_matmat``: module hooks and one batched
+engine (``laplace.curvature.structures.gram_matmat``: module hooks and one batched
 backward pass per batch, no forward-mode AD) for the engine's backends, those of
 Curvlinops' linear operators for the library backends. Sampling, the functional
 variance and the log-determinant then use the Woodbury identities of
@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
-from laplace.curvature import engine
+from laplace.curvature import engine, structures
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
@@ -239,7 +239,7 @@ class LowRankLaplace(ParametricLaplace):
 
 class _EngineOperator:
     """``H X`` over the whole data set from the curvature engine, one batch at a time
-    (``engine.gram_matmat``); Monte-Carlo targets are drawn with a fixed seed per
+    (``structures.gram_matmat``); Monte-Carlo targets are drawn with a fixed seed per
     batch, so that every product is with the same matrix."""
 
     def __init__(self, params, data, backend) -> None:
@@ -258,7 +258,7 @@ class _EngineOperator:
                 return backend._output_factor(f, y)
 
             tape = engine.run(module, self.params, inputs, factor)
-            total += engine.gram_matmat(tape, X)
+            total += structures.gram_matmat(tape, X)
         return total
 
 

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from laplace.curvature.engine import term_vectors
 from laplace.curvature.rules import Outer
+from laplace.curvature.structures import term_vectors
 
 Tensor = torch.Tensor
 #: ``(a, g)``: ``a`` ``(N, T, in)`` and ``g`` ``(C, N, T, out)`` for a weight,
