@@ -30,6 +30,7 @@ from laplace import (
 )
 from laplace.curvature import CurvlinopsEF, CurvlinopsHessian
 from laplace.functional import base as functional_base
+from laplace.functional import kernel
 from laplace.predictive import links
 
 DT = torch.float64
@@ -344,6 +345,35 @@ def test_other_layers_equal_the_oracle(kind, device):
     f_var, ldr, _ = weight_space(model, "classification", x, idx, 3.0, 8 / 6, xt)
     torch.testing.assert_close(la._glm_distribution(xt, False, False)[1], f_var)
     torch.testing.assert_close(la.log_det_ratio, ldr)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_a_bias_joins_its_weight_in_one_kernel_entry(monkeypatch, independent, device):
+    """A Linear layer's weight and bias make one entry, ``(a a'^T + 1) g g'^T``: one
+    product of the output gradients per layer (a frozen bias: the weight alone), and
+    the kernel equals the dense oracle's ``J J^T``."""
+    model = mlp(device=device)  # the middle layer's bias is frozen
+    x = data("classification", device=device)[0]
+    calls = []
+    g_products = kernel._g_products
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return g_products(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "_g_products", counted)
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, J = kernel.jacobian_set(model, params, x)
+    assert [entry.bias for entry in J.layers] == [True, False, True]
+    K = kernel.gram(J, J, independent)
+    assert len(calls) == 3
+    Jd = oracles.jacobian(model, x)  # (N, C, P)
+    if independent:
+        expected = torch.einsum("ncp,mcp->cnm", Jd, Jd)
+    else:
+        expected = Jd.flatten(0, 1) @ Jd.flatten(0, 1).T
+    torch.testing.assert_close(K, expected)
+    torch.testing.assert_close(J.dense(params), Jd)
 
 
 @pytest.mark.parametrize("independent", [False, True])

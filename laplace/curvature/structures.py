@@ -290,7 +290,7 @@ def _side_sum(
     total = None
     for term in terms:
         if side == "g":
-            key = (_same_tensor_key(term.g), approx)
+            key = (same_tensor_key(term.g), approx)
             if key not in grams:
                 g = _reduced(term, approx).g
                 grams[key] = (_gram(g.reshape(-1, g.shape[-1])), term.g)
@@ -312,7 +312,7 @@ def _side_sum(
     return total
 
 
-def _same_tensor_key(t: Tensor) -> tuple:
+def same_tensor_key(t: Tensor) -> tuple:
     """Equal for views of the same memory with the same layout (a weight's and its
     bias's ``g`` are detached separately)."""
     return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())

@@ -289,25 +289,47 @@ def jacobian_set(
         model, params, x, backprop_factor.identity_factor, keep_graph=create_graph
     )
     n, C = tape.f.shape
-    return tape.f, JacobianSet(n, C, [_param_layer(tape, p) for p in params])
+    return tape.f, JacobianSet(n, C, _param_layers(tape, params))
 
 
-def _param_layer(tape: structures.Tape, p: nn.Parameter) -> LayerJacobian:
+def _param_layers(tape: structures.Tape, params) -> list[LayerJacobian]:
+    """One entry per parameter, except that a bias joins the entry of its weight
+    when both are factored over the same output gradients: ``(a a'^T + 1) g g'^T``,
+    one product of the ``g`` for the two."""
+    layers: list[LayerJacobian] = []
+    weights: dict[tuple, int] = {}  # the g of a factored weight -> its entry
+    for p in params:
+        layer, g_key = _param_layer(tape, p)
+        at = weights.pop(g_key, None) if layer.bias else None
+        if at is not None:
+            w = layers[at]
+            holder = SimpleNamespace(weight=w.module.weight, bias=p)
+            layers[at] = LayerJacobian(holder, w.n, w.g, w.a, bias=True)
+            continue
+        if layer.a is not None:
+            weights[g_key] = len(layers)
+        layers.append(layer)
+    return layers
+
+
+def _param_layer(tape: structures.Tape, p: nn.Parameter) -> tuple[LayerJacobian, tuple]:
     """One parameter's Jacobian: factored for a linear weight used at one position
-    (``g a^T``) or a bias (``g``), explicit ``(N, C, numel)`` otherwise."""
+    (``g a^T``) or a bias (``g``), explicit ``(N, C, numel)`` otherwise; and the key
+    of the output gradients it is factored over."""
     terms = tape.of(p)
     n = tape.N
     if len(terms) == 1 and isinstance(terms[0], Outer) and terms[0].g_rows:
         term = terms[0]
+        key = structures.same_tensor_key(term.g)
         if p.ndim == 1 and term.n_a == 1:
-            return LayerJacobian(
-                SimpleNamespace(weight=None, bias=p), n, term.g.sum(2), bias=True
-            )
+            holder = SimpleNamespace(weight=None, bias=p)
+            return LayerJacobian(holder, n, term.g.sum(2), bias=True), key
         if term.positions == 1 and term.index is None:
             holder = SimpleNamespace(weight=p, bias=None)
-            return LayerJacobian(holder, n, term.g[:, :, 0], term.a[:, 0])
+            return LayerJacobian(holder, n, term.g[:, :, 0], term.a[:, 0]), key
     J = structures.param_vectors(tape, p).transpose(0, 1)
-    return LayerJacobian(SimpleNamespace(weight=p, bias=None), n, None, shared=J)
+    layer = LayerJacobian(SimpleNamespace(weight=p, bias=None), n, None, shared=J)
+    return layer, ()
 
 
 def _output_layer_set(layer: nn.Module, params, phi: Tensor):
