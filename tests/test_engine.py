@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from laplace.curvature import backprop_factor, engine, structures
+from laplace.curvature import backprop_factor, engine, rules, structures
 from laplace.curvature.native import NativeGGN
 from laplace.likelihood import get_likelihood
 from tests import oracles
@@ -499,3 +499,19 @@ def test_weight_and_bias_share_one_output_side_product(device, monkeypatch):
     for W, b in ((W1, b1), (W2, b2)):
         torch.testing.assert_close(b[0], W[0])
         assert b[0].data_ptr() != W[0].data_ptr()
+
+
+@pytest.mark.parametrize("positions", [1, 3])
+@pytest.mark.parametrize("g_rows", [True, False])
+def test_term_vectors_of_a_one_column_input_follow_the_definition(
+    positions, g_rows, device
+):
+    """A bias (a = 1) or a weight of one input feature (``nn.Linear(1, out)``): the
+    per-example gradients ``sum_t g_t a_t^T`` without a general product."""
+    gen = torch.Generator(device).manual_seed(3)
+    kw = dict(device=device, dtype=torch.float64, generator=gen)
+    a = torch.randn(4, positions, 1, **kw)  # not ones: a weight of one feature
+    g = torch.randn(2, 4, positions, 5, **kw)
+    V = structures.term_vectors(rules.Outer(a, g, g_rows=g_rows), 5)
+    expected = torch.einsum("knto,nti->knoi", g, a).reshape(2, 4, 5)
+    torch.testing.assert_close(V, expected)

@@ -63,7 +63,9 @@ def term_vectors(term: Term, numel: int) -> Tensor:
         idx = term.index[None, :, :, None].expand(K, -1, -1, term.g.shape[-1])
         V.scatter_add_(2, idx, term.g)
         return V.reshape(K, N, numel)
-    if term.a.shape[-1] == 1:  # a bias (a = 1): a sum over positions, batched
+    if term.a.shape[-1] == 1 and term.positions == 1:  # a bias (a = 1), say
+        V = term.g[:, :, 0] * term.a[None, :, 0]
+    elif term.a.shape[-1] == 1:  # over positions: one batched sum
         V = term.a.transpose(1, 2)[None] @ term.g  # (K, N, 1, n_g)
     elif term.g_rows:
         V = torch.einsum("knto,nti->knoi", term.g, term.a)
