@@ -345,6 +345,43 @@ def test_kron_is_exact_for_one_datum_without_weight_sharing(name, device):
         torch.testing.assert_close(got, want)
 
 
+class Twice(nn.Module):
+    """One Linear applied twice (a reused module): its weight has two terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+def test_kron_of_a_module_used_twice_sums_both_uses(device):
+    """KFAC-expand over all uses: ``G = sum g g^T`` and ``A = sum a a^T / (T N)`` with
+    ``T = 2`` uses per example."""
+    torch.manual_seed(0)
+    m = Twice().to(device=device, dtype=torch.float64)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    N_data = 7
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    _, K = NativeGGN(m, "classification").kron(x, y, N=N_data)
+    store = []
+    h = m.lin.register_forward_hook(lambda mod, i, o: store.append((i[0], o)))
+    f = m(x)
+    h.remove()
+    M = _ggn_factor(f.detach())
+    A = sum(a.T @ a for a, _ in store) / (2 * N_data)
+    G = 0
+    for k in range(M.shape[-1]):
+        gs = torch.autograd.grad(f, [o for _, o in store], M[..., k], retain_graph=True)
+        G = G + sum(g.T @ g for g in gs)
+    weight, bias = K.kfacs[0], K.kfacs[1]
+    torch.testing.assert_close(weight[0], G)
+    torch.testing.assert_close(weight[1], A.detach())
+    torch.testing.assert_close(bias[0], G)
+
+
 def test_embedding_input_factor_is_the_token_counts(device):
     m, x = build("embedding", device)
     y = torch.zeros(len(x), dtype=torch.long, device=device)
@@ -352,8 +389,8 @@ def test_embedding_input_factor_is_the_token_counts(device):
     counts, G = K.kfacs[0]
     assert counts.ndim == 1
     C = _ggn_factor(m(x)).shape[-1]  # columns of the GGN factor
-    expected = C * torch.bincount(x.flatten(), minlength=7).to(counts.dtype)
-    torch.testing.assert_close(counts, expected)
+    expected = C * torch.bincount(x.flatten(), minlength=7).to(torch.float64)
+    torch.testing.assert_close(counts, expected)  # in the model's dtype
     assert G.shape == (4, 4)
 
 
