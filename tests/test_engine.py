@@ -390,6 +390,8 @@ def test_embedding_input_factor_is_the_token_counts(device):
     assert counts.ndim == 1
     C = _ggn_factor(m(x)).shape[-1]  # columns of the GGN factor
     expected = C * torch.bincount(x.flatten(), minlength=7).to(torch.float64)
+    assert expected[0] > 0
+    expected[0] = 0  # the padding row: no gradient, no count
     torch.testing.assert_close(counts, expected)  # in the model's dtype
     assert G.shape == (4, 4)
 
@@ -552,3 +554,321 @@ def test_term_vectors_of_a_one_column_input_follow_the_definition(
     V = structures.term_vectors(rules.Outer(a, g, g_rows=g_rows), 5)
     expected = torch.einsum("knto,nti->knoi", g, a).reshape(2, 4, 5)
     torch.testing.assert_close(V, expected)
+
+
+# -- Kronecker factors of weights with several uses, against the definition ----------
+class _EmbeddedTwice(nn.Module):
+    """One embedding called on both halves of the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx):
+        h = self.emb(idx[:, :3]).mean(1) * self.emb(idx[:, 3:]).mean(1)
+        return self.head(torch.tanh(h))
+
+
+class _EmbeddingAndConv1D(nn.Module):
+    """An embedding whose weight ``(vocab, dim)`` a GPT-2 ``Conv1D`` also uses, the
+    vocabulary on the forward side of both (one-hot for the embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.proj = _hf_conv1d()(4, 7)  # weight (7, 4): 7 inputs, 4 outputs
+        self.proj.weight = self.emb.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx):
+        share = nn.functional.one_hot(idx, 7).to(self.emb.weight.dtype).mean(1)
+        h = torch.tanh(self.emb(idx)).mean(1) + self.proj(share[:, None]).squeeze(1)
+        return self.head(torch.tanh(h))
+
+
+def _shared_weight_case(name, device):
+    """``(model, x, the modules using its first parameter)``."""
+    if name in ("embedded-twice", "embedding-and-conv1d"):
+        torch.manual_seed(0)
+        cls = _EmbeddedTwice if name == "embedded-twice" else _EmbeddingAndConv1D
+        m = cls().to(device, torch.float64)
+        x = torch.randint(0, 7, (5, 6), device=device)
+        uses = [m.emb] if name == "embedded-twice" else [m.emb, m.proj]
+        return m, x, uses
+    m, x = build(name, device)
+    if name == "tied":
+        return m, x, [m.emb, m.head]
+    if name == "hf-conv1d":
+        return m, x[:, :2].contiguous(), [m[0]]  # two positions
+    return m, x, [m[0]]
+
+
+def _uses_of(m, x, modules):
+    """Each call of ``modules``: ``(a (N, T, n_a), g (K, N, T, n_g), g_rows, one_hot)``
+    with ``g`` the gradient of the output along each column of the GGN factor."""
+    calls = []
+    hooks = [
+        mod.register_forward_hook(lambda mod, i, o: calls.append((mod, i[0], o)))
+        for mod in modules
+    ]
+    f = m(x)
+    for h in hooks:
+        h.remove()
+    M = _ggn_factor(f.detach())
+    outs = [o for _, _, o in calls]
+    gs = [[] for _ in calls]
+    for k in range(M.shape[-1]):
+        for i, g in enumerate(
+            torch.autograd.grad(f, outs, M[..., k], retain_graph=True)
+        ):
+            gs[i].append(g)
+    uses = []
+    for (mod, a, _), g in zip(calls, gs):
+        g = torch.stack(g)
+        if isinstance(mod, nn.Embedding):
+            if mod.padding_idx is not None:  # a padding position adds nothing
+                g = g * (a != mod.padding_idx)[..., None].to(g.dtype)
+            a = nn.functional.one_hot(a, mod.num_embeddings).to(g.dtype)
+            if mod.padding_idx is not None:
+                a[..., mod.padding_idx] = 0
+        if a.ndim == 2:  # one position
+            a, g = a[:, None], g[:, :, None]
+        uses.append(
+            (a.detach(), g, isinstance(mod, nn.Linear), isinstance(mod, nn.Embedding))
+        )
+    return uses
+
+
+def _kfac_definition(uses, N_data, approx):
+    """KFAC of one weight over all its uses: the row-side factor
+    ``L = sum_i u_i u_i^T`` and the column-side ``R / (K T N_data)`` over the terms
+    ``i = (k, n, t)`` of every use (a forward-side vector once per column ``k``),
+    ``T`` the positions per example of all uses; under 'reduce' a use that is not an
+    embedding first sums ``g`` and averages ``a`` over its positions."""
+    L = R = 0
+    T = 0
+    for a, g, g_rows, one_hot in uses:
+        K = g.shape[0]
+        if approx == "reduce" and not one_hot:
+            a, g = a.mean(1, keepdim=True), g.sum(2, keepdim=True)
+        T += a.shape[1]
+        gg = torch.einsum("knto,kntp->op", g, g)
+        aa = K * torch.einsum("nti,ntj->ij", a, a)
+        L, R = (L + gg, R + aa) if g_rows else (L + aa, R + gg)
+    return L, R / (K * T * N_data)
+
+
+@pytest.mark.parametrize(
+    "name, approx",
+    [
+        ("tied", "expand"),
+        ("tied", "reduce"),
+        ("embedded-twice", "expand"),
+        ("embedding-and-conv1d", "expand"),
+        ("embedding-and-conv1d", "reduce"),
+        ("hf-conv1d", "expand"),
+        ("hf-conv1d", "reduce"),
+        ("embedding", "reduce"),
+    ],
+)
+def test_kron_of_a_weight_with_several_uses_follows_the_definition(
+    name, approx, device
+):
+    """A weight-tied head, an embedding called twice, an embedding shared with a
+    ``Conv1D``, and (one use) a ``Conv1D`` and an embedding: the first parameter's
+    Kronecker factors are the sums of every use's, a one-hot side exact, a diagonal
+    where every use of that side is one-hot."""
+    m, x, modules = _shared_weight_case(name, device)
+    N_data = 9
+    n_out = m(x).shape[-1]
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    assert n_out > 1
+    _, kron = NativeGGN(m, "classification", kfac_approx=approx).kron(x, y, N=N_data)
+    F0, F1 = kron.kfacs[0]
+    uses = _uses_of(m, x, modules)
+    L, R = _kfac_definition(uses, N_data, approx)
+    assert (F0.ndim == 1) == all(one_hot for *_, one_hot in uses)
+    F0 = torch.diag(F0) if F0.ndim == 1 else F0
+    torch.testing.assert_close(F0, L)
+    torch.testing.assert_close(torch.kron(F0, F1), torch.kron(L, R))
+    if name == "hf-conv1d":  # the bias: the summed products of its outputs' side
+        ((a, g, _, _),) = uses
+        g = g.sum(2, keepdim=True) if approx == "reduce" else g
+        (G,) = kron.kfacs[1]
+        torch.testing.assert_close(G, torch.einsum("knto,kntp->op", g, g))
+
+
+# -- the fallbacks of the structures, and their chunks -------------------------------
+@pytest.mark.parametrize("name", ["hf-conv1d", "embedding"])
+def test_diagonal_of_a_transposed_weight_at_one_position_equals_the_oracle(
+    name, device
+):
+    """A weight whose rows are its forward side (``Conv1D``, an embedding) at one
+    position takes the diagonal's shortcut: the same order as the oracle's."""
+    m, x = build(name, device)
+    x = x[:, :1].contiguous()
+    ggn = oracles.ggn(m, x, "classification")
+    _, d = backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(d, ggn.diagonal())
+
+
+@pytest.mark.parametrize("name", ["tied", "reused", "fallback"])
+def test_diagonal_in_chunks_of_examples_equals_the_oracle(name, device, monkeypatch):
+    """Where the diagonal forms per-example gradients (weights with several uses, a
+    parameter no rule covers) it does so a few examples at a time."""
+    m, x = build(name, device)
+    ggn = oracles.ggn(m, x, "classification")
+    monkeypatch.setattr(structures, "_CHUNK_ENTRIES", 1)  # one example per chunk
+    _, d = backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(d, ggn.diagonal())
+
+
+class _AlsoRaw(nn.Module):
+    """A Linear whose weight the forward also uses outside the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x) + x @ self.lin.weight))
+
+
+def _dense_blocks(ggn, m):
+    sizes = [p.numel() for p in _params(m)]
+    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    return [ggn[a:b, a:b] for a, b in zip(starts, starts[1:])]
+
+
+def test_weight_used_by_a_module_and_outside_any_gets_its_dense_block(device):
+    torch.manual_seed(0)
+    m = _AlsoRaw().to(device, torch.float64)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    y = torch.zeros(5, dtype=torch.long, device=device)
+    _, kron = NativeGGN(m, "classification").kron(x, y, N=5)
+    (block,) = kron.kfacs[0]
+    assert block.shape == (9, 9)
+    torch.testing.assert_close(
+        block, _dense_blocks(oracles.ggn(m, x, "classification"), m)[0]
+    )
+
+
+def test_large_parameter_without_a_rule_gets_its_exact_diagonal(device, monkeypatch):
+    m, x = build("fallback", device)
+    monkeypatch.setattr(structures, "DENSE_BLOCK_LIMIT", 1)
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    _, kron = NativeGGN(m, "classification").kron(x, y, N=len(x))
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    blocks = _dense_blocks(oracles.ggn(m, x, "classification"), m)
+    i = names.index("1.scale")
+    (diag,) = kron.kfacs[i]
+    assert diag.ndim == 1
+    torch.testing.assert_close(diag, blocks[i].diagonal())
+
+
+def test_gram_of_a_wide_factor_is_its_gram_matrix(device):
+    """Above 1,024 columns a factor's gram is formed by blocks."""
+    gen = torch.Generator(device).manual_seed(0)
+    V = torch.randn(6, 1100, device=device, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(structures._gram(V), V.T @ V)
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.spare = nn.Linear(3, 2)  # never called
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_selected_entries_of_a_parameter_the_forward_never_uses_are_zero(device):
+    torch.manual_seed(0)
+    m = _Unused().to(device, torch.float64)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    idx = torch.tensor([1, 14, 17, 20], device=device)  # lin, lin, spare, spare
+    _, V = backprop_factor.per_example_vectors(
+        m, _params(m), x, backprop_factor.identity_factor, idx
+    )
+    J = oracles.jacobian(m, x)
+    torch.testing.assert_close(V.transpose(0, 1), J[:, :, idx])
+    assert not V[..., 2:].any()
+
+
+def test_the_padding_row_of_an_embedding_gets_no_curvature(device):
+    """The padding row gets no gradient, so its GGN block is zero; KFAC counts no
+    padding token, so its Kronecker block is zero too, next to a token that gives
+    the other factor a value."""
+    m, _ = build("embedding", device)
+    x = torch.tensor([[0, 3]], device=device)  # the padding id and a token
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    _, kron = NativeGGN(m, "classification").kron(x, y, N=1)
+    counts, G = kron.kfacs[0]
+    block = torch.kron(torch.diag(counts), G)
+    assert not oracles.ggn(m, x, "classification")[:4, :28].any()
+    assert not block[:4].any() and G.any() and counts[3] > 0
+
+
+class _DeadEnd(nn.Module):
+    """A Linear whose output never reaches the model's output: no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.dead = nn.Linear(3, 2)
+
+    def forward(self, x):
+        self.dead(x)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("columns", ["batched", "one by one", "one column"])
+@pytest.mark.parametrize("name", ["linear-seq", "tied", "dead-end"])
+def test_gradients_of_every_column_path_equal_the_oracle(
+    name, columns, device, monkeypatch
+):
+    """The columns of ``M`` backpropagated in one batched pass, one by one (a model
+    without batching rules), or a single column (a plain backward pass); a module
+    whose output never reaches the outputs gets zero gradients."""
+    if name == "dead-end":
+        torch.manual_seed(0)
+        m = _DeadEnd().to(device, torch.float64)
+        x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    else:
+        m, x = build(name, device)
+    if columns == "one by one":
+        monkeypatch.setattr(engine, "_UNBATCHED", {m})
+    factor = _ggn_factor
+    if columns == "one column":
+        C = m(x).shape[-1]
+        w = torch.randn(C, 1, device=device, dtype=torch.float64)
+
+        def factor(f):  # M_n = w: one column
+            return w.expand(f.shape[0], C, 1)
+
+    J = oracles.jacobian(m, x)  # (N, C, P)
+    M = factor(m(x).detach())
+    V = torch.einsum("ncp,nck->nkp", J, M)
+    _, H = backprop_factor.outer_product_full(m, _params(m), x, factor)
+    torch.testing.assert_close(H, torch.einsum("nkp,nkq->pq", V, V))
+    if name == "dead-end":
+        assert not H[-8:].any()  # dead.weight, dead.bias
+
+
+def test_jacobian_one_column_at_a_time_is_differentiable_in_the_inputs(
+    device, monkeypatch
+):
+    m, x = build("linear-seq", device)
+    monkeypatch.setattr(engine, "_UNBATCHED", {m})
+    x = x.clone().requires_grad_()
+    J, f = backprop_factor.jacobian(m, _params(m), x, create_graph=True)
+    (gx,) = torch.autograd.grad(J.square().sum() + f.sum(), x)
+
+    def total(x):
+        return oracles.jacobian(m, x).square().sum() + m(x).sum()
+
+    (ox,) = torch.autograd.grad(total(x), x)
+    torch.testing.assert_close(gx, ox)

@@ -90,9 +90,13 @@ def plan(model: nn.Module, params: Sequence[nn.Parameter]) -> Plan:
     Every module whose rule covers one of ``params`` is hooked (a parameter shared
     by several modules, e.g. a weight-tied embedding and head, by all of them);
     parameters no rule covers are served by ``Fallback`` on the modules holding
-    them directly.
+    them directly. A parameter that a forward pass (``record``) saw used outside
+    the modules serving it (``F.linear(h, self.emb.weight)`` for a tied head) is
+    served by ``Fallback`` on the model itself: its per-example gradients then come
+    from ``torch.func`` over the whole model, the only way to see all its uses.
     """
     wanted = {id(p) for p in params}
+    outside = _USED_OUTSIDE.get(model, frozenset())
     entries: list[Entry] = []
     covered: set[int] = set()
     #: children whose parameters a parent's rule serves (MHA's ``out_proj``)
@@ -103,7 +107,11 @@ def plan(model: nn.Module, params: Sequence[nn.Parameter]) -> Plan:
         rule = next((r for r in RULES if r.applies(module)), None)
         if rule is None:
             continue
-        mine = {n: p for n, p in rule.parameters(module).items() if id(p) in wanted}
+        mine = {
+            n: p
+            for n, p in rule.parameters(module).items()
+            if id(p) in wanted and id(p) not in outside
+        }
         for pname in mine:
             if "." in pname:
                 child = module.get_submodule(pname.rsplit(".", 1)[0])
@@ -115,8 +123,14 @@ def plan(model: nn.Module, params: Sequence[nn.Parameter]) -> Plan:
         rest = [
             n
             for n, p in module.named_parameters(recurse=False)
-            if id(p) in wanted and id(p) not in covered
+            if id(p) in wanted and id(p) not in covered and id(p) not in outside
         ]
+        if module is model:  # the weights used outside their modules: the model's
+            rest += [
+                n
+                for n, p in model.named_parameters()
+                if id(p) in wanted and id(p) in outside
+            ]
         if rest and not any(
             e.module is module and isinstance(e.rule, Fallback) for e in entries
         ):
@@ -183,8 +197,13 @@ def record(
     records: list[list[Record]] = [[] for _ in the_plan.entries]
     handles = []
     busy = [False]  # a rule's own recomputation is not recorded
+    watch = _UseWatch(the_plan)
 
     for i, entry in enumerate(the_plan.entries):
+
+        def enter(module, args, kwargs):
+            if not busy[0]:
+                watch.inside.append(module)
 
         def hook(module, args, kwargs, output, i=i, entry=entry):
             if busy[0]:
@@ -194,6 +213,7 @@ def record(
                 record, new_output = entry.rule.forward(module, args, kwargs, output)
             finally:
                 busy[0] = False
+                watch.inside.pop()
             if (
                 new_output is None
                 and n_examples > 1
@@ -209,13 +229,18 @@ def record(
             records[i].append(record)
             return new_output
 
+        handles.append(entry.module.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(entry.module.register_forward_hook(hook, with_kwargs=True))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), watch:
             f = model(x)
     finally:
         for h in handles:
             h.remove()
+    known = _USED_OUTSIDE.get(model, frozenset())
+    if watch.outside - known:  # learnt: plan again, these weights on the model's own
+        _USED_OUTSIDE[model] = known | watch.outside
+        return record(model, params, x, keep_graph, plan(model, params))
     if not isinstance(f, Tensor):
         raise TypeError(
             f"The model must return a tensor of outputs; it returned a "
@@ -225,6 +250,38 @@ def record(
     taps = [t for _, r in calls for t in r.taps]
     layouts = _layouts(f, calls, taps, f.shape[0]) if taps else []
     return Recording(f, list(params), calls, layouts, keep_graph, model)
+
+
+#: per model, the ids of weights a forward pass used outside the modules serving
+#: them (see ``plan``); the model itself is left as it was
+_USED_OUTSIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _UseWatch(torch.overrides.TorchFunctionMode):
+    """Sees every torch function of a forward pass, and notes the planned weights
+    that enter the graph outside all of the hooked modules serving them (``inside``:
+    the hooked modules running)."""
+
+    def __init__(self, the_plan: Plan) -> None:
+        super().__init__()
+        self.servers: dict[int, set[int]] = {}
+        for e in the_plan.entries:
+            for p in e.params.values():
+                self.servers.setdefault(id(p), set()).add(id(e.module))
+        self.inside: list[nn.Module] = []
+        self.outside: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if isinstance(out, Tensor) and out.grad_fn is not None:
+            for t in (*args, *kwargs.values()):
+                servers = self.servers.get(id(t)) if isinstance(t, Tensor) else None
+                if servers is not None and not any(
+                    id(m) in servers for m in self.inside
+                ):
+                    self.outside.add(id(t))
+        return out
 
 
 def backprop(recording: Recording, M: Tensor) -> Tape:
@@ -449,7 +506,7 @@ def _to_examples(term: Term, N: int, entry: Entry) -> Term:
     a = None if term.a is None else term.a.reshape(N, -1, term.a.shape[-1])
     g = term.g.reshape(term.g.shape[0], N, -1, term.g.shape[-1])
     index = None if term.index is None else term.index.reshape(N, -1)
-    return Outer(a, g, term.g_rows, index, term.n_a)
+    return Outer(a, g, term.g_rows, index, term.n_a, term.skip)
 
 
 def _detached(data):
@@ -462,7 +519,7 @@ def _detached_term(term: Term) -> Term:
     if isinstance(term, Vectors):
         return Vectors(term.V.detach())
     a = None if term.a is None else term.a.detach()
-    return Outer(a, term.g.detach(), term.g_rows, term.index, term.n_a)
+    return Outer(a, term.g.detach(), term.g_rows, term.index, term.n_a, term.skip)
 
 
 # -- KFAC, column by column ----------------------------------------------------------
@@ -473,14 +530,13 @@ def kron_by_columns(
     approx: str = "expand",
     into: list[list[Tensor]] | None = None,
 ) -> list[list[Tensor]]:
-    """``kron_blocks`` of all columns of ``M`` ``(N, C, K)``, as many columns per
-    backward pass as keep their gradients below ``_COLUMN_ENTRIES`` entries (one at a
-    time for a large model), added
-    block by block ``into`` the blocks of an accumulating ``Kron`` (in place) when
-    given.
+    """The Kronecker blocks (``structures.param_kron``) of all columns of ``M``
+    ``(N, C, K)``, as many columns per backward pass as keep their gradients below
+    ``_COLUMN_ENTRIES`` entries (one at a time for a large model), added block by
+    block ``into`` the blocks of an accumulating ``Kron`` (in place) when given.
 
     The blocks of the chunks of ``c`` columns add factor by factor (each chunk counts
-    its forward side ``c`` times, so that the sums are those of ``kron_blocks`` over
+    its forward side ``c`` times, so that the sums are those of ``param_kron`` over
     all columns); the second factor of a pair, divided by ``c T N_data`` per chunk, is
     rescaled by ``c / K``.
     """

@@ -50,6 +50,8 @@ class Outer:
     g_rows : whether ``g`` indexes the rows of the parameter's matrix view
     index : ``(N, T)`` integer ids: ``a`` is ``one_hot(index, n_a)``
     n_a : size of the forward side (needed with ``index``)
+    skip : an id whose one-hot is zero (an embedding's ``padding_idx``: its row
+        gets no gradient), or None
     """
 
     a: Tensor | None
@@ -57,6 +59,7 @@ class Outer:
     g_rows: bool = True
     index: Tensor | None = None
     n_a: int = 0
+    skip: int | None = None
 
     def __post_init__(self) -> None:
         if self.a is not None:
@@ -76,7 +79,10 @@ class Outer:
         """The forward-side factor ``(N, T, n_a)`` (one-hot formed if needed)."""
         if self.a is not None:
             return self.a
-        return F.one_hot(self.index, self.n_a).to(self.g.dtype)
+        a = F.one_hot(self.index, self.n_a).to(self.g.dtype)
+        if self.skip is not None:
+            a[..., self.skip] = 0
+        return a
 
     def rows(self, n: slice) -> Outer:
         """The term restricted to the examples ``n``."""
@@ -86,6 +92,7 @@ class Outer:
             self.g_rows,
             None if self.index is None else self.index[n],
             self.n_a,
+            self.skip,
         )
 
 
@@ -299,7 +306,14 @@ class EmbeddingRule(Rule):
         g = g.reshape(g.shape[0], idx.shape[0], -1, g.shape[-1])
         if module.padding_idx is not None:  # its row gets no gradient
             g = g * (idx != module.padding_idx)[None, :, :, None].to(g.dtype)
-        term = Outer(None, g, g_rows=False, index=idx, n_a=module.num_embeddings)
+        term = Outer(
+            None,
+            g,
+            g_rows=False,
+            index=idx,
+            n_a=module.num_embeddings,
+            skip=module.padding_idx,
+        )
         return {"weight": term}
 
 
@@ -423,7 +437,8 @@ class Fallback(Rule):
         return True
 
     def parameters(self, module):
-        own = dict(module.named_parameters(recurse=False))
+        # own parameters, or a submodule's by its dotted name (used outside it)
+        own = dict(module.named_parameters(remove_duplicate=False))
         return {n: own[n] for n in self.names}
 
     def forward(self, module, args, kwargs, output):

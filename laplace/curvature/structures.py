@@ -10,7 +10,7 @@ and, per parameter, its terms (``Outer`` per-example gradients ``sum_t g_t a_t^T
   shared;
 - ``symmetric_gram``: ``V^T V`` (the dense matrix);
 - ``gram_matmat``: matrix-free products ``(sum v v^T) X`` (LowRank's eigensolver);
-- ``kron_blocks`` / ``param_kron``: Kronecker factors, KFAC-expand or -reduce;
+- ``param_kron``: Kronecker factors, KFAC-expand or -reduce;
 - ``jacobian_factor``: the Jacobian factors of the GLM predictive and the GP kernel
   (``M = I``).
 """
@@ -86,12 +86,10 @@ def param_vectors(tape: Tape, p: nn.Parameter, rows: slice = slice(None)) -> Ten
     return V
 
 
-def vectors(tape: Tape, indices: Tensor | None = None) -> Tensor:
-    """``V`` ``(K, N, P)``: the ``v_nk`` of all parameters in order, or
-    ``(K, N, len(indices))`` of the entries ``indices`` only."""
-    if indices is None:
-        return torch.cat([param_vectors(tape, p) for p in tape.params], dim=-1)
-    return selected_vectors(tape, index_groups(tape.params, indices), len(indices))
+def vectors(tape: Tape) -> Tensor:
+    """``V`` ``(K, N, P)``: the ``v_nk`` of all parameters in order (of selected
+    entries only: ``selected_vectors``)."""
+    return torch.cat([param_vectors(tape, p) for p in tape.params], dim=-1)
 
 
 def selected_vectors(tape: Tape, groups, n: int) -> Tensor:
@@ -235,8 +233,11 @@ def _term_apply_transposed(term: Term, U: Tensor) -> Tensor:
 
 
 # -- Kronecker factors ----------------------------------------------------------------
-def kron_blocks(tape: Tape, N_data: int, approx: str = "expand") -> list[list[Tensor]]:
-    """The blocks of ``laplace.utils.matrix.Kron`` for one batch, in parameter order.
+def param_kron(
+    tape: Tape, p: nn.Parameter, N_data: int, approx: str, grams: dict
+) -> list[Tensor]:
+    """The block of ``p`` in ``laplace.utils.matrix.Kron`` for one batch (the engine's
+    ``kron_by_columns`` runs it over the parameters and chunks of columns).
 
     A parameter with ``Outer`` terms of one matrix view ``(R, C)`` gets the pair
     ``[L, R_sum / (K T N_data)]`` (a vector parameter ``[L]``), ``L`` and ``R_sum`` the
@@ -249,18 +250,10 @@ def kron_blocks(tape: Tape, N_data: int, approx: str = "expand") -> list[list[Te
     positions (KFAC-reduce). A one-hot forward side (an embedding) gives a diagonal
     factor (a 1-D tensor: the token counts). Any other parameter gets its exact
     dense block ``sum v v^T`` up to ``DENSE_BLOCK_LIMIT`` entries, else its exact
-    diagonal (a 1-D block).
+    diagonal (a 1-D block). ``grams`` (a dict, empty at first) remembers the
+    products of the backpropagated sides over the parameters of one batch, so that
+    a weight and its bias compute theirs once.
     """
-    if approx not in KFAC_APPROXIMATIONS:
-        raise ValueError(
-            f"kfac_approx must be one of {KFAC_APPROXIMATIONS}; got {approx!r}."
-        )
-    grams: dict = {}  # a weight's output-side factor serves its bias too
-    return [param_kron(tape, p, N_data, approx, grams) for p in tape.params]
-
-
-def param_kron(tape: Tape, p: nn.Parameter, N_data: int, approx: str, grams=None):
-    grams = {} if grams is None else grams
     terms = tape.of(p)
     outer = [t for t in terms if isinstance(t, Outer)]
     views = {t.view for t in outer}
@@ -301,6 +294,8 @@ def _side_sum(
                 part = grams[key][0].clone()
         elif term.index is not None:
             counts = torch.bincount(term.index.flatten(), minlength=term.n_a)
+            if term.skip is not None:  # the padding row: no gradient, no count
+                counts[term.skip] = 0
             part = K * counts.to(term.g.dtype)
         else:
             a = _reduced(term, approx).a
@@ -385,7 +380,6 @@ __all__ = [
     "param_diagonal",
     "symmetric_gram",
     "gram_matmat",
-    "kron_blocks",
     "param_kron",
     "jacobian_factor",
 ]
