@@ -872,3 +872,177 @@ def test_jacobian_one_column_at_a_time_is_differentiable_in_the_inputs(
 
     (ox,) = torch.autograd.grad(total(x), x)
     torch.testing.assert_close(gx, ox)
+
+
+class _FlatTokens(nn.Module):
+    """An embedding of the tokens of all examples flattened into one row each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx):
+        N, T = idx.shape
+        h = self.emb(idx.reshape(-1)).reshape(N, T, -1)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_embedding_of_flattened_tokens_equals_the_oracle(device):
+    """The embedding sees ``N T`` rows; its terms are brought back to ``N`` examples,
+    its ids with them."""
+    torch.manual_seed(0)
+    m = _FlatTokens().to(device, torch.float64)
+    x = torch.randint(0, 7, (5, 3), device=device)
+    ggn = oracles.ggn(m, x, "classification")
+    _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(H, ggn)
+    _, d = backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(d, ggn.diagonal())
+
+
+class _Coupled(nn.Module):
+    """Items flattened into rows, then the examples mixed (centred over the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        N = x.shape[0]
+        h = self.lin(x.reshape(-1, 3)).reshape(N, -1, 4).mean(1)
+        return self.head(h - h.mean(0))
+
+
+class _ReturnsDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return {"logits": self.lin(x)}
+
+
+def test_bad_models_are_refused_with_what_to_do(device):
+    x = torch.randn(4, 2, 3, device=device, dtype=torch.float64)
+    m = _Coupled().to(device, torch.float64)
+    with pytest.raises(ValueError, match=r"cannot tell which entries.*'lin' \(Linear"):
+        backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    m = _ReturnsDict().to(device, torch.float64)
+    with pytest.raises(TypeError, match=r"returned a dict\. Wrap it"):
+        backprop_factor.outer_product_diag(m, _params(m), x[:, 0], _ggn_factor)
+    stranger = nn.Parameter(torch.zeros(2, device=device))
+    with pytest.raises(ValueError, match="1 of the parameters are not parameters"):
+        engine.plan(m, [*_params(m), stranger])
+
+
+class _PositionIds1D(nn.Module):
+    """nanoGPT's position embedding: ids ``arange(T)`` of shape ``(T,)``, one output
+    ``(T, d)`` broadcast over the examples; ``pool`` as written by the model."""
+
+    def __init__(self, pool: str = "add") -> None:
+        super().__init__()
+        self.tok = nn.Embedding(7, 4)
+        self.pos = nn.Embedding(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.pool = pool
+
+    def forward(self, idx):
+        pos = self.pos(torch.arange(idx.shape[1], device=idx.device))
+        if self.pool == "mean over positions":  # reads pos's first dimension
+            pos = pos.mean(0)
+        h = self.tok(idx) + pos
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_position_embedding_of_one_dimensional_ids_equals_the_oracle(device):
+    """The position embedding's one output serves every example: the engine learns
+    it (no batch dimension found), passes it on as one copy per example and gets
+    each example's gradient; dense, diagonal and Kronecker-vector products are
+    exact."""
+    torch.manual_seed(0)
+    m = _PositionIds1D().to(device, torch.float64)
+    x = torch.randint(0, 7, (5, 3), device=device)
+    ggn = oracles.ggn(m, x, "classification")
+    _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(H, ggn)
+    _, d = backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(d, ggn.diagonal())
+    tape = engine.run(m, _params(m), x, _ggn_factor)
+    X = torch.randn(ggn.shape[0], 2, device=device, dtype=ggn.dtype)
+    torch.testing.assert_close(structures.gram_matmat(tape, X), ggn @ X)
+    assert not any(mod._forward_hooks for mod in m.modules())
+
+
+def test_a_shared_output_the_model_reduces_over_its_rows_is_refused(device):
+    """Copies per example would change what the model computes: refused, naming the
+    module and what works."""
+    torch.manual_seed(0)
+    m = _PositionIds1D("mean over positions").to(device, torch.float64)
+    x = torch.randint(0, 7, (5, 3), device=device)
+    for _ in range(2):  # refused again, not learnt
+        with pytest.raises(
+            ValueError, match=r"'pos' \(Embedding\).*ids of shape \(1, T\)"
+        ):
+            backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+
+
+def test_a_shared_output_in_a_random_model_is_not_refused(device):
+    """Dropout makes two forward passes differ: that is not taken for a change."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_PositionIds1D(), nn.Dropout(0.5)).to(device, torch.float64)
+    x = torch.randint(0, 7, (5, 3), device=device)
+    f, d = backprop_factor.outer_product_diag(m.train(), _params(m), x, _ggn_factor)
+    assert f.shape == (5, 2) and d.shape == (sum(p.numel() for p in _params(m)),)
+
+
+def test_structure_table_of_shared_outside_and_large_parameters(device, monkeypatch):
+    """A tied weight lists both modules and rules; a weight used outside its module
+    is the model's, after a forward pass has shown it; a parameter no rule covers
+    gets its dense block, or its diagonal above ``DENSE_BLOCK_LIMIT``."""
+    m, _ = build("tied", device)
+    rows = {r["parameter"]: r for r in engine.structure_table(m, _params(m))}
+    assert rows["emb.weight"] == {
+        "parameter": "emb.weight",
+        "modules": "emb (Embedding), head (Linear)",
+        "rules": "embedding, linear",
+        "kron": "kronecker",
+    }
+    torch.manual_seed(0)
+    raw = _AlsoRaw().to(device, torch.float64)
+    x = torch.randn(4, 3, device=device, dtype=torch.float64)
+    assert engine.structure_table(raw, _params(raw))[0]["rules"] == "linear"
+    y = torch.zeros(4, dtype=torch.long, device=device)
+    with pytest.warns(UserWarning, match=r"uses lin\.weight outside the module") as w:
+        NativeGGN(raw, "classification").diag(x, y)
+    assert w[0].filename == __file__  # the user's line
+    (row, *_) = engine.structure_table(raw, _params(raw))
+    assert row == {
+        "parameter": "lin.weight",
+        "modules": "(model) (_AlsoRaw)",
+        "rules": "fallback",
+        "kron": "dense",
+    }
+    m, _ = build("fallback", device)
+    monkeypatch.setattr(engine, "DENSE_BLOCK_LIMIT", 3)
+    rows = {r["parameter"]: r["kron"] for r in engine.structure_table(m, _params(m))}
+    assert rows["1.scale"] == "diagonal" and rows["1.shift"] == "diagonal"
+    monkeypatch.setattr(engine, "DENSE_BLOCK_LIMIT", 4)
+    rows = {r["parameter"]: r["kron"] for r in engine.structure_table(m, _params(m))}
+    assert rows["1.scale"] == "dense"
+
+
+def test_the_fallback_warning_lists_every_parameter_it_serves(device):
+    m, x = build("fallback", device)
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    with pytest.warns(UserWarning) as caught:
+        NativeGGN(m, "classification").diag(x, y)
+    (w,) = caught
+    assert str(w.message) == (
+        "The curvature engine has no rule for some modules; their parameters get "
+        "exact per-example gradients from torch.func on the module alone, and in a "
+        "Kronecker-factored curvature their exact dense block or diagonal: "
+        "1.scale in 1 (_Scale): dense; 1.shift in 1 (_Scale): dense."
+    )
+    assert w.filename == __file__  # the user's line, not the library's

@@ -31,6 +31,8 @@ the last example alone, and brings the terms to ``N`` examples.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -217,13 +219,15 @@ def record(
             if (
                 new_output is None
                 and n_examples > 1
-                and record.rows == 1
                 and entry.rule.positionwise(module)
                 and isinstance(output, Tensor)
-                and output.ndim > 1
-                and output.shape[0] == 1
             ):
-                record, new_output = _per_example_copy(record, output, n_examples)
+                if record.rows == 1 and output.ndim > 1 and output.shape[0] == 1:
+                    record, new_output = _per_example_copy(record, output, n_examples)
+                elif tuple(output.shape) in _SHARED.get(module, ()):
+                    record, new_output = _per_example_copy(
+                        record, output, n_examples, new_dim=True
+                    )
             if not keep_graph:
                 record.data = _detached(record.data)
             records[i].append(record)
@@ -240,6 +244,14 @@ def record(
     known = _USED_OUTSIDE.get(model, frozenset())
     if watch.outside - known:  # learnt: plan again, these weights on the model's own
         _USED_OUTSIDE[model] = known | watch.outside
+        names = [the_plan.names[i] for i in sorted(watch.outside - known, key=str)]
+        warnings.warn(
+            f"The model uses {', '.join(sorted(names))} outside the module(s) serving "
+            "it in the curvature engine (e.g. a head written F.linear(h, "
+            "emb.weight)); no rule sees all its uses, so its exact per-example "
+            "gradients now come from torch.func over the whole model.",
+            stacklevel=_caller_outside_the_library(),
+        )
         return record(model, params, x, keep_graph, plan(model, params))
     if not isinstance(f, Tensor):
         raise TypeError(
@@ -248,8 +260,34 @@ def record(
         )
     calls = [(e, r) for e, recs in zip(the_plan.entries, records) for r in recs]
     taps = [t for _, r in calls for t in r.taps]
-    layouts = _layouts(f, calls, taps, f.shape[0]) if taps else []
+    try:
+        layouts = _layouts(f, calls, taps, f.shape[0]) if taps else []
+    except _SharedOutput as shared:  # learnt: record again, with per-example copies
+        _SHARED.setdefault(shared.module, set()).add(shared.shape)
+        again = record(model, params, x, keep_graph, the_plan)
+        changed = again.f.shape != f.shape
+        if not changed and not _same(again.f, f):
+            with torch.no_grad():  # unless the model is random (dropout)
+                changed = _same(model(x), f)
+        if changed:
+            _SHARED[shared.module].discard(shared.shape)
+            raise ValueError(
+                f"Module {shared.name!r} ({type(shared.module).__name__}) computes "
+                f"one output of shape {shared.shape} for all {f.shape[0]} examples; "
+                "the curvature engine passes it on as one copy per example (shape "
+                f"{(f.shape[0], *shared.shape)}) so that their gradients stay apart, "
+                "and the model's outputs then change (shape "
+                f"{tuple(f.shape)} -> {tuple(again.f.shape)}). Give the module a "
+                "batch dimension (e.g. ids of shape (1, T)) or freeze it."
+            ) from None
+        return again
     return Recording(f, list(params), calls, layouts, keep_graph, model)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(
+        a.detach(), b.detach(), rtol=1e-4, atol=1e-6
+    )
 
 
 #: per model, the ids of weights a forward pass used outside the modules serving
@@ -322,16 +360,36 @@ def _leading_dimension(x) -> int:
     return 1
 
 
-def _per_example_copy(record: Record, output: Tensor, N: int):
+def _per_example_copy(record: Record, output: Tensor, N: int, new_dim=False):
     """A positionwise module applied once for the whole batch (e.g. a position
     embedding of ``position_ids`` ``(1, T)``, broadcast over the examples): its
     output is passed on as ``N`` copies, so that each example's gradient is
-    backpropagated apart; the record's input is repeated alike."""
-    copies = output.expand(N, *output.shape[1:]).clone()
+    backpropagated apart; the record's input is repeated alike. With ``new_dim``
+    the output has no batch dimension (ids ``(T,)``, learnt by ``_probe``) and the
+    copies get one in front."""
     data = record.data
+    if new_dim:
+        copies = output.expand(N, *output.shape).clone()
+        if isinstance(data, Tensor):
+            data = data.expand(N, *data.shape)
+        return Record([copies], data, N), copies
+    copies = output.expand(N, *output.shape[1:]).clone()
     if isinstance(data, Tensor) and data.ndim > 0 and data.shape[0] == 1:
         data = data.expand(N, *data.shape[1:])
     return Record([copies], data, N), copies
+
+
+#: positionwise modules seen computing one output for all examples (no batch
+#: dimension: a position embedding of ids ``(T,)``), with those outputs' shapes
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _SharedOutput(Exception):
+    """A positionwise module's output holds no example apart (see ``_SHARED``)."""
+
+    def __init__(self, name: str, module: nn.Module, shape: tuple) -> None:
+        super().__init__(name)
+        self.name, self.module, self.shape = name, module, shape
 
 
 #: models whose backward pass has operations without a batching rule (torch falls
@@ -448,6 +506,14 @@ def _probe(f, calls, taps, unsure, out, N) -> None:
     for i, g in zip(unsure, grads):
         entry, record = calls[i]
         dim = _batch_dim(g, N)
+        shape = tuple(record.taps[0].shape)
+        if (
+            dim is None
+            and entry.rule.positionwise(entry.module)
+            and isinstance(record.data, Tensor)
+            and shape not in _SHARED.get(entry.module, ())
+        ):
+            raise _SharedOutput(entry.name, entry.module, shape)
         if dim is None:
             raise ValueError(
                 f"The curvature engine cannot tell which entries of the output of "
@@ -605,8 +671,18 @@ def warn_fallbacks(model: nn.Module, params: Sequence[nn.Parameter]) -> None:
         "The curvature engine has no rule for some modules; their parameters get "
         "exact per-example gradients from torch.func on the module alone, and in a "
         f"Kronecker-factored curvature their exact dense block or diagonal: {listing}.",
-        stacklevel=3,
+        stacklevel=_caller_outside_the_library(),
     )
+
+
+def _caller_outside_the_library() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that
+    points at the first frame outside the ``laplace`` package (the user's code)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 __all__ = [

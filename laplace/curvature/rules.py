@@ -295,13 +295,13 @@ class EmbeddingRule(Rule):
 
     def forward(self, module, args, kwargs, output):
         idx = _first_tensor(args, kwargs, "input")
-        return Record([output], idx, idx.shape[0] if idx.ndim > 1 else 1), None
+        # ids (L,): L rows of one position (flattened examples, or positions shared
+        # by all examples: the engine tells which)
+        return Record([output], idx, idx.shape[0] if idx.ndim else 1), None
 
     def terms(self, module, record, grads):
         idx = record.data
-        if idx.ndim == 1:
-            idx = idx[None]
-        idx = idx.reshape(idx.shape[0], -1)
+        idx = idx.reshape(idx.shape[0] if idx.ndim else 1, -1)
         (g,) = grads
         g = g.reshape(g.shape[0], idx.shape[0], -1, g.shape[-1])
         if module.padding_idx is not None:  # its row gets no gradient
