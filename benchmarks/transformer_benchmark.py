@@ -26,8 +26,9 @@ model:
    each batch forward, cross-entropy, backward and an SGD step (lr 1e-3), each run
    from the same initial weights; plain torch, measured on our side only;
 2. ``fit|MODEL|kron``: ``Laplace(model, "classification", subset_of_weights="all",
-   hessian_structure="kron")`` and ``.fit(loader)``; targets: our fit takes at most
-   3 times the epoch's time and at most twice its peak memory. laplace-torch runs
+   hessian_structure="kron")`` and ``.fit(loader)``; targets (GPT-2; BERT's ratios
+   are reported, with the memory of its fitted factors): our fit takes at most 3
+   times the epoch's time and at most twice its peak memory. laplace-torch runs
    the same call with its default (CurvlinopsGGN) and its other backends
    (BackPackGGN, AsdlGGN): it is expected to refuse Kron on the embedding,
    ``Conv1D`` and ``LayerNorm`` layers, which the report says ("refused", the
@@ -111,6 +112,9 @@ DEFAULT_BACKEND = {OURS: "NativeGGN", LT: "CurvlinopsGGN"}
 LT_BACKENDS = ("BackPackGGN", "AsdlGGN")
 #: our Kron fit at most these multiples of the epoch's time and peak memory
 TIME_TARGET, MEMORY_TARGET = 3.0, 2.0
+#: the models the Kron targets are set on (issue 15: a small GPT-2); the others'
+#: ratios are reported
+KRON_TARGET_MODELS = ("gpt2",)
 #: entries of the diagonal compared, drawn at random (the same on both sides)
 N_ENTRIES = 1000
 #: the check that both libraries' diagonals agree (relative)
@@ -313,6 +317,16 @@ def blocks(la) -> str | None:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
 
 
+def kron_mb(la) -> float | None:
+    """The memory of the fitted Kronecker factors (each stored tensor once), MB."""
+    try:
+        factors = [f for block in la.H.kfacs for f in block]
+    except AttributeError:
+        return None
+    stored = {f.data_ptr(): f.numel() * f.element_size() for f in factors}
+    return sum(stored.values()) / 2**20
+
+
 def fit_workload(case: Case):
     import gc
 
@@ -347,6 +361,8 @@ def fit_workload(case: Case):
         }
         if case.structure == "diag":
             values.update(diagonal_summary(la, state["model"]))
+        if case.structure == "kron":
+            values["Kron MB"] = kron_mb(la)
         dump(values)
         note = f"log marglik {values['log marglik']:.6g}"
         if "H sum" in values:
@@ -491,14 +507,30 @@ class Report:
             time_r = times(ours.seconds if ok(ours) else None, epoch and epoch.seconds)
             peak = ours.peak_mb if ok(ours) else None
             mem_r = times(peak, epoch_peak(epoch))
-            for what, r, target in (
-                ("time", time_r, TIME_TARGET),
-                ("peak memory", mem_r, MEMORY_TARGET),
-            ):
-                met = False if not ok(ours) else None if r is None else r <= target
+            if model in KRON_TARGET_MODELS:
+                for what, r, target in (
+                    ("time", time_r, TIME_TARGET),
+                    ("peak memory", mem_r, MEMORY_TARGET),
+                ):
+                    met = False if not ok(ours) else None if r is None else r <= target
+                    lines.append(
+                        f"- Target ({name}): our Kron fit's {what} at most "
+                        f"{target:g}× the epoch's: {fmt_ratio(r)}, {verdict(met)}."
+                    )
+            else:
                 lines.append(
-                    f"- Target ({name}): our Kron fit's {what} at most {target:g}× "
-                    f"the epoch's: {fmt_ratio(r)}, {verdict(met)}."
+                    f"- {name} (no target; the targets are set on "
+                    f"{', '.join(MODELS[m] for m in KRON_TARGET_MODELS)}): our Kron "
+                    f"fit takes {fmt_ratio(time_r)} the epoch's time and "
+                    f"{fmt_ratio(mem_r)} its peak memory."
+                )
+            stored = (self.outputs.get(kron.key(OURS)) or {}).get("Kron MB")
+            epoch_mb = epoch_peak(epoch)
+            if stored is not None and epoch_mb:
+                lines.append(
+                    f"- {name}: the fitted Kronecker factors alone take "
+                    f"{stored:,.0f} MB, {stored / epoch_mb:.2f}× the epoch's peak "
+                    "(a 1,024 x 1,024 factor per feed-forward matrix and bias)."
                 )
         lt_kron = [
             (Case("fit", model, "kron", b).backend_label(LT), m)

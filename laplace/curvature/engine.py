@@ -250,7 +250,7 @@ def record(
             "it in the curvature engine (e.g. a head written F.linear(h, "
             "emb.weight)); no rule sees all its uses, so its exact per-example "
             "gradients now come from torch.func over the whole model.",
-            stacklevel=_caller_outside_the_library(),
+            stacklevel=_caller_outside_the_library(sys._getframe()),
         )
         return record(model, params, x, keep_graph, plan(model, params))
     if not isinstance(f, Tensor):
@@ -671,15 +671,15 @@ def warn_fallbacks(model: nn.Module, params: Sequence[nn.Parameter]) -> None:
         "The curvature engine has no rule for some modules; their parameters get "
         "exact per-example gradients from torch.func on the module alone, and in a "
         f"Kronecker-factored curvature their exact dense block or diagonal: {listing}.",
-        stacklevel=_caller_outside_the_library(),
+        stacklevel=_caller_outside_the_library(sys._getframe()),
     )
 
 
-def _caller_outside_the_library() -> int:
-    """The ``stacklevel`` of a warning issued by the caller of this function that
-    points at the first frame outside the ``laplace`` package (the user's code)."""
+def _caller_outside_the_library(frame) -> int:
+    """The ``stacklevel`` of a warning issued in ``frame`` that points at the first
+    frame outside the ``laplace`` package (the user's code)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    level, frame = 1, sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
