@@ -8,6 +8,8 @@ Kronecker factors must equal KFAC-expand / -reduce computed from their definitio
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -927,8 +929,15 @@ class _ReturnsDict(nn.Module):
 def test_bad_models_are_refused_with_what_to_do(device):
     x = torch.randn(4, 2, 3, device=device, dtype=torch.float64)
     m = _Coupled().to(device, torch.float64)
-    with pytest.raises(ValueError, match=r"cannot tell which entries.*'lin' \(Linear"):
+    with pytest.raises(ValueError) as err:
         backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    assert str(err.value) == (
+        "The curvature engine cannot tell which entries of the output of module "
+        "'lin' (Linear, shape (8, 4)) belong to which of the 4 examples: each "
+        "example's outputs must depend on its own rows only (a batch dimension, "
+        "possibly flattened with others). Put the model in eval mode (batch "
+        "statistics couple examples) or freeze this module."
+    )
     m = _ReturnsDict().to(device, torch.float64)
     with pytest.raises(TypeError, match=r"returned a dict\. Wrap it"):
         backprop_factor.outer_product_diag(m, _params(m), x[:, 0], _ggn_factor)
@@ -952,18 +961,21 @@ class _PositionIds1D(nn.Module):
         pos = self.pos(torch.arange(idx.shape[1], device=idx.device))
         if self.pool == "mean over positions":  # reads pos's first dimension
             pos = pos.mean(0)
+        if self.pool == "unsqueeze":  # (1, T, d) of its own: copies add a dimension
+            pos = pos[None]
         h = self.tok(idx) + pos
         return self.head(torch.tanh(h).mean(1))
 
 
-def test_position_embedding_of_one_dimensional_ids_equals_the_oracle(device):
+@pytest.mark.parametrize("N", [2, 5])
+def test_position_embedding_of_one_dimensional_ids_equals_the_oracle(N, device):
     """The position embedding's one output serves every example: the engine learns
     it (no batch dimension found), passes it on as one copy per example and gets
     each example's gradient; dense, diagonal and Kronecker-vector products are
     exact."""
     torch.manual_seed(0)
     m = _PositionIds1D().to(device, torch.float64)
-    x = torch.randint(0, 7, (5, 3), device=device)
+    x = torch.randint(0, 7, (N, 3), device=device)
     ggn = oracles.ggn(m, x, "classification")
     _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
     torch.testing.assert_close(H, ggn)
@@ -982,10 +994,15 @@ def test_a_shared_output_the_model_reduces_over_its_rows_is_refused(device):
     m = _PositionIds1D("mean over positions").to(device, torch.float64)
     x = torch.randint(0, 7, (5, 3), device=device)
     for _ in range(2):  # refused again, not learnt
-        with pytest.raises(
-            ValueError, match=r"'pos' \(Embedding\).*ids of shape \(1, T\)"
-        ):
+        with pytest.raises(ValueError) as err:
             backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+        assert str(err.value) == (
+            "Module 'pos' (Embedding) computes one output of shape (3, 4) for all 5 "
+            "examples; the curvature engine passes it on as one copy per example "
+            "(shape (5, 3, 4)) so that their gradients stay apart, and the model's "
+            "outputs then change (shape (5, 2) -> (5, 2)). Give the module a batch "
+            "dimension (e.g. ids of shape (1, T)) or freeze it."
+        )
 
 
 def test_a_shared_output_in_a_random_model_is_not_refused(device):
@@ -995,6 +1012,11 @@ def test_a_shared_output_in_a_random_model_is_not_refused(device):
     x = torch.randint(0, 7, (5, 3), device=device)
     f, d = backprop_factor.outer_product_diag(m.train(), _params(m), x, _ggn_factor)
     assert f.shape == (5, 2) and d.shape == (sum(p.numel() for p in _params(m)),)
+    # but a change of the outputs' shape is refused, random or not
+    m = nn.Sequential(_PositionIds1D("unsqueeze"), nn.Dropout(0.5))
+    m = m.to(device, torch.float64).train()
+    with pytest.raises(ValueError, match=r"outputs then change \(shape \(5, 2\) ->"):
+        backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
 
 
 def _outside_the_library(filename: str) -> bool:
@@ -1025,6 +1047,12 @@ def test_structure_table_of_shared_outside_and_large_parameters(device, monkeypa
     y = torch.zeros(4, dtype=torch.long, device=device)
     with pytest.warns(UserWarning, match=r"uses lin\.weight outside the module") as w:
         NativeGGN(raw, "classification").diag(x, y)
+    assert str(w[0].message) == (
+        "The model uses lin.weight outside the module(s) serving it in the "
+        "curvature engine (e.g. a head written F.linear(h, emb.weight)); no rule "
+        "sees all its uses, so its exact per-example gradients now come from "
+        "torch.func over the whole model."
+    )
     assert _outside_the_library(w[0].filename)  # the user's line
     (row, *_) = engine.structure_table(raw, _params(raw))
     assert row == {
@@ -1055,3 +1083,70 @@ def test_the_fallback_warning_lists_every_parameter_it_serves(device):
         "1.scale in 1 (_Scale): dense; 1.shift in 1 (_Scale): dense."
     )
     assert _outside_the_library(w.filename)  # the user's line, not the library's
+
+
+def test_jacobian_of_one_output_is_differentiable_in_the_inputs(device):
+    """One output: a plain backward pass (one column), kept differentiable."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    m = m.to(device, torch.float64)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64, requires_grad=True)
+    J, f = backprop_factor.jacobian(m, _params(m), x, create_graph=True)
+    (gx,) = torch.autograd.grad(J.square().sum() + f.sum(), x)
+
+    def total(x):
+        return oracles.jacobian(m, x).square().sum() + m(x).sum()
+
+    (ox,) = torch.autograd.grad(total(x), x)
+    torch.testing.assert_close(gx, ox)
+
+
+class _RegisteredTwice(nn.Module):
+    """ALBERT-style sharing: one Linear and one rule-less module, each registered
+    under two names and called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = self.a
+        self.s = _Scale(3)
+        self.t = self.s
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.s(self.a(x)))
+        return self.head(torch.tanh(self.t(self.b(h))))
+
+
+def test_modules_registered_under_two_names_count_each_call_once(device):
+    torch.manual_seed(0)
+    m = _RegisteredTwice().to(device, torch.float64)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    # on a copy: torch.func's functional_call leaves a module registered twice with
+    # its parameters detached
+    ggn = oracles.ggn(copy.deepcopy(m), x, "classification")
+    _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(H, ggn)
+
+
+class _SharedQuery(nn.Module):
+    """A learned query vector ``(d,)`` projected once for the whole batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Parameter(torch.randn(4))
+        self.proj = nn.Linear(4, 4)
+        self.inp = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inp(x) + self.proj(self.q)))
+
+
+def test_a_linear_layer_on_one_vector_shared_by_the_batch_equals_the_oracle(device):
+    torch.manual_seed(0)
+    m = _SharedQuery().to(device, torch.float64)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    ggn = oracles.ggn(m, x, "classification")
+    _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(H, ggn)

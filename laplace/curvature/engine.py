@@ -82,7 +82,6 @@ class Entry:
 @dataclass
 class Plan:
     entries: list[Entry]
-    params: list[nn.Parameter]
     names: dict[int, str] = field(default_factory=dict)
 
 
@@ -147,7 +146,7 @@ def plan(model: nn.Module, params: Sequence[nn.Parameter]) -> Plan:
             f"{len(missing)} of the parameters are not parameters of the model; "
             "the curvature is taken over parameters of the model only."
         )
-    return Plan(entries, list(params), names)
+    return Plan(entries, names)
 
 
 # -- running the model --------------------------------------------------------------
@@ -261,10 +260,19 @@ def record(
     calls = [(e, r) for e, recs in zip(the_plan.entries, records) for r in recs]
     taps = [t for _, r in calls for t in r.taps]
     try:
-        layouts = _layouts(f, calls, taps, f.shape[0]) if taps else []
+        layouts = _layouts(f, calls, f.shape[0]) if taps else []
     except _SharedOutput as shared:  # learnt: record again, with per-example copies
         _SHARED.setdefault(shared.module, set()).add(shared.shape)
-        again = record(model, params, x, keep_graph, the_plan)
+        try:
+            again = record(model, params, x, keep_graph, the_plan)
+        except _Coupled as err:
+            _SHARED[shared.module].discard(shared.shape)
+            if err.module is not shared.module:
+                raise
+            # copies do not part the examples either: they are coupled
+            raise _Coupled(
+                shared.name, shared.module, shared.shape, f.shape[0]
+            ) from None
         changed = again.f.shape != f.shape
         if not changed and not _same(again.f, f):
             with torch.no_grad():  # unless the model is random (dropout)
@@ -384,6 +392,21 @@ def _per_example_copy(record: Record, output: Tensor, N: int, new_dim=False):
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _Coupled(ValueError):
+    """No dimension of a module's output holds the examples apart."""
+
+    def __init__(self, name: str, module: nn.Module, shape: tuple, N: int) -> None:
+        self.module = module
+        super().__init__(
+            f"The curvature engine cannot tell which entries of the output of "
+            f"module {name!r} ({type(module).__name__}, shape {shape}) belong to "
+            f"which of the {N} examples: each example's outputs must depend on its "
+            "own rows only (a batch dimension, possibly flattened with others). Put "
+            "the model in eval mode (batch statistics couple examples) or freeze "
+            "this module."
+        )
+
+
 class _SharedOutput(Exception):
     """A positionwise module's output holds no example apart (see ``_SHARED``)."""
 
@@ -474,7 +497,7 @@ class _Layout:
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _layouts(f: Tensor, calls, taps, N: int) -> list[_Layout]:
+def _layouts(f: Tensor, calls, N: int) -> list[_Layout]:
     """Where each call's tapped tensors hold the examples (dimension 0 unless a
     probe says otherwise: a module applied sequence-first or to flattened rows)."""
     out: list[_Layout] = []
@@ -491,11 +514,11 @@ def _layouts(f: Tensor, calls, taps, N: int) -> list[_Layout]:
             out.append(_Layout(0))
             unsure.append(i)
     if unsure and N > 1:
-        _probe(f, calls, taps, unsure, out, N)
+        _probe(f, calls, unsure, out, N)
     return out
 
 
-def _probe(f, calls, taps, unsure, out, N) -> None:
+def _probe(f, calls, unsure, out, N) -> None:
     """Backpropagate the first and the last example alone and find, for each unsure
     call, the dimension of its tap where their gradients live apart."""
     probe = torch.zeros(2, *f.shape, dtype=f.dtype, device=f.device)
@@ -515,14 +538,7 @@ def _probe(f, calls, taps, unsure, out, N) -> None:
         ):
             raise _SharedOutput(entry.name, entry.module, shape)
         if dim is None:
-            raise ValueError(
-                f"The curvature engine cannot tell which entries of the output of "
-                f"module {entry.name!r} ({type(entry.module).__name__}, shape "
-                f"{tuple(record.taps[0].shape)}) belong to which of the {N} examples: "
-                "each example's outputs must depend on its own rows only (a batch "
-                "dimension, possibly flattened with others). Put the model in eval "
-                "mode (batch statistics couple examples) or freeze this module."
-            )
+            raise _Coupled(entry.name, entry.module, shape, N)
         if dim and not entry.rule.positionwise(entry.module):
             raise ValueError(
                 f"Module {entry.name!r} ({type(entry.module).__name__}) sees the "
