@@ -1150,3 +1150,51 @@ def test_a_linear_layer_on_one_vector_shared_by_the_batch_equals_the_oracle(devi
     ggn = oracles.ggn(m, x, "classification")
     _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
     torch.testing.assert_close(H, ggn)
+
+
+def _jacobian_from_factors(factors):
+    """``J`` ``(C, N, P)`` from ``backprop_factor.jacobian_factors``' entries."""
+    parts = []
+    for factor in factors:
+        if factor[0] is None:
+            parts.append(factor[1])
+            continue
+        a, g = factor[0], factor[1]
+        J = torch.einsum("cnto,nti->cnoi", g, a)  # the (out, in) view
+        if len(factor) == 3:  # the (in, out) view
+            J = J.transpose(-1, -2)
+        parts.append(J.reshape(J.shape[0], J.shape[1], -1))
+    return torch.cat(parts, -1)
+
+
+@pytest.mark.parametrize(
+    "name", ["linear-seq", "hf-conv1d", "tied", "embedding", "layernorm", "reused"]
+)
+def test_jacobian_factors_of_the_glm_predictive_equal_the_oracle(name, device):
+    """Factored where a weight has one linear use (``(a, g)``, transposed for
+    ``Conv1D``), the Jacobian itself otherwise (a tied or reused weight, a bias, a
+    norm's scale)."""
+    m, x = build(name, device)
+    f, factors = backprop_factor.jacobian_factors(m, _params(m), x)
+    J = oracles.jacobian(m, x)  # (N, C, P)
+    torch.testing.assert_close(_jacobian_from_factors(factors), J.transpose(0, 1))
+    torch.testing.assert_close(f, m(x).detach())
+    kinds = [len(fa) if fa[0] is not None else 0 for fa in factors]
+    if name == "hf-conv1d":
+        assert kinds[0] == 3  # factored, transposed
+    if name in ("tied", "reused"):
+        assert kinds[0] == 0  # several uses: the Jacobian itself
+
+
+@pytest.mark.parametrize("model", [_DeadEnd, _Unused])
+def test_matrix_free_products_of_parameters_without_gradient_are_zero(model, device):
+    """A module called off the path to the outputs (zero terms), or never called
+    (no terms at all)."""
+    torch.manual_seed(0)
+    m = model().to(device, torch.float64)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    idle = list((m.dead if model is _DeadEnd else m.spare).parameters())
+    tape = engine.run(m, idle, x, _ggn_factor)
+    X = torch.randn(8, 2, device=device, dtype=torch.float64)
+    product = structures.gram_matmat(tape, X)
+    assert product.shape == X.shape and not product.any()
