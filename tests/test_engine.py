@@ -67,6 +67,24 @@ def _hf_conv1d():
     return Conv1D
 
 
+class _Keywords(nn.Module):
+    """Every rule's module called with its input as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.conv = nn.Conv1d(4, 4, 2)
+        self.norm = nn.LayerNorm(4)
+        self.proj = _hf_conv1d()(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx):
+        h = self.emb(input=idx)  # (N, T, 4)
+        h = self.conv(input=h.transpose(1, 2)).transpose(1, 2)
+        h = self.proj(x=torch.tanh(self.norm(input=h)))
+        return self.head(input=torch.tanh(h).mean(1))
+
+
 def build(name: str, device):
     """``(model, x)`` for one rule, float64 on ``device``."""
     torch.manual_seed(0)
@@ -111,8 +129,12 @@ def build(name: str, device):
         x = torch.randint(0, 7, (N, 6))
     elif name == "layernorm":
         m = nn.Sequential(
-            nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3), Pool()
-        )
+            nn.Linear(3, 4),
+            nn.LayerNorm(4, eps=0.1),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+            Pool(),
+        )  # eps: not the default, so that the rule must read it
         x = torch.randn(N, 6, 3)
     elif name == "batchnorm":
         m = nn.Sequential(
@@ -121,11 +143,52 @@ def build(name: str, device):
         x = torch.randn(N, 2, 5, 5)
     elif name == "groupnorm":
         m = nn.Sequential(
-            nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), Flat(), nn.LazyLinear(3)
+            nn.Conv2d(2, 4, 3),
+            nn.GroupNorm(2, 4, eps=0.1),
+            nn.Tanh(),
+            Flat(),
+            nn.LazyLinear(3),
         )
         x = torch.randn(N, 2, 5, 5)
+    elif name == "batchnorm1d":  # channels without positions
+        m = nn.Sequential(
+            nn.Linear(3, 4), nn.BatchNorm1d(4, eps=0.1), nn.Tanh(), nn.Linear(4, 3)
+        )
+        x = torch.randn(N, 3)
+    elif name == "instancenorm":
+        m = nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.InstanceNorm2d(4, affine=True, eps=0.1),
+            nn.Tanh(),
+            Flat(),
+            nn.LazyLinear(3),
+        )
+        x = torch.randn(N, 2, 5, 5)
+    elif name == "instancenorm-stats":
+        m = nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+            nn.Tanh(),
+            Flat(),
+            nn.LazyLinear(3),
+        )
+        x = torch.randn(N, 2, 5, 5)
+    elif name == "conv-same-valid":
+        m = nn.Sequential(
+            nn.Conv2d(2, 3, (5, 3), padding="same", dilation=(1, 2)),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 3, padding="valid"),
+            Flat(),
+            nn.LazyLinear(3),
+        )
+        x = torch.randn(N, 2, 6, 7)
+    elif name == "keywords":
+        m = _Keywords()
+        x = torch.randint(0, 7, (N, 4))
     elif name == "rmsnorm":
-        m = nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4), nn.Tanh(), nn.Linear(4, 3))
+        m = nn.Sequential(
+            nn.Linear(3, 4), nn.RMSNorm(4, eps=0.1), nn.Tanh(), nn.Linear(4, 3)
+        )
         x = torch.randn(N, 3)
     elif name == "hf-rmsnorm":
         RMSNorm = _rms_norm_class()
@@ -152,14 +215,15 @@ def build(name: str, device):
     with torch.no_grad():
         m(x)  # materialize lazy layers
     for module in m.modules():  # non-trivial affine parameters and running stats
-        if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(
-            module
-        ).__name__.endswith("RMSNorm"):
+        norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm2d)
+        if isinstance(module, norms) or type(module).__name__.endswith("RMSNorm"):
             with torch.no_grad():
                 module.weight.normal_()
                 if getattr(module, "bias", None) is not None:
                     module.bias.normal_()
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d)) and (
+            module.running_mean is not None
+        ):
             with torch.no_grad():
                 module.running_mean.normal_()
                 module.running_var.uniform_(0.5, 2)
@@ -206,6 +270,11 @@ class _Scale(nn.Module):
 
 
 MODELS = [
+    "keywords",
+    "conv-same-valid",
+    "batchnorm1d",
+    "instancenorm",
+    "instancenorm-stats",
     "linear-seq",
     "linear-4d",
     "conv1d",
@@ -1198,3 +1267,30 @@ def test_matrix_free_products_of_parameters_without_gradient_are_zero(model, dev
     X = torch.randn(8, 2, device=device, dtype=torch.float64)
     product = structures.gram_matmat(tape, X)
     assert product.shape == X.shape and not product.any()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "layernorm",
+        "groupnorm",
+        "rmsnorm",
+        "hf-rmsnorm",
+        "batchnorm",
+        "batchnorm1d",
+        "instancenorm",
+        "keywords",
+        "conv-same-valid",
+    ],
+)
+def test_every_layer_of_the_rule_table_is_served_by_its_rule(name, device):
+    """The numbers would be right through the fallback too: the table says that the
+    rule, not the fallback, serves each layer."""
+    m, _ = build(name, device)
+    rules_of = {
+        r["parameter"]: r["rules"] for r in engine.structure_table(m, _params(m))
+    }
+    assert "fallback" not in rules_of.values()
+    norms = {n for n, r in rules_of.items() if r == "norm"}
+    if name not in ("keywords", "conv-same-valid"):
+        assert norms  # the normalization layer's parameters
