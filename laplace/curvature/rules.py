@@ -50,8 +50,8 @@ class Outer:
     g_rows : whether ``g`` indexes the rows of the parameter's matrix view
     index : ``(N, T)`` integer ids: ``a`` is ``one_hot(index, n_a)``
     n_a : size of the forward side (needed with ``index``)
-    skip : an id whose one-hot is zero (an embedding's ``padding_idx``: its row
-        gets no gradient), or None
+    skip : an id not counted in the forward side's factor (an embedding's
+        ``padding_idx``: its row gets no gradient, and ``g`` is zero there), or None
     """
 
     a: Tensor | None
@@ -79,10 +79,7 @@ class Outer:
         """The forward-side factor ``(N, T, n_a)`` (one-hot formed if needed)."""
         if self.a is not None:
             return self.a
-        a = F.one_hot(self.index, self.n_a).to(self.g.dtype)
-        if self.skip is not None:
-            a[..., self.skip] = 0
-        return a
+        return F.one_hot(self.index, self.n_a).to(self.g.dtype)
 
     def rows(self, n: slice) -> Outer:
         """The term restricted to the examples ``n``."""
