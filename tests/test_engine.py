@@ -1323,11 +1323,11 @@ class _SequenceFirst(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin = nn.Linear(3, 4)
-        self.head = nn.Linear(4, 2)
+        self.lin = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 2)
 
     def forward(self, x):
-        h = torch.tanh(self.lin(x.transpose(0, 1)))  # (T, N, 4)
+        h = torch.tanh(self.lin(x.transpose(0, 1)))  # (T, N, 5)
         return self.head(h.mean(0))
 
 
@@ -1378,3 +1378,26 @@ def test_parameters_of_modules_never_called_have_zero_curvature(device):
     _, V = backprop_factor.per_example_vectors(m, spare, x, _ggn_factor, idx)
     K = _ggn_factor(m(x)).shape[-1]
     assert V.shape == (K, 5, 2) and not V.any()
+
+
+class _UnbatchedConv(nn.Module):
+    """One example; the convolution sees it without a batch dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 2, dilation=2)
+        self.head = nn.Linear(9, 2)
+
+    def forward(self, x):  # (1, 2, 5)
+        return self.head(torch.tanh(self.conv(x[0])).flatten()[None])
+
+
+def test_convolution_of_an_unbatched_input_equals_the_oracle(device):
+    torch.manual_seed(0)
+    m = _UnbatchedConv().to(device, torch.float64)
+    x = torch.randn(1, 2, 5, device=device, dtype=torch.float64)
+    ggn = oracles.ggn(m, x, "classification")
+    _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(H, ggn)
+    _, d = backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(d, ggn.diagonal())

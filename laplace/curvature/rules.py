@@ -226,11 +226,14 @@ class ConvRule(Rule):
 
     def forward(self, module, args, kwargs, output):
         a = _first_tensor(args, kwargs, "input")
-        return Record([output], a, a.shape[0]), None
+        unbatched = a.ndim == len(module.kernel_size) + 1  # (in, *size): one row
+        return Record([output], a, 1 if unbatched else a.shape[0]), None
 
     def terms(self, module, record, grads):
         a = conv_patches(module, record.data)  # (N, T, in * prod(k))
         (g,) = grads
+        if g.ndim == len(module.kernel_size) + 2:  # an unbatched output: one row
+            g = g[:, None]
         g = g.flatten(start_dim=3).transpose(2, 3)  # (K, N, T, out)
         out: dict[str, Term] = {"weight": Outer(a, g)}
         if module.bias is not None:
