@@ -572,9 +572,43 @@ def test_laplace_exposes_the_structure_table(device):
 def test_batch_statistics_are_refused(device):
     m, x = build("batchnorm", device)
     m.train()
-    with pytest.raises(ValueError, match=r"statistics of the batch.*model\.eval\(\)"):
+    with pytest.raises(ValueError) as err:
         backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    assert str(err.value) == (
+        "BatchNorm2d normalizes with the statistics of the batch (training mode, or "
+        "track_running_stats=False), which couples the examples: their curvature is "
+        "not a sum over examples. Call model.eval() (Laplace.fit does) with running "
+        "statistics."
+    )
     assert not any(mod._forward_hooks_with_kwargs for mod in m.modules())
+
+
+class _Branchy(nn.Module):
+    """No rule, and a forward that branches on the data: torch.func cannot map it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w if bool(x.sum() > 0) else x - self.w
+
+
+def test_a_fallback_that_torch_func_cannot_map_is_refused_with_what_to_do(device):
+    m = nn.Sequential(nn.Linear(3, 3), _Branchy(), nn.Linear(3, 2))
+    m = m.to(device, torch.float64)
+    x = torch.randn(4, 3, device=device, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as err:
+        backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
+    message = str(err.value)
+    assert message.startswith(
+        "The curvature engine has no rule for _Branchy and could not compute the "
+        "per-example gradients of its parameters ['w'] with torch.func ("
+    )
+    assert message.endswith(
+        "Freeze these parameters (requires_grad=False), use last-layer or subnetwork "
+        "Laplace, or a library backend."
+    )
 
 
 @pytest.mark.parametrize("columns", [1, 2])
