@@ -1435,3 +1435,39 @@ def test_convolution_of_an_unbatched_input_equals_the_oracle(device):
     torch.testing.assert_close(H, ggn)
     _, d = backprop_factor.outer_product_diag(m, _params(m), x, _ggn_factor)
     torch.testing.assert_close(d, ggn.diagonal())
+
+
+class _RegisteredTwiceAndRaw(nn.Module):
+    """A Linear registered under two names whose weight the model also uses raw,
+    and an embedding tied to a head and also used raw: both go to the model's
+    fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx).mean(1)
+        h = torch.tanh(self.b(torch.tanh(self.a(h))) + h @ self.a.weight.T)
+        return self.head(h) + nn.functional.linear(h, self.emb.weight)
+
+
+def test_the_models_fallback_is_exact_and_leaves_shared_weights_as_found(device):
+    torch.manual_seed(0)
+    m = _RegisteredTwiceAndRaw().to(device, torch.float64)
+    x = torch.randint(0, 7, (5, 3), device=device)
+    ggn = oracles.ggn(copy.deepcopy(m), x, "classification")
+    before = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
+    y = torch.zeros(5, dtype=torch.long, device=device)
+    with pytest.warns(UserWarning, match=r"uses a\.weight, emb\.weight outside"):
+        NativeGGN(m, "classification").diag(x, y)
+    _, H = backprop_factor.outer_product_full(m, _params(m), x, _ggn_factor)
+    torch.testing.assert_close(H, ggn)
+    after = dict(m.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    assert all(after[n] is p and isinstance(p, nn.Parameter) for n, p in before.items())
+    assert m(x).requires_grad

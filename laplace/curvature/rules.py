@@ -450,7 +450,9 @@ class Fallback(Rule):
     def terms(self, module, record, grads):
         args, kwargs, keep = record.data
         L = record.rows
-        theta = {n: p.detach() for n, p in self.parameters(module).items()}
+        served = self.parameters(module)
+        holders = _holders(module, served)
+        theta = {h: p.detach() for n, p in served.items() for h in holders[n]}
         leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
         batched = [
             isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == L for t in leaves
@@ -463,7 +465,9 @@ class Fallback(Rule):
             )
 
             def outputs(th):
-                out = torch.func.functional_call(module, th, call[0], call[1])
+                out = torch.func.functional_call(
+                    module, th, call[0], call[1], tie_weights=False
+                )
                 return [t for t, k in zip(_tensors(out), keep) if k]
 
             _, vjp_fn = torch.func.vjp(outputs, theta)
@@ -478,12 +482,32 @@ class Fallback(Rule):
             raise RuntimeError(
                 f"The curvature engine has no rule for {type(module).__name__} and "
                 f"could not compute the per-example gradients of its parameters "
-                f"{sorted(theta)} with torch.func ({type(err).__name__}: {err}). "
+                f"{sorted(served)} with torch.func ({type(err).__name__}: {err}). "
                 "Freeze these parameters (requires_grad=False), use last-layer "
                 "or subnetwork Laplace, or a library backend."
             ) from err
         K = grads[0].shape[0]
-        return {n: Vectors(v.reshape(K, L, -1)) for n, v in V.items()}
+        return {
+            n: Vectors(sum(V[h] for h in holders[n]).reshape(K, L, -1)) for n in served
+        }
+
+
+def _holders(module: nn.Module, served: dict[str, nn.Parameter]) -> dict:
+    """For each served parameter, one of its names per module object holding it
+    (a weight tied between two modules has two; a module registered under two
+    names holds it once). ``functional_call`` gets each holder once, untied:
+    torch's own tying, or setting one module twice, leaves that module with a
+    plain tensor in place of its parameter afterwards (torch 2.13)."""
+    holders: dict[str, list[str]] = {n: [] for n in served}
+    seen: set[tuple[int, str]] = set()
+    for name, q in module.named_parameters(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        key = (id(module.get_submodule(owner)), attr)
+        for n, p in served.items():
+            if q is p and key not in seen:
+                seen.add(key)
+                holders[n].append(name)
+    return holders
 
 
 def _tensors(obj) -> list[Tensor]:
