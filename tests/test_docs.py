@@ -11,6 +11,7 @@ import torch
 
 import laplace
 import laplace.curvature
+import laplace.streaming
 import laplace.utils
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -32,7 +33,9 @@ def _documented() -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "module", [laplace, laplace.utils, laplace.curvature], ids=lambda m: m.__name__
+    "module",
+    [laplace, laplace.utils, laplace.curvature, laplace.streaming],
+    ids=lambda m: m.__name__,
 )
 def test_api_reference_covers_every_public_name(module):
     documented = _documented()

@@ -1,0 +1,14 @@
+"""Streaming (functional) Laplace approximations over parameter trees, with the API of
+posteriors 0.1.x: ``build(...)`` returns a transform whose ``init(params)`` starts a
+state and whose ``update(state, batch)`` adds one batch's curvature to its
+precision; ``sample(state, sample_shape)`` draws from the Normal it encodes.
+
+Modules: ``dense_ggn`` (a dense precision) and ``diag_ggn`` (a diagonal one, a tree
+like the parameters). Parameters are any tree of tensors (a tensor, a dict, a list,
+a tuple, nested; the dict of ``torch.func.functional_call``).
+"""
+
+from laplace.streaming import dense_ggn, diag_ggn
+from laplace.streaming.tree import Transform
+
+__all__ = ["dense_ggn", "diag_ggn", "Transform"]

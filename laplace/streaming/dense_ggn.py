@@ -1,0 +1,123 @@
+"""A Laplace approximation with a dense precision: the generalized Gauss-Newton
+matrix, streamed over batches (posteriors' ``laplace.dense_ggn``).
+
+``G = J^T H J`` per batch, with ``J`` the Jacobian of ``forward``'s output w.r.t.
+the parameters and ``H = -d^2 l / dz^2`` the Hessian of the negative outer
+log-likelihood w.r.t. that output; the precision is ``init_prec I + sum of G``.
+
+Differences from posteriors 0.1.3 (documented in docs/differences.md):
+``update`` returns the state (posteriors returns ``(state, aux)``; the aux is the
+state's ``aux``); the state is a dataclass with ``params``, ``prec``, ``aux`` and
+``step``; ``sample`` keeps every parameter's shape (posteriors' fails on a
+parameter of two or more dimensions) and works in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from laplace.streaming.tree import TensorTree, Transform, batch_ggn, flatten
+
+Tensor = torch.Tensor
+#: ``sample``'s default: one draw, without a leading sample dimension
+EMPTY = torch.Size([])
+
+
+@dataclass
+class DenseLaplaceState:
+    """A Normal over the parameters: mean ``params`` (a tree), precision ``prec``
+    ``(P, P)`` over the flattened parameters (leaves in tree order, each
+    flattened row-major), the ``aux`` of the last ``forward`` call, and the number
+    of updates ``step``."""
+
+    params: TensorTree
+    prec: Tensor
+    aux: Any = None
+    step: Tensor = field(default_factory=lambda: torch.tensor(0))
+
+
+def build(
+    forward: Callable,
+    outer_log_likelihood: Callable,
+    init_prec: Tensor | float = 0.0,
+) -> Transform:
+    """The transform ``(init, update)`` of a dense GGN Laplace approximation.
+
+    Parameters
+    ----------
+    forward : callable
+        ``forward(params, batch) -> (output, aux)``: the output (e.g. logits) not
+        reduced over the batch, and any auxiliary information.
+    outer_log_likelihood : callable
+        ``outer_log_likelihood(output, batch) -> scalar``: the log-likelihood of
+        the batch given the output of ``forward``, summed over its examples.
+    init_prec : float or tensor ``(P, P)``, default=0.0
+        the initial precision: a float means that float times the identity.
+    """
+    return Transform(
+        init=partial(init, init_prec=init_prec),
+        update=partial(
+            update, forward=forward, outer_log_likelihood=outer_log_likelihood
+        ),
+    )
+
+
+def init(params: TensorTree, init_prec: Tensor | float = 0.0) -> DenseLaplaceState:
+    """The state before any data: mean ``params``, precision ``init_prec``."""
+    theta, _ = flatten(params)
+    P = theta.numel()
+    if isinstance(init_prec, Tensor):
+        if init_prec.shape != (P, P):
+            raise ValueError(
+                f"init_prec must be a float or a ({P}, {P}) tensor for these "
+                f"{P} parameters; got shape {tuple(init_prec.shape)}."
+            )
+        prec = init_prec.to(theta).clone()
+    else:
+        prec = float(init_prec) * torch.eye(P, dtype=theta.dtype, device=theta.device)
+    return DenseLaplaceState(params, prec)
+
+
+def update(
+    state: DenseLaplaceState,
+    batch: Any,
+    forward: Callable,
+    outer_log_likelihood: Callable,
+    inplace: bool = False,
+) -> DenseLaplaceState:
+    """Add the GGN of ``batch`` to the precision; returns the state (the same
+    object, changed, with ``inplace``; a new one otherwise)."""
+    J, H, aux = batch_ggn(forward, outer_log_likelihood, state.params, batch)
+    ggn = J.T @ (H @ J)
+    if inplace:
+        state.prec.add_(ggn.to(state.prec.dtype))
+        state.aux = aux
+        state.step.add_(1)
+        return state
+    return DenseLaplaceState(
+        state.params, state.prec + ggn.to(state.prec.dtype), aux, state.step + 1
+    )
+
+
+def sample(
+    state: DenseLaplaceState, sample_shape: torch.Size | tuple = EMPTY
+) -> TensorTree:
+    """Draws from ``N(params, prec^{-1})``: a tree like ``params`` whose leaves have
+    shape ``sample_shape + leaf.shape``."""
+    theta, unflatten = flatten(state.params)
+    L = torch.linalg.cholesky(state.prec)  # prec = L L^T
+    shape = torch.Size(sample_shape)
+    eps = torch.randn(*shape, theta.numel(), dtype=L.dtype, device=L.device)
+    # x = theta + L^{-T} eps has covariance (L L^T)^{-1}
+    steps = torch.linalg.solve_triangular(
+        L.T, eps.reshape(-1, theta.numel()).T, upper=True
+    ).T
+    return unflatten(theta + steps.reshape(*shape, theta.numel()).to(theta.dtype))
+
+
+__all__ = ["DenseLaplaceState", "build", "init", "update", "sample"]

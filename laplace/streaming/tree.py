@@ -1,0 +1,98 @@
+"""Parameter trees as flat vectors, and the GGN of one batch: the pure functions the
+streaming modules share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+Tensor = torch.Tensor
+TensorTree = Any
+
+
+class Transform(NamedTuple):
+    """``init(params)`` and ``update(state, batch, inplace=False)`` of a built
+    approximation."""
+
+    init: Callable
+    update: Callable
+
+
+def leaves(tree: TensorTree, name: str = "params") -> tuple[list[Tensor], Any]:
+    """The tensors of ``tree`` in a fixed order, and its structure."""
+    flat, spec = pytree.tree_flatten(tree)
+    if not flat or not all(isinstance(t, Tensor) for t in flat):
+        kinds = sorted({type(t).__name__ for t in flat}) or ["nothing"]
+        raise TypeError(
+            f"{name} must be a tensor or a tree (dict, list, tuple) of tensors; got "
+            f"leaves of type {', '.join(kinds)}."
+        )
+    return flat, spec
+
+
+def flatten(tree: TensorTree) -> tuple[Tensor, Callable[[Tensor], TensorTree]]:
+    """``(theta, unflatten)``: the leaves of ``tree`` concatenated into one vector
+    ``theta`` (P,), and the map from such a vector back to a tree like ``tree``."""
+    flat, spec = leaves(tree)
+    shapes = [t.shape for t in flat]
+    sizes = [t.numel() for t in flat]
+    theta = torch.cat([t.detach().reshape(-1) for t in flat])
+
+    def unflatten(vector: Tensor) -> TensorTree:
+        parts = vector.split(sizes, dim=-1)
+        lead = vector.shape[:-1]
+        return pytree.tree_unflatten(
+            [p.reshape((*lead, *s)) for p, s in zip(parts, shapes, strict=True)], spec
+        )
+
+    return theta, unflatten
+
+
+def same_structure(tree: TensorTree, like: TensorTree, name: str) -> list[Tensor]:
+    """The leaves of ``tree``, checked to have the structure and shapes of
+    ``like``'s."""
+    flat, spec = leaves(tree, name)
+    ref, ref_spec = leaves(like)
+    if spec != ref_spec or [t.shape for t in flat] != [t.shape for t in ref]:
+        raise ValueError(
+            f"{name} must be a float or a tree with the structure and shapes of the "
+            f"parameters ({ref_spec}); got {spec} with shapes "
+            f"{[tuple(t.shape) for t in flat]}."
+        )
+    return flat
+
+
+def batch_ggn(
+    forward: Callable, outer_log_likelihood: Callable, params: TensorTree, batch: Any
+) -> tuple[Tensor, Tensor, Any]:
+    """``(J, H, aux)`` of one batch: the Jacobian ``(M, P)`` of the flattened
+    output ``z = forward(params, batch)[0]`` w.r.t. the flattened parameters and
+    ``H = -d^2 outer_log_likelihood(z, batch) / dz^2`` ``(M, M)``, so that the GGN
+    is ``J^T H J``."""
+    theta, unflatten = flatten(params)
+
+    def output(vector):
+        result = forward(unflatten(vector), batch)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise ValueError(
+                "forward must return a pair (output, aux), e.g. (logits, "
+                f"torch.tensor([])); it returned a {type(result).__name__}."
+            )
+        out, aux = result
+        return out, (out, aux)
+
+    J, (z, aux) = torch.func.jacrev(output, has_aux=True)(theta)
+    z = z.detach()
+    value = outer_log_likelihood(z, batch)
+    if not (isinstance(value, Tensor) and value.numel() == 1):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
+        raise ValueError(
+            "outer_log_likelihood must return a scalar (the log-likelihood of the "
+            f"batch, summed over its examples); it returned {shape}."
+        )
+    H = torch.func.hessian(lambda out: -outer_log_likelihood(out, batch).sum())(z)
+    M = z.numel()
+    return J.reshape(M, -1), H.reshape(M, M), aux

@@ -1,0 +1,213 @@
+"""The streaming Laplace approximations (``laplace.streaming``) against dense
+oracles in float64: the GGN of ``tests/oracles.py`` (per-example ``torch.func``
+Jacobians and the analytic softmax Hessian), summed over batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from laplace.streaming import dense_ggn, diag_ggn
+from tests import oracles
+
+
+def _mlp(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    return model.to(device, torch.float64)
+
+
+def _data(device, n=9):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 3, (n,), generator=g).to(device)
+    return x, y
+
+
+def _functions(model):
+    def forward(params, batch):
+        x, _ = batch
+        return functional_call(model, params, (x,)), torch.tensor([])
+
+    def outer_log_likelihood(logits, batch):
+        _, y = batch
+        return -nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    return forward, outer_log_likelihood
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _batches(x, y):
+    return [(x[:3], y[:3]), (x[3:7], y[3:7]), (x[7:], y[7:])]
+
+
+def test_dense_precision_after_several_updates_is_the_sum_over_all_batches(device):
+    model = _mlp(device)
+    x, y = _data(device)
+    transform = dense_ggn.build(*_functions(model), init_prec=0.5)
+    state = transform.init(_params(model))
+    for batch in _batches(x, y):
+        state = transform.update(state, batch)
+    ggn = oracles.ggn(model, x, "classification")
+    eye = torch.eye(ggn.shape[0], dtype=ggn.dtype, device=device)
+    torch.testing.assert_close(state.prec, 0.5 * eye + ggn)
+    assert int(state.step) == 3 and state.aux.numel() == 0
+
+
+def test_diagonal_precision_is_the_dense_ones_diagonal_as_a_tree(device):
+    model = _mlp(device)
+    x, y = _data(device)
+    params = _params(model)
+    prior = {k: torch.full_like(v, 0.25) for k, v in params.items()}
+    transform = diag_ggn.build(*_functions(model), init_prec_diag=prior)
+    state = transform.init(params)
+    for batch in _batches(x, y):
+        state = transform.update(state, batch)
+    expected = 0.25 + oracles.ggn(model, x, "classification").diagonal()
+    got = torch.cat([state.prec_diag[k].reshape(-1) for k in params])
+    torch.testing.assert_close(got, expected)
+    assert {k: v.shape for k, v in state.prec_diag.items()} == {
+        k: v.shape for k, v in params.items()
+    }
+
+
+@pytest.mark.parametrize("form", ["list", "tuple", "nested", "tensor"])
+def test_any_tree_of_parameters_gives_the_precision_of_the_flat_vector(form, device):
+    """A list, a tuple, a nested dict or one flat tensor: the precision is over the
+    leaves in tree order, each flattened row-major."""
+    model = _mlp(device)
+    x, y = _data(device)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+    names = [k for k, _ in model.named_parameters()]
+
+    def as_dict(params):
+        if form == "tensor":
+            parts = params.split([s.numel() for s in shapes])
+            leaves = [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
+        elif form == "nested":
+            leaves = [params["first"]["w"], params["first"]["b"], *params["second"]]
+        else:
+            leaves = list(params)
+        return dict(zip(names, leaves, strict=True))
+
+    leaves = [p.detach().clone() for p in model.parameters()]
+    params = {
+        "list": leaves,
+        "tuple": tuple(leaves),
+        "nested": {"first": {"w": leaves[0], "b": leaves[1]}, "second": leaves[2:]},
+        "tensor": flat.clone(),
+    }[form]
+    forward, oll = _functions(model)
+    state = dense_ggn.init(params, 0.0)
+    state = dense_ggn.update(
+        state, (x, y), lambda p, b: forward(as_dict(p), b), oll, inplace=False
+    )
+    torch.testing.assert_close(state.prec, oracles.ggn(model, x, "classification"))
+
+
+def test_update_in_place_changes_the_state_and_otherwise_leaves_it(device):
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+    for module in (dense_ggn, diag_ggn):
+        state = module.init(_params(model), 1.0)
+        before = state.prec if module is dense_ggn else state.prec_diag["0.weight"]
+        before = before.clone()
+        new = module.update(state, (x, y), forward, oll)
+        after = state.prec if module is dense_ggn else state.prec_diag["0.weight"]
+        assert new is not state and torch.equal(after, before) and int(state.step) == 0
+        same = module.update(state, (x, y), forward, oll, inplace=True)
+        after = state.prec if module is dense_ggn else state.prec_diag["0.weight"]
+        assert same is state and not torch.equal(after, before)
+        assert int(state.step) == 1
+
+
+def _regression(device):
+    """A linear model ``y = w x + b`` with a unit Gaussian likelihood: its GGN is
+    ``sum [x, 1][x, 1]^T`` exactly."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 1, generator=g, dtype=torch.float64).to(device)
+    y = 2 * x[:, 0] + 0.5
+
+    def forward(params, batch):
+        return batch[0] @ params["w"] + params["b"], torch.tensor([])
+
+    def oll(out, batch):
+        return -0.5 * (out - batch[1]).square().sum()
+
+    params = {
+        "w": torch.tensor([1.5], dtype=torch.float64, device=device),
+        "b": torch.tensor(0.2, dtype=torch.float64, device=device),
+    }
+    return params, (x, y), forward, oll
+
+
+def test_samples_have_the_parameters_shapes_and_the_posteriors_moments(device):
+    params, batch, forward, oll = _regression(device)
+    state = dense_ggn.update(dense_ggn.init(params, 1.0), batch, forward, oll)
+    diag = diag_ggn.update(diag_ggn.init(params, 1.0), batch, forward, oll)
+    torch.manual_seed(3)
+    n = 40_000
+    for module, st, cov in (
+        (dense_ggn, state, torch.linalg.inv(state.prec)),
+        (
+            diag_ggn,
+            diag,
+            torch.diag(1 / torch.stack([diag.prec_diag["w"][0], diag.prec_diag["b"]])),
+        ),
+    ):
+        draws = module.sample(st, (n,))
+        assert draws["w"].shape == (n, 1) and draws["b"].shape == (n,)
+        assert draws["w"].dtype == torch.float64
+        X = torch.stack([draws["w"][:, 0], draws["b"]], -1)
+        mean = torch.stack([params["w"][0], params["b"]])
+        sd = cov.diagonal().sqrt()
+        assert ((X.mean(0) - mean).abs() < 5 * sd / n**0.5).all()
+        torch.testing.assert_close(
+            X.T.cov(), cov, rtol=0.05, atol=5 * sd.max() ** 2 / n**0.5
+        )
+    one = dense_ggn.sample(state)
+    assert one["w"].shape == (1,) and one["b"].shape == ()
+
+
+def test_sample_keeps_the_shape_of_a_matrix_parameter(device):
+    model = _mlp(device)
+    x, y = _data(device)
+    state = dense_ggn.update(
+        dense_ggn.init(_params(model), 1.0), (x, y), *_functions(model)
+    )
+    draws = dense_ggn.sample(state, (7, 2))
+    assert draws["0.weight"].shape == (7, 2, 4, 3)
+    assert draws["2.bias"].shape == (7, 2, 3)
+
+
+def test_bad_input_is_refused_naming_the_argument(device):
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+    params = _params(model)
+    state = dense_ggn.init(params, 1.0)
+
+    def no_aux(p, b):
+        return functional_call(model, p, (b[0],))
+
+    with pytest.raises(ValueError, match=r"forward must return a pair \(output, aux\)"):
+        dense_ggn.update(state, (x, y), no_aux, oll)
+
+    def per_example(logits, batch):
+        return -nn.functional.cross_entropy(logits, batch[1], reduction="none")
+
+    with pytest.raises(ValueError, match=r"outer_log_likelihood must return a scalar"):
+        diag_ggn.update(diag_ggn.init(params, 1.0), (x, y), forward, per_example)
+    with pytest.raises(ValueError, match=r"init_prec must be a float or a \(31, 31\)"):
+        dense_ggn.init(params, torch.eye(3))
+    with pytest.raises(ValueError, match=r"init_prec_diag must be a float or a tree"):
+        diag_ggn.init(params, {"0.weight": torch.ones(4, 3)})
+    with pytest.raises(TypeError, match=r"params must be a tensor or a tree"):
+        dense_ggn.init({"w": 3.0})
