@@ -42,6 +42,17 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+def _sorted(ggn, model):
+    """The oracle's matrix (parameters in ``named_parameters`` order) with the
+    parameters in sorted name order, as a dict's leaves are flattened."""
+    names = [k for k, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    index = {n: torch.arange(a, b) for n, a, b in zip(names, starts, starts[1:])}
+    order = torch.cat([index[n] for n in sorted(names)]).to(ggn.device)
+    return ggn[order][:, order]
+
+
 def _batches(x, y):
     return [(x[:3], y[:3]), (x[3:7], y[3:7]), (x[7:], y[7:])]
 
@@ -53,7 +64,7 @@ def test_dense_precision_after_several_updates_is_the_sum_over_all_batches(devic
     state = transform.init(_params(model))
     for batch in _batches(x, y):
         state = transform.update(state, batch)
-    ggn = oracles.ggn(model, x, "classification")
+    ggn = _sorted(oracles.ggn(model, x, "classification"), model)
     eye = torch.eye(ggn.shape[0], dtype=ggn.dtype, device=device)
     torch.testing.assert_close(state.prec, 0.5 * eye + ggn)
     assert int(state.step) == 3 and state.aux.numel() == 0
@@ -108,7 +119,34 @@ def test_any_tree_of_parameters_gives_the_precision_of_the_flat_vector(form, dev
     state = dense_ggn.update(
         state, (x, y), lambda p, b: forward(as_dict(p), b), oll, inplace=False
     )
-    torch.testing.assert_close(state.prec, oracles.ggn(model, x, "classification"))
+    ggn = oracles.ggn(model, x, "classification")
+    if form == "nested":  # {"first": {"b", "w"}, ...}: a dict's keys sorted
+        perm = torch.cat([torch.arange(12, 16), torch.arange(12), torch.arange(16, 31)])
+        ggn = ggn[perm.to(device)][:, perm.to(device)]
+    torch.testing.assert_close(state.prec, ggn)
+
+
+def test_a_dicts_leaves_are_in_sorted_key_order_as_in_posteriors(device):
+    """``{"weight": w, "bias": b}`` of ``y = w x + b`` with a unit Gaussian
+    likelihood: the GGN is ``sum z z^T`` with ``z = [1, x]`` (the bias first, its
+    key sorts first), as posteriors 0.1.3 gives it."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 2, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(6, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(1, 2, dtype=torch.float64, device=device)
+    params = {"weight": w, "bias": torch.zeros(1, dtype=torch.float64, device=device)}
+
+    def forward(p, b):
+        return b[0] @ p["weight"].T + p["bias"], torch.tensor([])
+
+    def oll(out, b):
+        return -0.5 * (out[:, 0] - b[1]).square().sum()
+
+    state = dense_ggn.update(dense_ggn.init(params), (x, y), forward, oll)
+    z = torch.cat([torch.ones(6, 1, dtype=x.dtype, device=device), x], 1)
+    torch.testing.assert_close(state.prec, z.T @ z)
+    draws = dense_ggn.sample(dense_ggn.init(params, 1.0), (3,))
+    assert draws["weight"].shape == (3, 1, 2) and draws["bias"].shape == (3, 1)
 
 
 def test_update_in_place_changes_the_state_and_otherwise_leaves_it(device):

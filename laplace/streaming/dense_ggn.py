@@ -31,9 +31,10 @@ EMPTY = torch.Size([])
 @dataclass
 class DenseLaplaceState:
     """A Normal over the parameters: mean ``params`` (a tree), precision ``prec``
-    ``(P, P)`` over the flattened parameters (leaves in tree order, each
-    flattened row-major), the ``aux`` of the last ``forward`` call, and the number
-    of updates ``step``."""
+    ``(P, P)`` over the flattened parameters (leaves in posteriors' order: a list's
+    or tuple's in order, a dict's by sorted keys, an ``OrderedDict``'s in insertion
+    order; each leaf row-major), the ``aux`` of the last ``forward`` call, and the
+    number of updates ``step``."""
 
     params: TensorTree
     prec: Tensor

@@ -85,8 +85,8 @@ def update(
     J, H, aux = batch_ggn(forward, outer_log_likelihood, state.params, batch)
     diagonal = ((H @ J) * J).sum(0)
     _, unflatten = flatten(state.params)
-    added, spec = pytree.tree_flatten(unflatten(diagonal))
-    prec, prec_spec = pytree.tree_flatten(state.prec_diag)
+    added, spec = leaves(unflatten(diagonal))
+    prec = same_structure(state.prec_diag, state.params, "prec_diag")
     if inplace:
         for p, a in zip(prec, added, strict=True):
             p.add_(a.to(p.dtype))
@@ -95,7 +95,7 @@ def update(
         return state
     total = [p + a.to(p.dtype) for p, a in zip(prec, added, strict=True)]
     return DiagLaplaceState(
-        state.params, pytree.tree_unflatten(total, prec_spec), aux, state.step + 1
+        state.params, pytree.tree_unflatten(total, spec), aux, state.step + 1
     )
 
 

@@ -3,7 +3,7 @@ streaming modules share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -21,9 +21,30 @@ class Transform(NamedTuple):
     update: Callable
 
 
+def _sorted_dicts(tree: TensorTree) -> TensorTree:
+    """``tree`` with every plain ``dict`` rebuilt in sorted key order: posteriors
+    (optree) orders a dict's leaves by sorted keys, an ``OrderedDict``'s by
+    insertion, as here."""
+    if type(tree) is dict:
+        try:
+            keys = sorted(tree)
+        except TypeError:  # keys that do not sort: insertion order
+            keys = list(tree)
+        return {k: _sorted_dicts(tree[k]) for k in keys}
+    if isinstance(tree, (list, tuple)) and not isinstance(tree, Tensor):
+        items = [_sorted_dicts(t) for t in tree]
+        if hasattr(tree, "_fields"):  # a namedtuple
+            return type(tree)(*items)
+        return type(tree)(items)
+    if isinstance(tree, Mapping) and not isinstance(tree, Tensor):
+        return type(tree)((k, _sorted_dicts(v)) for k, v in tree.items())
+    return tree
+
+
 def leaves(tree: TensorTree, name: str = "params") -> tuple[list[Tensor], Any]:
-    """The tensors of ``tree`` in a fixed order, and its structure."""
-    flat, spec = pytree.tree_flatten(tree)
+    """The tensors of ``tree`` in posteriors' order (a dict's by sorted keys), and
+    its structure."""
+    flat, spec = pytree.tree_flatten(_sorted_dicts(tree))
     if not flat or not all(isinstance(t, Tensor) for t in flat):
         kinds = sorted({type(t).__name__ for t in flat}) or ["nothing"]
         raise TypeError(
