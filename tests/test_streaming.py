@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from laplace.streaming import dense_ggn, diag_ggn
+from laplace.streaming import dense_fisher, dense_ggn, diag_fisher, diag_ggn
 from tests import oracles
 
 
@@ -249,3 +249,70 @@ def test_bad_input_is_refused_naming_the_argument(device):
         diag_ggn.init(params, {"0.weight": torch.ones(4, 3)})
     with pytest.raises(TypeError, match=r"params must be a tensor or a tree"):
         dense_ggn.init({"w": 3.0})
+
+
+def _gaussian_linear(device, n=4):
+    """``y = w x + b`` with a unit Gaussian likelihood: example ``n``'s gradient of
+    the log posterior is ``r_n z_n`` with ``z_n = [1, x_n]`` (the bias first)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    params = {
+        "weight": torch.randn(1, 2, generator=g, dtype=torch.float64).to(device),
+        "bias": torch.randn(1, generator=g, dtype=torch.float64).to(device),
+    }
+    out = x @ params["weight"][0] + params["bias"]
+    z = torch.cat([torch.ones(n, 1, dtype=x.dtype, device=device), x], 1)
+    G = (y - out)[:, None] * z
+    return params, (x, y), G
+
+
+def _log_posteriors():
+    def per_example(p, batch):
+        x, y = batch
+        return -0.5 * (x @ p["weight"][0] + p["bias"] - y).square(), torch.tensor([])
+
+    def total(p, batch):
+        v, a = per_example(p, batch)
+        return v.sum(), a
+
+    def mean(p, batch):
+        v, a = per_example(p, batch)
+        return v.mean(), a
+
+    return {"per-example": per_example, "sum": total, "mean": mean}
+
+
+@pytest.mark.parametrize("value", ["per-example", "sum", "mean"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fisher_follows_posteriors_per_sample_semantics(value, per_sample, device):
+    """per_sample=False: the batch split into examples, ``sum g_n g_n^T`` whatever
+    the log posterior returns; True: its value taken per example (a sum gives the
+    rank-one ``(sum g)(sum g)^T``, a mean that over ``N^2``), as posteriors 0.1.3."""
+    params, batch, G = _gaussian_linear(device)
+    log_posterior = _log_posteriors()[value]
+    empirical = G.T @ G
+    if per_sample and value != "per-example":
+        total = G.sum(0)
+        empirical = torch.outer(total, total) / (16 if value == "mean" else 1)
+    transform = dense_fisher.build(log_posterior, per_sample=per_sample, init_prec=0.5)
+    state = transform.update(transform.init(params), batch)
+    eye = torch.eye(3, dtype=G.dtype, device=device)
+    torch.testing.assert_close(state.prec, 0.5 * eye + empirical)
+    diag = diag_fisher.update(
+        diag_fisher.init(params, 0.5), batch, log_posterior, per_sample
+    )
+    got = torch.cat([diag.prec_diag["bias"], diag.prec_diag["weight"].reshape(-1)])
+    torch.testing.assert_close(got, 0.5 + empirical.diagonal())
+    assert int(state.step) == 1 and int(diag.step) == 1
+
+
+def test_fisher_refuses_a_log_posterior_without_aux(device):
+    params, batch, _ = _gaussian_linear(device)
+
+    def no_aux(p, b):
+        return _log_posteriors()["sum"](p, b)[0]
+
+    for per_sample in (False, True):
+        with pytest.raises(ValueError, match=r"log_posterior must return a pair"):
+            dense_fisher.update(dense_fisher.init(params), batch, no_aux, per_sample)

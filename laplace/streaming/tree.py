@@ -117,3 +117,43 @@ def batch_ggn(
     H = torch.func.hessian(lambda out: -outer_log_likelihood(out, batch).sum())(z)
     M = z.numel()
     return J.reshape(M, -1), H.reshape(M, M), aux
+
+
+def example_gradients(
+    log_posterior: Callable, params: TensorTree, batch: Any, per_sample: bool
+) -> tuple[Tensor, Any]:
+    """``(G, aux)``: rows ``G`` ``(R, P)`` whose outer products sum to the empirical
+    Fisher of ``log_posterior`` over ``batch``, with posteriors 0.1.x's semantics.
+
+    - ``per_sample=False``: the batch is split into its examples (the leading
+      dimension of every tensor in it, each example a batch of one) and ``G`` holds
+      each example's gradient of ``log_posterior``, whatever it returns (per-example
+      values, their sum or their mean): ``F = sum_n g_n g_n^T``.
+    - ``per_sample=True``: ``log_posterior``'s value is taken as per-example values;
+      ``G`` is its Jacobian (one row per value: a scalar sum gives the rank-one
+      ``(sum g)(sum g)^T``, a mean that divided by ``N^2``).
+    """
+    theta, unflatten = flatten(params)
+
+    def value(vector, data):
+        result = log_posterior(unflatten(vector), data)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise ValueError(
+                "log_posterior must return a pair (value, aux), e.g. (log_post, "
+                f"torch.tensor([])); it returned a {type(result).__name__}."
+            )
+        return result
+
+    if per_sample:
+        J, aux = torch.func.jacrev(value, has_aux=True)(theta, batch)
+        return J.reshape(-1, theta.numel()), aux
+
+    def gradient(example):
+        def total(vector):
+            out, aux = value(vector, pytree.tree_map(lambda t: t.unsqueeze(0), example))
+            return out.sum(), aux
+
+        return torch.func.grad(total, has_aux=True)(theta)
+
+    G, aux = torch.func.vmap(gradient)(batch)
+    return G, aux

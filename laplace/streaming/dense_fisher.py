@@ -1,0 +1,59 @@
+"""A Laplace approximation with a dense precision: the empirical Fisher of a log
+posterior, streamed over batches (posteriors' ``laplace.dense_fisher``).
+
+``update`` adds ``G^T G`` with ``G`` the per-example gradients of
+``log_posterior`` (see ``tree.example_gradients`` for ``per_sample``, whose
+semantics are posteriors 0.1.x's). The state and ``sample`` are ``dense_ggn``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from laplace.streaming.dense_ggn import DenseLaplaceState, init, sample
+from laplace.streaming.tree import Transform, example_gradients
+
+
+def build(
+    log_posterior: Callable, per_sample: bool = False, init_prec: Any = 0.0
+) -> Transform:
+    """The transform ``(init, update)`` of an empirical-Fisher Laplace
+    approximation.
+
+    Parameters
+    ----------
+    log_posterior : callable
+        ``log_posterior(params, batch) -> (value, aux)``.
+    per_sample : bool, default=False
+        False: the batch is split into its examples and each one's gradient taken
+        (whatever ``value`` is); True: ``value`` holds one log posterior per example.
+    init_prec : float or tensor ``(P, P)``, default=0.0
+    """
+    return Transform(
+        init=partial(init, init_prec=init_prec),
+        update=partial(update, log_posterior=log_posterior, per_sample=per_sample),
+    )
+
+
+def update(
+    state: DenseLaplaceState,
+    batch: Any,
+    log_posterior: Callable,
+    per_sample: bool = False,
+    inplace: bool = False,
+) -> DenseLaplaceState:
+    """Add the empirical Fisher of ``batch`` to the precision; returns the state
+    (the same object, changed, with ``inplace``)."""
+    G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
+    fisher = (G.T @ G).to(state.prec.dtype)
+    if inplace:
+        state.prec.add_(fisher)
+        state.aux = aux
+        state.step.add_(1)
+        return state
+    return DenseLaplaceState(state.params, state.prec + fisher, aux, state.step + 1)
+
+
+__all__ = ["DenseLaplaceState", "build", "init", "update", "sample"]
