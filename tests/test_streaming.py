@@ -9,7 +9,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from laplace.streaming import dense_fisher, dense_ggn, diag_fisher, diag_ggn
+from laplace.streaming import (
+    dense_fisher,
+    dense_ggn,
+    dense_hessian,
+    diag_fisher,
+    diag_ggn,
+)
 from tests import oracles
 
 
@@ -316,3 +322,50 @@ def test_fisher_refuses_a_log_posterior_without_aux(device):
     for per_sample in (False, True):
         with pytest.raises(ValueError, match=r"log_posterior must return a pair"):
             dense_fisher.update(dense_fisher.init(params), batch, no_aux, per_sample)
+
+
+def _nonquadratic(device):
+    g = torch.Generator().manual_seed(6)
+    params = {
+        "b": torch.randn(2, generator=g, dtype=torch.float64).to(device),
+        "a": torch.randn(1, generator=g, dtype=torch.float64).to(device),
+    }
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64).to(device)
+
+    def per_example(p, batch):
+        v = torch.cat([p["a"], p["b"]])  # sorted keys: a, then b
+        return -(torch.tanh(batch @ v) ** 2 + 0.1 * (v**4).sum()), torch.tensor([])
+
+    def log_posterior(p, batch):
+        values, aux = per_example(p, batch)
+        return values.sum(), aux
+
+    def oracle(v):  # the same function of the flat vector [a, b]
+        return log_posterior({"a": v[:1], "b": v[1:]}, x)[0]
+
+    flat = torch.cat([params["a"], params["b"]])
+    return params, x, log_posterior, per_example, torch.func.hessian(oracle)(flat)
+
+
+@pytest.mark.parametrize("epsilon, rescale", [(0.0, 1.0), (0.3, 2.0)])
+def test_hessian_precision_is_the_rescaled_negative_hessian_plus_epsilon(
+    epsilon, rescale, device
+):
+    """``-rescale * H + epsilon * I`` per update (posteriors 0.1.3's, observed on
+    this log posterior), the Hessian of the oracle's own flat function."""
+    params, x, log_posterior, _, H = _nonquadratic(device)
+    transform = dense_hessian.build(log_posterior, 0.5, epsilon, rescale)
+    state = transform.init(params)
+    for _ in range(2):
+        state = transform.update(state, x)
+    eye = torch.eye(3, dtype=H.dtype, device=device)
+    torch.testing.assert_close(
+        state.prec, 0.5 * eye + 2 * (-rescale * H + epsilon * eye)
+    )
+    assert int(state.step) == 2
+
+
+def test_hessian_refuses_a_value_that_is_not_a_scalar(device):
+    params, x, _, per_example, _ = _nonquadratic(device)
+    with pytest.raises(ValueError, match=r"must return a scalar value.*shape \(5,\)"):
+        dense_hessian.update(dense_hessian.init(params), x, per_example)

@@ -3,13 +3,27 @@ posteriors 0.1.x: ``build(...)`` returns a transform whose ``init(params)`` star
 state and whose ``update(state, batch)`` adds one batch's curvature to its
 precision; ``sample(state, sample_shape)`` draws from the Normal it encodes.
 
-Modules: ``dense_ggn`` and ``dense_fisher`` (a dense precision), ``diag_ggn`` and
+Modules: ``dense_ggn``, ``dense_fisher`` and ``dense_hessian`` (a dense
+precision), ``diag_ggn`` and
 ``diag_fisher`` (a diagonal one, a tree like the parameters). Parameters are any
 tree of tensors (a tensor, a dict, a list, a tuple, nested; the dict of
 ``torch.func.functional_call``).
 """
 
-from laplace.streaming import dense_fisher, dense_ggn, diag_fisher, diag_ggn
+from laplace.streaming import (
+    dense_fisher,
+    dense_ggn,
+    dense_hessian,
+    diag_fisher,
+    diag_ggn,
+)
 from laplace.streaming.tree import Transform
 
-__all__ = ["dense_ggn", "diag_ggn", "dense_fisher", "diag_fisher", "Transform"]
+__all__ = [
+    "dense_ggn",
+    "diag_ggn",
+    "dense_fisher",
+    "diag_fisher",
+    "dense_hessian",
+    "Transform",
+]
