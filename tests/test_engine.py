@@ -360,17 +360,10 @@ def test_model_left_as_found(device):
 
 # -- Kronecker factors against their definitions -------------------------------------
 def _layer_records(m, x, layer):
-    """Input ``a`` and, per output column, the gradient w.r.t. the layer output."""
-    store = {}
-    h = layer.register_forward_hook(lambda mod, i, o: store.update(a=i[0], out=o))
-    f = m(x)
-    h.remove()
-    M = _ggn_factor(f.detach())  # (N, C, K)
-    gs = []
-    for k in range(M.shape[-1]):
-        (g,) = torch.autograd.grad(f, store["out"], M[..., k], retain_graph=True)
-        gs.append(g)
-    return store["a"].detach(), torch.stack(gs)  # (N, T, in), (K, N, T, out)
+    """Input ``a`` ``(N, T, in)`` and, per output column, the gradient w.r.t. the
+    layer output ``(K, N, T, out)`` (one call of ``layer``)."""
+    ((a, g, _, _),) = _uses_of(m, x, [layer])
+    return a, g
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
@@ -411,9 +404,7 @@ def test_kron_is_exact_for_one_datum_without_weight_sharing(name, device):
     ggn = oracles.ggn(m, x, "classification")
     y = torch.zeros(1, dtype=torch.long, device=device)
     _, K = NativeGGN(m, "classification").kron(x, y, N=1)
-    sizes = [p.numel() for p in _params(m)]
-    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    blocks = [ggn[a:b, a:b] for a, b in zip(starts, starts[1:])]
+    blocks = _dense_blocks(ggn, m)
     dense = []
     for factors in K.kfacs:
         mats = [torch.diag(f) if f.ndim == 1 else f for f in factors]

@@ -243,9 +243,9 @@ def record(
     known = _USED_OUTSIDE.get(model, frozenset())
     if watch.outside - known:  # learnt: plan again, these weights on the model's own
         _USED_OUTSIDE[model] = known | watch.outside
-        names = [the_plan.names[i] for i in sorted(watch.outside - known, key=str)]
+        names = sorted(the_plan.names[i] for i in watch.outside - known)
         warnings.warn(
-            f"The model uses {', '.join(sorted(names))} outside the module(s) serving "
+            f"The model uses {', '.join(names)} outside the module(s) serving "
             "it in the curvature engine (e.g. a head written F.linear(h, "
             "emb.weight)); no rule sees all its uses, so its exact per-example "
             "gradients now come from torch.func over the whole model.",
@@ -262,34 +262,39 @@ def record(
     try:
         layouts = _layouts(f, calls, f.shape[0]) if taps else []
     except _SharedOutput as shared:  # learnt: record again, with per-example copies
-        _SHARED.setdefault(shared.module, set()).add(shared.shape)
-        try:
-            again = record(model, params, x, keep_graph, the_plan)
-        except _Coupled as err:
-            _SHARED[shared.module].discard(shared.shape)
-            if err.module is not shared.module:
-                raise
-            # copies do not part the examples either: they are coupled
-            raise _Coupled(
-                shared.name, shared.module, shared.shape, f.shape[0]
-            ) from None
-        changed = again.f.shape != f.shape
-        if not changed and not _same(again.f, f):
-            with torch.no_grad():  # unless the model is random (dropout)
-                changed = _same(model(x), f)
-        if changed:
-            _SHARED[shared.module].discard(shared.shape)
-            raise ValueError(
-                f"Module {shared.name!r} ({type(shared.module).__name__}) computes "
-                f"one output of shape {shared.shape} for all {f.shape[0]} examples; "
-                "the curvature engine passes it on as one copy per example (shape "
-                f"{(f.shape[0], *shared.shape)}) so that their gradients stay apart, "
-                "and the model's outputs then change (shape "
-                f"{tuple(f.shape)} -> {tuple(again.f.shape)}). Give the module a "
-                "batch dimension (e.g. ids of shape (1, T)) or freeze it."
-            ) from None
-        return again
+        return _record_with_copies(model, params, x, keep_graph, the_plan, f, shared)
     return Recording(f, list(params), calls, layouts, keep_graph, model)
+
+
+def _record_with_copies(model, params, x, keep_graph, the_plan, f, shared):
+    """``record`` again with ``shared``'s output passed on as one copy per example
+    (``_SHARED``), refused where the copies do not part the examples or change the
+    model's outputs ``f``."""
+    _SHARED.setdefault(shared.module, set()).add(shared.shape)
+    try:
+        again = record(model, params, x, keep_graph, the_plan)
+    except _Coupled as err:
+        _SHARED[shared.module].discard(shared.shape)
+        if err.module is not shared.module:
+            raise
+        # copies do not part the examples either: they are coupled
+        raise _Coupled(shared.name, shared.module, shared.shape, f.shape[0]) from None
+    changed = again.f.shape != f.shape
+    if not changed and not _same(again.f, f):
+        with torch.no_grad():  # unless the model is random (dropout)
+            changed = _same(model(x), f)
+    if changed:
+        _SHARED[shared.module].discard(shared.shape)
+        raise ValueError(
+            f"Module {shared.name!r} ({type(shared.module).__name__}) computes "
+            f"one output of shape {shared.shape} for all {f.shape[0]} examples; "
+            "the curvature engine passes it on as one copy per example (shape "
+            f"{(f.shape[0], *shared.shape)}) so that their gradients stay apart, "
+            "and the model's outputs then change (shape "
+            f"{tuple(f.shape)} -> {tuple(again.f.shape)}). Give the module a "
+            "batch dimension (e.g. ids of shape (1, T)) or freeze it."
+        ) from None
+    return again
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

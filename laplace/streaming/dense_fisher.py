@@ -12,7 +12,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from laplace.streaming.dense_ggn import DenseLaplaceState, init, sample
+from laplace.streaming.dense_ggn import (
+    DenseLaplaceState,
+    add_to_precision,
+    init,
+    sample,
+)
 from laplace.streaming.tree import Transform, example_gradients
 
 
@@ -47,13 +52,7 @@ def update(
     """Add the empirical Fisher of ``batch`` to the precision; returns the state
     (the same object, changed, with ``inplace``)."""
     G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
-    fisher = (G.T @ G).to(state.prec.dtype)
-    if inplace:
-        state.prec.add_(fisher)
-        state.aux = aux
-        state.step.add_(1)
-        return state
-    return DenseLaplaceState(state.params, state.prec + fisher, aux, state.step + 1)
+    return add_to_precision(state, G.T @ G, aux, inplace)
 
 
 __all__ = ["DenseLaplaceState", "build", "init", "update", "sample"]

@@ -94,15 +94,21 @@ def update(
     """Add the GGN of ``batch`` to the precision; returns the state (the same
     object, changed, with ``inplace``; a new one otherwise)."""
     J, H, aux = batch_ggn(forward, outer_log_likelihood, state.params, batch)
-    ggn = J.T @ (H @ J)
+    return add_to_precision(state, J.T @ (H @ J), aux, inplace)
+
+
+def add_to_precision(
+    state: DenseLaplaceState, matrix: Tensor, aux: Any, inplace: bool
+) -> DenseLaplaceState:
+    """``state`` with ``matrix`` added to its precision, ``aux`` and one more step:
+    the same object, changed, with ``inplace``; a new one otherwise."""
+    matrix = matrix.to(state.prec.dtype)
     if inplace:
-        state.prec.add_(ggn.to(state.prec.dtype))
+        state.prec.add_(matrix)
         state.aux = aux
         state.step.add_(1)
         return state
-    return DenseLaplaceState(
-        state.params, state.prec + ggn.to(state.prec.dtype), aux, state.step + 1
-    )
+    return DenseLaplaceState(state.params, state.prec + matrix, aux, state.step + 1)
 
 
 def sample(

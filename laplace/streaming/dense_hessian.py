@@ -16,8 +16,13 @@ from typing import Any
 
 import torch
 
-from laplace.streaming.dense_ggn import DenseLaplaceState, init, sample
-from laplace.streaming.tree import Transform, flatten
+from laplace.streaming.dense_ggn import (
+    DenseLaplaceState,
+    add_to_precision,
+    init,
+    sample,
+)
+from laplace.streaming.tree import Transform, flatten, pair
 
 
 def build(
@@ -59,13 +64,7 @@ def update(
     theta, unflatten = flatten(state.params)
 
     def value(vector):
-        result = log_posterior(unflatten(vector), batch)
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise ValueError(
-                "log_posterior must return a pair (value, aux), e.g. (log_post, "
-                f"torch.tensor([])); it returned a {type(result).__name__}."
-            )
-        out, aux = result
+        out, aux = pair(log_posterior(unflatten(vector), batch), "log_posterior")
         if out.numel() != 1:
             raise ValueError(
                 "log_posterior must return a scalar value for the Hessian (the log "
@@ -77,13 +76,7 @@ def update(
         theta
     )
     eye = torch.eye(theta.numel(), dtype=theta.dtype, device=theta.device)
-    added = (-rescale * H + epsilon * eye).to(state.prec.dtype)
-    if inplace:
-        state.prec.add_(added)
-        state.aux = aux
-        state.step.add_(1)
-        return state
-    return DenseLaplaceState(state.params, state.prec + added, aux, state.step + 1)
+    return add_to_precision(state, -rescale * H + epsilon * eye, aux, inplace)
 
 
 __all__ = ["DenseLaplaceState", "build", "init", "update", "sample"]

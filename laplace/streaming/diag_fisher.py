@@ -9,16 +9,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from torch.utils import _pytree as pytree
-
-from laplace.streaming.diag_ggn import DiagLaplaceState, init, sample
-from laplace.streaming.tree import (
-    Transform,
-    example_gradients,
-    flatten,
-    leaves,
-    same_structure,
+from laplace.streaming.diag_ggn import (
+    DiagLaplaceState,
+    add_to_diagonal,
+    init,
+    sample,
 )
+from laplace.streaming.tree import Transform, example_gradients
 
 
 def build(
@@ -42,19 +39,7 @@ def update(
 ) -> DiagLaplaceState:
     """Add the diagonal of the empirical Fisher of ``batch`` to the precision."""
     G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
-    _, unflatten = flatten(state.params)
-    added, spec = leaves(unflatten(G.square().sum(0)))
-    prec = same_structure(state.prec_diag, state.params, "prec_diag")
-    if inplace:
-        for p, a in zip(prec, added, strict=True):
-            p.add_(a.to(p.dtype))
-        state.aux = aux
-        state.step.add_(1)
-        return state
-    total = [p + a.to(p.dtype) for p, a in zip(prec, added, strict=True)]
-    return DiagLaplaceState(
-        state.params, pytree.tree_unflatten(total, spec), aux, state.step + 1
-    )
+    return add_to_diagonal(state, G.square().sum(0), aux, inplace)
 
 
 __all__ = ["DiagLaplaceState", "build", "init", "update", "sample"]

@@ -83,7 +83,15 @@ def update(
     """Add ``diag(J^T H J)`` of ``batch`` to the precision; returns the state (the
     same object, changed, with ``inplace``; a new one otherwise)."""
     J, H, aux = batch_ggn(forward, outer_log_likelihood, state.params, batch)
-    diagonal = ((H @ J) * J).sum(0)
+    return add_to_diagonal(state, ((H @ J) * J).sum(0), aux, inplace)
+
+
+def add_to_diagonal(
+    state: DiagLaplaceState, diagonal: Tensor, aux: Any, inplace: bool
+) -> DiagLaplaceState:
+    """``state`` with ``diagonal`` ``(P,)`` (over the flattened parameters) added to
+    its precision tree, ``aux`` and one more step: the same object, changed, with
+    ``inplace``; a new one otherwise."""
     _, unflatten = flatten(state.params)
     added, spec = leaves(unflatten(diagonal))
     prec = same_structure(state.prec_diag, state.params, "prec_diag")

@@ -86,6 +86,17 @@ def same_structure(tree: TensorTree, like: TensorTree, name: str) -> list[Tensor
     return flat
 
 
+def pair(result: Any, name: str, first: str = "value") -> tuple[Any, Any]:
+    """``result`` of the user's function ``name``, checked to be ``(first, aux)``."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        example = "(logits" if first == "output" else "(log_post"
+        raise ValueError(
+            f"{name} must return a pair ({first}, aux), e.g. {example}, "
+            f"torch.tensor([])); it returned a {type(result).__name__}."
+        )
+    return result
+
+
 def batch_ggn(
     forward: Callable, outer_log_likelihood: Callable, params: TensorTree, batch: Any
 ) -> tuple[Tensor, Tensor, Any]:
@@ -96,13 +107,7 @@ def batch_ggn(
     theta, unflatten = flatten(params)
 
     def output(vector):
-        result = forward(unflatten(vector), batch)
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise ValueError(
-                "forward must return a pair (output, aux), e.g. (logits, "
-                f"torch.tensor([])); it returned a {type(result).__name__}."
-            )
-        out, aux = result
+        out, aux = pair(forward(unflatten(vector), batch), "forward", "output")
         return out, (out, aux)
 
     J, (z, aux) = torch.func.jacrev(output, has_aux=True)(theta)
@@ -136,13 +141,7 @@ def example_gradients(
     theta, unflatten = flatten(params)
 
     def value(vector, data):
-        result = log_posterior(unflatten(vector), data)
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise ValueError(
-                "log_posterior must return a pair (value, aux), e.g. (log_post, "
-                f"torch.tensor([])); it returned a {type(result).__name__}."
-            )
-        return result
+        return pair(log_posterior(unflatten(vector), data), "log_posterior")
 
     if per_sample:
         J, aux = torch.func.jacrev(value, has_aux=True)(theta, batch)
