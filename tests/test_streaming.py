@@ -15,6 +15,7 @@ from laplace.streaming import (
     dense_hessian,
     diag_fisher,
     diag_ggn,
+    ggn,
 )
 from tests import oracles
 
@@ -369,3 +370,145 @@ def test_hessian_refuses_a_value_that_is_not_a_scalar(device):
     params, x, _, per_example, _ = _nonquadratic(device)
     with pytest.raises(ValueError, match=r"must return a scalar value.*shape \(5,\)"):
         dense_hessian.update(dense_hessian.init(params), x, per_example)
+
+
+# -- the two ways of the GGN (laplace.streaming.ggn) --------------------------------
+def _flat_oracle(forward, outer_log_likelihood, params, batch):
+    """``J^T H J`` of the whole batch from ``torch.func``: the Jacobian of the
+    batched output w.r.t. the flat parameters (dict leaves in sorted order) and
+    the Hessian of the batched negative log-likelihood w.r.t. that output."""
+    names = sorted(params)
+    shapes = [params[n].shape for n in names]
+    theta = torch.cat([params[n].reshape(-1) for n in names])
+
+    def output(vector):
+        parts = vector.split([s.numel() for s in shapes])
+        tree = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes, strict=True)}
+        return forward(tree, batch)[0]
+
+    z = output(theta).detach()
+    J = torch.func.jacrev(output)(theta).reshape(z.numel(), -1)
+    H = torch.func.hessian(lambda o: -outer_log_likelihood(o, batch))(z)
+    return J.T @ H.reshape(z.numel(), z.numel()) @ J
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    original = getattr(ggn, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ggn, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("chunk_entries", [None, 31 * 3 * 2])
+def test_independent_examples_take_the_per_example_way_in_chunks(
+    chunk_entries, device, monkeypatch
+):
+    """An MLP with a summed cross-entropy: one Jacobian per example (no Jacobian
+    of the whole batch), in chunks of two examples when ``chunk_entries`` says
+    so; the GGN equals the whole batch's."""
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+    per_example = _spy(monkeypatch, "_per_example")
+    whole = _spy(monkeypatch, "_whole_batch")
+    aux, pieces = ggn.terms(forward, oll, _params(model), (x, y), chunk_entries)
+    pieces = list(pieces)
+    total = sum(J.T @ HJ for J, HJ in pieces)
+    torch.testing.assert_close(
+        total, _flat_oracle(forward, oll, _params(model), (x, y))
+    )
+    assert per_example and not whole
+    assert len(pieces) == (1 if chunk_entries is None else 5)  # 9 examples, 2 a chunk
+    assert aux.numel() == 0
+
+
+def _coupled_cases(device):
+    """Forward/log-likelihood pairs whose examples are not independent, each with
+    the reason: the whole-batch way must be taken, and be exact."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4, track_running_stats=False),
+        nn.Tanh(),
+        nn.Linear(4, 3),
+    )
+    model = model.to(device, torch.float64).train()
+    mlp = _mlp(device)
+    forward, oll = _functions(mlp)
+    bn_forward, _ = _functions(model)
+
+    def mean_oll(logits, batch):  # H is the per-example blocks over N
+        return -nn.functional.cross_entropy(logits, batch[1])
+
+    def coupled_oll(logits, batch):  # H couples every pair of examples
+        return oll(logits, batch) - logits.sum().square()
+
+    def scalar_in_batch(params, batch):
+        x, _, scale = batch
+        return functional_call(mlp, params, (scale * x,)), torch.tensor([])
+
+    def with_scale(logits, batch):
+        return oll(logits, batch[:2])
+
+    x, y = _data(device)
+    scale = torch.tensor(2.0, dtype=torch.float64, device=device)
+    return {
+        "batch statistics": (bn_forward, oll, _params(model), (x, y)),
+        "mean over the batch": (forward, mean_oll, _params(mlp), (x, y)),
+        "log-likelihood coupling examples": (
+            forward,
+            coupled_oll,
+            _params(mlp),
+            (x, y),
+        ),
+        "a batch leaf without examples": (
+            scalar_in_batch,
+            with_scale,
+            _params(mlp),
+            (x, y, scale),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "batch statistics",
+        "mean over the batch",
+        "log-likelihood coupling examples",
+        "a batch leaf without examples",
+    ],
+)
+def test_coupled_examples_take_the_exact_whole_batch_way(case, device, monkeypatch):
+    forward, oll, params, batch = _coupled_cases(device)[case]
+    per_example = _spy(monkeypatch, "_per_example")
+    state = dense_ggn.update(dense_ggn.init(params), batch, forward, oll)
+    torch.testing.assert_close(state.prec, _flat_oracle(forward, oll, params, batch))
+    assert not per_example
+    diag = diag_ggn.update(diag_ggn.init(params), batch, forward, oll)
+    flat = torch.cat([diag.prec_diag[n].reshape(-1) for n in sorted(params)])
+    torch.testing.assert_close(flat, state.prec.diagonal())
+
+
+def test_a_forward_vmap_cannot_run_takes_the_whole_batch_way(device, monkeypatch):
+    """A forward with a data-dependent Python branch (``.item()``) cannot run under
+    ``vmap``: the whole-batch way, exact."""
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+
+    def branching(params, batch):
+        out, aux = forward(params, batch)
+        return (out if out.sum().item() > -1e9 else -out), aux
+
+    per_example = _spy(monkeypatch, "_per_example")
+    state = dense_ggn.update(dense_ggn.init(_params(model)), (x, y), branching, oll)
+    torch.testing.assert_close(
+        state.prec, _flat_oracle(forward, oll, _params(model), (x, y))
+    )
+    assert not per_example

@@ -8,15 +8,21 @@ precision), ``diag_ggn`` and
 ``diag_fisher`` (a diagonal one, a tree like the parameters). Parameters are any
 tree of tensors (a tensor, a dict, a list, a tuple, nested; the dict of
 ``torch.func.functional_call``).
+
+``to_laplace`` and ``from_laplace`` convert between a state and a fitted ``Laplace``
+object; ``neg_log_prior`` is a state's ``-log p(theta)``, the penalty of continual
+learning (``laplace.streaming.convert``).
 """
 
 from laplace.streaming import (
+    convert,
     dense_fisher,
     dense_ggn,
     dense_hessian,
     diag_fisher,
     diag_ggn,
 )
+from laplace.streaming.convert import from_laplace, neg_log_prior, to_laplace
 from laplace.streaming.tree import Transform
 
 __all__ = [
@@ -25,5 +31,9 @@ __all__ = [
     "dense_fisher",
     "diag_fisher",
     "dense_hessian",
+    "convert",
+    "to_laplace",
+    "from_laplace",
+    "neg_log_prior",
     "Transform",
 ]

@@ -14,14 +14,15 @@ parameter of two or more dimensions) and works in float64.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 
-from laplace.streaming.tree import TensorTree, Transform, batch_ggn, flatten
+from laplace.streaming import ggn
+from laplace.streaming.tree import TensorTree, Transform, flatten, precision_dtype
 
 Tensor = torch.Tensor
 #: ``sample``'s default: one draw, without a leading sample dimension
@@ -78,9 +79,10 @@ def init(params: TensorTree, init_prec: Tensor | float = 0.0) -> DenseLaplaceSta
                 f"init_prec must be a float or a ({P}, {P}) tensor for these "
                 f"{P} parameters; got shape {tuple(init_prec.shape)}."
             )
-        prec = init_prec.to(theta).clone()
+        prec = init_prec.to(theta.device, precision_dtype(theta.dtype)).clone()
     else:
-        prec = float(init_prec) * torch.eye(P, dtype=theta.dtype, device=theta.device)
+        dtype = precision_dtype(theta.dtype)
+        prec = float(init_prec) * torch.eye(P, dtype=dtype, device=theta.device)
     return DenseLaplaceState(params, prec)
 
 
@@ -93,22 +95,29 @@ def update(
 ) -> DenseLaplaceState:
     """Add the GGN of ``batch`` to the precision; returns the state (the same
     object, changed, with ``inplace``; a new one otherwise)."""
-    J, H, aux = batch_ggn(forward, outer_log_likelihood, state.params, batch)
-    return add_to_precision(state, J.T @ (H @ J), aux, inplace)
+    aux, pieces = ggn.terms(forward, outer_log_likelihood, state.params, batch)
+    return add_to_precision(state, pieces, aux, inplace)
 
 
 def add_to_precision(
-    state: DenseLaplaceState, matrix: Tensor, aux: Any, inplace: bool
+    state: DenseLaplaceState, pieces: Iterable, aux: Any, inplace: bool
 ) -> DenseLaplaceState:
-    """``state`` with ``matrix`` added to its precision, ``aux`` and one more step:
-    the same object, changed, with ``inplace``; a new one otherwise."""
-    matrix = matrix.to(state.prec.dtype)
+    """``state`` with ``pieces`` added to its precision, ``aux`` and one more step:
+    the same object, changed, with ``inplace``; a new one otherwise. Each piece is
+    a matrix ``(P, P)``, added, or a pair ``(A, B)`` of rows ``(R, P)``, whose
+    ``A^T B`` is added (without a ``(P, P)`` temporary)."""
+    prec = state.prec if inplace else state.prec.clone()
+    for piece in pieces:
+        if isinstance(piece, Tensor):
+            prec.add_(piece.to(prec.dtype))
+        else:
+            A, B = piece
+            prec.addmm_(A.T.to(prec.dtype), B.to(prec.dtype))
     if inplace:
-        state.prec.add_(matrix)
         state.aux = aux
         state.step.add_(1)
         return state
-    return DenseLaplaceState(state.params, state.prec + matrix, aux, state.step + 1)
+    return DenseLaplaceState(state.params, prec, aux, state.step + 1)
 
 
 def sample(

@@ -76,7 +76,7 @@ def update(
         theta
     )
     eye = torch.eye(theta.numel(), dtype=theta.dtype, device=theta.device)
-    return add_to_precision(state, -rescale * H + epsilon * eye, aux, inplace)
+    return add_to_precision(state, [-rescale * H + epsilon * eye], aux, inplace)
 
 
 __all__ = ["DenseLaplaceState", "build", "init", "update", "sample"]

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from laplace.streaming import ggn
 from laplace.streaming.tree import (
     TensorTree,
     Transform,
-    batch_ggn,
     flatten,
     leaves,
+    precision_dtype,
     same_structure,
 )
 
@@ -66,10 +67,16 @@ def init(
     """The state before any data: mean ``params``, precision ``init_prec_diag``."""
     flat, spec = leaves(params)
     if isinstance(init_prec_diag, (int, float)):
-        prec = [torch.full_like(t.detach(), float(init_prec_diag)) for t in flat]
+        prec = [
+            torch.full_like(t, float(init_prec_diag), dtype=precision_dtype(t.dtype))
+            for t in flat
+        ]
     else:
         given = same_structure(init_prec_diag, params, "init_prec_diag")
-        prec = [g.to(t).clone() for g, t in zip(given, flat, strict=True)]
+        prec = [
+            g.to(t.device, precision_dtype(t.dtype)).clone()
+            for g, t in zip(given, flat, strict=True)
+        ]
     return DiagLaplaceState(params, pytree.tree_unflatten(prec, spec))
 
 
@@ -82,8 +89,9 @@ def update(
 ) -> DiagLaplaceState:
     """Add ``diag(J^T H J)`` of ``batch`` to the precision; returns the state (the
     same object, changed, with ``inplace``; a new one otherwise)."""
-    J, H, aux = batch_ggn(forward, outer_log_likelihood, state.params, batch)
-    return add_to_diagonal(state, ((H @ J) * J).sum(0), aux, inplace)
+    aux, pieces = ggn.terms(forward, outer_log_likelihood, state.params, batch)
+    diagonal = sum((J * HJ).sum(0) for J, HJ in pieces)
+    return add_to_diagonal(state, diagonal, aux, inplace)
 
 
 def add_to_diagonal(
@@ -116,8 +124,10 @@ def sample(
     means, spec = leaves(state.params)
     precs, _ = leaves(state.prec_diag, "prec_diag")
     draws = [
-        m.detach()
-        + torch.randn(*shape, *m.shape, dtype=m.dtype, device=m.device) / p.sqrt()
+        (
+            m.detach()
+            + torch.randn(*shape, *m.shape, dtype=p.dtype, device=m.device) / p.sqrt()
+        ).to(m.dtype)
         for m, p in zip(means, precs, strict=True)
     ]
     return pytree.tree_unflatten(draws, spec)

@@ -1,5 +1,5 @@
-"""Parameter trees as flat vectors, and the GGN of one batch: the pure functions the
-streaming modules share."""
+"""Parameter trees as flat vectors, and the per-example gradients of the Fisher:
+the pure functions the streaming modules share."""
 
 from __future__ import annotations
 
@@ -97,31 +97,11 @@ def pair(result: Any, name: str, first: str = "value") -> tuple[Any, Any]:
     return result
 
 
-def batch_ggn(
-    forward: Callable, outer_log_likelihood: Callable, params: TensorTree, batch: Any
-) -> tuple[Tensor, Tensor, Any]:
-    """``(J, H, aux)`` of one batch: the Jacobian ``(M, P)`` of the flattened
-    output ``z = forward(params, batch)[0]`` w.r.t. the flattened parameters and
-    ``H = -d^2 outer_log_likelihood(z, batch) / dz^2`` ``(M, M)``, so that the GGN
-    is ``J^T H J``."""
-    theta, unflatten = flatten(params)
-
-    def output(vector):
-        out, aux = pair(forward(unflatten(vector), batch), "forward", "output")
-        return out, (out, aux)
-
-    J, (z, aux) = torch.func.jacrev(output, has_aux=True)(theta)
-    z = z.detach()
-    value = outer_log_likelihood(z, batch)
-    if not (isinstance(value, Tensor) and value.numel() == 1):
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
-        raise ValueError(
-            "outer_log_likelihood must return a scalar (the log-likelihood of the "
-            f"batch, summed over its examples); it returned {shape}."
-        )
-    H = torch.func.hessian(lambda out: -outer_log_likelihood(out, batch).sum())(z)
-    M = z.numel()
-    return J.reshape(M, -1), H.reshape(M, M), aux
+def precision_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a precision for parameters of ``dtype``: theirs, but float32 for
+    16-bit floats, in which a sum over many batches keeps three digits and no
+    Cholesky factorization runs."""
+    return torch.float32 if torch.finfo(dtype).bits == 16 else dtype
 
 
 def example_gradients(
