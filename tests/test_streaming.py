@@ -423,6 +423,7 @@ def test_independent_examples_take_the_per_example_way_in_chunks(
         total, _flat_oracle(forward, oll, _params(model), (x, y))
     )
     assert per_example and not whole
+    assert all(A is B for A, B in pieces)  # S_n = L_n^T J_n, H_n = L_n L_n^T
     assert len(pieces) == (1 if chunk_entries is None else 5)  # 9 examples, 2 a chunk
     assert aux.numel() == 0
 
@@ -512,3 +513,79 @@ def test_a_forward_vmap_cannot_run_takes_the_whole_batch_way(device, monkeypatch
         state.prec, _flat_oracle(forward, oll, _params(model), (x, y))
     )
     assert not per_example
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_parameters_keep_a_float32_precision(dtype, device):
+    """The precision of 16-bit parameters is kept in float32, close to the float64
+    GGN at the rounded parameters (to the 16-bit forward's accuracy); samples come
+    back in the parameters' dtype."""
+    if dtype == torch.float16 and device.type == "cpu":
+        pytest.skip("float16 matmuls are a GPU dtype")
+    model = _mlp(device)
+    x, y = _data(device)
+    low = {k: v.to(dtype) for k, v in _params(model).items()}
+    rounded = {k: v.to(torch.float64) for k, v in low.items()}
+    forward, oll = _functions(model)
+
+    def forward_low(params, batch):
+        return forward(params, (batch[0].to(dtype), batch[1]))
+
+    state = dense_ggn.update(dense_ggn.init(low, 1.0), (x, y), forward_low, oll)
+    diag = diag_ggn.update(diag_ggn.init(low, 1.0), (x, y), forward_low, oll)
+    assert state.prec.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in diag.prec_diag.values())
+    exact = _flat_oracle(forward, oll, rounded, (x, y)) + torch.eye(31, device=device)
+    torch.testing.assert_close(state.prec.double(), exact, rtol=0.05, atol=0.05)
+    flat = torch.cat([diag.prec_diag[n].reshape(-1) for n in sorted(low)])
+    torch.testing.assert_close(flat, state.prec.diagonal())
+    for draw in (dense_ggn.sample(state, (3,)), diag_ggn.sample(diag, (3,))):
+        assert all(v.dtype == dtype for v in draw.values())
+        assert draw["0.weight"].shape == (3, 4, 3)
+
+
+def test_a_gram_matrix_is_added_in_blocks_below_the_diagonal_then_mirrored(device):
+    g = torch.Generator().manual_seed(4)
+    S = torch.randn(6, 23, generator=g, dtype=torch.float64).to(device)
+    start = torch.randn(23, 23, generator=g, dtype=torch.float64).to(device)
+    start = start + start.T
+    prec = start.clone()
+    dense_ggn.add_lower_gram(prec, S, block=7)
+    dense_ggn.mirror_lower(prec, block=7)
+    torch.testing.assert_close(prec, start + S.T @ S)
+
+
+def test_the_per_example_way_in_gram_blocks_equals_the_whole_batch(device, monkeypatch):
+    """The precision of a model with more parameters than one Gram block (31 > 8)."""
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+    monkeypatch.setattr(dense_ggn, "GRAM_BLOCK", 8)
+    gram = _spy(monkeypatch, "_square_roots")
+    state = dense_ggn.update(dense_ggn.init(_params(model)), (x, y), forward, oll)
+    torch.testing.assert_close(
+        state.prec, _flat_oracle(forward, oll, _params(model), (x, y))
+    )
+    assert gram
+
+
+def test_an_indefinite_output_hessian_takes_the_per_example_product(
+    device, monkeypatch
+):
+    """``-l`` concave in some outputs (``H_n`` indefinite): no square root, the
+    per-example ``J_n^T (H_n J_n)``, still the GGN."""
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+
+    def indefinite(logits, batch):
+        return oll(logits, batch) + logits[:, 0].square().sum()
+
+    per_example = _spy(monkeypatch, "_per_example")
+    pieces = list(ggn.terms(forward, indefinite, _params(model), (x, y))[1])
+    assert per_example and all(A is not B for A, B in pieces)
+    state = dense_ggn.update(
+        dense_ggn.init(_params(model)), (x, y), forward, indefinite
+    )
+    oracle = _flat_oracle(forward, indefinite, _params(model), (x, y))
+    torch.testing.assert_close(state.prec, oracle)

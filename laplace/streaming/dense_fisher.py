@@ -52,7 +52,7 @@ def update(
     """Add the empirical Fisher of ``batch`` to the precision; returns the state
     (the same object, changed, with ``inplace``)."""
     G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
-    return add_to_precision(state, [(G, G)], aux, inplace)
+    return add_to_precision(state, [(G, G)], aux, inplace)  # a Gram matrix
 
 
 __all__ = ["DenseLaplaceState", "build", "init", "update", "sample"]

@@ -105,19 +105,50 @@ def add_to_precision(
     """``state`` with ``pieces`` added to its precision, ``aux`` and one more step:
     the same object, changed, with ``inplace``; a new one otherwise. Each piece is
     a matrix ``(P, P)``, added, or a pair ``(A, B)`` of rows ``(R, P)``, whose
-    ``A^T B`` is added (without a ``(P, P)`` temporary)."""
+    ``A^T B`` is added without a ``(P, P)`` temporary; a pair of one tensor twice,
+    ``(S, S)``, adds the Gram matrix ``S^T S`` at half the cost (its blocks below
+    the diagonal, copied above it at the end)."""
     prec = state.prec if inplace else state.prec.clone()
+    gram = False
     for piece in pieces:
         if isinstance(piece, Tensor):
             prec.add_(piece.to(prec.dtype))
+            continue
+        A, B = piece
+        if A is B:
+            add_lower_gram(prec, A.to(prec.dtype))
+            gram = True
         else:
-            A, B = piece
             prec.addmm_(A.T.to(prec.dtype), B.to(prec.dtype))
+    if gram:
+        mirror_lower(prec)
     if inplace:
         state.aux = aux
         state.step.add_(1)
         return state
     return DenseLaplaceState(state.params, prec, aux, state.step + 1)
+
+
+#: the side of the blocks of ``add_lower_gram``
+GRAM_BLOCK = 1024
+
+
+def add_lower_gram(prec: Tensor, S: Tensor, block: int | None = None) -> None:
+    """Add ``S^T S`` to the blocks of ``prec`` on and below the diagonal (blocks of
+    ``block`` rows, default ``GRAM_BLOCK``), in place; those above are left for
+    ``mirror_lower``."""
+    P, block = prec.shape[0], block or GRAM_BLOCK
+    for start in range(0, P, block):
+        stop = min(start + block, P)
+        prec[start:stop, :stop].addmm_(S[:, start:stop].T, S[:, :stop])
+
+
+def mirror_lower(prec: Tensor, block: int | None = None) -> None:
+    """Copy the blocks below the diagonal (of ``add_lower_gram``) above it."""
+    P, block = prec.shape[0], block or GRAM_BLOCK
+    for start in range(block, P, block):
+        stop = min(start + block, P)
+        prec[:start, start:stop] = prec[start:stop, :start].T
 
 
 def sample(

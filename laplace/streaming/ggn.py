@@ -156,20 +156,35 @@ def _splits(forward, unflatten, theta, batch, z) -> bool:
 
 
 def _per_example(forward, unflatten, theta, batch, blocks, chunk_entries):
+    """The pieces of ``sum_n J_n^T H_n J_n``: ``(S, S)``, one tensor twice, with
+    ``S_n = L_n^T J_n`` where every ``H_n = L_n L_n^T`` is positive semi-definite
+    (as for a cross-entropy or a Gaussian log-likelihood), else ``(J, H J)``."""
     N, C, _ = blocks.shape
     P = theta.numel()
     jacobian = torch.func.vmap(
         torch.func.jacrev(_single(forward, unflatten)), in_dims=(None, 0)
     )
+    factors = _square_roots(blocks)
     step = max(1, chunk_entries // (C * P))
     for start in range(0, N, step):
         rows = slice(start, start + step)
         part = pytree.tree_map(lambda t, rows=rows: t[rows], batch)
         J = jacobian(theta, part).reshape(-1, C, P).to(blocks.dtype)
-        yield (
-            J.reshape(-1, P),
-            torch.bmm(blocks[rows], J).reshape(-1, P),
-        )
+        if factors is None:
+            yield J.reshape(-1, P), torch.bmm(blocks[rows], J).reshape(-1, P)
+        else:
+            S = torch.bmm(factors[rows].mT, J).reshape(-1, P)
+            yield S, S
+
+
+def _square_roots(blocks: Tensor) -> Tensor | None:
+    """``L_n`` ``(N, C, C)`` with ``H_n = L_n L_n^T``, if every block is positive
+    semi-definite (eigenvalues above ``-sqrt(eps)`` times the largest); else
+    None."""
+    values, vectors = torch.linalg.eigh(blocks)
+    if bool((values < -_tolerance(values.dtype) * values.abs().max()).any()):
+        return None
+    return vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
 
 
 def _whole_batch(forward, outer_log_likelihood, unflatten, theta, batch):

@@ -442,7 +442,7 @@ def _combine(old: Kron, new: Kron, n_old: int, n_new: int, inplace: bool) -> Kro
                     f.mul_(w_old).add_(g, alpha=w_new) if j == mean else f.add_(g)
                 )
             else:
-                combined.append(w_old * f + w_new * g if j == mean else f + g)
+                combined.append(w_new * f + w_old * g if j == mean else f + g)
         blocks.append(combined)
     return Kron(blocks, old.averaged)
 
