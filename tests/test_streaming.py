@@ -252,6 +252,10 @@ def test_bad_input_is_refused_naming_the_argument(device):
         diag_ggn.update(diag_ggn.init(params, 1.0), (x, y), forward, per_example)
     with pytest.raises(ValueError, match=r"init_prec must be a float or a \(31, 31\)"):
         dense_ggn.init(params, torch.eye(3))
+    skewed = torch.eye(31, dtype=torch.float64, device=device)
+    skewed[0, 1] = 0.5
+    with pytest.raises(ValueError, match=r"init_prec must be a symmetric matrix"):
+        dense_ggn.init(params, skewed)
     with pytest.raises(ValueError, match=r"init_prec_diag must be a float or a tree"):
         diag_ggn.init(params, {"0.weight": torch.ones(4, 3)})
     with pytest.raises(TypeError, match=r"params must be a tensor or a tree"):

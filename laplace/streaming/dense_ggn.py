@@ -80,6 +80,12 @@ def init(params: TensorTree, init_prec: Tensor | float = 0.0) -> DenseLaplaceSta
                 f"{P} parameters; got shape {tuple(init_prec.shape)}."
             )
         prec = init_prec.to(theta.device, precision_dtype(theta.dtype)).clone()
+        tol = torch.finfo(prec.dtype).eps ** 0.5 * float(prec.abs().max())
+        if P and not torch.allclose(prec, prec.T, rtol=0.0, atol=tol):
+            raise ValueError(
+                "init_prec must be a symmetric matrix (a precision); got one whose "
+                f"largest asymmetry is {float((prec - prec.T).abs().max()):.3g}."
+            )
     else:
         dtype = precision_dtype(theta.dtype)
         prec = float(init_prec) * torch.eye(P, dtype=dtype, device=theta.device)

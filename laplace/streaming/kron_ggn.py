@@ -267,7 +267,7 @@ def sample(
     means = list(state.params.values())
     sizes = [t.numel() for t in means]
     P = sum(sizes)
-    decomposed = state.kron.decompose() + state.init_prec
+    decomposed = state.kron.decompose() + 1e-3
     if state.init_prec == 0:
         _check_nonsingular(decomposed, P)
     ref = decomposed.eigenvalues[0][0]
@@ -442,7 +442,7 @@ def _combine(old: Kron, new: Kron, n_old: int, n_new: int, inplace: bool) -> Kro
                     f.mul_(w_old).add_(g, alpha=w_new) if j == mean else f.add_(g)
                 )
             else:
-                combined.append(w_new * f + w_old * g if j == mean else f + g)
+                combined.append(w_old * f + w_new * g if j == mean else f + g)
         blocks.append(combined)
     return Kron(blocks, old.averaged)
 
