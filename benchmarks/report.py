@@ -29,8 +29,12 @@ BENCHMARKS = (
     ("functional", "The GP view (FunctionalLaplace)"),
     ("subnet", "Subnetworks and marglik_training"),
     ("transformer", "Transformers: all weights"),
+    ("streaming", "Streaming (posteriors): one update of dense_ggn and diag_ggn"),
 )
 OURS, LT = "ours", "laplace-torch"
+#: the library a benchmark compares with, where it is not laplace-torch (its figures
+#: fill laplace-torch's columns of the summary; the workload names it)
+PEERS = {"streaming": "posteriors"}
 #: the section of the report that docs/benchmarks.md includes
 SECTION = "report"
 BACKENDS = {"default", "CurvlinopsGGN", "BackPackGGN", "AsdlGGN"}
@@ -45,11 +49,13 @@ PHASES = {
 PHASES_OF = {
     "subnet": {"marglik": "marglik_training, 5 epochs"},
     "transformer": {"epoch": "one fine-tuning epoch (SGD), the targets' reference"},
+    "streaming": {"update": "one update"},
 }
 TOKENS = (
     (re.compile(r"^C(\d+)$"), "{} classes"),
     (re.compile(r"^S(\d+)$"), "subnetwork of {} weights"),
     (re.compile(r"^M(\d+)$"), "n_subset {}"),
+    (re.compile(r"^P(\d+)$"), "{} weights"),
 )
 
 
@@ -103,7 +109,9 @@ def short_failure(error: str) -> str:
 def rows_of(name: str, raw: dict) -> list[Row]:
     """The summary rows of one benchmark's raw figures: one per workload, this
     library's default backend against laplace-torch's (or, for a workload run with
-    another backend only, that backend on both sides)."""
+    another backend only, that backend on both sides; or against the library of
+    ``PEERS``, for a benchmark that compares with another)."""
+    peer = PEERS.get(name, LT)
     groups: dict[tuple[str, ...], dict[tuple[str | None, str], dict]] = {}
     for key, m in raw["results"].items():
         fields, backend, side = split_key(key)
@@ -115,17 +123,19 @@ def rows_of(name: str, raw: dict) -> list[Row]:
             continue
         # the default backend where it ran, else the one both sides ran with
         backend = "default" if "default" in ours_backends else ours_backends[0]
-        ours, lt = runs[(backend, OURS)], runs.get((backend, LT))
+        ours, lt = runs[(backend, OURS)], runs.get((backend, peer))
         lt_ok = {
             b or "default": m["seconds"]
             for (b, side), m in runs.items()
-            if side == LT and not m["error"]
+            if side == peer and not m["error"]
         }
         fastest = min(lt_ok.items(), key=lambda t: t[1]) if lt_ok else None
         good = lt is not None and not lt["error"]
         label = workload_label(list(fields), name)
         if backend not in (None, "default"):
             label += f" ({backend} on both sides)"
+        if peer != LT:
+            label += f" (against {peer})"
         rows.append(
             Row(
                 benchmark=name,
@@ -220,8 +230,10 @@ def write_report(output_dir: str, path: str, header: list[str]) -> str:
             "One row per workload: both libraries with their default backend "
             "(unless the row names another), and laplace-torch's fastest backend; "
             "ratios are laplace-torch / this library (above 1: this library is "
-            "faster or smaller). Memory is the peak resident memory a run adds; "
-            "under 1 MB counts as 1 MB (the ratio then reads '>'). The sections "
+            "faster or smaller); a row against another library (posteriors) has "
+            "its figures in laplace-torch's columns. Memory is the peak resident "
+            "memory a run adds; under 1 MB counts as 1 MB (the ratio then reads "
+            "'>'). The sections "
             "below give every backend and how each workload is measured.",
             "",
             *summary_table(rows),

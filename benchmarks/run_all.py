@@ -8,17 +8,22 @@
    torchvision); ``--lt-python`` names another interpreter instead. When none can be
    built or imported, the benchmarks run this library alone and the report says so;
 2. runs each benchmark script (``curvature``, ``laplace``, ``lllaplace``,
-   ``functional``, ``subnet``, ``transformer``), each of which measures every
-   workload in fresh, memory-limited processes and writes its report to
-   ``benchmarks/output/``;
+   ``functional``, ``subnet``, ``transformer``, ``streaming``), each of which
+   measures every workload in fresh, memory-limited processes and writes its report
+   to ``benchmarks/output/``. ``streaming`` compares ``laplace.streaming`` with
+   posteriors 0.1.3 instead, run with ``--posteriors-python`` (else
+   ``$POSTERIORS_PYTHON``, else ``.posteriors-venv/bin/python``, which this script
+   does not build); where there is none, or with ``--no-posteriors``, it runs this
+   library alone;
 3. writes ``benchmarks/REPORT.md`` (see ``report.py``): a summary table of time and
    peak-memory ratios over all workloads, then every benchmark's own report. The
    documentation's benchmark page shows that file.
 
 A full run takes about an hour and three quarters on a 2-core machine, most of it spent
 waiting for laplace-torch. ``--quick`` is a smoke run on small data (half an
-hour); ``--reuse-lt`` measures only this library and takes laplace-torch's figures
-from the previous run of each benchmark; ``--only NAME`` runs some benchmarks.
+hour); ``--reuse-lt`` measures only this library and takes laplace-torch's (and
+posteriors') figures from the previous run of each benchmark; ``--only NAME`` runs
+some benchmarks.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ LT_PACKAGE = "laplace-torch==0.3"
 #: what laplace-torch imports, pinned as in requirements/lock.txt
 LT_REQUIREMENTS = os.path.join(HERE, "laplace-torch-requirements.txt")
 NODEPS = os.path.join(ROOT, "requirements", "nodeps.txt")
+#: the interpreter with posteriors 0.1.3 that ``streaming`` compares with by default
+POSTERIORS_PYTHON = os.environ.get(
+    "POSTERIORS_PYTHON", os.path.join(ROOT, ".posteriors-venv", "bin", "python")
+)
+#: the benchmarks compared with posteriors, not laplace-torch
+POSTERIORS_BENCHMARKS = ("streaming",)
 #: options of each benchmark in a full run (a quick run takes the scripts' own)
 FULL_OPTIONS = {
     # laplace-torch's GP fit on 2,000 points takes more than 20 minutes
@@ -104,7 +115,9 @@ def build_lt_venv(torch_requirement: str) -> tuple[str | None, str]:
     return python, f"laplace-torch from `{os.path.relpath(LT_VENV, ROOT)}`"
 
 
-def benchmark_command(name: str, args, lt_python: str | None) -> list[str]:
+def benchmark_command(
+    name: str, args, lt_python: str | None, posteriors_python: str | None = None
+) -> list[str]:
     cmd = [sys.executable, os.path.join(HERE, f"{name}_benchmark.py")]
     cmd += ["--output", os.path.join(args.output, f"{name}.md")]
     if args.quick:
@@ -113,6 +126,11 @@ def benchmark_command(name: str, args, lt_python: str | None) -> list[str]:
         cmd += FULL_OPTIONS.get(name, [])
     if name == "curvature":  # this library's backends against their own libraries
         return cmd
+    if name in POSTERIORS_BENCHMARKS:
+        if posteriors_python is None:
+            return [*cmd, "--ours-only"]
+        cmd += ["--posteriors-python", posteriors_python]
+        return [*cmd, "--reuse-peer"] if args.reuse_lt else cmd
     if lt_python is None:
         return [*cmd, "--ours-only"]
     cmd += ["--lt-python", lt_python]
@@ -127,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lt-python", help="an interpreter with laplace-torch 0.3")
     parser.add_argument("--no-lt", action="store_true", help="run this library alone")
+    parser.add_argument(
+        "--posteriors-python",
+        default=POSTERIORS_PYTHON,
+        help="an interpreter with posteriors 0.1.3, for the streaming benchmark",
+    )
+    parser.add_argument(
+        "--no-posteriors",
+        action="store_true",
+        help="run the streaming benchmark without posteriors",
+    )
     parser.add_argument(
         "--reuse-lt",
         action="store_true",
@@ -162,13 +190,29 @@ def main(argv: list[str] | None = None) -> int:
     if lt_python is None:
         lt_note = f"**laplace-torch could not be run, this library alone**: {lt_note}"
     log(lt_note)
+    if args.no_posteriors:
+        posteriors_python = None
+        posteriors_note = "posteriors not run (`--no-posteriors`)"
+    elif not os.path.exists(args.posteriors_python):
+        posteriors_python = None
+        posteriors_note = (
+            f"posteriors not run: {args.posteriors_python} does not exist (the "
+            "streaming benchmark runs this library alone)"
+        )
+    else:
+        posteriors_python = args.posteriors_python
+        shown = posteriors_python
+        if shown.startswith(ROOT + os.sep):
+            shown = os.path.relpath(shown, ROOT)
+        posteriors_note = f"posteriors from `{shown}` (the streaming benchmark)"
+    log(posteriors_note)
 
     started = time.time()
     failed = []
     for name, _ in BENCHMARKS:
         if args.only and name not in args.only:
             continue
-        cmd = benchmark_command(name, args, lt_python)
+        cmd = benchmark_command(name, args, lt_python, posteriors_python)
         log(
             " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
         )
@@ -182,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores; each benchmark's section names the commit it measured.",
         "",
         f"- {lt_note}.",
+        f"- {posteriors_note}.",
     ]
     if args.quick:
         header.append("- **A smoke run (`--quick`)**: small data, not for comparison.")
