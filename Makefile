@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
 .PHONY: demo test test-fast format docs docs-serve gallery bench bench-quick compat venv \
-	clean
+	posteriors-venv clean
 
 venv: $(STAMP)
 
@@ -73,6 +73,20 @@ compat: $(STAMP)
 		python, note = run_all.build_lt_venv('$(TORCH)'); print(note); \
 		sys.exit(python is None)"
 	COMPAT=1 COMPAT_REPORT=tests/compat/REPORT.md $(PY) -m pytest -q -p no:cacheprovider tests/compat
+
+# posteriors 0.1.3 in its own environment, for tests/test_streaming_vs_posteriors.py
+# (which is skipped without it)
+POSTERIORS_VENV := .posteriors-venv
+POSTERIORS_STAMP := $(POSTERIORS_VENV)/.installed
+
+posteriors-venv: $(POSTERIORS_STAMP)
+
+$(POSTERIORS_STAMP):
+	test -x $(POSTERIORS_VENV)/bin/python || $(PYTHON) -m venv $(POSTERIORS_VENV)
+	echo $(TORCH) > $(POSTERIORS_VENV)/constraints.txt
+	$(POSTERIORS_VENV)/bin/python -m pip install --disable-pip-version-check -q \
+		-c $(POSTERIORS_VENV)/constraints.txt $(TORCH) posteriors==0.1.3
+	touch $@
 
 clean:
 	rm -rf $(VENV) site

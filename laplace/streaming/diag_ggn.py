@@ -15,7 +15,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from laplace.streaming import ggn
 from laplace.streaming.tree import (
@@ -24,6 +23,7 @@ from laplace.streaming.tree import (
     flatten,
     leaves,
     precision_dtype,
+    rebuild,
     same_structure,
 )
 
@@ -77,7 +77,7 @@ def init(
             g.to(t.device, precision_dtype(t.dtype)).clone()
             for g, t in zip(given, flat, strict=True)
         ]
-    return DiagLaplaceState(params, pytree.tree_unflatten(prec, spec))
+    return DiagLaplaceState(params, rebuild(prec, spec, params))
 
 
 def update(
@@ -111,7 +111,7 @@ def add_to_diagonal(
         return state
     total = [p + a.to(p.dtype) for p, a in zip(prec, added, strict=True)]
     return DiagLaplaceState(
-        state.params, pytree.tree_unflatten(total, spec), aux, state.step + 1
+        state.params, rebuild(total, spec, state.params), aux, state.step + 1
     )
 
 
@@ -126,11 +126,11 @@ def sample(
     draws = [
         (
             m.detach()
-            + torch.randn(*shape, *m.shape, dtype=p.dtype, device=m.device) / p.sqrt()
+            + torch.randn(shape + m.shape, dtype=p.dtype, device=m.device) / p.sqrt()
         ).to(m.dtype)
         for m, p in zip(means, precs, strict=True)
     ]
-    return pytree.tree_unflatten(draws, spec)
+    return rebuild(draws, spec, state.params)
 
 
 __all__ = ["DiagLaplaceState", "build", "init", "update", "sample"]

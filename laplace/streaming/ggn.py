@@ -178,13 +178,19 @@ def _per_example(forward, unflatten, theta, batch, blocks, chunk_entries):
 
 
 def _square_roots(blocks: Tensor) -> Tensor | None:
-    """``L_n`` ``(N, C, C)`` with ``H_n = L_n L_n^T``, if every block is positive
-    semi-definite (eigenvalues above ``-sqrt(eps)`` times the largest); else
-    None."""
+    """``L_n`` ``(N, C, K)`` with ``H_n = L_n L_n^T``, if every block is positive
+    semi-definite (no eigenvalue below ``-C eps`` times the largest, the rounding
+    of ``eigh``); else None. ``K <= C`` leaves out the eigen-directions of zero
+    curvature (within that rounding of 0) in every block."""
     values, vectors = torch.linalg.eigh(blocks)
-    if bool((values < -_tolerance(values.dtype) * values.abs().max()).any()):
+    # eigh's rounding: eigenvalues within it of 0 are 0
+    tol = blocks.shape[-1] * torch.finfo(values.dtype).eps * values.abs().max()
+    if bool((values < -tol).any()):
         return None
-    return vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
+    # directions of zero curvature in every example (the softmax's constant
+    # direction: eigh sorts it first) add nothing: fewer rows of S
+    keep = (values > tol).any(0)
+    return vectors[..., keep] * values[:, keep].clamp_min(0).sqrt().unsqueeze(-2)
 
 
 def _whole_batch(forward, outer_log_likelihood, unflatten, theta, batch):

@@ -54,6 +54,23 @@ def leaves(tree: TensorTree, name: str = "params") -> tuple[list[Tensor], Any]:
     return flat, spec
 
 
+def in_order_of(tree: TensorTree, like: TensorTree) -> TensorTree:
+    """``tree`` (built in posteriors' order, a dict's keys sorted) with every dict's
+    keys in the order of the corresponding dict of ``like``, the user's tree."""
+    if type(like) is dict:
+        return {k: in_order_of(tree[k], like[k]) for k in like}
+    if isinstance(like, (list, tuple)) and not isinstance(like, Tensor):
+        items = [in_order_of(t, u) for t, u in zip(tree, like, strict=True)]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return tree
+
+
+def rebuild(flat: list[Tensor], spec: Any, like: TensorTree) -> TensorTree:
+    """The tree of the leaves ``flat`` (in posteriors' order, as ``leaves`` gives
+    them with ``spec``), its dicts' keys in the order of ``like``'s."""
+    return in_order_of(pytree.tree_unflatten(flat, spec), like)
+
+
 def flatten(tree: TensorTree) -> tuple[Tensor, Callable[[Tensor], TensorTree]]:
     """``(theta, unflatten)``: the leaves of ``tree`` concatenated into one vector
     ``theta`` (P,), and the map from such a vector back to a tree like ``tree``."""
@@ -65,8 +82,10 @@ def flatten(tree: TensorTree) -> tuple[Tensor, Callable[[Tensor], TensorTree]]:
     def unflatten(vector: Tensor) -> TensorTree:
         parts = vector.split(sizes, dim=-1)
         lead = vector.shape[:-1]
-        return pytree.tree_unflatten(
-            [p.reshape((*lead, *s)) for p, s in zip(parts, shapes, strict=True)], spec
+        return rebuild(
+            [p.reshape((*lead, *s)) for p, s in zip(parts, shapes, strict=True)],
+            spec,
+            tree,
         )
 
     return theta, unflatten
