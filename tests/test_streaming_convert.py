@@ -4,6 +4,7 @@ same data (itself tested against the dense oracles) and against closed forms."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 from laplace.curvature import NativeGGN
-from laplace.streaming import convert, dense_ggn, diag_ggn
+from laplace.streaming import convert, dense_ggn, diag_ggn, kron_ggn
 
 STATE_MODULES = {"full": dense_ggn, "diag": diag_ggn}
 
@@ -150,10 +151,12 @@ def test_conversions_refuse_what_they_cannot_convert(device):
     wrong = dense_ggn.DenseLaplaceState({"w": torch.zeros(3)}, state.prec)
     with pytest.raises(ValueError, match=r"state.params must map the names"):
         convert.to_laplace(wrong, model, "classification", 1.0)
-    la = Laplace(model, "classification", "all", "kron")
+    la = Laplace(model, "classification", "last_layer", "full")
     la.fit(loader)
-    with pytest.raises(TypeError, match="la must be a FullLaplace or DiagLaplace"):
+    with pytest.raises(TypeError, match="la must be a FullLaplace, DiagLaplace or"):
         convert.from_laplace(la)
+    with pytest.raises(ValueError, match="prior_precision is needed for a Dense"):
+        convert.to_laplace(state, model, "classification")
     unfitted = Laplace(model, "classification", "all", "full")
     with pytest.raises(RuntimeError, match="not fitted"):
         convert.from_laplace(unfitted)
@@ -227,3 +230,94 @@ def test_continual_learning_the_posterior_of_one_task_is_the_prior_of_the_next(
         state = module.update(state, batch, *_functions(model, "classification"))
     back = convert.to_laplace(state, model, "classification", 0.5)
     torch.testing.assert_close(back.posterior_precision, H2 + P1)
+
+
+# -- Kronecker-factored states (kron_ggn) ----------------------------------------------
+def _kron_streamed(model, loader, likelihood, prior):
+    transform = kron_ggn.build(model, likelihood, init_prec=prior)
+    state = transform.init({k: v.detach().clone() for k, v in model.named_parameters()})
+    for batch in loader:
+        state = transform.update(state, batch)
+    return state
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_a_kron_state_as_laplace_is_the_kron_laplace_fitted_on_the_same_data(
+    likelihood, device
+):
+    """No data needed: the state knows its loss, number of data and prior."""
+    model, loader = _model(device, likelihood), _loader(device, likelihood)
+    state = _kron_streamed(model, loader, likelihood, 0.5)
+    la = convert.to_laplace(state, model, likelihood, backend=NativeGGN)
+    ref = _fitted("kron", model, loader, likelihood, 0.5)
+    assert type(la) is type(ref)
+    torch.testing.assert_close(
+        la.posterior_precision.to_matrix(), ref.posterior_precision.to_matrix()
+    )
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), ref.log_marginal_likelihood()
+    )
+    x = next(iter(loader))[0]
+    for a, b in zip(la(x, pred_type="glm"), ref(x, pred_type="glm")):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(
+        ValueError, match=r"prior_precision must be the KronLaplaceState"
+    ):
+        convert.to_laplace(state, model, likelihood, 2.0)
+
+
+def test_a_fitted_kron_laplace_as_a_state_has_its_posterior_precision(device):
+    model, loader = _model(device), _loader(device)
+    la = _fitted("kron", model, loader, "classification", 0.5)
+    state = convert.from_laplace(la)
+    torch.testing.assert_close(
+        kron_ggn.precision(state), la.posterior_precision.to_matrix()
+    )
+    assert list(state.params) == [n for n, _ in model.named_parameters()]
+    assert state.n_data == 12 and state.init_prec == 0.5
+    back = convert.to_laplace(state, model, "classification")
+    torch.testing.assert_close(
+        back.log_marginal_likelihood(), la.log_marginal_likelihood()
+    )
+    layerwise = _fitted("kron", model, loader, "classification", torch.ones(4))
+    with pytest.raises(ValueError, match="needs a scalar prior_precision"):
+        convert.from_laplace(layerwise)
+
+
+def test_kron_neg_log_prior_is_the_normal_density_and_differentiable(device):
+    model, loader = _model(device), _loader(device)
+    state = _kron_streamed(model, loader, "classification", 0.5)
+    prec = kron_ggn.precision(state)
+    mean = torch.cat([v.reshape(-1) for v in state.params.values()])
+    theta = {k: (v + 0.1).detach().requires_grad_() for k, v in state.params.items()}
+    flat = torch.cat([v.reshape(-1) for v in theta.values()])
+    normal = torch.distributions.MultivariateNormal(mean, precision_matrix=prec)
+    value = convert.neg_log_prior(state, theta, normalized=True)
+    torch.testing.assert_close(value, -normal.log_prob(flat))
+    convert.neg_log_prior(state, theta).backward()
+    grad = torch.cat([v.grad.reshape(-1) for v in theta.values()])
+    torch.testing.assert_close(grad, prec @ (flat.detach() - mean))
+
+
+def test_kron_continual_learning_streams_as_kron_laplace_fits_with_override_false(
+    device,
+):
+    """Going on updating the state of task 1 at the MAP of task 2 is
+    ``KronLaplace.fit(task 2, override=False)``: summed output-side factors, the
+    input-side ones averaged over both tasks' data."""
+    model = _model(device)
+    task1, task2 = _loader(device, seed=1), _loader(device, seed=2)
+    la = _fitted("kron", model, task1, "classification", 0.5)
+    state = convert.from_laplace(la)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    la.fit(task2, override=False)
+    state = dataclasses.replace(
+        state, params={k: v.detach().clone() for k, v in model.named_parameters()}
+    )
+    for batch in task2:
+        state = kron_ggn.update(state, batch, model)
+    torch.testing.assert_close(
+        kron_ggn.precision(state), la.posterior_precision.to_matrix()
+    )

@@ -5,7 +5,8 @@ precision; ``sample(state, sample_shape)`` draws from the Normal it encodes.
 
 Modules: ``dense_ggn``, ``dense_fisher`` and ``dense_hessian`` (a dense
 precision), ``diag_ggn`` and
-``diag_fisher`` (a diagonal one, a tree like the parameters). Parameters are any
+``diag_fisher`` (a diagonal one, a tree like the parameters), ``kron_ggn``
+(Kronecker-factored, from the curvature engine, on an ``nn.Module``). Parameters are any
 tree of tensors (a tensor, a dict, a list, a tuple, nested; the dict of
 ``torch.func.functional_call``).
 
@@ -21,6 +22,7 @@ from laplace.streaming import (
     dense_hessian,
     diag_fisher,
     diag_ggn,
+    kron_ggn,
 )
 from laplace.streaming.convert import from_laplace, neg_log_prior, to_laplace
 from laplace.streaming.tree import Transform
@@ -28,6 +30,7 @@ from laplace.streaming.tree import Transform
 __all__ = [
     "dense_ggn",
     "diag_ggn",
+    "kron_ggn",
     "dense_fisher",
     "diag_fisher",
     "dense_hessian",

@@ -4,11 +4,12 @@ state (to go on streaming, or as the prior of the next task), and the negative l
 density of a state, a differentiable penalty for training on the next task.
 
 The structure follows the state's class, by the tables below: a dense state is a
-``FullLaplace``, a diagonal one a ``DiagLaplace``, both over all the weights of the
-model (``subset_of_weights='all'``). A state's ``params`` are then the model's
-weights that require grad, a mapping from their names (as
-``dict(model.named_parameters())``; a dict's leaves are flattened in sorted key
-order, the Laplace object's in the model's order: the conversions permute).
+``FullLaplace``, a diagonal one a ``DiagLaplace``, a Kronecker-factored one
+(``kron_ggn``) a ``KronLaplace``, all over all the weights of the model
+(``subset_of_weights='all'``). A state's ``params`` are then the model's weights
+that require grad, a mapping from their names (as ``dict(model.named_parameters())``;
+a dict's leaves are flattened in sorted key order in a dense or diagonal state, the
+Laplace object's in the model's order: the conversions permute).
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ from torch import nn
 
 from laplace.streaming.dense_ggn import DenseLaplaceState
 from laplace.streaming.diag_ggn import DiagLaplaceState
+from laplace.streaming.kron_ggn import KronLaplaceState
 from laplace.streaming.tree import flatten, leaves
 
 Tensor = torch.Tensor
 
 #: the Laplace structure of each state class
-STRUCTURES: dict[type, str] = {DenseLaplaceState: "full", DiagLaplaceState: "diag"}
+STRUCTURES: dict[type, str] = {
+    DenseLaplaceState: "full",
+    DiagLaplaceState: "diag",
+    KronLaplaceState: "kron",
+}
 
 
 def _structure(state: Any) -> str:
@@ -42,9 +48,10 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _order(state: Any, model: nn.Module) -> tuple[list[str], Tensor]:
-    """The model's trainable names and, for each entry of the model's flat
-    parameter vector, its index in the state's flat vector."""
+def _order(state: Any, model: nn.Module) -> Tensor:
+    """For each entry of the model's flat parameter vector, its index in the
+    state's flat vector (the identity for a Kronecker-factored state, whose
+    ``params`` are in the model's order)."""
     names = list(_trainable(model))
     params = state.params
     if not isinstance(params, Mapping) or set(params) != set(names):
@@ -60,46 +67,50 @@ def _order(state: Any, model: nn.Module) -> tuple[list[str], Tensor]:
                 f"state.params[{n!r}] has shape {tuple(params[n].shape)}; the model's "
                 f"parameter has {tuple(model_params[n].shape)}."
             )
-    flat_names = sorted(names)
+    flat_names = list(params) if isinstance(state, KronLaplaceState) else sorted(names)
     sizes = {n: params[n].numel() for n in names}
     starts, at = {}, 0
     for n in flat_names:
         starts[n] = at
         at += sizes[n]
     device = params[names[0]].device
-    index = torch.cat(
+    return torch.cat(
         [torch.arange(starts[n], starts[n] + sizes[n], device=device) for n in names]
     )
-    return names, index
 
 
 def to_laplace(
     state: Any,
     model: nn.Module,
     likelihood: str,
-    prior_precision: float | Tensor,
+    prior_precision: float | Tensor | None = None,
     *,
     train_loader: Any = None,
     **laplace_kwargs: Any,
 ):
     """The fitted ``Laplace`` object of ``state``: mean ``state.params``, posterior
     precision the state's precision, of which ``prior_precision`` is the prior part
-    (the ``init_prec`` the state was built with; a float, or a tensor ``(P,)`` in
-    the model's parameter order) and the rest the curvature ``H``.
+    and the rest the curvature ``H``.
 
     Parameters
     ----------
-    state : DenseLaplaceState or DiagLaplaceState
+    state : DenseLaplaceState, DiagLaplaceState or KronLaplaceState
         with ``params`` the model's weights that require grad by name.
     model : nn.Module
         its weights are set to ``state.params`` (the Laplace object's mean, where
         its predictives evaluate the model).
     likelihood : {'classification', 'regression'}
-    prior_precision : float or tensor
+    prior_precision : float or tensor, optional
+        the prior part of the state's precision: the ``init_prec`` it was built
+        with (a float, or a tensor ``(P,)`` in the model's parameter order). Needed
+        for a dense or diagonal state; a Kronecker-factored one knows its
+        ``init_prec``, the default.
     train_loader : DataLoader, optional
         the training data: its summed loss at ``state.params`` and its size give
         the log-likelihood of the evidence (and prior tuning by marginal
-        likelihood). Without it they are unknown: the log-likelihood is NaN.
+        likelihood). A Kronecker-factored state has them (``loss``, ``n_data``);
+        without it a dense or diagonal state's are unknown: the log-likelihood is
+        NaN (the predictives work).
     **laplace_kwargs
         for ``Laplace(...)`` (``sigma_noise``, ``temperature``, ``prior_mean``,
         ``backend``, ...). ``H`` is the state's curvature divided by the
@@ -110,7 +121,15 @@ def to_laplace(
     from laplace.likelihood import get_likelihood
 
     structure = _structure(state)
-    names, index = _order(state, model)
+    if prior_precision is None:
+        if structure != "kron":
+            raise ValueError(
+                f"prior_precision is needed for a {type(state).__name__}: the "
+                "init_prec it was built with (a float or a tensor of one precision "
+                "per parameter), the prior part of its precision."
+            )
+        prior_precision = state.init_prec
+    index = _order(state, model)
     la = Laplace(
         model,
         likelihood,
@@ -119,26 +138,67 @@ def to_laplace(
         prior_precision=prior_precision,
         **laplace_kwargs,
     )
-    theta, _ = flatten(state.params)
+    theta = torch.cat([t.detach().reshape(-1) for t in _leaves_in_order(state)])
     mean = theta[index].to(la._device, la._dtype)
-    prior = la.prior_precision_diag.detach()
-    if structure == "full":
-        prec = state.prec[index][:, index].to(la._device, la._dtype)
-        H = (prec - torch.diag(prior)) / la._h_factor.detach()
-    else:
-        diagonal, _ = flatten(state.prec_diag)
-        H = (diagonal[index].to(la._device, la._dtype) - prior) / la._h_factor.detach()
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(mean, la.params)
-    loss, n_data, n_outputs = _training_loss(
-        model, get_likelihood(likelihood), train_loader, la
-    )
+    H = CURVATURES[structure](state, index, la)
+    if train_loader is not None or structure != "kron":
+        loss, n_data, n_outputs = _training_loss(
+            model, get_likelihood(likelihood), train_loader, la
+        )
+    else:
+        loss, n_data = state.loss.to(la._device, la._dtype), state.n_data
+        n_outputs = None if state.aux is None else state.aux.shape[-1]
+        if n_outputs is None and la.likelihood.value == "regression":
+            raise ValueError(
+                "A regression's log-likelihood needs the number of outputs, which "
+                "this KronLaplaceState does not know (no update since from_laplace): "
+                "pass train_loader."
+            )
     state_dict = la.state_dict()
     state_dict.update(
         mean=mean, H=H, loss=loss, n_data=n_data, n_outputs=n_outputs, fitted=True
     )
     la.load_state_dict(state_dict)
     return la
+
+
+def _leaves_in_order(state: Any) -> list[Tensor]:
+    """The leaves of ``state.params`` in the order of its flat precision."""
+    if isinstance(state, KronLaplaceState):
+        return list(state.params.values())
+    return leaves(state.params)[0]
+
+
+def _dense_curvature(state: DenseLaplaceState, index: Tensor, la: Any) -> Tensor:
+    prec = state.prec[index][:, index].to(la._device, la._dtype)
+    return (prec - torch.diag(la.prior_precision_diag.detach())) / la._h_factor.detach()
+
+
+def _diag_curvature(state: DiagLaplaceState, index: Tensor, la: Any) -> Tensor:
+    diagonal, _ = flatten(state.prec_diag)
+    diagonal = diagonal[index].to(la._device, la._dtype)
+    return (diagonal - la.prior_precision_diag.detach()) / la._h_factor.detach()
+
+
+def _kron_curvature(state: KronLaplaceState, index: Tensor, la: Any) -> dict:
+    prior = la.prior_precision.detach()
+    if prior.numel() != 1 or float(prior) != state.init_prec:
+        raise ValueError(
+            "prior_precision must be the KronLaplaceState's init_prec "
+            f"({state.init_prec}), the prior part of its precision; got {prior}."
+        )
+    K = state.kron * (1.0 / float(la._h_factor))
+    return {"kfacs": [list(block) for block in K.kfacs], "averaged": K.averaged}
+
+
+#: the curvature ``H`` of a Laplace object of each structure, from a state
+CURVATURES: dict[str, Callable] = {
+    "full": _dense_curvature,
+    "diag": _diag_curvature,
+    "kron": _kron_curvature,
+}
 
 
 def _training_loss(model, lik, train_loader, la) -> tuple[Tensor, int, int | None]:
@@ -168,20 +228,23 @@ def _training_loss(model, lik, train_loader, la) -> tuple[Tensor, int, int | Non
 STATES: dict[str, type] = {
     "FullLaplace": DenseLaplaceState,
     "DiagLaplace": DiagLaplaceState,
+    "KronLaplace": KronLaplaceState,
 }
 
 
 def from_laplace(la: Any):
-    """The streaming state of a fitted ``FullLaplace`` or ``DiagLaplace`` over all
-    weights: ``params`` its mean as a dict like ``dict(model.named_parameters())``
-    (the weights that require grad), and its posterior precision (prior
-    included), dense or diagonal as the object's."""
+    """The streaming state of a fitted ``FullLaplace``, ``DiagLaplace`` or
+    ``KronLaplace`` over all weights: ``params`` its mean as a dict like
+    ``dict(model.named_parameters())`` (the weights that require grad, copies), and
+    its posterior precision (prior included), dense, diagonal or
+    Kronecker-factored as the object's. A ``KronLaplace`` needs a scalar prior
+    precision (the state's ``init_prec``)."""
     cls = STATES.get(type(la).__name__)
     if cls is None:
         raise TypeError(
-            "la must be a FullLaplace or DiagLaplace over all weights "
-            "(Laplace(..., subset_of_weights='all', hessian_structure='full' or "
-            f"'diag')); got {type(la).__name__}."
+            "la must be a FullLaplace, DiagLaplace or KronLaplace over all weights "
+            "(Laplace(..., subset_of_weights='all', hessian_structure='full', 'diag' "
+            f"or 'kron')); got {type(la).__name__}."
         )
     la._check_fitted("from_laplace")
     names = [n for n, p in la.model.named_parameters() if p.requires_grad]
@@ -190,7 +253,9 @@ def from_laplace(la: Any):
     params = {
         n: p.reshape(s).clone() for n, p, s in zip(names, parts, shapes, strict=True)
     }
-    _, index = _order(DenseLaplaceState(params, torch.empty(0)), la.model)
+    if cls is KronLaplaceState:
+        return _kron_state(la, params)
+    index = _order(DenseLaplaceState(params, torch.empty(0)), la.model)
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.numel(), device=index.device)
     precision = la.posterior_precision.detach()
@@ -198,6 +263,22 @@ def from_laplace(la: Any):
         return DenseLaplaceState(params, precision[inverse][:, inverse].clone())
     _, unflatten = flatten(params)
     return DiagLaplaceState(params, unflatten(precision[inverse].clone()))
+
+
+def _kron_state(la: Any, params: dict[str, Tensor]) -> KronLaplaceState:
+    prior = la.prior_precision.detach()
+    if prior.numel() != 1:
+        raise ValueError(
+            "A KronLaplaceState's prior is init_prec * I: the KronLaplace needs a "
+            f"scalar prior_precision; it has {prior.numel()} (one per layer)."
+        )
+    return KronLaplaceState(
+        params,
+        la.H.clone() * float(la._h_factor),
+        init_prec=float(prior),
+        n_data=la.n_data,
+        loss=la.loss.detach().clone(),
+    )
 
 
 # -- the state as a prior ----------------------------------------------------------
@@ -210,6 +291,11 @@ def _diag_square(state: DiagLaplaceState, delta: Tensor) -> Tensor:
     return (diagonal.to(delta.dtype) * delta.square()).sum()
 
 
+def _kron_square(state: KronLaplaceState, delta: Tensor) -> Tensor:
+    K = state.kron.bmm(delta.to(state.kron.kfacs[0][0].dtype).reshape(1, -1))
+    return delta @ K.reshape(-1).to(delta.dtype) + state.init_prec * delta @ delta
+
+
 def _dense_logdet(state: DenseLaplaceState) -> Tensor:
     return torch.linalg.slogdet(state.prec)[1]
 
@@ -219,14 +305,20 @@ def _diag_logdet(state: DiagLaplaceState) -> Tensor:
     return diagonal.log().sum()
 
 
+def _kron_logdet(state: KronLaplaceState) -> Tensor:
+    return (state.kron.decompose() + state.init_prec).logdet()
+
+
 #: ``delta^T prec delta`` and ``log det prec`` of each state class
 SQUARE_FORMS: dict[type, Callable] = {
     DenseLaplaceState: _dense_square,
     DiagLaplaceState: _diag_square,
+    KronLaplaceState: _kron_square,
 }
 LOG_DETS: dict[type, Callable] = {
     DenseLaplaceState: _dense_logdet,
     DiagLaplaceState: _diag_logdet,
+    KronLaplaceState: _kron_logdet,
 }
 
 
@@ -240,13 +332,17 @@ def neg_log_prior(state: Any, params: Any, normalized: bool = False) -> Tensor:
     if square is None:
         known = ", ".join(cls.__name__ for cls in SQUARE_FORMS)
         raise TypeError(f"state must be one of {known}; got {type(state).__name__}.")
-    mean, _ = flatten(state.params)
     flat, spec = leaves(params)
     _, ref_spec = leaves(state.params)
-    if spec != ref_spec or sum(t.numel() for t in flat) != mean.numel():
+    if spec != ref_spec or [t.shape for t in flat] != [
+        t.shape for t in leaves(state.params)[0]
+    ]:
         raise ValueError(
             f"params must be a tree like state.params ({ref_spec}); got {spec}."
         )
+    if isinstance(state, KronLaplaceState):  # the model's order, not sorted
+        flat = [params[n] for n in state.params]
+    mean = torch.cat([t.detach().reshape(-1) for t in _leaves_in_order(state)])
     theta = torch.cat([t.reshape(-1) for t in flat])
     value = 0.5 * square(state, theta - mean.to(theta))
     if normalized:

@@ -158,7 +158,8 @@ def init(
     _check_model(model)
     init_prec = _check_init_prec(init_prec)
     ordered = _check_params(params, model)
-    dtype = precision_dtype(next(iter(ordered.values())).dtype)
+    ref = next(iter(ordered.values()))
+    dtype = precision_dtype(ref.dtype)
     # zero diagonal factors: the zero matrix in O(P) memory, whatever the layout
     kfacs = []
     for t in ordered.values():
@@ -169,7 +170,6 @@ def init(
             )
         else:
             kfacs.append([torch.zeros(t.numel(), **kw)])
-    ref = next(iter(ordered.values()))
     loss = torch.zeros((), dtype=dtype, device=ref.device)
     return KronLaplaceState(ordered, Kron(kfacs), init_prec, 0, loss)
 
@@ -201,8 +201,8 @@ def update(
     _check_kfac_approx(kfac_approx)
     params = _check_params(state.params, model, "state.params")
     x, y = split_batch(batch, dict_key_x, dict_key_y)
-    device = next(iter(params.values())).device
-    x, y = to_device(x, device), to_device(y, device)
+    ref = next(iter(params.values()))
+    x, y = to_device(x, ref.device), to_device(y, ref.device)
     n = batch_size(x, dict_key_x)
     backend = NativeGGN(
         model,
@@ -213,13 +213,14 @@ def update(
     )
     with _evaluated_at(model, params) as output:
         loss, K = backend.kron(x, y, N=n)
-    dtype = state.kron.kfacs[0][0].dtype if state.kron.kfacs else None
-    loss = loss.detach().to(dtype or loss.dtype)
+    dtype = precision_dtype(ref.dtype)
+    loss = loss.detach().to(dtype)
     K = Kron([[F.detach().to(dtype) for F in block] for block in K.kfacs], K.averaged)
-    if not bool(torch.isfinite(loss)) or not all(
-        bool(torch.isfinite(F).all()) for block in K.kfacs for F in block
-    ):
-        what = "loss" if not bool(torch.isfinite(loss)) else "curvature"
+    finite = [torch.isfinite(loss)] + [
+        torch.isfinite(F).all() for block in K.kfacs for F in block
+    ]
+    if not bool(torch.stack(finite).all()):  # one synchronization
+        what = "loss" if not bool(finite[0]) else "curvature"
         raise RuntimeError(
             f"The {what} of the batch is not finite (NaN or inf); check its inputs "
             "and targets and the model's outputs. The state was left as it was."
@@ -267,7 +268,7 @@ def sample(
     means = list(state.params.values())
     sizes = [t.numel() for t in means]
     P = sum(sizes)
-    decomposed = state.kron.decompose() + 1e-3
+    decomposed = state.kron.decompose() + state.init_prec
     if state.init_prec == 0:
         _check_nonsingular(decomposed, P)
     ref = decomposed.eigenvalues[0][0]
