@@ -321,3 +321,14 @@ def test_kron_continual_learning_streams_as_kron_laplace_fits_with_override_fals
     torch.testing.assert_close(
         kron_ggn.precision(state), la.posterior_precision.to_matrix()
     )
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_neg_log_prior_refuses_params_that_share_the_means_memory(structure, device):
+    """A state built from the model's own tensors (or detached views of them)
+    would follow the training, its penalty 0: refused, naming the fix."""
+    model = _model(device)
+    module = STATE_MODULES[structure]
+    state = module.init({k: v.detach() for k, v in model.named_parameters()}, 1.0)
+    with pytest.raises(ValueError, match=r"params share memory with state.params"):
+        convert.neg_log_prior(state, dict(model.named_parameters()))

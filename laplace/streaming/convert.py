@@ -342,6 +342,14 @@ def neg_log_prior(state: Any, params: Any, normalized: bool = False) -> Tensor:
         )
     if isinstance(state, KronLaplaceState):  # the model's order, not sorted
         flat = [params[n] for n in state.params]
+    for t, m in zip(flat, _leaves_in_order(state), strict=True):
+        if t.untyped_storage().data_ptr() == m.untyped_storage().data_ptr():
+            raise ValueError(
+                "params share memory with state.params, the prior's mean: training "
+                "them moves the mean along and the penalty stays 0. Build the state "
+                "from copies, e.g. {k: v.detach().clone() for k, v in "
+                "model.named_parameters()}."
+            )
     mean = torch.cat([t.detach().reshape(-1) for t in _leaves_in_order(state)])
     theta = torch.cat([t.reshape(-1) for t in flat])
     value = 0.5 * square(state, theta - mean.to(theta))
