@@ -4,6 +4,8 @@ Jacobians and the analytic softmax Hessian), summed over batches."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -593,3 +595,242 @@ def test_an_indefinite_output_hessian_takes_the_per_example_product(
     )
     oracle = _flat_oracle(forward, indefinite, _params(model), (x, y))
     torch.testing.assert_close(state.prec, oracle)
+
+
+# -- defaults, aux, tree order, chunks and edge cases ------------------------------
+def test_the_default_initial_precision_is_zero(device):
+    model = _mlp(device)
+    params = _params(model)
+    assert not dense_ggn.build(*_functions(model)).init(params).prec.any()
+    prec = diag_ggn.build(*_functions(model)).init(params).prec_diag
+    assert not any(v.any() for v in prec.values())
+
+
+@pytest.mark.parametrize("module", [dense_ggn, diag_ggn])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_state_keeps_the_aux_of_the_last_forward(module, inplace, device):
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+
+    def with_aux(params, batch):
+        out, _ = forward(params, batch)
+        return out, {"logits": out.detach(), "n": batch[0].shape[0]}
+
+    state = module.init(_params(model), 1.0)
+    for batch in _batches(x, y):
+        state = module.update(state, batch, with_aux, oll, inplace=inplace)
+    assert state.aux["n"] == 2
+    torch.testing.assert_close(
+        state.aux["logits"], forward(_params(model), (x[7:], y[7:]))[0]
+    )
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_the_fisher_state_keeps_the_log_posteriors_aux(per_sample, device):
+    """The aux as posteriors gives it: stacked over the examples for
+    ``per_sample=False`` (each a batch of one), the batch's for True."""
+    params, batch, _ = _gaussian_linear(device)
+
+    def log_posterior(p, data):
+        x, y = data
+        r = x @ p["weight"][0] + p["bias"] - y
+        return -0.5 * r.square(), {"r": r.detach()}
+
+    state = dense_fisher.update(
+        dense_fisher.init(params), batch, log_posterior, per_sample
+    )
+    x, y = batch
+    r = x @ params["weight"][0] + params["bias"] - y
+    torch.testing.assert_close(state.aux["r"], r[:, None] if not per_sample else r)
+
+
+def _unsorted_tree(device):
+    g = torch.Generator().manual_seed(6)
+    Pair = collections.namedtuple("Pair", ["w", "b"])
+
+    def t(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+
+    return {"z": t(2), "a": [Pair(t(2, 2), t(1)), {"y": t(3), "c": t()}]}
+
+
+def _tree_forward(params, batch):
+    """A scalar-output model reading every leaf of ``_unsorted_tree``."""
+    x = batch[0]
+    pair, inner = params["a"]
+    h = torch.tanh(x @ pair.w + pair.b + params["z"])
+    out = (h * inner["y"][:2]).sum(-1) + inner["c"] + inner["y"][2]
+    return out, torch.tensor([])
+
+
+def _gaussian_oll(out, batch):
+    return -0.5 * (out - batch[1]).square().sum()
+
+
+@pytest.mark.parametrize("module", [dense_ggn, diag_ggn])
+def test_trees_keep_the_parameters_key_order_and_containers(module, device):
+    """``prec_diag`` and samples keep every dict's key order (not sorted), lists,
+    namedtuples and 0-d leaves of the parameters."""
+    params = _unsorted_tree(device)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 2, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(6, generator=g, dtype=torch.float64).to(device)
+    state = module.update(
+        module.init(params, 1.0), (x, y), _tree_forward, _gaussian_oll
+    )
+    trees = [module.sample(state), module.sample(state, (3,))]
+    if module is diag_ggn:
+        trees.append(state.prec_diag)
+    for tree in trees:
+        assert list(tree) == ["z", "a"] and list(tree["a"][1]) == ["y", "c"]
+        assert type(tree["a"][0]).__name__ == "Pair" and isinstance(tree["a"], list)
+    assert trees[0]["a"][1]["c"].shape == () and trees[1]["a"][1]["c"].shape == (3,)
+
+
+def test_a_dict_with_keys_that_do_not_sort_keeps_their_order(device):
+    g = torch.Generator().manual_seed(8)
+    params = {
+        2: torch.randn(2, generator=g, dtype=torch.float64),
+        "w": torch.randn(2, generator=g, dtype=torch.float64),
+    }
+    x = torch.randn(5, 2, generator=g, dtype=torch.float64)
+
+    def forward(p, batch):
+        return batch[0] @ p["w"] + batch[0] @ p[2], torch.tensor([])
+
+    state = dense_ggn.update(
+        dense_ggn.init(params),
+        (x, torch.zeros(5, dtype=x.dtype)),
+        forward,
+        _gaussian_oll,
+    )
+    z = torch.cat([x, x], 1)  # the Jacobian, leaves in insertion order
+    torch.testing.assert_close(state.prec, z.T @ z)
+
+
+def test_chunks_of_one_example_and_a_batch_of_one(device, monkeypatch):
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+    per_example = _spy(monkeypatch, "_per_example")
+    pieces = list(ggn.terms(forward, oll, _params(model), (x, y), 31 * 3)[1])
+    assert len(pieces) == 9
+    oracle = _flat_oracle(forward, oll, _params(model), (x, y))
+    torch.testing.assert_close(sum(A.T @ B for A, B in pieces), oracle)
+    one = (x[:1], y[:1])
+    state = dense_ggn.update(dense_ggn.init(_params(model)), one, forward, oll)
+    torch.testing.assert_close(
+        state.prec, _flat_oracle(forward, oll, _params(model), one)
+    )
+    assert len(per_example) == 2
+
+
+def test_a_1d_output_and_a_large_loss_take_the_per_example_way(device, monkeypatch):
+    """A regression output ``(N,)`` (a scalar per example) and a log-likelihood
+    scaled by ``1e6``: independent examples, whatever the output's rank and the
+    loss's scale."""
+    params = _unsorted_tree(device)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 2, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(7, generator=g, dtype=torch.float64).to(device)
+
+    def large(out, batch):
+        return 1e6 * _gaussian_oll(out, batch)
+
+    whole = _spy(monkeypatch, "_whole_batch")
+    for oll in (_gaussian_oll, large):
+        state = dense_ggn.update(dense_ggn.init(params), (x, y), _tree_forward, oll)
+        oracle = _tree_oracle(params, (x, y), oll)
+        torch.testing.assert_close(state.prec, oracle)
+    assert not whole
+
+
+def _tree_oracle(params, batch, oll):
+    flat, spec = torch.utils._pytree.tree_flatten(params)
+    order = sorted(range(len(flat)), key=lambda i: _sorted_position(params)[i])
+    shapes = [flat[i].shape for i in order]
+    theta = torch.cat([flat[i].reshape(-1) for i in order])
+
+    def output(vector):
+        parts = [
+            p.reshape(s)
+            for p, s in zip(vector.split([s.numel() for s in shapes]), shapes)
+        ]
+        leaves = [None] * len(flat)
+        for i, p in zip(order, parts):
+            leaves[i] = p
+        return _tree_forward(torch.utils._pytree.tree_unflatten(leaves, spec), batch)[0]
+
+    z = output(theta).detach()
+    J = torch.func.jacrev(output)(theta).reshape(z.numel(), -1)
+    H = torch.func.hessian(lambda o: -oll(o, batch))(z).reshape(z.numel(), z.numel())
+    return J.T @ H @ J
+
+
+def _sorted_position(params):
+    """Each leaf's rank in posteriors' order (dicts by sorted key)."""
+    from laplace.streaming.tree import leaves
+
+    mine, _ = torch.utils._pytree.tree_flatten(params)
+    theirs, _ = leaves(params)
+    return [next(j for j, t in enumerate(theirs) if t is m) for m in mine]
+
+
+def test_float32_models_take_the_per_example_way(device, monkeypatch):
+    """Batched and per-example outputs differ by rounding in float32: still
+    independent examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
+    x = torch.randn(64, 20, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    forward, oll = _functions(model)
+    whole = _spy(monkeypatch, "_whole_batch")
+    params = _params(model)
+    state = diag_ggn.update(diag_ggn.init(params), (x, y), forward, oll)
+    assert not whole
+    exact = _flat_oracle(
+        forward, oll, {k: v.double() for k, v in params.items()}, (x.double(), y)
+    ).diagonal()
+    flat = torch.cat([state.prec_diag[n].reshape(-1) for n in sorted(params)])
+    torch.testing.assert_close(flat.double(), exact, rtol=1e-4, atol=1e-6)
+
+
+def test_16_bit_outputs_through_the_whole_batch_way_use_float32(device):
+    """A bfloat16 model whose log-likelihood couples the examples: ``H`` and the
+    products in float32, close to the float64 GGN at the rounded parameters."""
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+    low = {k: v.to(torch.bfloat16) for k, v in _params(model).items()}
+
+    def forward_low(params, batch):
+        return forward(params, (batch[0].to(torch.bfloat16), batch[1]))
+
+    def coupled(logits, batch):
+        return oll(logits, batch) - 0.1 * logits.sum().square()
+
+    state = dense_ggn.update(dense_ggn.init(low), (x, y), forward_low, coupled)
+    rounded = {k: v.double() for k, v in low.items()}
+    exact = _flat_oracle(forward, coupled, rounded, (x, y))
+    torch.testing.assert_close(state.prec.double(), exact, rtol=0.05, atol=0.1)
+
+
+def test_pieces_of_matrices_rows_and_grams_add_up_in_the_precisions_dtype(
+    device, monkeypatch
+):
+    """A matrix, a pair ``(A, B)`` and a Gram ``(S, S)`` (in blocks of two rows),
+    float64 pieces into a float32 precision."""
+    monkeypatch.setattr(dense_ggn, "GRAM_BLOCK", 2)
+    g = torch.Generator().manual_seed(10)
+    state = dense_ggn.init(torch.zeros(5, dtype=torch.float32, device=device), 1.0)
+    M, A, S = (
+        torch.randn(n, 5, generator=g, dtype=torch.float64).to(device)
+        for n in (5, 3, 3)
+    )
+    pieces = [M + M.T, (A, A.clone()), (S, S)]
+    new = dense_ggn.add_to_precision(state, pieces, "aux", False)
+    expected = torch.eye(5, device=device) + M + M.T + A.T @ A + S.T @ S
+    assert new.prec.dtype == torch.float32 and new.aux == "aux"
+    torch.testing.assert_close(new.prec, expected.float())
+    assert not state.prec.any() or torch.equal(state.prec, torch.eye(5, device=device))
