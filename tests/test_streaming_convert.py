@@ -22,7 +22,7 @@ STATE_MODULES = {"full": dense_ggn, "diag": diag_ggn}
 
 def _model(device, likelihood="classification"):
     torch.manual_seed(0)
-    out = 3 if likelihood == "classification" else 2
+    out = 3  # not 2, the size of the loaders' last batch
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, out)).to(
         device, torch.float64
     )
@@ -34,7 +34,7 @@ def _loader(device, likelihood="classification", n=12, seed=1):
     if likelihood == "classification":
         y = torch.randint(0, 3, (n,), generator=g).to(device)
     else:
-        y = torch.randn(n, 2, generator=g, dtype=torch.float64).to(device)
+        y = torch.randn(n, 3, generator=g, dtype=torch.float64).to(device)
     return DataLoader(TensorDataset(x, y), batch_size=5)
 
 
@@ -105,6 +105,7 @@ def test_without_data_the_evidence_is_nan_and_the_predictive_works(device):
     state = _streamed("full", model, loader, "classification", 1.0)
     la = convert.to_laplace(state, model, "classification", 1.0)
     assert math.isnan(float(la.log_marginal_likelihood()))
+    assert la.n_data == 0 and la.n_outputs is None
     ref = _fitted("full", model, loader, "classification", 1.0)
     x = next(iter(loader))[0]
     torch.testing.assert_close(la(x), ref(x))
@@ -149,8 +150,29 @@ def test_conversions_refuse_what_they_cannot_convert(device):
     with pytest.raises(TypeError, match="state must be one of DenseLaplaceState"):
         convert.to_laplace(object(), model, "classification", 1.0)
     wrong = dense_ggn.DenseLaplaceState({"w": torch.zeros(3)}, state.prec)
-    with pytest.raises(ValueError, match=r"state.params must map the names"):
+    with pytest.raises(
+        ValueError, match=r"state.params must map the names.*got \['w'\]"
+    ):
         convert.to_laplace(wrong, model, "classification", 1.0)
+    listed = dense_ggn.DenseLaplaceState([torch.zeros(3)], state.prec)
+    with pytest.raises(ValueError, match=r"must map the names.*got list"):
+        convert.to_laplace(listed, model, "classification", 1.0)
+    shapes = {k: v.reshape(-1) for k, v in state.params.items()}
+    with pytest.raises(
+        ValueError, match=r"state.params\['0.weight'\] has shape \(15,\)"
+    ):
+        convert.to_laplace(
+            dense_ggn.DenseLaplaceState(shapes, state.prec),
+            model,
+            "classification",
+            1.0,
+        )
+    with pytest.raises(TypeError, match=r"state must be one of .*; got dict"):
+        convert.neg_log_prior({}, state.params)
+    with pytest.raises(ValueError, match=r"params must be a tree like state.params"):
+        convert.neg_log_prior(state, {k: v for k, v in list(state.params.items())[:2]})
+    with pytest.raises(ValueError, match=r"params must be a tree like state.params"):
+        convert.neg_log_prior(state, shapes)
     la = Laplace(model, "classification", "last_layer", "full")
     la.fit(loader)
     with pytest.raises(TypeError, match="la must be a FullLaplace, DiagLaplace or"):
