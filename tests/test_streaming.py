@@ -410,7 +410,7 @@ def _spy(monkeypatch, name):
     return calls
 
 
-@pytest.mark.parametrize("chunk_entries", [None, 31 * 3 * 2])
+@pytest.mark.parametrize("chunk_entries", [None, 31 * 2 * 2])
 def test_independent_examples_take_the_per_example_way_in_chunks(
     chunk_entries, device, monkeypatch
 ):

@@ -39,8 +39,9 @@ from torch.utils import _pytree as pytree
 from laplace.streaming.tree import TensorTree, flatten, pair
 
 Tensor = torch.Tensor
-#: the most Jacobian entries held at once on the per-example way (128 MB in float32)
-CHUNK_ENTRIES = 2**25
+#: the most Jacobian entries held at once on the per-example way (32 MB in float32;
+#: larger chunks were slower, out of the caches, on a 2-core CPU)
+CHUNK_ENTRIES = 2**23
 
 
 def terms(
@@ -158,22 +159,36 @@ def _splits(forward, unflatten, theta, batch, z) -> bool:
 def _per_example(forward, unflatten, theta, batch, blocks, chunk_entries):
     """The pieces of ``sum_n J_n^T H_n J_n``: ``(S, S)``, one tensor twice, with
     ``S_n = L_n^T J_n`` where every ``H_n = L_n L_n^T`` is positive semi-definite
-    (as for a cross-entropy or a Gaussian log-likelihood), else ``(J, H J)``."""
+    (as for a cross-entropy or a Gaussian log-likelihood), else ``(J, H J)``.
+
+    ``S_n``'s rows are vector-Jacobian products of example ``n``'s output with the
+    columns of ``L_n`` (one backward pass per column, no ``J_n``); ``J_n``'s, with
+    the unit vectors (``jacrev``)."""
     N, C, _ = blocks.shape
     P = theta.numel()
-    jacobian = torch.func.vmap(
-        torch.func.jacrev(_single(forward, unflatten)), in_dims=(None, 0)
-    )
+    single = _single(forward, unflatten)
     factors = _square_roots(blocks)
-    step = max(1, chunk_entries // (C * P))
+    if factors is None:
+        rows_of = torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))
+        K = C
+    else:
+
+        def products(vector, example, cotangents):
+            _, pull = torch.func.vjp(lambda v: single(v, example).reshape(-1), vector)
+            return torch.func.vmap(pull)(cotangents)[0]
+
+        rows_of = torch.func.vmap(products, in_dims=(None, 0, 0))
+        K = factors.shape[-1]
+    step = max(1, chunk_entries // (K * P))
     for start in range(0, N, step):
         rows = slice(start, start + step)
         part = pytree.tree_map(lambda t, rows=rows: t[rows], batch)
-        J = jacobian(theta, part).reshape(-1, C, P).to(blocks.dtype)
         if factors is None:
+            J = rows_of(theta, part).reshape(-1, C, P).to(blocks.dtype)
             yield J.reshape(-1, P), torch.bmm(blocks[rows], J).reshape(-1, P)
         else:
-            S = torch.bmm(factors[rows].mT, J).reshape(-1, P)
+            cotangents = factors[rows].mT.to(theta.dtype)  # (n, K, C): L_n^T
+            S = rows_of(theta, part, cotangents).reshape(-1, P).to(blocks.dtype)
             yield S, S
 
 
