@@ -244,14 +244,22 @@ def test_bad_input_is_refused_naming_the_argument(device):
     def no_aux(p, b):
         return functional_call(model, p, (b[0],))
 
-    with pytest.raises(ValueError, match=r"forward must return a pair \(output, aux\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"forward must return a pair \(output, aux\), e.g. \(logits.*a Tensor",
+    ):
         dense_ggn.update(state, (x, y), no_aux, oll)
 
     def per_example(logits, batch):
         return -nn.functional.cross_entropy(logits, batch[1], reduction="none")
 
-    with pytest.raises(ValueError, match=r"outer_log_likelihood must return a scalar"):
+    with pytest.raises(
+        ValueError,
+        match=r"outer_log_likelihood must return a scalar .* returned \(9,\)",
+    ):
         diag_ggn.update(diag_ggn.init(params, 1.0), (x, y), forward, per_example)
+    with pytest.raises(ValueError, match=r"it returned <class 'float'>"):
+        diag_ggn.update(diag_ggn.init(params, 1.0), (x, y), forward, lambda f, b: 1.0)
     with pytest.raises(ValueError, match=r"init_prec must be a float or a \(31, 31\)"):
         dense_ggn.init(params, torch.eye(3))
     skewed = torch.eye(31, dtype=torch.float64, device=device)
@@ -260,8 +268,15 @@ def test_bad_input_is_refused_naming_the_argument(device):
         dense_ggn.init(params, skewed)
     with pytest.raises(ValueError, match=r"init_prec_diag must be a float or a tree"):
         diag_ggn.init(params, {"0.weight": torch.ones(4, 3)})
-    with pytest.raises(TypeError, match=r"params must be a tensor or a tree"):
+    with pytest.raises(
+        TypeError, match=r"params must be a tensor or a tree.*type float"
+    ):
         dense_ggn.init({"w": 3.0})
+    with pytest.raises(TypeError, match=r"leaves of type nothing"):
+        dense_ggn.init({})
+    reshaped = {k: v.reshape(-1) for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"init_prec_diag must be a float or a tree"):
+        diag_ggn.init(params, reshaped)
 
 
 def _gaussian_linear(device, n=4):
@@ -681,7 +696,7 @@ def test_trees_keep_the_parameters_key_order_and_containers(module, device):
     )
     trees = [module.sample(state), module.sample(state, (3,))]
     if module is diag_ggn:
-        trees.append(state.prec_diag)
+        trees += [state.prec_diag, module.init(params, 1.0).prec_diag]
     for tree in trees:
         assert list(tree) == ["z", "a"] and list(tree["a"][1]) == ["y", "c"]
         assert type(tree["a"][0]).__name__ == "Pair" and isinstance(tree["a"], list)
@@ -727,54 +742,113 @@ def test_chunks_of_one_example_and_a_batch_of_one(device, monkeypatch):
 
 
 def test_a_1d_output_and_a_large_loss_take_the_per_example_way(device, monkeypatch):
-    """A regression output ``(N,)`` (a scalar per example) and a log-likelihood
-    scaled by ``1e6``: independent examples, whatever the output's rank and the
-    loss's scale."""
+    """A regression output ``(N,)`` (a scalar per example) over a nested tree, and
+    a cross-entropy scaled by ``1e6``: independent examples, whatever the
+    output's rank and the loss's scale."""
     params = _unsorted_tree(device)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(7, 2, generator=g, dtype=torch.float64).to(device)
     y = torch.randn(7, generator=g, dtype=torch.float64).to(device)
-
-    def large(out, batch):
-        return 1e6 * _gaussian_oll(out, batch)
-
     whole = _spy(monkeypatch, "_whole_batch")
-    for oll in (_gaussian_oll, large):
-        state = dense_ggn.update(dense_ggn.init(params), (x, y), _tree_forward, oll)
-        oracle = _tree_oracle(params, (x, y), oll)
-        torch.testing.assert_close(state.prec, oracle)
+    state = dense_ggn.update(
+        dense_ggn.init(params), (x, y), _tree_forward, _gaussian_oll
+    )
+    torch.testing.assert_close(state.prec, _tree_oracle(params, (x, y), _gaussian_oll))
+    model = _mlp(device)
+    data = _data(device)
+    forward, oll = _functions(model)
+
+    def large(logits, batch):
+        return 1e6 * oll(logits, batch)
+
+    state = dense_ggn.update(dense_ggn.init(_params(model)), data, forward, large)
+    oracle = _flat_oracle(forward, large, _params(model), data)
+    torch.testing.assert_close(state.prec, oracle, rtol=1e-6, atol=1e-3)
     assert not whole
 
 
+def test_a_forward_that_drops_a_batch_of_ones_dimension_takes_the_whole_batch_way(
+    device, monkeypatch
+):
+    """``out.squeeze()`` gives ``(C,)`` for an example alone, not its row ``(1,
+    C)``: the examples are not run alone, the whole batch is, exactly."""
+    model = _mlp(device)
+    x, y = _data(device)
+    forward, oll = _functions(model)
+
+    def squeezing(params, batch):
+        out, aux = forward(params, batch)
+        return out.squeeze(), aux
+
+    per_example = _spy(monkeypatch, "_per_example")
+    state = dense_ggn.update(dense_ggn.init(_params(model)), (x, y), squeezing, oll)
+    oracle = _flat_oracle(forward, oll, _params(model), (x, y))
+    torch.testing.assert_close(state.prec, oracle)
+    assert not per_example
+
+
+def test_an_ordered_dicts_leaves_keep_their_insertion_order(device):
+    """An ``OrderedDict`` is flattened in insertion order (a dict by sorted key)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 2, generator=g, dtype=torch.float64).to(device)
+    w, v = (torch.randn(2, generator=g, dtype=torch.float64).to(device) for _ in "wv")
+
+    def forward(p, batch):
+        return batch[0] @ p["w"] + 2 * batch[0] @ p["v"], torch.tensor([])
+
+    y = torch.zeros(5, dtype=x.dtype, device=device)
+    ordered = collections.OrderedDict([("w", w), ("v", v)])
+    state = dense_ggn.update(dense_ggn.init(ordered), (x, y), forward, _gaussian_oll)
+    z = torch.cat([x, 2 * x], 1)  # w's columns first
+    torch.testing.assert_close(state.prec, z.T @ z)
+    plain = dense_ggn.update(
+        dense_ggn.init(dict(ordered)), (x, y), forward, _gaussian_oll
+    )
+    z = torch.cat([2 * x, x], 1)  # sorted: v first
+    torch.testing.assert_close(plain.prec, z.T @ z)
+
+
+def test_a_nearly_symmetric_initial_precision_is_taken_and_a_skewed_one_refused(
+    device,
+):
+    """Asymmetry at rounding level (1e-12 of a matrix of norm 1e3) is taken; a
+    skew of 0.1 between two non-zero entries is refused, and reported."""
+    params = torch.zeros(3, dtype=torch.float64, device=device)
+    prec = 1e3 * torch.eye(3, dtype=torch.float64, device=device)
+    prec[0, 1], prec[1, 0] = 1.0, 1.0 + 1e-9
+    torch.testing.assert_close(dense_ggn.init(params, prec).prec, prec)
+    skewed = torch.eye(3, dtype=torch.float64, device=device)
+    skewed[0, 1], skewed[1, 0] = 0.5, 0.4
+    with pytest.raises(ValueError, match=r"largest asymmetry is 0.1\."):
+        dense_ggn.init(params, skewed)
+
+
+#: the leaves of ``_unsorted_tree`` in posteriors' order (dicts by sorted key)
+SORTED_PATHS = (("a", 0, 0), ("a", 0, 1), ("a", 1, "c"), ("a", 1, "y"), ("z",))
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def _tree_oracle(params, batch, oll):
-    flat, spec = torch.utils._pytree.tree_flatten(params)
-    order = sorted(range(len(flat)), key=lambda i: _sorted_position(params)[i])
-    shapes = [flat[i].shape for i in order]
-    theta = torch.cat([flat[i].reshape(-1) for i in order])
+    """``J^T H J`` over ``_unsorted_tree``'s leaves in ``SORTED_PATHS`` order."""
+    shapes = [_at(params, p).shape for p in SORTED_PATHS]
+    theta = torch.cat([_at(params, p).reshape(-1) for p in SORTED_PATHS])
+    Pair = type(params["a"][0])
 
     def output(vector):
-        parts = [
-            p.reshape(s)
-            for p, s in zip(vector.split([s.numel() for s in shapes]), shapes)
-        ]
-        leaves = [None] * len(flat)
-        for i, p in zip(order, parts):
-            leaves[i] = p
-        return _tree_forward(torch.utils._pytree.tree_unflatten(leaves, spec), batch)[0]
+        parts = vector.split([s.numel() for s in shapes])
+        w, b, c, y, z = (p.reshape(s) for p, s in zip(parts, shapes, strict=True))
+        tree = {"z": z, "a": [Pair(w, b), {"y": y, "c": c}]}
+        return _tree_forward(tree, batch)[0]
 
     z = output(theta).detach()
     J = torch.func.jacrev(output)(theta).reshape(z.numel(), -1)
     H = torch.func.hessian(lambda o: -oll(o, batch))(z).reshape(z.numel(), z.numel())
     return J.T @ H @ J
-
-
-def _sorted_position(params):
-    """Each leaf's rank in posteriors' order (dicts by sorted key)."""
-    from laplace.streaming.tree import leaves
-
-    mine, _ = torch.utils._pytree.tree_flatten(params)
-    theirs, _ = leaves(params)
-    return [next(j for j, t in enumerate(theirs) if t is m) for m in mine]
 
 
 def test_float32_models_take_the_per_example_way(device, monkeypatch):

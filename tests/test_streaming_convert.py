@@ -354,3 +354,16 @@ def test_neg_log_prior_refuses_params_that_share_the_means_memory(structure, dev
     state = module.init({k: v.detach() for k, v in model.named_parameters()}, 1.0)
     with pytest.raises(ValueError, match=r"params share memory with state.params"):
         convert.neg_log_prior(state, dict(model.named_parameters()))
+
+
+def test_a_kron_state_keeps_its_precision_under_any_noise_and_temperature(device):
+    """``H`` is the state's curvature divided by the likelihood's factor ``1 /
+    (sigma^2 T)``: the posterior precision stays the state's."""
+    model, loader = _model(device, "regression"), _loader(device, "regression")
+    state = _kron_streamed(model, loader, "regression", 0.5)
+    la = convert.to_laplace(
+        state, model, "regression", sigma_noise=0.7, temperature=2.0
+    )
+    torch.testing.assert_close(
+        la.posterior_precision.to_matrix(), kron_ggn.precision(state)
+    )

@@ -279,7 +279,7 @@ def test_a_non_finite_batch_raises_and_leaves_the_state(device):
     snap = _snapshot(state)
     y_bad = y.clone()
     y_bad[0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="not finite"):
+    with pytest.raises(RuntimeError, match="The loss of .*not finite"):
         kron_ggn.update(state, (x, y_bad), model, "regression", inplace=True)
     _assert_snapshot(state, snap)
 
@@ -405,3 +405,10 @@ def test_bad_inputs_raise_clear_errors(device):
     other = _model("cnn", device)
     with pytest.raises(ValueError, match="state.params must hold exactly"):
         kron_ggn.update(state, (x, y), other)
+
+
+def test_the_default_initial_precision_is_zero(device):
+    model = _model("mlp", device)
+    state = kron_ggn.build(model).init(_trainable(model))
+    assert state.init_prec == 0.0 and not kron_ggn.precision(state).any()
+    assert kron_ggn.init(_trainable(model), model).init_prec == 0.0
