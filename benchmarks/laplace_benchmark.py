@@ -349,13 +349,14 @@ def checkout() -> str:
     )
 
 
-def run_probe(python: str, side: str) -> dict | str:
-    """The probe's answer, or why it failed."""
+def run_probe(python: str, side: str, script: str = SCRIPT) -> dict | str:
+    """The answer of ``script``'s probe (``--probe SIDE``) run by ``python``, or why
+    it failed."""
     if not os.path.exists(python):
         return f"{python} does not exist"
     try:
         proc = subprocess.run(
-            [python, SCRIPT, "--probe", side],
+            [python, script, "--probe", side],
             capture_output=True,
             text=True,
             timeout=120,

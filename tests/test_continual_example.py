@@ -3,23 +3,7 @@ it claims: fine-tuning forgets the first tasks, a Laplace prior keeps them."""
 
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def run_example(name: str, argv: list[str], out: Path, capsys):
-    """As ``tests/test_examples.py``'s: run ``main`` of ``examples/NAME`` on ``argv``
-    and ``--out OUT``, check the PNG file and its printed path; returns the
-    example's namespace, what ``main`` returned and what it printed."""
-    example = runpy.run_path(str(EXAMPLES / name))
-    result = example["main"]([*argv, "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert out.read_bytes().startswith(b"\x89PNG")
-    assert f" written to {out}\n" in printed
-    return example, result, printed
-
+from tests.test_examples import run_example
 
 FINE_TUNING = "fine-tuning (no prior)"
 DENSE = "Laplace, streaming dense GGN"

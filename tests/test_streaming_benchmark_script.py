@@ -92,9 +92,9 @@ def test_streaming_benchmark_quick_run_agrees_with_posteriors(tmp_path):
     assert [r[0] for r in rows] == ["dense_ggn", "diag_ggn"]
     for cells in rows:
         assert float(cells[3]) > 0 and float(cells[4]) > 0
-        assert float(cells[9]) <= 1e-4  # max rel. diff. of the precisions
+        assert float(cells[9]) <= 5e-4  # max rel. diff. of the precisions
         assert cells[10] in ("**met**", "**NOT met**")
-    assert "- Check: the precisions of both libraries agree within 0.0001" in (
+    assert "- Check: the precisions of both libraries agree within 0.0005" in (
         proc.stdout
     )
     assert "**met**." in proc.stdout.split("- Check:")[1].splitlines()[0]
@@ -193,7 +193,7 @@ def test_streaming_benchmark_report_targets_and_agreement():
     assert rows[1][5] == "2×" and rows[1][8] == "0.5×" and rows[1][9] == "0.0025"
     assert rows[1][10:] == ["**NOT met**", "**NOT met**"]
     assert "every row: **NOT met** (2 of 4 missed)." in text
-    assert "agree within 0.0001 (max rel. diff. 0.0025): **NOT met**." in text
+    assert "agree within 0.0005 (max rel. diff. 0.0025): **NOT met**." in text
     # a posteriors failure is shown and listed
     results[diag.key("posteriors")] = M("p", None, None, "timed out after 300 s")
     text = sb.report(results, {}, [], [dense, diag])

@@ -100,3 +100,26 @@ def assemble_kron(
             # its own copy: Kron accumulates in place, block by block
             blocks[id(bias)] = [G.clone() if layer.A is not None else G]
     return Kron([blocks[id(p)] for p in params])
+
+
+def merge_data_sets(
+    old: Kron, new: Kron, n_old: int, n_new: int, inplace: bool = False
+) -> Kron:
+    """The ``Kron`` of ``n_old + n_new`` data from those of two disjoint data sets
+    of ``n_old`` and ``n_new`` data (the same layout): the factors marked
+    ``Kron.averaged`` weighted by the counts, the summed ones added. With
+    ``inplace``, ``old``'s factors are updated in place (and returned in a new
+    ``Kron``)."""
+    w_old, w_new = n_old / (n_old + n_new), n_new / (n_old + n_new)
+    blocks = []
+    for block, other, mean in zip(old.kfacs, new.kfacs, old.averaged, strict=True):
+        merged = []
+        for j, (f, g) in enumerate(zip(block, other, strict=True)):
+            if inplace:
+                merged.append(
+                    f.mul_(w_old).add_(g, alpha=w_new) if j == mean else f.add_(g)
+                )
+            else:
+                merged.append(w_old * f + w_new * g if j == mean else f + g)
+        blocks.append(merged)
+    return Kron(blocks, old.averaged)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from laplace.curvature.kron_assembly import merge_data_sets
 from laplace.parametric.base import ParametricLaplace, _all_finite
 from laplace.parametric.precision import KronPrecision
 from laplace.utils.logdet import affine_log_sum
@@ -133,15 +134,7 @@ class KronLaplace(ParametricLaplace):
                 f"backend gave {H_new._shapes()} with averaged {H_new.averaged}. "
                 "Use fit(override=True) or the same backend."
             )
-        w_old, w_new = n_old / (n_old + n_new), n_new / (n_old + n_new)
-        blocks = [
-            [
-                w_old * f + w_new * g if j == mean else f + g
-                for j, (f, g) in enumerate(zip(old, new, strict=True))
-            ]
-            for old, new, mean in zip(H_old.kfacs, H_new.kfacs, H_old.averaged)
-        ]
-        return Kron(blocks, H_old.averaged)
+        return merge_data_sets(H_old, H_new, n_old, n_new)
 
     @staticmethod
     def _is_finite(H: Kron) -> bool:

@@ -197,15 +197,17 @@ def _square_roots(blocks: Tensor) -> Tensor | None:
     semi-definite (no eigenvalue below ``-C eps`` times the largest, the rounding
     of ``eigh``); else None. ``K <= C`` leaves out the eigen-directions of zero
     curvature (within that rounding of 0) in every block."""
-    values, vectors = torch.linalg.eigh(blocks)
-    # eigh's rounding: eigenvalues within it of 0 are 0
-    tol = blocks.shape[-1] * torch.finfo(values.dtype).eps * values.abs().max()
+    # in float64: a float32 eigh loses the small eigenvalues' relative accuracy
+    values, vectors = torch.linalg.eigh(blocks.double())
+    # the blocks' rounding: eigenvalues within it of 0 are 0
+    tol = blocks.shape[-1] * torch.finfo(blocks.dtype).eps * values.abs().max()
     if bool((values < -tol).any()):
         return None
     # directions of zero curvature in every example (the softmax's constant
     # direction: eigh sorts it first) add nothing: fewer rows of S
     keep = (values > tol).any(0)
-    return vectors[..., keep] * values[:, keep].clamp_min(0).sqrt().unsqueeze(-2)
+    roots = vectors[..., keep] * values[:, keep].clamp_min(0).sqrt().unsqueeze(-2)
+    return roots.to(blocks.dtype)
 
 
 def _whole_batch(forward, outer_log_likelihood, unflatten, theta, batch):

@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from laplace.curvature import structures
+from laplace.curvature.kron_assembly import merge_data_sets
 from laplace.curvature.native import NativeGGN
 from laplace.data import batch_size, split_batch, to_device
 from laplace.streaming.tree import Transform, precision_dtype
@@ -433,19 +434,7 @@ def _combine(old: Kron, new: Kron, n_old: int, n_new: int, inplace: bool) -> Kro
             f"{old._shapes()} with averaged {old.averaged}. Use the same model, "
             "kfac_approx and trainable parameters for every update."
         )
-    w_old, w_new = n_old / (n_old + n_new), n_new / (n_old + n_new)
-    blocks = []
-    for block, other, mean in zip(old.kfacs, new.kfacs, old.averaged, strict=True):
-        combined = []
-        for j, (f, g) in enumerate(zip(block, other, strict=True)):
-            if inplace:
-                combined.append(
-                    f.mul_(w_old).add_(g, alpha=w_new) if j == mean else f.add_(g)
-                )
-            else:
-                combined.append(w_old * f + w_new * g if j == mean else f + g)
-        blocks.append(combined)
-    return Kron(blocks, old.averaged)
+    return merge_data_sets(old, new, n_old, n_new, inplace)
 
 
 def _check_nonsingular(decomposed, P: int) -> None:
