@@ -128,3 +128,25 @@ def test_fewer_directions_give_the_nystrom_kernels_gp_posterior(device):
     )
     got = nystrom.functional_covariance(nystrom.project(V, J_x), L)
     torch.testing.assert_close(got, expected)
+
+
+def test_basis_rows_are_a_seeded_permutations_prefix_and_seeded_coordinates():
+    """The rule laplace-torch 0.3's ELLA was observed to follow
+    (tests/compat/ella_valla_facts.md): the same seed, the same rows whatever the
+    global random state; a smaller subsample, a prefix."""
+    torch.manual_seed(123)
+    inputs, coords = nystrom.basis_rows(20, 6, 3, seed=1234)
+    torch.manual_seed(7)
+    again, coords_again = nystrom.basis_rows(20, 6, 3, seed=1234)
+    assert torch.equal(inputs, again) and torch.equal(coords, coords_again)
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(1234))[:6]
+    assert torch.equal(inputs, expected)
+    assert sorted(set(inputs.tolist())) == sorted(inputs.tolist())  # distinct
+    assert int(coords.min()) >= 0 and int(coords.max()) < 3
+    fewer, fewer_coords = nystrom.basis_rows(20, 4, 3, seed=1234)
+    assert torch.equal(fewer, inputs[:4]) and torch.equal(fewer_coords, coords[:4])
+    other, _ = nystrom.basis_rows(20, 6, 3, seed=1)
+    assert not torch.equal(other, inputs)
+    assert not nystrom.basis_rows(20, 6, 1, seed=1234)[1].any()  # one output: 0
+    with pytest.raises(ValueError, match=r"subsample_size must be between 1 and .* 20"):
+        nystrom.basis_rows(20, 21, 3, seed=0)

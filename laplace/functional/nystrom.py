@@ -35,6 +35,35 @@ import torch
 Tensor = torch.Tensor
 
 
+def basis_rows(
+    n_data: int, subsample_size: int, n_outputs: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """``(inputs, coordinates)``: the ``subsample_size`` training inputs (indices
+    into the data set) and, for each, the output coordinate whose Jacobian row
+    enters the basis, drawn as laplace-torch 0.3's ELLA draws them (observed by
+    running it): the first ``subsample_size`` of a random permutation of the data
+    seeded with ``seed``, and coordinates uniform over the ``n_outputs`` seeded with
+    ``seed + 1``, so that the same seed gives the same basis in both libraries and
+    a smaller subsample is a prefix of a larger one. On the CPU, independent of the
+    global random state.
+
+    Raises
+    ------
+    ValueError
+        if ``subsample_size`` is not in ``1..n_data``.
+    """
+    if not 1 <= subsample_size <= n_data:
+        raise ValueError(
+            f"subsample_size must be between 1 and the training set size {n_data}; "
+            f"got {subsample_size}."
+        )
+    inputs = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed))
+    coordinates = torch.randint(
+        n_outputs, (subsample_size,), generator=torch.Generator().manual_seed(seed + 1)
+    )
+    return inputs[:subsample_size], coordinates
+
+
 def nystrom_basis(J_M: Tensor, n_eigenvalues: int) -> tuple[Tensor, Tensor]:
     """``(V, eigenvalues)``: the directions ``V`` ``(P, k)`` of the ``k =
     n_eigenvalues`` largest eigenvalues of ``K = J_M J_M^T`` (a unit prior
@@ -112,6 +141,7 @@ def functional_variance(Phi: Tensor, L: Tensor) -> Tensor:
 
 
 __all__ = [
+    "basis_rows",
     "nystrom_basis",
     "project",
     "feature_gram",
