@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from laplace import prior
 from laplace.curvature.curvature import CurvatureInterface, check_backend
 from laplace.data import Inputs, batch_size, split_batch, to_device
+from laplace.likelihood import get_likelihood
 from laplace.predictive.links import link as apply_link
 from laplace.predictive.links import sample_outputs
 from laplace.utils._checks import check_n_samples
@@ -333,6 +335,30 @@ class BaseLaplace:
                 "of the model's outputs, (batch, outputs); for a model with one "
                 "output pass y of shape (batch, 1), e.g. y.unsqueeze(-1)."
             )
+
+    def _training_loss(self, train_loader, progress_bar) -> tuple[Tensor, int]:
+        """Summed loss of all training data at the MAP, and the number of outputs."""
+        lik = get_likelihood(self.likelihood)
+        loss, n_outputs = torch.zeros_like(self.loss), None
+        batches = tqdm(train_loader, disable=not progress_bar, desc="loss")
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+                x, y = to_device(x, self._device), y.to(self._device)
+                self._check_fit_batch(x, y)
+                f = self.model(x)
+                loss_b = lik.loss(f, lik.check_targets(f, y))
+                if not torch.isfinite(loss_b):
+                    raise RuntimeError(
+                        f"The loss of batch {i} is not finite (NaN or inf); check the "
+                        "inputs and targets of that batch and the model's outputs. "
+                        "The Laplace approximation was left as it was."
+                    )
+                loss = loss + loss_b
+                n_outputs = f.shape[-1]
+        if n_outputs is None:
+            raise ValueError("train_loader yielded no batches.")
+        return loss, n_outputs
 
     # -- what subclasses provide -------------------------------------------------------
     def fit(self, train_loader: DataLoader) -> None:

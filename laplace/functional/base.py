@@ -250,30 +250,6 @@ class BaseFunctionalLaplace(BaseLaplace):
         self._system = KernelSystem(G)
         self.fitted = True
 
-    def _training_loss(self, train_loader, progress_bar) -> tuple[Tensor, int]:
-        """Summed loss of all training data at the MAP, and the number of outputs."""
-        lik = get_likelihood(self.likelihood)
-        loss, n_outputs = torch.zeros_like(self.loss), None
-        batches = tqdm(train_loader, disable=not progress_bar, desc="loss")
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
-                x, y = to_device(x, self._device), y.to(self._device)
-                self._check_fit_batch(x, y)
-                f = self.model(x)
-                loss_b = lik.loss(f, lik.check_targets(f, y))
-                if not torch.isfinite(loss_b):
-                    raise RuntimeError(
-                        f"The loss of batch {i} is not finite (NaN or inf); check the "
-                        "inputs and targets of that batch and the model's outputs. "
-                        "The Laplace approximation was left as it was."
-                    )
-                loss = loss + loss_b
-                n_outputs = f.shape[-1]
-        if n_outputs is None:
-            raise ValueError("train_loader yielded no batches.")
-        return loss, n_outputs
-
     def _subset_sets(self) -> Iterator[tuple[slice, kernel.JacobianSet]]:
         """The subset's Jacobian sets with their rows (data), cached or recomputed."""
         if self._subset_cache is not None:

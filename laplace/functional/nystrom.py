@@ -44,8 +44,9 @@ def basis_rows(
     running it): the first ``subsample_size`` of a random permutation of the data
     seeded with ``seed``, and coordinates uniform over the ``n_outputs`` seeded with
     ``seed + 1``, so that the same seed gives the same basis in both libraries and
-    a smaller subsample is a prefix of a larger one. On the CPU, independent of the
-    global random state.
+    a smaller subsample is a prefix of a larger one. Drawn on the CPU whatever the
+    model's device (they index the data set; a CUDA generator draws another stream
+    than laplace-torch's), independent of the global random state.
 
     Raises
     ------

@@ -48,12 +48,11 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _order(state: Any, model: nn.Module) -> Tensor:
-    """For each entry of the model's flat parameter vector, its index in the
-    state's flat vector (the identity for a Kronecker-factored state, whose
-    ``params`` are in the model's order)."""
+def _order(params: Any, model: nn.Module, model_order: bool) -> Tensor:
+    """For each entry of the model's flat parameter vector, its index in the flat
+    vector of ``params`` (a state's: dict leaves by sorted key, or, with
+    ``model_order`` as a Kronecker-factored state's, in the model's order)."""
     names = list(_trainable(model))
-    params = state.params
     if not isinstance(params, Mapping) or set(params) != set(names):
         got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise ValueError(
@@ -67,7 +66,7 @@ def _order(state: Any, model: nn.Module) -> Tensor:
                 f"state.params[{n!r}] has shape {tuple(params[n].shape)}; the model's "
                 f"parameter has {tuple(model_params[n].shape)}."
             )
-    flat_names = list(params) if isinstance(state, KronLaplaceState) else sorted(names)
+    flat_names = list(params) if model_order else sorted(names)
     sizes = {n: params[n].numel() for n in names}
     starts, at = {}, 0
     for n in flat_names:
@@ -118,7 +117,6 @@ def to_laplace(
         posterior precision is the state's.
     """
     from laplace import Laplace
-    from laplace.likelihood import get_likelihood
 
     structure = _structure(state)
     if prior_precision is None:
@@ -129,7 +127,7 @@ def to_laplace(
                 "per parameter), the prior part of its precision."
             )
         prior_precision = state.init_prec
-    index = _order(state, model)
+    index = _order(state.params, model, isinstance(state, KronLaplaceState))
     la = Laplace(
         model,
         likelihood,
@@ -144,9 +142,7 @@ def to_laplace(
         torch.nn.utils.vector_to_parameters(mean, la.params)
     H = CURVATURES[structure](state, index, la)
     if train_loader is not None or structure != "kron":
-        loss, n_data, n_outputs = _training_loss(
-            model, get_likelihood(likelihood), train_loader, la
-        )
+        loss, n_data, n_outputs = _training_loss(la, train_loader)
     else:
         loss, n_data = state.loss.to(la._device, la._dtype), state.n_data
         n_outputs = None if state.aux is None else state.aux.shape[-1]
@@ -201,26 +197,20 @@ CURVATURES: dict[str, Callable] = {
 }
 
 
-def _training_loss(model, lik, train_loader, la) -> tuple[Tensor, int, int | None]:
-    """The summed loss, the number of data and of outputs of ``train_loader``
-    (NaN, 0 and None without one)."""
-    from laplace.data import dataset_size, split_batch, to_device
+def _training_loss(la: Any, train_loader: Any) -> tuple[Tensor, int, int | None]:
+    """The summed loss of ``train_loader`` at the model's weights (``la``'s own,
+    with the model in eval mode, its mode restored), its number of data and of
+    outputs (NaN, 0 and None without one)."""
+    from laplace.data import dataset_size
 
-    nan = torch.full((), math.nan, dtype=la._dtype, device=la._device)
     if train_loader is None:
-        return nan, 0, None
-    loss, n_outputs = torch.zeros_like(nan), None
-    training = model.training
-    model.eval()
+        return torch.full((), math.nan, dtype=la._dtype, device=la._device), 0, None
+    training = la.model.training
+    la.model.eval()
     try:
-        with torch.no_grad():
-            for batch in train_loader:
-                x, y = split_batch(batch, la.dict_key_x, la.dict_key_y)
-                f = model(to_device(x, la._device))
-                loss = loss + lik.loss(f, y.to(la._device))
-                n_outputs = f.shape[-1]
+        loss, n_outputs = la._training_loss(train_loader, progress_bar=False)
     finally:
-        model.train(training)
+        la.model.train(training)
     return loss, dataset_size(train_loader), n_outputs
 
 
@@ -255,7 +245,7 @@ def from_laplace(la: Any):
     }
     if cls is KronLaplaceState:
         return _kron_state(la, params)
-    index = _order(DenseLaplaceState(params, torch.empty(0)), la.model)
+    index = _order(params, la.model, model_order=False)
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.numel(), device=index.device)
     precision = la.posterior_precision.detach()
@@ -328,21 +318,17 @@ def neg_log_prior(state: Any, params: Any, normalized: bool = False) -> Tensor:
     loss when ``state`` (the posterior of the tasks before) is its prior. Without
     ``normalized``, only ``0.5 (params - mean)^T prec (params - mean)``, the term
     that depends on ``params``."""
-    square = SQUARE_FORMS.get(type(state))
-    if square is None:
-        known = ", ".join(cls.__name__ for cls in SQUARE_FORMS)
-        raise TypeError(f"state must be one of {known}; got {type(state).__name__}.")
+    _structure(state)
     flat, spec = leaves(params)
-    _, ref_spec = leaves(state.params)
-    if spec != ref_spec or [t.shape for t in flat] != [
-        t.shape for t in leaves(state.params)[0]
-    ]:
+    ref, ref_spec = leaves(state.params)
+    if spec != ref_spec or [t.shape for t in flat] != [t.shape for t in ref]:
         raise ValueError(
             f"params must be a tree like state.params ({ref_spec}); got {spec}."
         )
+    means = _leaves_in_order(state)
     if isinstance(state, KronLaplaceState):  # the model's order, not sorted
         flat = [params[n] for n in state.params]
-    for t, m in zip(flat, _leaves_in_order(state), strict=True):
+    for t, m in zip(flat, means, strict=True):
         if t.untyped_storage().data_ptr() == m.untyped_storage().data_ptr():
             raise ValueError(
                 "params share memory with state.params, the prior's mean: training "
@@ -350,9 +336,9 @@ def neg_log_prior(state: Any, params: Any, normalized: bool = False) -> Tensor:
                 "from copies, e.g. {k: v.detach().clone() for k, v in "
                 "model.named_parameters()}."
             )
-    mean = torch.cat([t.detach().reshape(-1) for t in _leaves_in_order(state)])
+    mean = torch.cat([t.detach().reshape(-1) for t in means])
     theta = torch.cat([t.reshape(-1) for t in flat])
-    value = 0.5 * square(state, theta - mean.to(theta))
+    value = 0.5 * SQUARE_FORMS[type(state)](state, theta - mean.to(theta))
     if normalized:
         P = mean.numel()
         value = value + 0.5 * (P * math.log(2 * math.pi) - LOG_DETS[type(state)](state))

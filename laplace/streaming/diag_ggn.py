@@ -20,7 +20,6 @@ from laplace.streaming import ggn
 from laplace.streaming.tree import (
     TensorTree,
     Transform,
-    flatten,
     leaves,
     precision_dtype,
     rebuild,
@@ -100,8 +99,9 @@ def add_to_diagonal(
     """``state`` with ``diagonal`` ``(P,)`` (over the flattened parameters) added to
     its precision tree, ``aux`` and one more step: the same object, changed, with
     ``inplace``; a new one otherwise."""
-    _, unflatten = flatten(state.params)
-    added, spec = leaves(unflatten(diagonal))
+    means, spec = leaves(state.params)
+    parts = diagonal.split([m.numel() for m in means])
+    added = [d.reshape(m.shape) for d, m in zip(parts, means, strict=True)]
     prec = same_structure(state.prec_diag, state.params, "prec_diag")
     if inplace:
         for p, a in zip(prec, added, strict=True):

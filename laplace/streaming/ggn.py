@@ -77,6 +77,11 @@ def _check_scalar(value: Any) -> None:
         )
 
 
+def _working(z: Tensor) -> Tensor:
+    """``z`` in the dtype the output Hessian is taken in: float32 at least."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
@@ -106,7 +111,7 @@ def _hessian_blocks(
     """``H_n`` ``(N, C, C)``, the Hessians of ``-l`` of each example alone, if
     they are the diagonal blocks of the batch's ``H`` and it has no others (checked
     on one product with a random vector); None otherwise."""
-    work = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    work = _working(z)
     C = work[0].numel()
 
     def loss(out, data):
@@ -216,7 +221,7 @@ def _whole_batch(forward, outer_log_likelihood, unflatten, theta, batch):
         return out, out.detach()
 
     J, z = torch.func.jacrev(output, has_aux=True)(theta)
-    work = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    work = _working(z)
     H = torch.func.hessian(lambda out: -outer_log_likelihood(out, batch).sum())(work)
     M = z.numel()
     J = J.reshape(M, -1).to(work.dtype)
