@@ -5,7 +5,7 @@ classes below; see ``laplace.baselaplace`` for their common interface.
 """
 
 from laplace.baselaplace import BaseLaplace
-from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace
+from laplace.functional import ELLA, BaseFunctionalLaplace, FunctionalLaplace, VaLLA
 from laplace.laplace import Laplace
 from laplace.lllaplace import (
     DiagLLLaplace,
@@ -47,6 +47,8 @@ __all__ = [
     "LowRankLaplace",
     "BaseFunctionalLaplace",
     "FunctionalLaplace",
+    "ELLA",
+    "VaLLA",
     "LLLaplace",
     "FullLLLaplace",
     "KronLLLaplace",

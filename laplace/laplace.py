@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from laplace.baselaplace import BaseLaplace
-from laplace.functional import FunctionalLaplace
+from laplace.functional import ELLA, FunctionalLaplace, VaLLA
 from laplace.lllaplace import (
     DiagLLLaplace,
     FullLLLaplace,
@@ -41,6 +41,14 @@ REGISTRY: dict[tuple[SubsetOfWeights, HessianStructure], type[BaseLaplace]] = {
 }
 
 
+#: ``functional_approximation -> class`` of ``hessian_structure='gp'`` beyond the
+#: subset of data (whose class is the REGISTRY's), all weights only
+FUNCTIONAL_APPROXIMATIONS: dict[FunctionalApproximation, type[BaseLaplace]] = {
+    FunctionalApproximation.NYSTROM: ELLA,
+    FunctionalApproximation.VARIATIONAL: VaLLA,
+}
+
+
 def register(
     subset_of_weights: SubsetOfWeights | str,
     hessian_structure: HessianStructure | str,
@@ -60,6 +68,8 @@ def Laplace(
     subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,
     hessian_structure: HessianStructure | str = HessianStructure.KRON,
     *args: Any,
+    functional_approximation: FunctionalApproximation
+    | str = FunctionalApproximation.SOD,
     **kwargs: Any,
 ) -> BaseLaplace:
     """Build the Laplace approximation for a subset of weights and a structure.
@@ -72,6 +82,12 @@ def Laplace(
     hessian_structure : {'full', 'kron', 'diag', 'lowrank', 'gp'}, default='kron'
     *args, **kwargs
         passed to the class (see ``laplace.baselaplace.BaseLaplace``).
+    functional_approximation : {'sod', 'nystrom', 'variational'}, default='sod'
+        the function-space method of ``hessian_structure='gp'``: 'sod' is
+        ``FunctionalLaplace`` (all weights, needs ``n_subset``) or
+        ``FunctionalLLLaplace`` (last layer); 'nystrom' is ``ELLA`` (needs
+        ``subsample_size`` and ``n_eigenvalues``) and 'variational' is ``VaLLA``
+        (needs ``inducing_locations``), both for all weights.
 
     Raises
     ------
@@ -80,6 +96,24 @@ def Laplace(
     """
     subset = parse_enum(SubsetOfWeights, subset_of_weights, "subset_of_weights")
     structure = parse_enum(HessianStructure, hessian_structure, "hessian_structure")
+    approximation = parse_enum(
+        FunctionalApproximation, functional_approximation, "functional_approximation"
+    )
+    if approximation != FunctionalApproximation.SOD:
+        if structure != HessianStructure.GP:
+            raise ValueError(
+                f"functional_approximation={approximation.value!r} is a method of "
+                "hessian_structure='gp'; got hessian_structure="
+                f"{structure.value!r}."
+            )
+        if subset != SubsetOfWeights.ALL:
+            raise ValueError(
+                f"functional_approximation={approximation.value!r} treats all "
+                f"weights: use subset_of_weights='all', not {subset.value!r}."
+            )
+        return FUNCTIONAL_APPROXIMATIONS[approximation](
+            model, likelihood, *args, **kwargs
+        )
     cls = REGISTRY.get((subset, structure))
     if cls is None:
         valid = ", ".join(
@@ -95,9 +129,12 @@ def Laplace(
 __all__ = [
     "Laplace",
     "REGISTRY",
+    "FUNCTIONAL_APPROXIMATIONS",
     "register",
     # laplace-torch's module-level names
     "BaseLaplace",
+    "ELLA",
+    "VaLLA",
     "FunctionalApproximation",
     "HessianStructure",
     "Likelihood",

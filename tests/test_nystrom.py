@@ -135,18 +135,41 @@ def test_basis_rows_are_a_seeded_permutations_prefix_and_seeded_coordinates():
     (tests/compat/ella_valla_facts.md): the same seed, the same rows whatever the
     global random state; a smaller subsample, a prefix."""
     torch.manual_seed(123)
-    inputs, coords = nystrom.basis_rows(20, 6, 3, seed=1234)
+    inputs = nystrom.basis_inputs(20, 6, seed=1234)
+    coords = nystrom.basis_coordinates(6, 3, seed=1234)
     torch.manual_seed(7)
-    again, coords_again = nystrom.basis_rows(20, 6, 3, seed=1234)
+    again = nystrom.basis_inputs(20, 6, seed=1234)
+    coords_again = nystrom.basis_coordinates(6, 3, seed=1234)
     assert torch.equal(inputs, again) and torch.equal(coords, coords_again)
     expected = torch.randperm(20, generator=torch.Generator().manual_seed(1234))[:6]
     assert torch.equal(inputs, expected)
+    expected = torch.randint(3, (6,), generator=torch.Generator().manual_seed(1235))
+    assert torch.equal(coords, expected)
     assert sorted(set(inputs.tolist())) == sorted(inputs.tolist())  # distinct
-    assert int(coords.min()) >= 0 and int(coords.max()) < 3
-    fewer, fewer_coords = nystrom.basis_rows(20, 4, 3, seed=1234)
-    assert torch.equal(fewer, inputs[:4]) and torch.equal(fewer_coords, coords[:4])
-    other, _ = nystrom.basis_rows(20, 6, 3, seed=1)
-    assert not torch.equal(other, inputs)
-    assert not nystrom.basis_rows(20, 6, 1, seed=1234)[1].any()  # one output: 0
+    fewer = nystrom.basis_inputs(20, 4, seed=1234)
+    assert torch.equal(fewer, inputs[:4])
+    assert torch.equal(nystrom.basis_coordinates(4, 3, seed=1234), coords[:4])
+    assert not torch.equal(nystrom.basis_inputs(20, 6, seed=1), inputs)
+    assert not nystrom.basis_coordinates(6, 1, seed=1234).any()  # one output: 0
     with pytest.raises(ValueError, match=r"subsample_size must be between 1 and .* 20"):
-        nystrom.basis_rows(20, 21, 3, seed=0)
+        nystrom.basis_inputs(20, 21, seed=0)
+
+
+def test_balanced_basis_inputs_take_even_shares_of_the_classes_in_seeded_order():
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(30) % 3
+    picked = nystrom.basis_inputs(30, 7, seed=5, labels=labels)
+    assert len(set(picked.tolist())) == 7
+    counts = torch.bincount(labels[picked], minlength=3).tolist()
+    first = list(dict.fromkeys(labels[order].tolist()))
+    assert counts[first[0]] == 3 and counts[first[1]] == 2 and counts[first[2]] == 2
+    # within a class, the earliest of the permutation
+    for c in range(3):
+        mine = [i for i in order.tolist() if labels[i] == c][: counts[c]]
+        assert sorted(mine) == sorted(i for i in picked.tolist() if labels[i] == c)
+    # a class with too few data leaves its share to the earliest others
+    rare = torch.zeros(30, dtype=torch.long)
+    rare[order[-1]] = 1
+    picked = nystrom.basis_inputs(30, 6, seed=5, labels=rare)
+    others = [i for i in order.tolist() if i != int(order[-1])][:5]
+    assert sorted(picked.tolist()) == sorted([*others, int(order[-1])])

@@ -35,18 +35,22 @@ import torch
 Tensor = torch.Tensor
 
 
-def basis_rows(
-    n_data: int, subsample_size: int, n_outputs: int, seed: int
-) -> tuple[Tensor, Tensor]:
-    """``(inputs, coordinates)``: the ``subsample_size`` training inputs (indices
-    into the data set) and, for each, the output coordinate whose Jacobian row
-    enters the basis, drawn as laplace-torch 0.3's ELLA draws them (observed by
-    running it): the first ``subsample_size`` of a random permutation of the data
-    seeded with ``seed``, and coordinates uniform over the ``n_outputs`` seeded with
-    ``seed + 1``, so that the same seed gives the same basis in both libraries and
-    a smaller subsample is a prefix of a larger one. Drawn on the CPU whatever the
-    model's device (they index the data set; a CUDA generator draws another stream
-    than laplace-torch's), independent of the global random state.
+def basis_inputs(
+    n_data: int, subsample_size: int, seed: int, labels: Tensor | None = None
+) -> Tensor:
+    """The ``subsample_size`` training inputs (indices into the data set) of the
+    basis, drawn as laplace-torch 0.3's ELLA draws them (observed by running it):
+    the first ``subsample_size`` of a random permutation of the data seeded with
+    ``seed``, so that the same seed gives the same basis in both libraries and a
+    smaller subsample is a prefix of a larger one. Drawn on the CPU whatever the
+    model's device (they index the data set; a CUDA generator draws another
+    stream), independent of the global random state.
+
+    With the class ``labels`` ``(n_data,)`` of the data (balanced sampling), the
+    permutation is walked taking each input while its class is below an even
+    share of ``subsample_size`` (classes in the order of their first appearance,
+    the first ``subsample_size mod n_classes`` one more); the shares of classes
+    with too few data go to the earliest inputs left.
 
     Raises
     ------
@@ -58,11 +62,32 @@ def basis_rows(
             f"subsample_size must be between 1 and the training set size {n_data}; "
             f"got {subsample_size}."
         )
-    inputs = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed))
-    coordinates = torch.randint(
+    order = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed))
+    if labels is None:
+        return order[:subsample_size]
+    ordered = labels.reshape(-1)[order].tolist()
+    classes = list(dict.fromkeys(ordered))
+    q, r = divmod(subsample_size, len(classes))
+    share = {c: q + (i < r) for i, c in enumerate(classes)}
+    picked, rest = [], []
+    for index, label in zip(order.tolist(), ordered):
+        if share[label] > 0:
+            share[label] -= 1
+            picked.append(index)
+        else:
+            rest.append(index)
+    picked += rest[: subsample_size - len(picked)]
+    return torch.tensor(picked, dtype=order.dtype)
+
+
+def basis_coordinates(subsample_size: int, n_outputs: int, seed: int) -> Tensor:
+    """The output coordinate of each basis input whose Jacobian row enters the
+    basis: uniform over the ``n_outputs``, seeded with ``seed + 1`` (laplace-torch
+    0.3's rule, observed), on the CPU and independent of the global random
+    state."""
+    return torch.randint(
         n_outputs, (subsample_size,), generator=torch.Generator().manual_seed(seed + 1)
     )
-    return inputs[:subsample_size], coordinates
 
 
 def nystrom_basis(J_M: Tensor, n_eigenvalues: int) -> tuple[Tensor, Tensor]:
@@ -142,7 +167,8 @@ def functional_variance(Phi: Tensor, L: Tensor) -> Tensor:
 
 
 __all__ = [
-    "basis_rows",
+    "basis_inputs",
+    "basis_coordinates",
     "nystrom_basis",
     "project",
     "feature_gram",

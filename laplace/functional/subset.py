@@ -20,17 +20,28 @@ def inputs_of(
 ) -> list[Inputs]:
     """The inputs of the data at ``indices``, batched as the training loader batches
     (its batch size and ``collate_fn``)."""
+    return [
+        x for x, _ in batches_of(train_loader, indices, dict_key_x, dict_key_y, device)
+    ]
+
+
+def batches_of(
+    train_loader: DataLoader, indices, dict_key_x: str, dict_key_y: str, device
+) -> list[tuple[Inputs, Tensor]]:
+    """The data ``(x, y)`` at ``indices`` of the training set, in that order, batched
+    as the training loader batches (its batch size and ``collate_fn``)."""
+    indices = indices.tolist() if hasattr(indices, "tolist") else list(indices)
     loader = DataLoader(
-        Subset(train_loader.dataset, indices.tolist()),
+        Subset(train_loader.dataset, indices),
         batch_size=train_loader.batch_size or 64,
         shuffle=False,
         collate_fn=train_loader.collate_fn,
     )
-    inputs = []
+    batches = []
     for batch in loader:
-        x, _ = split_batch(batch, dict_key_x, dict_key_y)
-        inputs.append(to_device(x, device))
-    return inputs
+        x, y = split_batch(batch, dict_key_x, dict_key_y)
+        batches.append((to_device(x, device), y))
+    return batches
 
 
 def gram(

@@ -34,6 +34,10 @@ class Likelihood(_StrEnum):
     REGRESSION = "regression"
     CLASSIFICATION = "classification"
     REWARD_MODELING = "reward_modeling"
+    BINARY = "binary"
+    MULTILABEL = "multilabel"
+    POISSON = "poisson"
+    HETEROSCEDASTIC_REGRESSION = "heteroscedastic_regression"
 
 
 class PredType(_StrEnum):
@@ -67,10 +71,13 @@ class FeatureReduction(_StrEnum):
 
 
 class FunctionalApproximation(_StrEnum):
-    """How the GP view treats the output dimensions of the kernel."""
+    """The function-space method of ``hessian_structure='gp'``: 'sod' conditions
+    the GP on a subset of the data (``FunctionalLaplace``), 'nystrom' is ELLA's
+    Nyström feature map, 'variational' is VaLLA's inducing points."""
 
-    FULL = "full"
-    INDEPENDENT_OUTPUTS = "independent_outputs"
+    SOD = "sod"
+    NYSTROM = "nystrom"
+    VARIATIONAL = "variational"
 
 
 E = TypeVar("E", bound=_StrEnum)
