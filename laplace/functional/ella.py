@@ -527,7 +527,7 @@ class _GridScorer:
         scale = 1 / (delta + h * self.d)
         total, count = 0.0, 0
         noise = la._sigma_noise
-        la._sigma_noise = torch.as_tensor(sigma).to(noise)
+        la._sigma_noise = torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device)
         try:
             for f, R, y in self.batches:
                 var = torch.einsum("nck,k,ndk->ncd", R, scale, R)

@@ -280,16 +280,16 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
     def _check_checkpoint(self, state: dict[str, Any], required: set[str]) -> None:
         """Refuse a checkpoint that is not this class's, not fitted, of another
         likelihood, or of another pretrained model, before anything changes."""
+        if state.get("cls_name", type(self).__name__) != type(self).__name__:
+            raise ValueError(
+                f"The state dict is of a {state['cls_name']}, not of a "
+                f"{type(self).__name__}."
+            )
         missing = required - set(state)
         if missing:
             raise ValueError(
                 f"Not a state dict of {type(self).__name__}: missing keys "
                 f"{sorted(missing)}."
-            )
-        if state["cls_name"] != type(self).__name__:
-            raise ValueError(
-                f"The state dict is of a {state['cls_name']}, not of a "
-                f"{type(self).__name__}."
             )
         if not state.get("fitted", False):
             raise ValueError("The state dict is of an unfitted approximation.")
