@@ -1,0 +1,459 @@
+"""VaLLA (``laplace.functional.valla``, ``laplace.functional.inducing``) against
+dense float64 oracles: its covariance is the weight-space Gaussian ``(delta I +
+J_Z^T A J_Z)^-1`` pushed through torch.func Jacobians, its objective the KL of
+two dense Gaussians plus alpha-energies by quadrature, and with the inducing
+points at the training inputs the exact linearized Laplace posterior is its
+optimum; and its fit, strategies, checkpoints and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace import VaLLA
+from laplace.functional import inducing
+from laplace.functional.nystrom import basis_inputs
+from tests import oracles
+
+
+def _net(C, device, seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, C))
+    return net.to(device, torch.float64)
+
+
+def _data(likelihood, n=20, C=3, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    if likelihood == "classification":
+        y = torch.randint(C, (n,), generator=g)
+    else:
+        y = torch.randn(n, C, generator=g, dtype=torch.float64)
+    return X.to(device), y.to(device)
+
+
+def _loader(X, y, batch_size=5):
+    return DataLoader(TensorDataset(X, y), batch_size=batch_size)
+
+
+def _weight_covariance(model, Z, classes, L, delta):
+    """``(delta I + J_Z^T A J_Z)^-1`` with ``A = L L^T``."""
+    J_Z = oracles.jacobian(model, Z)[torch.arange(len(Z)), classes]
+    A = L @ L.T
+    P = J_Z.shape[1]
+    return torch.linalg.inv(delta * torch.eye(P).to(A) + J_Z.T @ A @ J_Z)
+
+
+def _random_state(la, seed=0):
+    """A random lower-triangular factor and prior, set in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        la.L.copy_(0.5 * torch.randn(la.L.shape, generator=g, dtype=la.L.dtype))
+    la.prior_precision = 1.7
+
+
+@pytest.mark.parametrize("likelihood,C", [("regression", 2), ("classification", 3)])
+def test_the_covariance_is_the_weight_space_gaussian_of_the_inducing_outputs(
+    device, likelihood, C
+):
+    model = _net(C, device)
+    X, y = _data(likelihood, C=C, device=device)
+    classes = torch.tensor([0, C - 1, 1, 0])
+    la = VaLLA(model, likelihood, X[:4].clone(), inducing_classes=classes)
+    la.fit(_loader(X, y), iterations=3, lr=1e-2)
+    _random_state(la)
+    Z = la.inducing_locations.detach()
+    L = inducing.unpack_tril(la.L.detach(), 4)
+    Sigma = _weight_covariance(model, Z, classes.to(device), L, 1.7)
+    Xs = torch.randn(3, 2, dtype=torch.float64, device=device)
+    Js = oracles.jacobian(model, Xs)
+    expected = torch.einsum("ncp,pq,ndq->ncd", Js, Sigma, Js)
+    mean, var = la.predictive_moments(Xs)
+    torch.testing.assert_close(var, expected)
+    torch.testing.assert_close(mean, model(Xs).detach())
+    flat = Js.reshape(3 * C, -1)
+    torch.testing.assert_close(
+        la.predictive_moments(Xs, joint=True)[1], flat @ Sigma @ flat.T
+    )
+    torch.testing.assert_close(la.functional_variance(Js), expected)
+    torch.testing.assert_close(la.functional_covariance(Js), flat @ Sigma @ flat.T)
+
+
+def _gauss_hermite_energy(y, m, v, s2, alpha, n=80):
+    """``(1/alpha) log E[N(y | f, s2)^alpha]`` (alpha 0: ``E log N``) by
+    Gauss-Hermite quadrature over ``f ~ N(m, v)``."""
+    import numpy as np
+
+    nodes, weights = np.polynomial.hermite_e.hermegauss(n)
+    nodes = torch.as_tensor(nodes).to(m)
+    weights = torch.as_tensor(weights / weights.sum()).to(m)
+    f = m[..., None] + v.sqrt()[..., None] * nodes
+    log_n = -0.5 * (math.log(2 * math.pi) + math.log(s2) + (y[..., None] - f) ** 2 / s2)
+    if alpha == 0:
+        return (weights * log_n).sum(-1)
+    return torch.logsumexp(alpha * log_n + weights.log(), -1) / alpha
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_the_gaussian_energy_is_the_quadrature_of_its_definition(alpha):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(6, generator=g, dtype=torch.float64)
+    m = torch.randn(6, generator=g, dtype=torch.float64)
+    v = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    s2 = 0.49
+    expected = _gauss_hermite_energy(y, m, v, s2, alpha)
+    got = inducing.gaussian_energy(y, m, v, torch.tensor(s2).to(m), alpha)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_the_sampled_energy_averages_the_softmax_power(alpha):
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 4, 2])
+    p = torch.softmax(samples, -1)[:, torch.arange(3), y]  # (S, N)
+    if alpha == 0:
+        expected = p.log().mean(0)
+    else:
+        expected = (p**alpha).mean(0).log() / alpha
+    torch.testing.assert_close(inducing.sampled_energy(samples, y, alpha), expected)
+
+
+@pytest.mark.parametrize(
+    "likelihood,C,alpha,T",
+    [
+        ("regression", 1, 0.0, 1.0),
+        ("regression", 2, 0.5, 0.5),
+        ("classification", 3, 1.0, 2.0),
+    ],
+)
+def test_the_objective_is_minus_the_scaled_energy_plus_the_dense_kl(
+    device, likelihood, C, alpha, T
+):
+    """``fit_history_['objective'][0]``: at the start (``L = I``), on the first
+    minibatch, ``-(N / (B T) sum E_alpha - KL)`` with the KL of the weight-space
+    Gaussians (their covariances: the mean is not variational)."""
+    model = _net(C, device)
+    X, y = _data(likelihood, C=C, device=device)
+    Z = X[:4].clone()
+    la = VaLLA(
+        model,
+        likelihood,
+        Z,
+        alpha=alpha,
+        temperature=T,
+        prior_precision=2.0,
+        sigma_noise=0.7 if C != 3 else 1.0,
+    )
+    la.fit(_loader(X, y), iterations=1, lr=1e-3)
+    delta = 2.0
+    Sigma = _weight_covariance(
+        model, Z, torch.zeros(4, dtype=torch.long), torch.eye(4).to(Z), delta
+    )
+    P = Sigma.shape[0]
+    kl = 0.5 * (delta * Sigma.trace() - P - torch.logdet(delta * Sigma))
+    Jb = oracles.jacobian(model, X[:5])
+    var = torch.einsum("ncp,pq,ndq->ncd", Jb, Sigma, Jb)
+    f = model(X[:5]).detach()
+    if likelihood == "regression":
+        v = var.diagonal(dim1=-2, dim2=-1)
+        energy = _gauss_hermite_energy(y[:5], f, v, 0.49, alpha).sum()
+    else:
+        scaled = f / torch.sqrt(1 + math.pi / 8 * var.diagonal(dim1=-2, dim2=-1))
+        energy = torch.log_softmax(scaled, -1)[torch.arange(5), y[:5]].sum()
+    expected = -(20 / (5 * T) * energy - kl)
+    assert la.fit_history_["objective"][0] == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_with_the_training_inputs_as_inducing_points_the_exact_gp_is_the_optimum(
+    device,
+):
+    """Regression, ``alpha = 0`` (the ELBO): with ``Z`` the training inputs and ``A
+    = I / (sigma^2 T)`` the posterior is the linearized Laplace posterior, and the
+    objective on the whole data set is stationary there in ``L`` and ``Z``; from
+    ``L = I``, ``fit`` converges to it (at the hyperparameters it learns)."""
+    model = _net(1, device)
+    X, y = _data("regression", n=10, C=1, device=device)
+    sigma, T, delta = 0.6, 0.5, 2.0
+    la = VaLLA(
+        model,
+        "regression",
+        X.clone(),
+        alpha=0.0,
+        sigma_noise=sigma,
+        temperature=T,
+        prior_precision=delta,
+    )
+    la.fit(_loader(X, y, batch_size=10), iterations=1, lr=1e-12)
+    star = inducing.identity_packed(10, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        la.L.copy_(star / math.sqrt(sigma**2 * T))
+        la.inducing_locations.copy_(X)
+        la.prior_precision, la.sigma_noise = delta, sigma
+    G = oracles.ggn(model, X, "regression") / (sigma**2 * T)
+    exact = torch.linalg.inv(G + delta * torch.eye(G.shape[0]).to(G))
+    Xs = torch.randn(4, 2, dtype=torch.float64, device=device)
+    Js = oracles.jacobian(model, Xs)
+    torch.testing.assert_close(
+        la.predictive_moments(Xs)[1], torch.einsum("ncp,pq,ndq->ncd", Js, exact, Js)
+    )
+    f, Xset = la._jacobian_set(X)
+    objective = la._objective(f.detach(), Xset, y, la._inducing_set(True), 10)
+    gL, gZ = torch.autograd.grad(objective, [la.L, la.inducing_locations])
+    assert float(gL.abs().max()) < 1e-9 and float(gZ.abs().max()) < 1e-9
+    # and a step away is worse
+    with torch.no_grad():
+        la.L.add_(1e-3 * torch.randn_like(la.L))
+    worse = la._objective(
+        f.detach(), la._jacobian_set(X)[1], y, la._inducing_set(False), 10
+    )
+    assert float(worse.detach()) > float(objective.detach())
+
+    # fit from L = I with the hyperparameters learnt too
+    fitted = VaLLA(
+        model,
+        "regression",
+        X.clone(),
+        alpha=0.0,
+        sigma_noise=sigma,
+        temperature=T,
+        prior_precision=delta,
+    )
+    fitted.fit(_loader(X, y, batch_size=10), iterations=300, lr=0.1)
+    d = float(fitted.prior_precision.detach())
+    s = float(fitted.sigma_noise.detach())
+    G = oracles.ggn(model, X, "regression") / (s**2 * T)
+    exact = torch.linalg.inv(G + d * torch.eye(G.shape[0]).to(G))
+    torch.testing.assert_close(
+        fitted.predictive_moments(Xs)[1],
+        torch.einsum("ncp,pq,ndq->ncd", Js, exact, Js),
+        rtol=2e-3,
+        atol=1e-5,
+    )
+
+
+def test_fit_history_val_steps_and_continuing(device):
+    model = _net(3, device)
+    X, y = _data("classification", device=device)
+    val = _loader(X[:6], y[:6])
+    la = VaLLA(model, "classification", X[:4].clone())
+    la.fit(_loader(X, y), iterations=4, lr=1e-2, val_loader=val, val_steps=2)
+    assert len(la.fit_history_["objective"]) == 4
+    assert len(la.fit_history_["val_nll"]) == 2
+    mean, var = la.predictive_moments(X[:6])
+    probs = torch.softmax(
+        mean / torch.sqrt(1 + math.pi / 8 * var.diagonal(dim1=-2, dim2=-1)), -1
+    )
+    nll = float(-probs[torch.arange(6), y[:6]].log().mean())
+    assert la.fit_history_["val_nll"][-1] == pytest.approx(nll, rel=1e-12)
+    L, Z = la.L.detach().clone(), la.inducing_locations.detach().clone()
+    la.fit(_loader(X, y), iterations=2, lr=1e-2, override=False)
+    assert len(la.fit_history_["objective"]) == 6
+    assert not torch.equal(la.L.detach(), L)
+    # two steps continued equal six in one go
+    once = VaLLA(model, "classification", X[:4].clone())
+    once.fit(_loader(X, y), iterations=4, lr=1e-2)
+    once.fit(_loader(X, y), iterations=2, lr=1e-2, override=False)
+    torch.testing.assert_close(once.L, la.L)
+    # a new fit starts again from L = I and the initial inputs
+    la.fit(_loader(X, y), iterations=1, lr=1e-2, val_loader=val)
+    assert len(la.fit_history_["objective"]) == 1
+    assert len(la.fit_history_["val_nll"]) == 1
+    assert not torch.equal(la.inducing_locations.detach(), Z)
+    fresh = VaLLA(model, "classification", X[:4].clone())
+    fresh.fit(_loader(X, y), iterations=1, lr=1e-2)
+    torch.testing.assert_close(la.L, fresh.L)
+
+
+def test_learned_hyperparameters_and_their_setters(device):
+    model = _net(1, device)
+    X, y = _data("regression", C=1, device=device)
+    la = VaLLA(model, "regression", X[:5].clone(), sigma_noise=0.5, prior_precision=3.0)
+    assert float(la.sigma_noise) == pytest.approx(0.5)
+    assert la.prior_precision.shape == (1,)
+    assert float(la.prior_precision) == pytest.approx(3.0)
+    la.fit(_loader(X, y), iterations=20, lr=0.05)
+    assert float(la.log_prior_precision) != pytest.approx(math.log(3.0))
+    assert float(la.log_noise_variance) != pytest.approx(math.log(0.25))
+    torch.testing.assert_close(la.sigma_noise, (0.5 * la.log_noise_variance).exp())
+    la.prior_precision = 2.0
+    assert float(la.log_prior_precision) == pytest.approx(math.log(2.0))
+    cls = VaLLA(_net(3, device), "classification", X[:4].clone())
+    assert cls.log_noise_variance is None and float(cls.sigma_noise) == 1.0
+    with pytest.raises(NotImplementedError, match="learns the prior precision"):
+        la.optimize_prior_precision()
+
+
+def test_fixed_inducing_inputs_stay_and_the_model_is_left_as_it_was(device):
+    from tests.models import DictModel
+
+    torch.manual_seed(0)
+    model = DictModel(3, 2).to(device, torch.float64)
+    x = torch.randn(12, 3, dtype=torch.float64, device=device)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {
+                "input_ids": x[i],
+                "scale": torch.ones(1).to(x),
+                "labels": torch.tensor(i % 2, device=device),
+            }
+
+    Z = {"input_ids": x[:3].clone(), "scale": torch.ones(3, 1).to(x)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    la = VaLLA(model, "classification", Z)
+    la.fit(DataLoader(Rows(), batch_size=4), iterations=3, lr=0.1)
+    assert torch.equal(la.inducing_locations["input_ids"], x[:3])
+    assert la(Z).shape == (3, 2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_strategies_draw_from_the_training_data(device):
+    model = _net(3, device)
+    X, y = _data("classification", device=device)
+    la = VaLLA(model, "classification", "random", num_inducing=6, seed=3)
+    assert la.inducing_locations is None
+    la.fit(_loader(X, y), iterations=1, lr=1e-12)
+    picked = basis_inputs(20, 6, seed=3)
+    torch.testing.assert_close(la.inducing_locations.detach(), X[picked])
+    assert torch.equal(la.inducing_classes.cpu(), y[picked].cpu())
+    # k-means: each centre the mean of its points, its class the nearest datum's
+    separated = torch.cat([X[:10] * 0.1 + 5, X[10:] * 0.1 - 5])
+    la = VaLLA(model, "classification", "kmeans", num_inducing=2, seed=0)
+    la.fit(_loader(separated, y), iterations=1, lr=1e-12)
+    centres = la.inducing_locations.detach()
+    assign = torch.cdist(separated, centres).argmin(1)
+    for k in range(2):
+        torch.testing.assert_close(
+            centres[k], separated[assign == k].mean(0), atol=1e-9, rtol=0
+        )
+        nearest = torch.cdist(centres[k : k + 1], separated).argmin()
+        assert int(la.inducing_classes[k]) == int(y[nearest])
+    reg = VaLLA(_net(1, device), "regression", "random", num_inducing=4)
+    reg.fit(_loader(X, torch.randn(20, 1).to(X)), iterations=1, lr=1e-3)
+    assert not reg.inducing_classes.any()
+    with pytest.raises(ValueError, match="num_inducing=30 exceeds the 20"):
+        VaLLA(model, "classification", "random", num_inducing=30).fit(_loader(X, y))
+
+
+def test_monte_carlo_energies_fit_classification_with_any_alpha(device):
+    model = _net(3, device)
+    X, y = _data("classification", device=device)
+    fits = []
+    for alpha in (0.0, 0.5):
+        la = VaLLA(
+            model,
+            "classification",
+            X[:4].clone(),
+            alpha=alpha,
+            mc_softmax_samples=8,
+            seed=1,
+        )
+        la.fit(_loader(X, y), iterations=3, lr=1e-2)
+        fits.append(la.fit_history_["objective"])
+        again = VaLLA(
+            model,
+            "classification",
+            X[:4].clone(),
+            alpha=alpha,
+            mc_softmax_samples=8,
+            seed=1,
+        )
+        again.fit(_loader(X, y), iterations=3, lr=1e-2)
+        assert again.fit_history_["objective"] == la.fit_history_["objective"]
+    assert fits[0] != fits[1]
+
+
+def test_state_dict_restores_the_fit_and_its_random_stream(device):
+    model = _net(3, device)
+    X, y = _data("classification", device=device)
+    la = VaLLA(
+        model, "classification", X[:4].clone(), mc_softmax_samples=4, alpha=0.5, seed=2
+    )
+    la.fit(_loader(X, y), iterations=3, lr=1e-2)
+    state = la.state_dict()
+    other = VaLLA(
+        model, "classification", X[5:9].clone(), mc_softmax_samples=4, alpha=0.5
+    )
+    other.load_state_dict(state)
+    assert torch.equal(other(X[:5]), la(X[:5]))
+    assert other.fit_history_ == la.fit_history_
+    la.fit(_loader(X, y), iterations=2, lr=1e-2, override=False)
+    other.fit(_loader(X, y), iterations=2, lr=1e-2, override=False)
+    assert other.fit_history_["objective"] == la.fit_history_["objective"]
+    with pytest.raises(ValueError, match="parameters and buffers differ"):
+        VaLLA(_net(3, device, seed=4), "classification", X[:4]).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        VaLLA(model, "classification", X[:4]).state_dict()
+
+
+def test_bad_input_is_refused_before_any_work(device):
+    model = _net(3, device)
+    X, y = _data("classification", device=device)
+    Z = X[:4]
+    for alpha in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="alpha must be a number in"):
+            VaLLA(model, "classification", Z, alpha=alpha)
+    with pytest.raises(ValueError, match="needs mc_softmax_samples > 0"):
+        VaLLA(model, "classification", Z, alpha=0.5)
+    with pytest.raises(ValueError, match="mc_softmax_samples must be >= 0"):
+        VaLLA(model, "classification", Z, mc_softmax_samples=-1)
+    with pytest.raises(ValueError, match="num_inducing=3 does not match the 4"):
+        VaLLA(model, "classification", Z, num_inducing=3)
+    with pytest.raises(ValueError, match="give num_inducing"):
+        VaLLA(model, "classification", "random")
+    with pytest.raises(ValueError, match="or one of"):
+        VaLLA(model, "classification", "foo", num_inducing=3)
+    with pytest.raises(ValueError, match=r"one entry per inducing input, shape \(4,\)"):
+        VaLLA(model, "classification", Z, inducing_classes=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer output coordinates"):
+        VaLLA(model, "classification", Z, inducing_classes=torch.zeros(4))
+    with pytest.raises(ValueError, match="only with explicit inducing_locations"):
+        VaLLA(
+            model,
+            "classification",
+            "random",
+            num_inducing=4,
+            inducing_classes=torch.zeros(4, dtype=torch.long),
+        )
+    with pytest.raises(ValueError, match="zero prior mean"):
+        VaLLA(model, "classification", Z, prior_mean=1.0)
+    with pytest.raises(ValueError, match="scalar prior precision"):
+        VaLLA(model, "classification", Z, prior_precision=torch.ones(2))
+    with pytest.raises(ValueError, match="prior_precision must be positive"):
+        VaLLA(model, "classification", Z, prior_precision=-1.0)
+    with pytest.raises(ValueError, match="sigma_noise must be 1"):
+        VaLLA(model, "classification", Z, sigma_noise=2.0)
+    la = VaLLA(model, "classification", Z, inducing_classes=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"output coordinates in 0..2; got 3"):
+        la.fit(_loader(X, y), iterations=1)
+    la = VaLLA(model, "classification", Z)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        la(X[:2])
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        la.fit(_loader(X, y), iterations=0)
+    with pytest.raises(ValueError, match="lr must be a positive finite"):
+        la.fit(_loader(X, y), lr=0)
+    with pytest.raises(ValueError, match="val_steps must be >= 1"):
+        la.fit(_loader(X, y), val_loader=_loader(X, y), val_steps=0)
+    with pytest.raises(NotImplementedError, match="marginal likelihood"):
+        la.log_marginal_likelihood()
+    la.fit(_loader(X, y), iterations=1)
+    with pytest.raises(ValueError, match="at least one input"):
+        la(X[:0])
+    with pytest.raises(ValueError, match="pred_type='nn' is not available"):
+        la(X[:2], pred_type="nn")
+    with pytest.raises(NotImplementedError, match="no weight-space posterior"):
+        la.sample(2)
+    reward = VaLLA(_net(1, device), "reward_modeling", "random", num_inducing=2)
+    with pytest.raises(ValueError, match="reward-modeling data are pairs"):
+        reward.fit(_loader(torch.randn(6, 2, 2).to(X), torch.zeros(6).long()))
