@@ -210,7 +210,9 @@ def test_fit_history_counts_examples_and_scores_every_val_steps(device):
     assert la.n_data == 28 and la.n_outputs == 3
 
 
-def test_grid_search_rescales_without_refitting_and_records_every_candidate(device):
+def test_grid_search_rescales_without_refitting_and_records_every_candidate(
+    device, capsys
+):
     model = _net(3, device)
     X, y = _data("classification", device=device)
     val = _loader(X[20:], y[20:])
@@ -229,9 +231,12 @@ def test_grid_search_rescales_without_refitting_and_records_every_candidate(devi
     for t in tuning:
         la.prior_precision = t["prior_precision"]
         assert la._validation_nll(val) == pytest.approx(t["val_nll"], rel=1e-10)
-    # a second run appends
+    # a second run appends; verbose prints the choice (laplace-torch refuses it)
     la.optimize_hyperparameters(val, [0.5, 2.0])
     assert len(la.fit_history_["tuning"]) == 7
+    la.optimize_prior_precision(val_loader=val, grid_size=2, verbose=True)
+    assert capsys.readouterr().out.startswith("Optimized prior precision")
+    assert len(la.fit_history_["tuning"]) == 9
 
 
 def test_regression_tunes_prior_and_noise_pairs(device):
