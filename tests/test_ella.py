@@ -495,3 +495,52 @@ def test_the_factory_routes_functional_approximations(device):
         Laplace(
             model, "classification", "all", "gp", functional_approximation="nystrom"
         )
+
+
+class _Scaled(nn.Module):
+    """A parameter no factored rule serves: explicit Jacobians."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(2))
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x * self.scale))
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "explicit", "transformer"])
+def test_projections_of_factored_jacobians_equal_the_dense_ones(device, kind):
+    """``kernel.project`` (``J V`` from layer inputs and output gradients) and
+    ``kernel.selected_rows`` (one output's row per datum) against torch.func."""
+    from laplace.functional import kernel
+    from tests.models import cnn, mlp
+
+    torch.manual_seed(0)
+    model, x = {
+        "mlp": lambda: (mlp(3, 5, 3), torch.randn(5, 3)),
+        "cnn": lambda: (cnn(3), torch.randn(5, 2, 6, 6)),
+        "explicit": lambda: (_Scaled(), torch.randn(5, 2)),
+        "transformer": lambda: (_Encoder(), torch.randn(5, 3, 4)),
+    }[kind]()
+    model = model.to(device, torch.float64).eval()
+    x = x.to(device, torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, X = kernel.jacobian_set(model, params, x)
+    J = oracles.jacobian(model, x)
+    V = torch.randn(J.shape[-1], 4, dtype=torch.float64, device=device)
+    torch.testing.assert_close(kernel.project(X, V, params), J @ V)
+    outputs = torch.tensor([2, 0, 1, 1, 2], device=device)
+    torch.testing.assert_close(
+        kernel.selected_rows(X, outputs, params), J[torch.arange(5), outputs]
+    )

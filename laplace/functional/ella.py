@@ -251,14 +251,13 @@ class ELLA(ScalableFunctionalLaplace):
         for x, _ in tqdm(data, disable=not progress_bar, desc="basis"):
             with torch.no_grad():
                 _, X = self._jacobian_set(x)
-                J = X.dense(self.params)  # (B, C, P)
-            if coords is None:
-                coords = nystrom.basis_coordinates(
-                    self.subsample_size, J.shape[1], self.seed
-                ).to(J.device)
-            picked = coords[start : start + len(J)]
-            rows.append(J[torch.arange(len(J), device=J.device), picked])
-            start += len(J)
+                if coords is None:
+                    coords = nystrom.basis_coordinates(
+                        self.subsample_size, X.n_outputs, self.seed
+                    ).to(self._device)
+                picked = coords[start : start + X.n]
+                rows.append(kernel.selected_rows(X, picked, self.params))
+            start += X.n
         V, _ = nystrom.nystrom_basis(torch.cat(rows), self.n_eigenvalues)
         return V
 
@@ -276,8 +275,9 @@ class ELLA(ScalableFunctionalLaplace):
         return self._posterior_cache
 
     def _features(self, X: kernel.JacobianSet) -> Tensor:
-        """``Phi = J V`` ``(N, C, k)`` of the inputs of ``X``."""
-        return nystrom.project(self.dual_directions, X.dense(self.params))
+        """``Phi = J V`` ``(N, C, k)`` of the inputs of ``X`` (from the factored
+        Jacobians: never ``(N, C, P)``)."""
+        return kernel.project(X, self.dual_directions, self.params)
 
     def _set_covariance(self, X: kernel.JacobianSet, joint: bool) -> Tensor:
         return self._feature_covariance(self._features(X), joint)

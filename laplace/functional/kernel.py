@@ -190,6 +190,59 @@ def gram(
     return total
 
 
+def project(X: JacobianSet, V: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
+    """``J V`` ``(N, C, k)`` for directions ``V`` ``(P, k)`` in the order of
+    ``params``, without the Jacobian: a factored weight gives ``sum_o g_{cno}
+    (a_n^T V_o)`` (``(N, out, k)`` in between instead of ``(N, C, out in)``)."""
+    if X.explicit is not None:
+        return X.explicit @ V
+    rows = _param_rows(params)
+    k = V.shape[-1]
+    total = V.new_zeros(X.n, X.n_outputs, k)
+    for layer in X.layers:
+        g = layer._g(X.n_outputs)  # (C, N, out)
+        if layer.a is not None:
+            Vw = V[rows[id(layer.module.weight)]].reshape(g.shape[-1], -1, k)
+            total += torch.einsum(
+                "cno,nok->nck", g, torch.einsum("ni,oik->nok", layer.a, Vw)
+            )
+        if layer.shared is not None:
+            total += layer.shared @ V[rows[id(layer.module.weight)]]
+        if layer.bias:
+            total += torch.einsum("cno,ok->nck", g, V[rows[id(layer.module.bias)]])
+    return total
+
+
+def selected_rows(
+    X: JacobianSet, outputs: Tensor, params: Sequence[nn.Parameter]
+) -> Tensor:
+    """The Jacobian row ``(N, P)`` of one output per datum (``outputs`` ``(N,)``),
+    in the order of ``params``, without the other outputs' rows."""
+    n = torch.arange(X.n, device=outputs.device)
+    if X.explicit is not None:
+        return X.explicit[n, outputs]
+    columns: dict[int, Tensor] = {}
+    for layer in X.layers:
+        g = layer._g(X.n_outputs)[outputs, n]  # (N, out)
+        if layer.a is not None:
+            outer = g[:, :, None] * layer.a[:, None, :]
+            columns[id(layer.module.weight)] = outer.reshape(X.n, -1)
+        if layer.shared is not None:
+            columns[id(layer.module.weight)] = layer.shared[n, outputs]
+        if layer.bias:
+            columns[id(layer.module.bias)] = g
+    return torch.cat([columns[id(p)] for p in params], dim=-1)
+
+
+def _param_rows(params: Sequence[nn.Parameter]) -> dict[int, slice]:
+    """The rows of each parameter in a vector over ``params``."""
+    rows, start = {}, 0
+    for p in params:
+        rows[id(p)] = slice(start, start + p.numel())
+        start += p.numel()
+    return rows
+
+
 def _same_form(A: JacobianSet, B: JacobianSet) -> bool:
     if (A.explicit is None) != (B.explicit is None) or len(A.layers) != len(B.layers):
         return False
