@@ -202,14 +202,14 @@ def test_with_the_training_inputs_as_inducing_points_the_exact_gp_is_the_optimum
         la.predictive_moments(Xs)[1], torch.einsum("ncp,pq,ndq->ncd", Js, exact, Js)
     )
     f, Xset = la._jacobian_set(X)
-    objective = la._objective(f.detach(), Xset, y, la._inducing_set(True), 10)
+    objective = la._objective(f.detach(), Xset, y, la._inducing_rows(True), 10)
     gL, gZ = torch.autograd.grad(objective, [la.L, la.inducing_locations])
     assert float(gL.abs().max()) < 1e-9 and float(gZ.abs().max()) < 1e-9
     # and a step away is worse
     with torch.no_grad():
         la.L.add_(1e-3 * torch.randn_like(la.L))
     worse = la._objective(
-        f.detach(), la._jacobian_set(X)[1], y, la._inducing_set(False), 10
+        f.detach(), la._jacobian_set(X)[1], y, la._inducing_rows(False), 10
     )
     assert float(worse.detach()) > float(objective.detach())
 
@@ -457,3 +457,45 @@ def test_bad_input_is_refused_before_any_work(device):
     reward = VaLLA(_net(1, device), "reward_modeling", "random", num_inducing=2)
     with pytest.raises(ValueError, match="reward-modeling data are pairs"):
         reward.fit(_loader(torch.randn(6, 2, 2).to(X), torch.zeros(6).long()))
+
+
+def test_reward_models_fit_on_pairs_and_predict_rewards(device):
+    """Pairs ``(B, 2, D)`` give pair logits ``(B, 2)`` (the classification
+    likelihood of the preference); the inducing outputs are single rewards. The
+    objective is the oracle's on the pairs and the rewards' covariance the
+    weight-space Gaussian's."""
+    torch.manual_seed(0)
+    reward = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1), nn.Flatten(-2))
+    reward = reward.to(device, torch.float64)
+    pairs = torch.randn(12, 2, 3, dtype=torch.float64, device=device)
+    prefs = torch.randint(2, (12,), device=device)
+    Z = torch.randn(4, 1, 3, dtype=torch.float64, device=device)
+    la = VaLLA(reward, "reward_modeling", Z, prior_precision=2.0)
+    la.fit(_loader(pairs, prefs, batch_size=4), iterations=1, lr=1e-3)
+    Sigma = _weight_covariance(
+        reward, Z, torch.zeros(4, dtype=torch.long), torch.eye(4).to(Z), 2.0
+    )
+    kl = 0.5 * (2.0 * Sigma.trace() - Sigma.shape[0] - torch.logdet(2.0 * Sigma))
+    Jb = oracles.jacobian(reward, pairs[:4])  # (4, 2, P)
+    var = torch.einsum("ncp,pq,ndq->ncd", Jb, Sigma, Jb).diagonal(dim1=-2, dim2=-1)
+    f = reward(pairs[:4]).detach()
+    energy = torch.log_softmax(f / torch.sqrt(1 + math.pi / 8 * var), -1)
+    energy = energy[torch.arange(4), prefs[:4]].sum()
+    expected = -(12 / 4 * energy - kl)
+    assert la.fit_history_["objective"][0] == pytest.approx(float(expected), rel=1e-9)
+    la.fit(_loader(pairs, prefs, batch_size=4), iterations=5, lr=1e-2)
+    single = torch.randn(3, 1, 3, dtype=torch.float64, device=device)
+    mean, var = la(single)
+    assert mean.shape == (3, 1) and var.shape == (3, 1, 1)
+    Zt = la.inducing_locations.detach()
+    L = inducing.unpack_tril(la.L.detach(), 4)
+    Sigma = _weight_covariance(
+        reward,
+        Zt,
+        torch.zeros(4, dtype=torch.long),
+        L,
+        float(la.prior_precision.detach()),
+    )
+    Js = oracles.jacobian(reward, single)
+    torch.testing.assert_close(var, torch.einsum("ncp,pq,ndq->ncd", Js, Sigma, Js))
+    assert la(pairs[:2], fitting=True).shape == (2, 2)

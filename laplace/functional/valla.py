@@ -10,7 +10,6 @@ over minibatches (``laplace.functional.inducing`` has the formulas).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -315,12 +314,12 @@ class VaLLA(ScalableFunctionalLaplace):
         if self.log_noise_variance is not None:
             trained.append(self.log_noise_variance)
         optimizer = torch.optim.Adam(trained, lr=lr)
-        batches = itertools.cycle(train_loader)
+        batches = _epochs(train_loader)
         steps = tqdm(range(1, iterations + 1), disable=not progress_bar, desc="VaLLA")
         # fixed inducing inputs: their Jacobians once
         fixed = None
         if not isinstance(self.inducing_locations, nn.Parameter):
-            fixed = self._inducing_set(create_graph=False)
+            fixed = self._inducing_rows(create_graph=False)
         self.fitted = True  # the validation scores use the current state
         for step in steps:
             x, y = split_batch(next(batches), self.dict_key_x, self.dict_key_y)
@@ -328,8 +327,8 @@ class VaLLA(ScalableFunctionalLaplace):
             self._check_fit_batch(x, y)
             with torch.no_grad():
                 f, X = self._jacobian_set(x)
-            Z = fixed if fixed is not None else self._inducing_set(create_graph=True)
-            objective = self._objective(f, X, y, Z, N)
+            J_Z = fixed if fixed is not None else self._inducing_rows(True)
+            objective = self._objective(f, X, y, J_Z, N)
             # gradients of the trained tensors only: the model's .grad stays as it is
             grads = torch.autograd.grad(objective, trained)
             for tensor, grad in zip(trained, grads, strict=True):
@@ -410,34 +409,30 @@ class VaLLA(ScalableFunctionalLaplace):
         return locations, classes
 
     # -- the kernel and the objective ------------------------------------------------
-    def _inducing_set(self, create_graph: bool) -> kernel.JacobianSet:
-        """The Jacobian set of the inducing inputs (differentiable in them with
-        ``create_graph``)."""
+    def _inducing_rows(self, create_graph: bool) -> Tensor:
+        """``J_Z`` ``(M, P)``: the Jacobian row of each inducing output
+        (differentiable in the inducing inputs with ``create_graph``)."""
         with torch.set_grad_enabled(create_graph):
-            return self._jacobian_set(self.inducing_locations, create_graph)[1]
+            _, Z = self._jacobian_set(self.inducing_locations, create_graph)
+            classes = self.inducing_classes.to(self._device)
+            return kernel.selected_rows(Z, classes, self.params)
 
-    def _columns(self) -> Tensor:
-        """Datum-major columns of the inducing outputs in a ``(., M C)`` gram."""
-        C = self.n_outputs
-        M = self.num_inducing
-        return torch.arange(M, device=self._device) * C + self.inducing_classes
-
-    def _system(self, Z: kernel.JacobianSet) -> tuple[inducing.InducingSystem, Tensor]:
-        cols = self._columns()
+    def _system(self, J_Z: Tensor) -> tuple[inducing.InducingSystem, Tensor]:
+        """The factored system of ``K_ZZ = J_Z J_Z^T / delta``, and ``delta``."""
         delta = self.prior_precision[0]
-        Kzz = kernel.gram(Z, Z, False, self.params)[cols][:, cols] / delta
         L = inducing.unpack_tril(self.L, self.num_inducing)
-        return inducing.InducingSystem(Kzz, L), delta
+        return inducing.InducingSystem(J_Z @ J_Z.T / delta, L), delta
 
-    def _cross(self, X: kernel.JacobianSet, Z: kernel.JacobianSet, delta) -> Tensor:
-        """``K_Zx`` ``(M, N C)``."""
-        return kernel.gram(Z, X, False, self.params)[self._columns()] / delta
+    def _cross(self, X: kernel.JacobianSet, J_Z: Tensor, delta) -> Tensor:
+        """``K_Zx`` ``(M, N C)``, datum-major columns, from the factored ``X``."""
+        K = kernel.project(X, J_Z.T, self.params)  # (N, C, M)
+        return K.reshape(-1, K.shape[-1]).T / delta
 
-    def _objective(self, f, X, y, Z, N: int) -> Tensor:
+    def _objective(self, f, X, y, J_Z, N: int) -> Tensor:
         """``-(N / (B T) sum_b E_alpha - KL)`` on the minibatch."""
-        system, delta = self._system(Z)
+        system, delta = self._system(J_Z)
         prior_blocks = X.self_blocks(False) / delta  # (B, C, C)
-        var = inducing.blocks(prior_blocks, system.whiten(self._cross(X, Z, delta)))
+        var = inducing.blocks(prior_blocks, system.whiten(self._cross(X, J_Z, delta)))
         energy = self._energy(f, var, y)
         B = f.shape[0]
         return -(N / (B * self.temperature) * energy.sum() - system.kl())
@@ -456,7 +451,7 @@ class VaLLA(ScalableFunctionalLaplace):
         return inducing.sampled_energy(samples, y, self.alpha)
 
     # -- the posterior ---------------------------------------------------------------
-    def _posterior(self) -> tuple[kernel.JacobianSet, inducing.InducingSystem, Tensor]:
+    def _posterior(self) -> tuple[Tensor, inducing.InducingSystem, Tensor]:
         """The inducing set and the factored system, cached while ``L``, the
         inducing inputs and the prior precision are unchanged."""
         tensors = [self.L, self.log_prior_precision]
@@ -465,7 +460,7 @@ class VaLLA(ScalableFunctionalLaplace):
         key = tuple((id(t), t._version) for t in tensors)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                Z = self._inducing_set(create_graph=False)
+                Z = self._inducing_rows(create_graph=False)
                 system, delta = self._system(Z)
             self._cache = (key, (Z, system, delta))
         return self._cache[1]
@@ -569,6 +564,18 @@ class VaLLA(ScalableFunctionalLaplace):
         self.enable_backprop = state_dict["enable_backprop"]
         self._cache = None
         self.fitted = True
+
+
+def _epochs(loader):
+    """The batches of ``loader``, epoch after epoch (iterated again each time, so
+    a shuffling loader reshuffles)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("train_loader yielded no batches.")
 
 
 def _inducing_spec(locations, num_inducing, dict_key_x) -> tuple[str | None, int]:
