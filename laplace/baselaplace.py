@@ -774,7 +774,12 @@ def _check_grid_base(base: Any) -> None:
 # the all-weights classes live in laplace.parametric and laplace.functional, whose
 # modules subclass BaseLaplace: imported once BaseLaplace exists, they are real
 # attributes of this module (laplace/__init__ imports this module first)
-from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace  # noqa: E402
+from laplace.functional import (  # noqa: E402
+    ELLA,
+    BaseFunctionalLaplace,
+    FunctionalLaplace,
+    VaLLA,
+)
 from laplace.parametric import (  # noqa: E402
     DiagLaplace,
     FullLaplace,
@@ -792,4 +797,6 @@ __all__ = [
     "LowRankLaplace",
     "BaseFunctionalLaplace",
     "FunctionalLaplace",
+    "ELLA",
+    "VaLLA",
 ]
