@@ -28,10 +28,18 @@ from laplace.functional import kernel
 from laplace.functional.base import BaseFunctionalLaplace, _check_gp_backend
 from laplace.likelihood import get_likelihood
 from laplace.predictive.links import probit
-from laplace.utils.enums import PredType, parse_enum
+from laplace.utils.enums import Likelihood, PredType, parse_enum
 from laplace.utils.metrics import gaussian_nll
 
 Tensor = torch.Tensor
+
+#: the likelihoods of laplace-torch's ELLA and VaLLA: their validation score, the
+#: probit predictive and VaLLA's energies are written for these
+SUPPORTED_LIKELIHOODS = (
+    Likelihood.CLASSIFICATION,
+    Likelihood.REGRESSION,
+    Likelihood.REWARD_MODELING,
+)
 
 
 class ScalableFunctionalLaplace(BaseFunctionalLaplace):
@@ -80,6 +88,13 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
         )
+        if self.likelihood not in SUPPORTED_LIKELIHOODS:
+            names = ", ".join(repr(lik.value) for lik in SUPPORTED_LIKELIHOODS)
+            raise ValueError(
+                f"{type(self).__name__} is defined for likelihood {names}; got "
+                f"{getattr(self.likelihood, 'value', self.likelihood)!r}. Use a "
+                "weight-space Laplace (e.g. hessian_structure='kron') for it."
+            )
         _check_gp_backend(self._backend_cls, self.backend_kwargs)
         self.fit_history_: dict[str, list[Any]] = {}
 
