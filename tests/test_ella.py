@@ -432,7 +432,17 @@ def test_bad_input_is_refused_before_any_work(device):
         ELLA(_net(1, device), "regression", 5, 2).fit(
             _loader(*_data("regression", C=1, device=device)), balanced=True
         )
+    # a refit that fails half-way leaves the previous fit as it was
     la = ELLA(model, "classification", subsample_size=8, n_eigenvalues=3)
+    la.fit(_loader(X, y, batch_size=4))
+    before = (la(X[:3]), la.fit_history_, la.n_data)
+    bad = X.clone()
+    bad[9, 0] = float("nan")  # the basis (seeded) avoids it; the curvature does not
+    assert 9 not in nystrom.basis_inputs(12, 8, seed=1234).tolist()
+    with pytest.raises(RuntimeError, match="not finite"):
+        la.fit(_loader(bad, y, batch_size=4), val_loader=_loader(X, y))
+    assert torch.equal(la(X[:3]), before[0])
+    assert la.fit_history_ is before[1] and la.n_data == before[2] and la.fitted
     with pytest.raises(ValueError, match="val_steps must be >= 1"):
         la.fit(_loader(X, y), val_loader=_loader(X, y), val_steps=0)
     la.fit(_loader(X, y), balanced=True)

@@ -447,7 +447,16 @@ def test_bad_input_is_refused_before_any_work(device):
         la.fit(_loader(X, y), val_loader=_loader(X, y), val_steps=0)
     with pytest.raises(NotImplementedError, match="marginal likelihood"):
         la.log_marginal_likelihood()
-    la.fit(_loader(X, y), iterations=1)
+    la.fit(_loader(X, y), iterations=3, lr=0.1)
+    # a fit that fails half-way leaves the previous fit as it was
+    before = (la(X[:3]), dict(la.fit_history_), la.L.detach().clone())
+    bad = X.clone()
+    bad[12, 0] = float("nan")
+    for override in (True, False):
+        with pytest.raises(RuntimeError, match="objective of step 3 is not finite"):
+            la.fit(_loader(bad, y), iterations=4, lr=0.1, override=override)
+        assert torch.equal(la(X[:3]), before[0]) and la.fit_history_ == before[1]
+        assert torch.equal(la.L.detach(), before[2]) and la.fitted
     with pytest.raises(ValueError, match="at least one input"):
         la(X[:0])
     with pytest.raises(ValueError, match="pred_type='nn' is not available"):

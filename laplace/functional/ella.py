@@ -191,11 +191,22 @@ class ELLA(ScalableFunctionalLaplace):
             )
         self.model.eval()
         V = self._basis(train_loader, N, balanced, progress_bar)
+        previous = {name: getattr(self, name) for name in _FITTED_STATE}
+        try:
+            self._accumulate(train_loader, V, val_loader, val_steps, progress_bar)
+        except BaseException:
+            for name, value in previous.items():  # leave it as it was
+                setattr(self, name, value)
+            raise
+
+    def _accumulate(self, train_loader, V, val_loader, val_steps, progress_bar):
+        """The curvature pass: ``G`` over the training data, scored on the
+        validation data every ``val_steps`` batches (or at the end)."""
         history = _empty_history()
         lik = get_likelihood(self.likelihood)
         G = torch.zeros(V.shape[1], V.shape[1], dtype=V.dtype, device=V.device)
-        self.dual_directions, self.feature_gram = V, G  # for the validation scores
-        self.fitted, n_seen, n_outputs = False, 0, None
+        self.dual_directions, self.feature_gram = V, G  # G grows in place
+        n_seen = 0
         batches = tqdm(train_loader, disable=not progress_bar, desc="curvature")
         for step, batch in enumerate(batches, 1):
             x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
@@ -206,39 +217,23 @@ class ELLA(ScalableFunctionalLaplace):
                 S = lik.hessian_sqrt(f).mT @ self._features(X)  # (B, K, k)
                 G += torch.einsum("bki,bkj->ij", S, S)
             n_seen += batch_size(x, self.dict_key_x)
-            n_outputs = f.shape[-1]
             history["processed_examples"].append(float(n_seen))
-            if (
-                val_loader is not None
-                and val_steps is not None
-                and step % val_steps == 0
-            ):
-                self._record_validation(val_loader, G, n_seen, n_outputs, history)
+            # the posterior of the data seen so far
+            self.n_data, self.n_outputs, self.fitted = n_seen, f.shape[-1], True
+            self._posterior_cache = None
+            if val_loader is not None and val_steps and step % val_steps == 0:
+                history["val_nll"].append(self._validation_nll(val_loader))
         if n_seen == 0:
-            self.dual_directions = self.feature_gram = None
             raise ValueError("train_loader yielded no data for the curvature pass.")
         if not bool(torch.isfinite(G).all()):
-            self.dual_directions = self.feature_gram = None
             raise RuntimeError(
                 "The projected curvature is not finite (NaN or inf in the model's "
                 "outputs or Jacobians)."
             )
-        self.n_data, self.n_outputs = n_seen, n_outputs
-        self.feature_gram, self.fitted = G, True
         self._posterior_cache = None
         if val_loader is not None and val_steps is None:
             history["val_nll"].append(self._validation_nll(val_loader))
         self.fit_history_ = history
-
-    def _record_validation(self, val_loader, G, n_seen, n_outputs, history) -> None:
-        """Score the posterior of the data seen so far."""
-        self.n_data, self.n_outputs, self.fitted = n_seen, n_outputs, True
-        self._posterior_cache = None
-        try:
-            history["val_nll"].append(self._validation_nll(val_loader))
-        finally:
-            self.fitted = False
-            self._posterior_cache = None
 
     def _basis(self, train_loader, N: int, balanced: bool, progress_bar: bool):
         """The directions ``V`` ``(P, k)`` of the basis rows."""
@@ -568,6 +563,18 @@ def _candidate(value: Any, likelihood: Likelihood) -> tuple[float, float | None]
             check_scalar_hyper(value[1], "sigma_noise"),
         )
     return check_scalar_hyper(value, "prior_precision"), None
+
+
+#: what a fit sets, restored when it fails
+_FITTED_STATE = (
+    "dual_directions",
+    "feature_gram",
+    "n_data",
+    "n_outputs",
+    "fitted",
+    "fit_history_",
+    "_posterior_cache",
+)
 
 
 def _empty_history() -> dict[str, list[Any]]:

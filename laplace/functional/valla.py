@@ -302,12 +302,28 @@ class VaLLA(ScalableFunctionalLaplace):
             _check_int(val_steps, "val_steps", minimum=1)
         N = dataset_size(train_loader)
         self.model.eval()
-        if override or self.inducing_locations is None:
-            self._start(train_loader, N)
-        else:
-            self.fit_history_ = {
-                key: list(values) for key, values in self.fit_history_.items()
-            }
+        previous = self._snapshot()
+        try:
+            if override or self.inducing_locations is None:
+                self._start(train_loader, N)
+            else:
+                self.fit_history_ = {
+                    key: list(values) for key, values in self.fit_history_.items()
+                }
+            self._optimize(
+                train_loader, N, iterations, lr, val_loader, val_steps, progress_bar
+            )
+        except BaseException:
+            self._restore(previous)  # leave it as it was
+            raise
+        finally:
+            self._cache = None
+
+    def _optimize(
+        self, train_loader, N, iterations, lr, val_loader, val_steps, progress_bar
+    ) -> None:
+        """``iterations`` Adam steps on minibatches, scored on the validation data
+        every ``val_steps`` steps (or at the end)."""
         trained = [self.L, self.log_prior_precision]
         if isinstance(self.inducing_locations, nn.Parameter):
             trained.append(self.inducing_locations)
@@ -329,21 +345,52 @@ class VaLLA(ScalableFunctionalLaplace):
                 f, X = self._jacobian_set(x)
             J_Z = fixed if fixed is not None else self._inducing_rows(True)
             objective = self._objective(f, X, y, J_Z, N)
+            if not bool(torch.isfinite(objective)):
+                raise RuntimeError(
+                    f"The objective of step {step} is not finite (NaN or inf in the "
+                    "batch, the model's outputs or Jacobians, or a diverging "
+                    "optimization: try a smaller lr). The approximation was left as "
+                    "it was before fit."
+                )
             # gradients of the trained tensors only: the model's .grad stays as it is
             grads = torch.autograd.grad(objective, trained)
             for tensor, grad in zip(trained, grads, strict=True):
                 tensor.grad = grad
             optimizer.step()
+            for tensor in trained:
+                tensor.grad = None
+            self._cache = None
             self.fit_history_["objective"].append(float(objective.detach()))
-            if (
-                val_loader is not None
-                and val_steps is not None
-                and step % val_steps == 0
-            ):
+            if val_loader is not None and val_steps and step % val_steps == 0:
                 self.fit_history_["val_nll"].append(self._validation_nll(val_loader))
-        self._cache = None
         if val_loader is not None and val_steps is None:
             self.fit_history_["val_nll"].append(self._validation_nll(val_loader))
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of everything a fit changes."""
+        state = {name: getattr(self, name) for name in _FITTED_STATE}
+        for name in ("L", "log_prior_precision", "log_noise_variance"):
+            tensor = getattr(self, name)
+            state[name] = None if tensor is None else tensor.detach().clone()
+        state["inducing_locations"] = _plain(self.inducing_locations)
+        state["fit_history_"] = {k: list(v) for k, v in self.fit_history_.items()}
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name in ("L", "log_prior_precision", "log_noise_variance"):
+                if state[name] is not None:
+                    getattr(self, name).copy_(state[name])
+        self.generator.set_state(state.pop("generator"))
+        for name in ("L", "log_prior_precision", "log_noise_variance"):
+            state.pop(name)
+        locations = state.pop("inducing_locations")
+        self.inducing_locations = (
+            None if locations is None else _as_locations(locations)
+        )
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def _start(self, train_loader: DataLoader, N: int) -> None:
         """The initial state: ``L = I``, the inducing inputs, a new history."""
@@ -564,6 +611,10 @@ class VaLLA(ScalableFunctionalLaplace):
         self.enable_backprop = state_dict["enable_backprop"]
         self._cache = None
         self.fitted = True
+
+
+#: what a fit sets besides the trained tensors, restored when it fails
+_FITTED_STATE = ("inducing_classes", "n_data", "n_outputs", "fitted")
 
 
 def _epochs(loader):
