@@ -1,4 +1,5 @@
-"""Calibration of the GP view (FunctionalLaplace) against a weight-space Laplace.
+"""Calibration of the GP view (FunctionalLaplace, ELLA, VaLLA) against a
+weight-space Laplace.
 
 A small synthetic classification task: three interleaved noisy spirals in 2-D. The
 steps:
@@ -9,7 +10,14 @@ steps:
    - ``hessian_structure="gp"`` (FunctionalLaplace): GP inference in the linearized
      network on ``--n-subset`` training points, no structure imposed on the
      weight-space precision;
-3. tune each one's prior precision by its marginal likelihood;
+   - ELLA (``functional_approximation="nystrom"``): a Nyström feature map of the
+     same GP's kernel from ``--ella-basis`` training points and ``--ella-k``
+     directions, with the curvature of all the training data on it;
+   - VaLLA (``functional_approximation="variational"``): ``--valla-inducing``
+     inducing points, fitted by Adam for ``--valla-iterations`` steps;
+3. tune each one's prior precision: by the marginal likelihood (Kron, GP), by a
+   validation grid (ELLA, which has no marginal likelihood), or jointly with the
+   posterior (VaLLA);
 4. compare the MAP and both predictives (probit link) on held-out data: accuracy,
    negative log-likelihood (NLL), Brier score and expected calibration error (ECE,
    10 bins of confidence; the metrics are those of ``examples/_calibration.py``).
@@ -94,6 +102,37 @@ def fit_and_tune(model, train_loader, structure: str, n_subset: int, steps: int)
     return la, time.perf_counter() - start
 
 
+def fit_ella(model, train_loader, val_loader, basis: int, k: int):
+    la = Laplace(
+        model,
+        "classification",
+        "all",
+        "gp",
+        functional_approximation="nystrom",
+        subsample_size=basis,
+        n_eigenvalues=k,
+    )
+    start = time.perf_counter()
+    la.fit(train_loader)
+    la.optimize_prior_precision(val_loader=val_loader, grid_size=41)
+    return la, time.perf_counter() - start
+
+
+def fit_valla(model, train_loader, inducing: int, iterations: int):
+    la = Laplace(
+        model,
+        "classification",
+        "all",
+        "gp",
+        functional_approximation="variational",
+        inducing_locations="random",
+        num_inducing=inducing,
+    )
+    start = time.perf_counter()
+    la.fit(train_loader, iterations=iterations, lr=0.02)
+    return la, time.perf_counter() - start
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-train", type=int, default=300, help="training points")
@@ -106,6 +145,15 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--tune-steps", type=int, default=100, help="marglik steps of each prior"
+    )
+    parser.add_argument("--n-val", type=int, default=200, help="validation points")
+    parser.add_argument("--ella-basis", type=int, default=200, help="ELLA's basis")
+    parser.add_argument("--ella-k", type=int, default=50, help="ELLA's directions")
+    parser.add_argument(
+        "--valla-inducing", type=int, default=50, help="VaLLA's inducing points"
+    )
+    parser.add_argument(
+        "--valla-iterations", type=int, default=300, help="VaLLA's Adam steps"
     )
     add_common_arguments(parser, DEFAULT_OUT)
     return parser.parse_args(argv)
@@ -123,6 +171,8 @@ def run(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     x, y = make_spirals(args.n_train, args.noise, g)
     x_test, y_test = make_spirals(args.n_test, args.noise, g)
+    x_val, y_val = make_spirals(args.n_val, args.noise, g)
+    val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=128)
     train_loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     model = make_model(args.width)
     train(model, train_loader, args.epochs)
@@ -136,6 +186,25 @@ def run(args: argparse.Namespace) -> dict:
         la, seconds = fit_and_tune(
             model, fit_loader, structure, n_subset, args.tune_steps
         )
+        results[name] = evaluate(la(x_test, link_approx="probit"), y_test)
+        results[name]["prior_precision"] = la.prior_precision.item()
+        timings[name] = seconds
+    for name, (la, seconds) in (
+        (
+            "ELLA",
+            fit_ella(
+                model,
+                fit_loader,
+                val_loader,
+                min(args.ella_basis, args.n_train),
+                args.ella_k,
+            ),
+        ),
+        (
+            "VaLLA",
+            fit_valla(model, train_loader, args.valla_inducing, args.valla_iterations),
+        ),
+    ):
         results[name] = evaluate(la(x_test, link_approx="probit"), y_test)
         results[name]["prior_precision"] = la.prior_precision.item()
         timings[name] = seconds
