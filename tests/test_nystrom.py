@@ -173,3 +173,26 @@ def test_balanced_basis_inputs_take_even_shares_of_the_classes_in_seeded_order()
     picked = nystrom.basis_inputs(30, 6, seed=5, labels=rare)
     others = [i for i in order.tolist() if i != int(order[-1])][:5]
     assert sorted(picked.tolist()) == sorted([*others, int(order[-1])])
+
+
+def test_the_smallest_and_largest_sizes_are_accepted():
+    assert nystrom.basis_inputs(5, 1, seed=0).shape == (1,)
+    assert nystrom.basis_inputs(5, 5, seed=0).sort().values.tolist() == list(range(5))
+    J_M = _rows(4, 6)
+    assert nystrom.nystrom_basis(J_M, 1)[0].shape == (6, 1)
+    assert nystrom.nystrom_basis(J_M, 4)[0].shape == (6, 4)
+
+
+def test_round_off_is_judged_relative_to_the_largest_eigenvalue():
+    """``K = diag(1, 1e-17)``: the second eigenvalue is below round-off of the first
+    (``2 eps``), so it is not a direction; a tiny but well-conditioned kernel keeps
+    all of its directions; a zero kernel has none."""
+    J_M = torch.diag(torch.tensor([1.0, 1e-17**0.5], dtype=torch.float64))
+    assert nystrom.nystrom_basis(J_M, 1)[1].tolist() == [1.0]
+    with pytest.raises(ValueError, match="it has 1 positive kernel eigenvalues"):
+        nystrom.nystrom_basis(J_M, 2)
+    tiny = 1e-12 * _rows(3, 5)
+    V, values = nystrom.nystrom_basis(tiny, 3)
+    assert V.shape == (5, 3) and bool((values > 0).all())
+    with pytest.raises(ValueError, match="it has 0 positive .* draw a larger or more"):
+        nystrom.nystrom_basis(torch.zeros(3, 5, dtype=torch.float64), 1)

@@ -508,3 +508,80 @@ def test_reward_models_fit_on_pairs_and_predict_rewards(device):
     Js = oracles.jacobian(reward, single)
     torch.testing.assert_close(var, torch.einsum("ncp,pq,ndq->ncd", Js, Sigma, Js))
     assert la(pairs[:2], fitting=True).shape == (2, 2)
+
+
+def test_packed_factors_unpack_row_major_and_refuse_other_sizes():
+    packed = torch.arange(1.0, 7.0)
+    L = inducing.unpack_tril(packed, 3)
+    assert L.tolist() == [[1, 0, 0], [2, 3, 0], [4, 5, 6]]
+    assert inducing.packed_size(3) == 6 and isinstance(inducing.packed_size(3), int)
+    with pytest.raises(
+        ValueError, match=r"3 x 3 lower triangle has 6 entries; .*\(5,\)"
+    ):
+        inducing.unpack_tril(torch.ones(5), 3)
+
+
+def _lloyd_fixed_point(X, centres):
+    """Every centre with points is their mean."""
+    assign = torch.cdist(X, centres).argmin(1)
+    for k in range(len(centres)):
+        if bool((assign == k).any()):
+            torch.testing.assert_close(centres[k], X[assign == k].mean(0))
+
+
+def test_kmeans_returns_k_centres_at_a_fixed_point_of_lloyds_algorithm():
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(12, 2, generator=g, dtype=torch.float64)
+    for seed in range(5):
+        centres = inducing.kmeans(X, 6, torch.Generator().manual_seed(seed))
+        assert centres.shape == (6, 2)
+        _lloyd_fixed_point(X, centres)
+
+
+def test_kmeans_keeps_an_empty_centre_where_it_is():
+    """Duplicate points: k-means++ may pick a point twice; the second copy gets no
+    points and stays (a data point), instead of moving to the origin."""
+    X = torch.tensor([[7.0], [7.0], [7.0], [9.0]], dtype=torch.float64)
+    duplicated = 0
+    for seed in range(10):
+        centres = inducing.kmeans(X, 3, torch.Generator().manual_seed(seed))
+        assert centres.shape == (3, 1)
+        assert set(centres.flatten().tolist()) <= {7.0, 9.0}
+        duplicated += len(set(centres.flatten().tolist())) < 3
+    assert duplicated > 0  # the case arose
+
+
+def test_kmeans_plus_plus_draws_far_points_and_its_own_random_stream():
+    X = torch.zeros(101, 1, dtype=torch.float64)
+    X[50] = 0.5  # D^2 weighting picks the far point second (or first)
+    for seed in range(5):
+        start = inducing.kmeans(X, 2, torch.Generator().manual_seed(seed), n_iter=0)
+        assert sorted(start.flatten().tolist()) == [0.0, 0.5]
+    # the same generator seed, whatever the global stream; the first pick uniform
+    Y = torch.rand(40, 1, generator=torch.Generator().manual_seed(1))
+    picks = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        first = inducing.kmeans(Y, 3, torch.Generator().manual_seed(3), n_iter=0)
+        torch.manual_seed(seed + 100)
+        again = inducing.kmeans(Y, 3, torch.Generator().manual_seed(3), n_iter=0)
+        assert torch.equal(first, again)
+        picks.add(
+            float(inducing.kmeans(Y, 1, torch.Generator().manual_seed(seed), n_iter=0))
+        )
+    assert len(picks) > 10  # over all 40 points, not the first D of them
+    identical = torch.ones(5, 2, dtype=torch.float64)
+    assert torch.equal(
+        inducing.kmeans(identical, 3, torch.Generator()),
+        torch.ones(3, 2, dtype=torch.float64),
+    )
+
+
+def test_probit_energy_is_one_log_probability_per_datum():
+    f = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    v = torch.tensor([[1.0, 0.0, 4.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    energy = inducing.probit_energy(f, v, y)
+    assert energy.shape == (2,)
+    scaled = f / torch.sqrt(1 + math.pi / 8 * v)
+    torch.testing.assert_close(energy, torch.log_softmax(scaled, -1)[[0, 1], [1, 0]])
