@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 from laplace import prior
 from laplace.curvature.curvature import CurvatureInterface, check_backend
 from laplace.data import Inputs, batch_size, split_batch, to_device
-from laplace.likelihood import get_likelihood
-from laplace.predictive.links import link as apply_link
+from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.predictive.links import sample_outputs
 from laplace.utils._checks import check_n_samples
 from laplace.utils.enums import (
@@ -49,13 +48,16 @@ class BaseLaplace:
     ----------
     model : torch.nn.Module
         the trained network; its parameters that require grad are the ones treated.
-    likelihood : Likelihood or str in {'classification', 'regression',
-        'reward_modeling'}
-        'reward_modeling' fits with the classification likelihood on pairs
-        (``x`` of shape ``(batch, 2, dim)``, ``y`` of shape ``(batch,)``) and predicts
-        as regression on ``(batch, dim)``.
+    likelihood : Likelihood or str, or a laplace.likelihood.OutputLikelihood
+        'classification', 'regression', 'reward_modeling', 'binary', 'multilabel',
+        'poisson', 'heteroscedastic_regression' (``laplace.likelihood``), or an
+        object of your own likelihood. 'reward_modeling' fits with the
+        classification likelihood on pairs (``x`` of shape ``(batch, 2, dim)``,
+        ``y`` of shape ``(batch,)``) and predicts as regression on ``(batch, dim)``.
     sigma_noise : float or torch.Tensor, default=1
-        observation noise of regression; must be 1 otherwise.
+        observation noise of regression: a scalar, or one value per output (shape
+        ``(C,)``, for the structures with ``supports_output_noise``); must be 1 for
+        likelihoods without noise.
     prior_precision : float or torch.Tensor, default=1
         precision of the Gaussian prior: a scalar, one value per parameter tensor, or
         one value per parameter.
@@ -79,6 +81,8 @@ class BaseLaplace:
 
     #: the predictive types of the class; the first is the linearized one
     pred_types: tuple[PredType, ...] = (PredType.GLM, PredType.NN)
+    #: whether ``sigma_noise`` may be one value per output (regression)
+    supports_output_noise: bool = False
 
     def __init__(
         self,
@@ -99,10 +103,15 @@ class BaseLaplace:
             raise TypeError(
                 f"model must be a torch.nn.Module; got {type(model).__name__}."
             )
-        self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
-        if self.likelihood == Likelihood.REWARD_MODELING and not getattr(
-            self, "supports_reward_modeling", True
-        ):
+        #: the likelihood object every formula dispatches on
+        self.lik: OutputLikelihood = get_likelihood(likelihood)
+        #: the likelihood as given: a ``Likelihood`` for a name, else the object
+        self.likelihood = (
+            likelihood
+            if isinstance(likelihood, OutputLikelihood)
+            else parse_enum(Likelihood, likelihood, "likelihood")
+        )
+        if self.lik.pairs and not getattr(self, "supports_reward_modeling", True):
             raise ValueError(
                 f"{type(self).__name__} does not support likelihood='reward_modeling'; "
                 "use hessian_structure='kron', 'diag' or 'full' (all weights or the "
@@ -175,21 +184,25 @@ class BaseLaplace:
     def backend(self) -> CurvatureInterface:
         """The curvature backend, built on first use."""
         if self._backend is None:
-            kwargs = dict(self.backend_kwargs)
-            if self.asdl_fisher_kwargs:
-                from laplace.curvature.asdl import AsdlInterface
-
-                if issubclass(self._backend_cls, AsdlInterface):
-                    kwargs.setdefault("fisher_kwargs", self.asdl_fisher_kwargs)
-            self._backend = self._backend_cls(
-                self.model,
-                self.likelihood,
-                dict_key_x=self.dict_key_x,
-                dict_key_y=self.dict_key_y,
-                **self._backend_arguments(),
-                **kwargs,
-            )
+            self._backend = self._make_backend(self.lik)
         return self._backend
+
+    def _make_backend(self, lik: OutputLikelihood) -> CurvatureInterface:
+        """A backend of the class's backend type for the likelihood ``lik``."""
+        kwargs = dict(self.backend_kwargs)
+        if self.asdl_fisher_kwargs:
+            from laplace.curvature.asdl import AsdlInterface
+
+            if issubclass(self._backend_cls, AsdlInterface):
+                kwargs.setdefault("fisher_kwargs", self.asdl_fisher_kwargs)
+        return self._backend_cls(
+            self.model,
+            lik,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+            **self._backend_arguments(),
+            **kwargs,
+        )
 
     @property
     def structure_table(self) -> list[dict[str, str]]:
@@ -276,30 +289,57 @@ class BaseLaplace:
 
     @property
     def sigma_noise(self) -> Tensor:
-        """Observation noise standard deviation (0-dim)."""
+        """Observation noise standard deviation: 0-dim, or ``(C,)`` with one value
+        per output."""
         return self._sigma_noise
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
         value = torch.as_tensor(value, dtype=self._dtype, device=self._device)
-        if value.numel() != 1 or value.ndim > 1:
+        if value.ndim > 1 or value.numel() == 0:
             raise ValueError(
                 "sigma_noise must be a scalar (a number, or a tensor of shape () or "
-                f"(1,)); got shape {tuple(value.shape)}."
+                f"(1,)) or one value per output (C,); got shape {tuple(value.shape)}."
             )
-        value = value.reshape(())
+        if value.numel() == 1:
+            value = value.reshape(())
         with torch.no_grad():
-            if not torch.isfinite(value) or value <= 0:
+            if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
                 raise ValueError(
                     f"sigma_noise must be positive and finite; got {value}."
                 )
-            if self.likelihood != Likelihood.REGRESSION and value != 1:
+            if not self.lik.has_noise and bool((value != 1).any()):
                 raise ValueError(
-                    f"sigma_noise must be 1 for likelihood={self.likelihood.value!r}; "
-                    f"only regression has observation noise (got {float(value)})."
+                    f"sigma_noise must be 1 for likelihood={self.lik.name!r}; only "
+                    f"regression has observation noise (got {value.tolist()})."
                 )
+        if value.ndim == 1:
+            self._check_output_noise(value)
         self._sigma_noise = value
         self._posterior_cache = None
+
+    def _check_output_noise(self, value: Tensor) -> None:
+        """Refuse one noise per output where the structure cannot take it, or where
+        it does not match the fitted outputs (per-output curvature)."""
+        if not self.supports_output_noise:
+            raise ValueError(
+                f"sigma_noise with one value per output (shape {tuple(value.shape)}) "
+                f"is not available for {type(self).__name__}: its curvature cannot "
+                "be split by output. Use hessian_structure='full' or 'diag' "
+                "(all weights, last layer or subnetwork), or a scalar sigma_noise."
+            )
+        fitted = getattr(self, "fitted", False)
+        if fitted and not getattr(self, "_per_output", False):
+            raise ValueError(
+                "sigma_noise with one value per output needs the curvature of each "
+                "output: this Laplace was fitted with a scalar sigma_noise. Set the "
+                "vector sigma_noise before fit (e.g. torch.ones(C)) and fit again."
+            )
+        if fitted and value.numel() != self.n_outputs:
+            raise ValueError(
+                f"sigma_noise must have one value per output, shape "
+                f"({self.n_outputs},); got shape {tuple(value.shape)}."
+            )
 
     @property
     def temperature(self) -> float:
@@ -318,27 +358,25 @@ class BaseLaplace:
 
     @property
     def _h_factor(self) -> Tensor:
-        """``1 / (sigma_noise^2 * temperature)``, the scale of the curvature."""
+        """``1 / (sigma_noise^2 * temperature)``, the scale of the curvature (0-dim;
+        ``(C,)``, one per output, for a per-output noise)."""
         return 1 / (self.sigma_noise.square() * self.temperature)
 
     def _check_fit_batch(self, x: Inputs, y: Tensor | None = None) -> None:
         """Refuse training data of the wrong form before any work on them.
 
-        Regression targets must have the outputs' shape ``(batch, outputs)``: a 1-D
-        ``y`` is refused, as laplace-torch does, rather than guessed. Reward-modeling
-        inputs are not checked here: any input the model maps to pair logits
-        ``(batch, 2)`` is valid (laplace-torch accepts them too).
+        The likelihood's ``check_fit_targets`` decides (regression targets must
+        have the outputs' shape ``(batch, outputs)``: a 1-D ``y`` is refused, as
+        laplace-torch does, rather than guessed). Reward-modeling inputs are not
+        checked here: any input the model maps to pair logits ``(batch, 2)`` is
+        valid (laplace-torch accepts them too).
         """
-        if self.likelihood == Likelihood.REGRESSION and y is not None and y.ndim == 1:
-            raise ValueError(
-                f"Regression targets y of shape {tuple(y.shape)} must have the shape "
-                "of the model's outputs, (batch, outputs); for a model with one "
-                "output pass y of shape (batch, 1), e.g. y.unsqueeze(-1)."
-            )
+        if y is not None:
+            self.lik.check_fit_targets(y)
 
     def _training_loss(self, train_loader, progress_bar) -> tuple[Tensor, int]:
         """Summed loss of all training data at the MAP, and the number of outputs."""
-        lik = get_likelihood(self.likelihood)
+        lik = self.lik
         loss, n_outputs = torch.zeros_like(self.loss), None
         batches = tqdm(train_loader, disable=not progress_bar, desc="loss")
         with torch.no_grad():
@@ -387,17 +425,23 @@ class BaseLaplace:
     def log_likelihood(self) -> Tensor:
         """Log likelihood of the training data at the MAP, from the summed loss.
 
-        Classification: ``-loss / T``; regression:
-        ``-loss / (sigma^2 T) - N C log(sigma sqrt(2 pi))``. Differentiable in
+        Classification and the other likelihoods without noise: ``-loss / T``;
+        regression: ``-loss / (sigma^2 T) - N C log(sigma sqrt(2 pi))``, with one
+        noise per output ``-sum_c loss_c / (sigma_c^2 T) - N sum_c log(sigma_c
+        sqrt(2 pi))`` (``loss_c`` the loss of output ``c``). Differentiable in
         ``sigma_noise``.
         """
-        value = -self._h_factor * self.loss  # 0 before fit: no data seen
-        if self.likelihood == Likelihood.REGRESSION and self.n_data:
-            n_terms = self.n_data * self.n_outputs
-            value = value - n_terms * torch.log(
-                self.sigma_noise * math.sqrt(2 * math.pi)
-            )
-        return value
+        factor = self._h_factor
+        output_loss = getattr(self, "_output_loss", None)
+        if factor.ndim == 1 and output_loss is not None:
+            value = -(factor * output_loss).sum()
+        else:  # 0 before fit: no data seen
+            value = -(factor * self.loss).sum()
+        if not self.n_data:
+            return value
+        return value + self.lik.log_normalizer(
+            self.sigma_noise, self.n_data, self.n_outputs
+        )
 
     @property
     def log_det_ratio(self) -> Tensor:
@@ -443,23 +487,26 @@ class BaseLaplace:
             )
         return pred_type
 
-    @property
-    def _predicts_regression(self) -> bool:
-        return self.likelihood in (Likelihood.REGRESSION, Likelihood.REWARD_MODELING)
-
-    def _regression_output(self, fitting: bool) -> bool:
-        """Whether a predictive returns regression moments: reward modeling
+    def _predictive_lik(self, fitting: bool = False) -> OutputLikelihood:
+        """The likelihood whose predictive ``la(x)`` returns: reward modeling
         predicts as regression, except with ``fitting=True``, where it predicts as
         the classification of pairs it was fitted with (laplace-torch's meaning)."""
-        if fitting and self.likelihood == Likelihood.REWARD_MODELING:
-            return False
-        return self._predicts_regression
+        return self.lik.predictive_likelihood(fitting)
+
+    @property
+    def _predicts_regression(self) -> bool:
+        """Whether ``la(x)`` returns moments ``(mean, variance)``."""
+        return self._predictive_lik().returns_moments
+
+    def _regression_output(self, fitting: bool) -> bool:
+        """Whether a predictive returns moments (see ``_predictive_lik``)."""
+        return self._predictive_lik(fitting).returns_moments
 
     @property
     def _tunes_regression(self) -> bool:
-        """Whether the grid search scores regression moments: reward modeling is
-        tuned on its validation pairs, as the classification it was fitted with
-        (laplace-torch's choice), so only regression is."""
+        """Whether the grid search scores moments: reward modeling is tuned on its
+        validation pairs, as the classification it was fitted with (laplace-torch's
+        choice)."""
         return self._regression_output(fitting=True)
 
     def _check_predictable(self) -> None:
@@ -505,10 +552,13 @@ class BaseLaplace:
         pred_type : {'glm', 'nn'}
             linearized (GLM) predictive, or network evaluated at posterior samples.
         joint : bool
-            regression with 'glm': the joint covariance over the batch,
-            ``(batch * outputs, batch * outputs)``, with the mean flattened.
+            regression (and 'poisson') with 'glm': the joint covariance over the
+            batch, ``(batch * outputs, batch * outputs)``, with the mean flattened.
         link_approx : {'probit', 'bridge', 'bridge_norm', 'mc'}
-            classification with 'glm'; 'nn' needs 'mc'.
+            classification with 'glm'; 'nn' needs 'mc'. 'binary' and 'multilabel'
+            take 'probit' (of the sigmoid) and 'mc'; 'poisson' gives the exact
+            lognormal moments of the rates, or with 'mc' their Monte-Carlo
+            estimate (the likelihood's ``links``).
         n_samples : int
             samples of 'mc' and of 'nn'.
         diagonal_output : bool
@@ -527,6 +577,10 @@ class BaseLaplace:
         classification: probabilities ``(batch, classes)``; regression: ``(f_mu,
         f_var)`` with ``f_mu`` ``(batch, outputs)`` and ``f_var`` ``(batch, outputs,
         outputs)`` ('glm'), ``(batch, outputs)`` ('nn' or ``diagonal_output``).
+        The other likelihoods return their ``predictive``: 'binary' and
+        'multilabel' the probabilities ``(batch, outputs)`` of ``y = 1``; 'poisson'
+        the mean and (co)variance of the rates ``exp(f)``;
+        'heteroscedastic_regression' the mean and (co)variance of ``y``.
         """
         pred_type = self._parse_pred_type(pred_type)
         link_approx = parse_enum(LinkApprox, link_approx, "link_approx")
@@ -536,21 +590,32 @@ class BaseLaplace:
                 f"link_approx='mc' (got {link_approx.value!r})."
             )
         check_n_samples(n_samples)
+        lik = self._predictive_lik(fitting)
+        if pred_type != PredType.NN:
+            lik.check_link(link_approx)
+        if joint and lik.returns_moments and not lik.supports_joint:
+            raise ValueError(
+                f"joint=True is not available for likelihood={lik.name!r}: its "
+                "predictive is per datum. Use joint=False."
+            )
         self._check_predictable()
-        regression = self._regression_output(fitting)
         x = to_device(x, self._device)
         with self._forward_kwargs(model_kwargs):
             if pred_type == PredType.NN:
-                f = self._nn_samples(x, n_samples, generator)
-                if regression:
-                    return f.mean(0), f.var(0)
-                return torch.softmax(f, dim=-1).mean(0)
-            if regression:
-                return self._glm_distribution(x, joint, diagonal_output)
-            # probit reads only the output variances: no (N, C, C) where avoidable
-            diagonal = diagonal_output or link_approx == LinkApprox.PROBIT
-            f_mu, f_var = self._glm_distribution(x, False, diagonal)
-        return apply_link(link_approx, f_mu, f_var, n_samples, generator)
+                return lik.predictive_from_samples(
+                    self._nn_samples(x, n_samples, generator)
+                )
+            joint = joint and lik.returns_moments
+            diagonal = not joint and not lik.needs_covariance(
+                link_approx, diagonal_output
+            )
+            f_mu, f_var = self._glm_distribution(x, joint, diagonal)
+        prediction = lik.predictive(f_mu, f_var, link_approx, n_samples, generator)
+        if diagonal_output and lik.returns_moments and not joint:
+            mean, var = prediction
+            if var.ndim == 3:
+                prediction = mean, var.diagonal(dim1=-2, dim2=-1)
+        return prediction
 
     predictive = __call__
 
@@ -596,12 +661,14 @@ class BaseLaplace:
         joint: bool = False,
     ) -> Tensor:
         """Samples ``(n_samples, batch, outputs)`` of the predictive at ``x``: the
-        ``functional_samples``, through the softmax for classification (and for
-        reward modeling with ``fitting=True``)."""
+        ``functional_samples`` through the likelihood's ``inverse_link`` (the
+        softmax for classification and for reward modeling with ``fitting=True``,
+        the sigmoid for 'binary' and 'multilabel', ``exp`` for 'poisson'; none for
+        regression)."""
         f = self.functional_samples(
             x, pred_type, n_samples, diagonal_output, generator, joint=joint
         )
-        return f if self._regression_output(fitting) else torch.softmax(f, dim=-1)
+        return self._predictive_lik(fitting).inverse_link(f)
 
     def _glm_distribution(
         self, x: Inputs, joint: bool, diagonal_output: bool

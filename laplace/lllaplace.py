@@ -81,7 +81,7 @@ class LastLayerMixin:
             x, _ = split_batch(batch, self.dict_key_x, self.dict_key_y)
             with torch.no_grad():
                 f, _ = self.model.find_last_layer(to_device(x, self._device))
-            if f.ndim > 2 and self.likelihood != Likelihood.REWARD_MODELING:
+            if f.ndim > 2 and not self.lik.pairs:
                 # e.g. logits at every position: the curvature would come from the
                 # reduced features, the predictive could not be formed
                 raise ValueError(

@@ -75,7 +75,7 @@ def marglik_training(
     n_hypersteps: int = 10,
     marglik_frequency: int = 1,
     prior_prec_init: float = 1.0,
-    sigma_noise_init: float = 1.0,
+    sigma_noise_init: float | Tensor = 1.0,
     temperature: float = 1.0,
     fix_sigma_noise: bool = False,
     progress_bar: bool = False,
@@ -164,8 +164,12 @@ def marglik_training(
         fit Laplace and tune every ``marglik_frequency`` epochs.
     prior_prec_init : float, default=1
         initial prior precision, for every entry of ``prior_structure``.
-    sigma_noise_init : float, default=1
-        initial observation noise (regression only; ignored otherwise).
+    sigma_noise_init : float or torch.Tensor, default=1
+        initial observation noise (regression only; ignored otherwise); a tensor
+        ``(C,)`` starts and tunes one noise per output (hessian_structure 'full' or
+        'diag'), with the MAP objective's data term weighting output ``c`` by
+        ``sigma_bar^2 / sigma_c^2`` and ``sigma_bar^2 = 1 / mean_c(1 / sigma_c^2)``
+        in place of ``sigma^2`` above.
     temperature : float, default=1
         the likelihood is tempered as in ``laplace.baselaplace.BaseLaplace``
         (curvature divided by ``T``), and so is the MAP objective above, whose mode
@@ -297,7 +301,8 @@ def marglik_training(
 class _Settings:
     """The validated arguments."""
 
-    likelihood: Likelihood
+    likelihood: Likelihood | OutputLikelihood
+    lik: OutputLikelihood
     structure: HessianStructure
     subset: SubsetOfWeights
     prior_structure: PriorStructure
@@ -310,7 +315,7 @@ class _Settings:
     marglik_frequency: int
     lr_hyp: float
     prior_prec_init: float
-    sigma_noise_init: float
+    sigma_noise_init: float | Tensor
     temperature: float
     tune_sigma: bool
 
@@ -333,7 +338,12 @@ class _Settings:
             )
         if dataset_size(a["train_loader"]) == 0:
             raise ValueError("train_loader's dataset is empty.")
-        likelihood = parse_enum(Likelihood, a["likelihood"], "likelihood")
+        lik = get_likelihood(a["likelihood"])
+        likelihood = (
+            a["likelihood"]
+            if isinstance(a["likelihood"], OutputLikelihood)
+            else parse_enum(Likelihood, a["likelihood"], "likelihood")
+        )
         structure = parse_enum(
             HessianStructure, a["hessian_structure"], "hessian_structure"
         )
@@ -398,6 +408,7 @@ class _Settings:
         _check_schedule(**counts)
         return cls(
             likelihood=likelihood,
+            lik=lik,
             structure=structure,
             subset=subset,
             prior_structure=prior_structure,
@@ -406,14 +417,9 @@ class _Settings:
             scheduler_kwargs=_kwargs(a["scheduler_kwargs"], "scheduler_kwargs"),
             lr_hyp=_positive(a["lr_hyp"], "lr_hyp"),
             prior_prec_init=_positive(a["prior_prec_init"], "prior_prec_init"),
-            sigma_noise_init=(
-                _positive(a["sigma_noise_init"], "sigma_noise_init")
-                if likelihood == Likelihood.REGRESSION
-                else 1.0
-            ),
+            sigma_noise_init=(_noise(a["sigma_noise_init"]) if lik.has_noise else 1.0),
             temperature=_positive(a["temperature"], "temperature"),
-            tune_sigma=likelihood == Likelihood.REGRESSION
-            and not bool(a["fix_sigma_noise"]),
+            tune_sigma=lik.has_noise and not bool(a["fix_sigma_noise"]),
             **counts,
         )
 
@@ -435,6 +441,18 @@ def _positive(value: Any, name: str) -> float:
     ):
         raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
     return float(value)
+
+
+def _noise(value: Any) -> float | Tensor:
+    """``sigma_noise_init``: a positive number, or a tensor ``(C,)`` of positive
+    values (one noise per output)."""
+    if isinstance(value, Tensor) and value.ndim == 1 and value.numel() > 1:
+        if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+            raise ValueError(
+                f"sigma_noise_init must hold positive finite values; got {value}."
+            )
+        return value.detach().clone()
+    return _positive(value, "sigma_noise_init")
 
 
 def _kwargs(value: Any, name: str) -> dict[str, Any]:
@@ -483,8 +501,8 @@ class _MapObjective:
     """The batch objective ``J_B`` of ``marglik_training`` and the batch size."""
 
     def __init__(self, s: _Settings, N: int, dict_key_x: str) -> None:
-        self.lik: OutputLikelihood = get_likelihood(s.likelihood)
-        self.pairs = s.likelihood == Likelihood.REWARD_MODELING
+        self.lik: OutputLikelihood = s.lik
+        self.pairs = s.lik.pairs
         self.temperature = s.temperature
         self.N = N
         self.dict_key_x = dict_key_x
@@ -500,7 +518,14 @@ class _MapObjective:
                 f"shape (batch, 2); got outputs of shape {tuple(f.shape)}."
             )
         y = self.lik.check_targets(f, y)
-        data = self.lik.loss(f, y) / (self.lik.factor * M)
+        if sigma.ndim == 1:  # one noise per output: weights sigma_bar^2 / sigma_c^2
+            weights = 1 / sigma.square()
+            sigma = weights.mean().rsqrt()
+            weights = weights / weights.mean()
+            losses = [self.lik.output_column(c).loss(f, y) for c in range(len(weights))]
+            data = (weights * torch.stack(losses)).sum() / (self.lik.factor * M)
+        else:
+            data = self.lik.loss(f, y) / (self.lik.factor * M)
         weighted = sum(_weighted_square_norm(p, d) for p, d in prior_groups)
         scale = sigma.square() * self.temperature / (2 * self.lik.factor * self.N)
         return data + scale * weighted, M
@@ -528,9 +553,12 @@ class _Hyperparameters:
         self.s = s
         self.init = torch.tensor([s.prior_prec_init], dtype=dtype, device=device)
         self.log_prior_prec: Tensor | None = None
-        self.log_sigma = torch.tensor(
-            math.log(s.sigma_noise_init), dtype=dtype, device=device
-        ).requires_grad_(s.tune_sigma)
+        self.log_sigma = (
+            torch.as_tensor(s.sigma_noise_init, dtype=dtype, device=device)
+            .log()
+            .detach()
+            .requires_grad_(s.tune_sigma)
+        )
         self.optimizer: torch.optim.Adam | None = None
 
     @property

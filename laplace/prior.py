@@ -194,7 +194,8 @@ def tune_by_marglik(
 
 
 def default_loss(la: BaseLaplace):
-    """The grid search's loss when none is given, on the model's device.
+    """The grid search's loss when none is given, on the model's device: the
+    likelihood's ``default_metric``.
 
     Classification: the running NLL of the predicted probabilities
     (``RunningNLLMetric``). Regression: the running Gaussian NLL of the targets
@@ -202,21 +203,18 @@ def default_loss(la: BaseLaplace):
     (``RunningGaussianNLLMetric``); laplace-torch's mean squared error of ``f_mu``
     does not depend on the prior precision at all (``f_mu`` is the network's
     output). Reward modeling: the running NLL of its validation pairs, scored as
-    the classification it was fitted with (laplace-torch's default).
+    the classification it was fitted with (laplace-torch's default). The other
+    likelihoods: the running NLL of the targets under their predictive
+    (``RunningPredictiveNLLMetric``).
     """
-    from laplace.utils.metrics import RunningGaussianNLLMetric, RunningNLLMetric
-
-    if la._tunes_regression:
-        metric = RunningGaussianNLLMetric()
-    else:
-        metric = RunningNLLMetric()
-    return metric.to(la._device)
+    return la._predictive_lik(fitting=True).default_metric().to(la._device)
 
 
 def _loss_inputs(
     la: BaseLaplace, loss: Any, prediction: Any
 ) -> tuple[torch.Tensor, ...]:
-    """What ``loss`` reads of a validation prediction (before the targets).
+    """What ``loss`` reads of a validation prediction (before the targets): the
+    likelihood's ``metric_inputs``.
 
     Regression predictions are ``(f_mu, f_var)``: the Gaussian NLL reads the mean
     and the variance of a new observation ``f_var + sigma^2`` (``f_var`` of shape
@@ -224,18 +222,8 @@ def _loss_inputs(
     laplace-torch. Classification predictions (and reward modeling's pairs) are the
     probabilities.
     """
-    from laplace.utils.metrics import RunningGaussianNLLMetric
-
-    if not la._tunes_regression:
-        return (prediction,)
-    f_mu, f_var = prediction
-    if not isinstance(loss, RunningGaussianNLLMetric):
-        return (f_mu,)
-    noise = la.sigma_noise.square().to(f_var.dtype)
-    if f_var.ndim == 3:
-        eye = torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
-        return f_mu, f_var + noise * eye
-    return f_mu, f_var + noise
+    lik = la._predictive_lik(fitting=True)
+    return lik.metric_inputs(prediction, loss, la.sigma_noise)
 
 
 def _evaluate(loss: Any, batches: list[tuple[tuple[torch.Tensor, ...], Any]]) -> float:

@@ -42,7 +42,8 @@ class SubnetLaplace(ParametricLaplace):
     Parameters
     ----------
     model : torch.nn.Module
-    likelihood : {'classification', 'regression'}
+    likelihood : str or laplace.likelihood.OutputLikelihood
+        any likelihood but 'reward_modeling' (see ``laplace.likelihood``).
     subnetwork_indices : torch.LongTensor ``(S,)``
         distinct entries of ``parameters_to_vector(model.parameters())`` to treat,
         each of a parameter that requires grad; the posterior's rows and columns
@@ -299,7 +300,7 @@ class DiagSubnetLaplace(SubnetLaplace, DiagLaplace):
         return torch.zeros(self.n_params_subnet, dtype=self._dtype, device=self._device)
 
     def _build_form(self) -> DiagPrecision:
-        p = self._h_factor * self.H + self.prior_precision_diag
+        p = self._scaled_H() + self.prior_precision_diag
         return DiagPrecision(p, [p.shape])
 
 

@@ -47,18 +47,54 @@ def jacobian(model, x) -> torch.Tensor:
 
 
 def output_hessian(likelihood: str, f: torch.Tensor) -> torch.Tensor:
-    """Hessian ``(N, C, C)`` of the per-example loss w.r.t. the output."""
+    """Hessian ``(N, C, C)`` of the per-example loss w.r.t. the output, in closed
+    form (the Fisher of the natural parameters for heteroscedastic regression)."""
     if likelihood == "regression":  # 0.5 * ||f - y||^2
         return torch.eye(f.shape[1], dtype=f.dtype, device=f.device).expand(
             f.shape[0], -1, -1
         )
+    if likelihood in ("binary", "multilabel"):
+        p = torch.sigmoid(f)
+        return torch.diag_embed(p * (1 - p))
+    if likelihood == "poisson":
+        return torch.diag_embed(torch.exp(f))
+    if likelihood == "heteroscedastic_regression":
+        return natural_gaussian_fisher(f)
     p = torch.softmax(f, -1)
     return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
 
 
+def natural_gaussian_fisher(f: torch.Tensor) -> torch.Tensor:
+    """``(N, 2C, 2C)``: per output ``c`` the covariance of the sufficient statistics
+    ``(y, y^2)`` of ``N(mu, s2)`` on the entries ``(c, C + c)``: ``Var y = s2``,
+    ``Cov(y, y^2) = 2 mu s2``, ``Var y^2 = 4 mu^2 s2 + 2 s2^2``."""
+    C = f.shape[1] // 2
+    s2 = -1 / (2 * f[:, C:])
+    mu = f[:, :C] * s2
+    H = f.new_zeros(f.shape[0], 2 * C, 2 * C)
+    for c in range(C):
+        H[:, c, c] = s2[:, c]
+        H[:, c, C + c] = H[:, C + c, c] = 2 * mu[:, c] * s2[:, c]
+        H[:, C + c, C + c] = 4 * mu[:, c] ** 2 * s2[:, c] + 2 * s2[:, c] ** 2
+    return H
+
+
 def loss(likelihood, f, y):
+    """The summed negative log-likelihood, written with ``torch.distributions`` (up
+    to the constant of regression's ``0.5 ||f - y||^2``)."""
     if likelihood == "regression":
         return 0.5 * ((f - y.reshape(f.shape)) ** 2).sum()
+    if likelihood in ("binary", "multilabel"):
+        dist = torch.distributions.Bernoulli(logits=f)
+        return -dist.log_prob(y.reshape(f.shape).to(f.dtype)).sum()
+    if likelihood == "poisson":
+        dist = torch.distributions.Poisson(torch.exp(f))
+        return -dist.log_prob(y.reshape(f.shape).to(f.dtype)).sum()
+    if likelihood == "heteroscedastic_regression":
+        C = f.shape[1] // 2
+        s2 = -1 / (2 * f[:, C:])
+        dist = torch.distributions.Normal(f[:, :C] * s2, s2.sqrt())
+        return -dist.log_prob(y.reshape(s2.shape).to(f.dtype)).sum()
     return F.cross_entropy(f, y, reduction="sum")
 
 

@@ -14,7 +14,7 @@ def test_unknown_likelihood_lists_the_valid_ones():
     with pytest.raises(
         ValueError, match="'regression', 'classification', 'reward_modeling'"
     ):
-        CurvlinopsGGN(model("mlp"), "poisson")
+        CurvlinopsGGN(model("mlp"), "gamma")
 
 
 def test_structure_the_backend_cannot_give_names_those_that_can():

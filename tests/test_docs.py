@@ -109,6 +109,25 @@ def test_transformers_page_runs_as_written(capsys):
     assert namespace["la_reduce"].fitted
 
 
+def test_likelihoods_page_runs_as_written():
+    """Every example of "Likelihoods", the user's likelihood of 20 lines included,
+    runs as printed (issue 17)."""
+    text = (DOCS / "guide" / "likelihoods.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 7
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/guide/likelihoods.md", "exec"), namespace)
+    class_block = next(b for b in blocks if "class SoftplusPoisson" in b)
+    lines = class_block.split("\n\n\nla = ")[0].strip().splitlines()
+    assert len(lines) <= 20, len(lines)
+    rates = namespace["rates"]
+    assert rates.shape == (5, 2) and bool((rates > 0).all())
+    la = namespace["la"]
+    assert la.fitted and la.likelihood.name == "softplus_poisson"
+    assert torch.isfinite(la.log_marginal_likelihood())
+
+
 def test_every_image_the_pages_show_exists():
     """mkdocs does not check image links; the gallery's figures are committed by
     ``make gallery``."""

@@ -172,8 +172,8 @@ def test_hyperparameters_are_validated(device):
         )
     with pytest.raises(ValueError, match="temperature"):
         DiagLaplace(_model(device=device), "regression", temperature=0)
-    with pytest.raises(ValueError, match="likelihood='poisson' is not valid"):
-        DiagLaplace(_model(device=device), "poisson")
+    with pytest.raises(ValueError, match="likelihood='gamma' is not valid"):
+        DiagLaplace(_model(device=device), "gamma")
     with pytest.raises(ValueError, match="KronLaplace takes a scalar prior"):
         KronLaplace(
             _model(device=device),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import oracles
+from laplace.curvature import NativeGGN
 from laplace.likelihood import get_likelihood
 from laplace.utils.enums import Likelihood
 
@@ -41,9 +42,14 @@ def test_sampled_gradients_estimate_the_output_hessian(name, device):
     )
 
 
-def test_reward_modeling_uses_the_classification_curvature():
+def test_reward_modeling_uses_the_classification_curvature(device):
     lik = get_likelihood("reward_modeling")
-    assert lik.name is Likelihood.CLASSIFICATION and lik.factor == 1.0
+    assert lik.pairs and lik.factor == 1.0
+    f = torch.randn(5, 2, dtype=torch.float64, device=device)
+    L = lik.hessian_sqrt(f)
+    torch.testing.assert_close(L @ L.mT, oracles.output_hessian("classification", f))
+    backend = NativeGGN(torch.nn.Linear(3, 1), "reward_modeling")
+    assert backend.likelihood is Likelihood.CLASSIFICATION and backend.reward_modeling
 
 
 def test_regression_accepts_flat_targets_for_one_output(device):

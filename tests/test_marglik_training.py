@@ -601,7 +601,7 @@ def test_non_finite_training_loss_names_the_epoch(device):
 # ----------------------------------------------------------------------------------
 
 BAD = [
-    (dict(likelihood="poisson"), ValueError, "likelihood='poisson'"),
+    (dict(likelihood="gamma"), ValueError, "likelihood='gamma'"),
     (dict(hessian_structure="lowrank"), ValueError, "'kron', 'diag' or 'full'"),
     (dict(hessian_structure="gp"), ValueError, "'kron', 'diag' or 'full'"),
     (dict(hessian_structure="block"), ValueError, "hessian_structure='block'"),

@@ -112,6 +112,11 @@ class _LayerRows(RowCounter):
         return super().per_example(N) and all(T == 1 for T in self.positions.values())
 
 
+def _knows(likelihood) -> bool:
+    """Whether ASDL's ``FisherMaker`` knows the likelihood's loss."""
+    return likelihood.library_loss in (nn.MSELoss, nn.CrossEntropyLoss)
+
+
 class AsdlInterface(CurvatureInterface):
     """Interface for the ASDL backends.
 
@@ -139,7 +144,21 @@ class AsdlInterface(CurvatureInterface):
         """ASDL's name of the loss: ``asdl.LOSS_MSE`` (``'mse'``) for regression,
         ``asdl.LOSS_CROSS_ENTROPY`` (``'cross_entropy'``) otherwise."""
         asdl = _asdl()
-        return asdl.LOSS_MSE if self.factor != 1 else asdl.LOSS_CROSS_ENTROPY
+        if self.lik.library_loss is nn.MSELoss:
+            return asdl.LOSS_MSE
+        return asdl.LOSS_CROSS_ENTROPY
+
+    @classmethod
+    def check_likelihood(cls, likelihood, structure, stochastic) -> None:
+        """ASDL's ``FisherMaker`` knows ``MSELoss`` and ``CrossEntropyLoss``; for
+        every other likelihood the full and diagonal GGN, Monte-Carlo Fisher and
+        empirical Fisher come from ASDL's per-example gradients of the
+        likelihood's output factor, and KFAC is refused."""
+        super().check_likelihood(likelihood, structure, stochastic)
+        if structure == "kron" and not _knows(likelihood):
+            cls._refuse_likelihood(
+                likelihood, "KFAC", "MSELoss and CrossEntropyLoss (FisherMaker)"
+            )
 
     # -- running ASDL -------------------------------------------------------------
     def _compute(self, x: Inputs, y: torch.Tensor, shape: str, target=None):
@@ -275,8 +294,9 @@ class AsdlFisher(AsdlInterface):
         return asdl.get_fisher_maker(module, asdl.FisherConfig(**config))
 
     def _prefers_examples(self) -> bool:
-        """Whether ``full`` goes through per-example gradients from the start."""
-        return False
+        """Whether ``full`` goes through per-example gradients from the start (a
+        loss ``FisherMaker`` does not know always does)."""
+        return not _knows(self.lik)
 
     def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
         self._check_structure("full")
@@ -295,6 +315,10 @@ class AsdlFisher(AsdlInterface):
         return found
 
     def diag(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
+        if not _knows(self.lik):
+            self._check_structure("diag")
+            self._check_batch(x, y)
+            return self._by_examples(x, y, diagonal=True)
         found = super().diag(x, y, **kwargs)
         if not self._rows_per_example:
             return self._by_examples(x, y, diagonal=True)
@@ -386,7 +410,9 @@ class AsdlGGN(AsdlFisher, GGNInterface):
 
     def _prefers_examples(self) -> bool:
         # the exact GGN from per-example gradients beats ASDL's full FisherMaker
-        return not (self.stochastic or self.fisher_kwargs)
+        return super()._prefers_examples() or not (
+            self.stochastic or self.fisher_kwargs
+        )
 
     def _scale(self) -> float:
         return float(self.num_samples) if self.stochastic else 1.0

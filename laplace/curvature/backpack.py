@@ -57,10 +57,31 @@ def _backpack():
     return import_library("backpack", "backpack-for-pytorch", "BackPACK")
 
 
+#: the losses BackPACK's second-order extensions know
+LIBRARY_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+
 class BackPackInterface(CurvatureInterface):
-    """Interface for the BackPACK backend (arguments as ``CurvatureInterface``)."""
+    """Interface for the BackPACK backend (arguments as ``CurvatureInterface``).
+
+    BackPACK's GGN extensions know ``MSELoss``, ``CrossEntropyLoss`` and
+    ``BCEWithLogitsLoss`` ('binary', 'multilabel'); the GGN of another likelihood is
+    refused up front. Its first-order extensions (the empirical Fisher) only
+    backpropagate the loss's gradient and take every likelihood."""
 
     supports_dict_inputs = False
+
+    @classmethod
+    def check_likelihood(cls, likelihood, structure, stochastic) -> None:
+        super().check_likelihood(likelihood, structure, stochastic)
+        if issubclass(cls, GGNInterface) and likelihood.library_loss not in (
+            LIBRARY_LOSSES
+        ):
+            cls._refuse_likelihood(
+                likelihood,
+                "the GGN",
+                "MSELoss, CrossEntropyLoss and BCEWithLogitsLoss",
+            )
 
     def _backward(
         self, x: Inputs, y: torch.Tensor, *extensions, target=None, per_example=True
@@ -101,6 +122,17 @@ class BackPackInterface(CurvatureInterface):
             with RowCounter(module) as rows:
                 f = module(inputs)
             y = self.lik.check_targets(f, y)
+            if (
+                isinstance(self, GGNInterface)
+                and isinstance(lossfunc, nn.BCEWithLogitsLoss)
+                and f.shape[-1] != 1
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}: BackPACK's GGN of BCEWithLogitsLoss "
+                    f"takes one output (likelihood='binary'); the model has "
+                    f"{f.shape[-1]} (likelihood={self.lik.name!r}). Use NativeGGN "
+                    "(the default) or CurvlinopsGGN."
+                )
             if per_example and not rows.per_example(f.shape[0]):
                 raise ValueError(
                     f"{type(self).__name__} takes every row a layer sees for an "

@@ -28,9 +28,9 @@ from torch.nn import functional as F
 
 from laplace.curvature import backprop_factor
 from laplace.data import Inputs, batch_size
-from laplace.likelihood import get_likelihood
+from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.utils._checks import check_positive_int
-from laplace.utils.enums import Likelihood, parse_enum
+from laplace.utils.enums import Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.matrix import Kron  # noqa: F401  (laplace-torch's module-level name)
 
@@ -43,8 +43,8 @@ class CurvatureInterface:
     Parameters
     ----------
     model : nn.Module or FeatureExtractor
-    likelihood : Likelihood or str in {'classification', 'regression',
-        'reward_modeling'}; reward modeling uses the classification curvature.
+    likelihood : Likelihood or str, or a laplace.likelihood.OutputLikelihood
+        reward modeling uses the classification curvature on pairs.
     last_layer : bool, default=False
         only the parameters of the last ``nn.Linear`` layer (the model is wrapped in a
         ``FeatureExtractor`` unless it is one).
@@ -58,7 +58,11 @@ class CurvatureInterface:
 
     Attributes
     ----------
-    lossfunc : torch.nn.MSELoss or torch.nn.CrossEntropyLoss (sum-reduced)
+    lik : laplace.likelihood.OutputLikelihood
+        the likelihood object (its loss, output-Hessian factor and loss gradient).
+    lossfunc : torch.nn.Module (sum-reduced)
+        the likelihood's ``loss_module()``: ``MSELoss``, ``CrossEntropyLoss``,
+        ``BCEWithLogitsLoss``, or a module of its own.
     factor : float
         ``0.5`` for regression (from ``MSELoss`` to ``N(f, 1)``), ``1`` otherwise.
     """
@@ -78,12 +82,14 @@ class CurvatureInterface:
         dict_key_y: str = "labels",
     ) -> None:
         self.lik = get_likelihood(likelihood)
-        self.likelihood = self.lik.name
-        #: inputs are pairs ``(batch, 2, ...)`` whose two outputs are the logits
-        self.reward_modeling = (
-            parse_enum(Likelihood, likelihood, "likelihood")
-            == Likelihood.REWARD_MODELING
+        #: the likelihood of the curvature (reward modeling: classification of pairs)
+        self.likelihood = (
+            Likelihood.CLASSIFICATION
+            if self.lik.pairs
+            else next((m for m in Likelihood if m.value == self.lik.name), self.lik)
         )
+        #: inputs are pairs ``(batch, 2, ...)`` whose two outputs are the logits
+        self.reward_modeling = self.lik.pairs
         if last_layer and not isinstance(model, FeatureExtractor):
             model = FeatureExtractor(model)
         self.model = model
@@ -134,6 +140,35 @@ class CurvatureInterface:
             raise ValueError(
                 f"Targets of shape {tuple(y.shape)} do not match a batch of {n} inputs."
             )
+
+    @classmethod
+    def check_likelihood(
+        cls, likelihood: OutputLikelihood, structure: str | None, stochastic: bool
+    ) -> None:
+        """Refuse, before any work, a likelihood this backend cannot compute the
+        ``structure`` of (``stochastic``: the Monte-Carlo Fisher), naming what can.
+
+        The library's own computations take every likelihood with an output-Hessian
+        factor; the Monte-Carlo Fisher needs one that draws targets
+        (``sampled_gradients``). Library adapters refuse the losses their library
+        does not know.
+        """
+        if stochastic and not likelihood.samples_targets:
+            raise ValueError(
+                f"backend_kwargs stochastic=True (the Monte-Carlo Fisher) needs a "
+                f"likelihood that draws targets (sampled_gradients); "
+                f"likelihood={likelihood.name!r} does not. Use stochastic=False."
+            )
+
+    @classmethod
+    def _refuse_likelihood(
+        cls, likelihood: OutputLikelihood, what: str, known: str
+    ) -> None:
+        raise ValueError(
+            f"backend={cls.__name__} cannot compute {what} for likelihood="
+            f"{likelihood.name!r}: its library knows only {known}. Use NativeGGN "
+            "(the default) or NativeEF, which take every likelihood."
+        )
 
     @classmethod
     def _check_structure(cls, structure: str) -> None:

@@ -21,6 +21,17 @@ the curvature of the loss ``factor * lossfunc`` is ``factor`` times its GGN, Mon
 Carlo Fisher and Hessian and ``factor**2`` times its empirical Fisher. Monte-Carlo
 samples are drawn by Curvlinops' generator, seeded once per batch from ``generator``
 (or torch's default generator when None), so a seed reproduces them.
+
+Likelihoods: Curvlinops' operators and KFAC know ``MSELoss``,
+``CrossEntropyLoss`` and ``BCEWithLogitsLoss`` ('binary', 'multilabel'). The GGN
+(``full``, ``diag`` and type-2 ``kron``) of any other likelihood is that of
+``MSELoss`` on the whitened outputs ``g = L^T f``, ``L`` the likelihood's
+output-Hessian factor at the current outputs, held constant: ``J_g^T J_g = J^T L
+L^T J``, and KFAC backpropagates the columns of ``L``. (Curvlinops' GGN of the loss
+module itself would use the loss's Hessian in the outputs, which for a user's
+likelihood may differ from the ``Lambda`` it gives, e.g. its Fisher.) Its Hessian
+operator differentiates any loss module. The Monte-Carlo and empirical Fisher of
+the other likelihoods are refused up front.
 """
 
 from __future__ import annotations
@@ -39,8 +50,17 @@ from laplace.curvature.curvature import (
 )
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs, batch_size
+from laplace.likelihood import OutputLikelihood
 from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron
+
+#: the losses Curvlinops' KFAC, Monte-Carlo Fisher and empirical Fisher know
+LIBRARY_LOSSES = (
+    torch.nn.MSELoss,
+    torch.nn.CrossEntropyLoss,
+    torch.nn.BCEWithLogitsLoss,
+)
+_KNOWN = "MSELoss, CrossEntropyLoss and BCEWithLogitsLoss"
 
 
 def _curvlinops():
@@ -67,6 +87,24 @@ class CurvlinopsInterface(CurvatureInterface):
     supports_dict_inputs = True
     #: unit vectors multiplied per operator product (bounds memory at P x this)
     block_size = 512
+
+    @classmethod
+    def check_likelihood(cls, likelihood, structure, stochastic) -> None:
+        super().check_likelihood(likelihood, structure, stochastic)
+        if likelihood.library_loss in LIBRARY_LOSSES:
+            return
+        if issubclass(cls, EFInterface):
+            cls._refuse_likelihood(likelihood, "the empirical Fisher", _KNOWN)
+        if stochastic:
+            cls._refuse_likelihood(likelihood, "the Monte-Carlo Fisher", _KNOWN)
+
+    @property
+    def _whitened(self) -> bool:
+        """Whether the GGN is that of ``MSELoss`` on the whitened outputs (a loss
+        Curvlinops does not know; see the module docstring)."""
+        return isinstance(self, GGNInterface) and not isinstance(
+            self.lossfunc, LIBRARY_LOSSES
+        )
 
     def _operator_spec(self) -> tuple[str, dict[str, Any], float]:
         """Name of the Curvlinops operator of ``full`` and ``diag``, its extra
@@ -101,8 +139,14 @@ class CurvlinopsInterface(CurvatureInterface):
             f = module(inputs)
         y = self.lik.check_targets(f, y)
         name, options, scale = self._operator_spec()
+        op_module, lossfunc, targets = module, self.lossfunc, y
+        if self._whitened:
+            op_module = _WhitenedOutputs(module, self.lik)
+            lossfunc, scale = torch.nn.MSELoss(reduction="sum"), 0.5
+            with torch.no_grad():
+                targets = torch.zeros_like(op_module(inputs))
         operator = getattr(_curvlinops(), name)(
-            module, self.lossfunc, params, [(inputs, y)], **options, **lib_kwargs
+            op_module, lossfunc, params, [(inputs, targets)], **options, **lib_kwargs
         )
         ref = params[0]
         P = sum(p.numel() for p in params)
@@ -146,14 +190,20 @@ class CurvlinopsInterface(CurvatureInterface):
         self._check_batch(x, y)
         module, inputs, lib_kwargs = self._library_inputs(x, y)
         params = self.params
-        layers = kfac_layers(module, params)
         y = self._checked_targets(module, inputs, y)
         options, g_scale = self._kfac_spec()
+        kfac_module, lossfunc, targets = module, self.lossfunc, y
+        if self._whitened:
+            kfac_module = _WhitenedOutputs(module, self.lik)
+            lossfunc, g_scale = torch.nn.MSELoss(reduction="sum"), 0.5
+            with torch.no_grad():
+                targets = torch.zeros_like(kfac_module(inputs))
+        layers = kfac_layers(kfac_module, params)
         operator = _curvlinops().KFACLinearOperator(
-            module,
-            self.lossfunc,
+            kfac_module,
+            lossfunc,
             params,
-            [(inputs, y)],
+            [(inputs, targets)],
             separate_weight_and_bias=True,
             num_per_example_loss_terms=1,
             **options,
@@ -179,9 +229,28 @@ class CurvlinopsInterface(CurvatureInterface):
         pass on the first batch and remembered (the library makes its own pass)."""
         if getattr(self, "_output_shape", None) is None:
             with torch.no_grad():
-                self._output_shape = module(inputs).shape[1:]
-        f = torch.empty((len(y), *self._output_shape), device="meta")
+                f = module(inputs)
+            self._output_shape, self._output_dtype = f.shape[1:], f.dtype
+        f = torch.empty(
+            (len(y), *self._output_shape), dtype=self._output_dtype, device="meta"
+        )
         return self.lik.check_targets(f, y)
+
+
+class _WhitenedOutputs(torch.nn.Module):
+    """``g = L(f)^T f`` ``(N, K)`` for outputs ``f = module(x)`` ``(N, C)`` and the
+    likelihood's output-Hessian factor ``L`` ``(N, C, K)`` at ``f``, held constant:
+    the GGN of ``0.5 ||g - y||^2`` is ``J^T L L^T J``."""
+
+    def __init__(self, module: torch.nn.Module, likelihood: OutputLikelihood) -> None:
+        super().__init__()
+        self.module = module
+        self.likelihood = likelihood
+
+    def forward(self, x):
+        f = self.module(x)
+        L = self.likelihood.hessian_sqrt(f.detach())
+        return torch.einsum("nck,nc->nk", L, f)
 
 
 @contextlib.contextmanager

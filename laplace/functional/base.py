@@ -41,8 +41,6 @@ from laplace.curvature.curvature import CurvatureInterface, GGNInterface
 from laplace.data import Inputs, dataset_size, split_batch, subset_indices, to_device
 from laplace.functional import kernel, subset
 from laplace.functional.gp import KernelSystem
-from laplace.likelihood import get_likelihood
-from laplace.predictive.links import link as apply_link
 from laplace.utils._checks import _check_int, check_state
 from laplace.utils.enums import (
     LinkApprox,
@@ -78,7 +76,10 @@ class BaseFunctionalLaplace(BaseLaplace):
     Parameters
     ----------
     model : torch.nn.Module
-    likelihood : {'classification', 'regression'}
+    likelihood : str or laplace.likelihood.OutputLikelihood
+        any likelihood but 'reward_modeling'; the likelihood precision is the
+        diagonal of its output Hessians (exact for 'regression', 'binary',
+        'multilabel' and 'poisson', whose output Hessians are diagonal).
     n_subset : int
         number of training data the GP is conditioned on (at most the size of the
         training set); drawn reproducibly from ``seed`` in ``fit``.
@@ -217,7 +218,7 @@ class BaseFunctionalLaplace(BaseLaplace):
             train_loader, indices, self.dict_key_x, self.dict_key_y, self._device
         )
         sets, diagonals = [], []
-        lik = get_likelihood(self.likelihood)
+        lik = self.lik
         for x in tqdm(inputs, disable=not progress_bar, desc="kernel"):
             f, J = self._jacobian_set(x)
             sets.append(J)
@@ -507,8 +508,9 @@ class BaseFunctionalLaplace(BaseLaplace):
         )
 
     def _validation_predictions(self, val_loader, pred_type, link_approx, n_samples):
-        # probit reads only diag(f_var); regression yields the full (N, C, C)
-        marginal = link_approx == LinkApprox.PROBIT and not self._tunes_regression
+        # e.g. probit reads only diag(f_var); regression yields the full (N, C, C)
+        lik = self._predictive_lik(fitting=True)
+        marginal = not lik.needs_covariance(link_approx, False)
         cached = []
         with torch.no_grad():
             for batch in val_loader:
@@ -528,10 +530,7 @@ class BaseFunctionalLaplace(BaseLaplace):
                     f_var = self._posterior_variance(
                         terms.prior, W, terms.f.shape[0], marginal
                     )
-                    if self._tunes_regression:
-                        yield (terms.f, f_var), y
-                        continue
-                    yield apply_link(link_approx, terms.f, f_var, n_samples), y
+                    yield lik.predictive(terms.f, f_var, link_approx, n_samples), y
 
         return predictions
 
@@ -542,7 +541,7 @@ class BaseFunctionalLaplace(BaseLaplace):
         self._check_fitted("state_dict")
         return {
             "cls_name": type(self).__name__,
-            "likelihood": self.likelihood.value,
+            "likelihood": str(self.lik.name),
             "param_shapes": [list(p.shape) for p in self.params],
             "mean": self.mean,
             "loss": self.loss.detach(),

@@ -25,9 +25,8 @@ from laplace.curvature import backprop_factor
 from laplace.data import Inputs, dataset_size, split_batch, to_device
 from laplace.parametric.precision import PrecisionForm
 from laplace.predictive import glm
-from laplace.predictive.links import link as apply_link
 from laplace.utils._checks import check_n_samples, check_state
-from laplace.utils.enums import LinkApprox, PredType
+from laplace.utils.enums import PredType
 
 Tensor = torch.Tensor
 
@@ -61,8 +60,20 @@ class ParametricLaplace(BaseLaplace):
     def __init__(self, model, likelihood, *args: Any, **kwargs: Any) -> None:
         self._mean: Tensor | None = None
         self.H: Any = None
+        #: whether ``H`` holds one curvature per output ``(C, ...)`` (a per-output
+        #: ``sigma_noise`` at fit) and the loss of each output ``(C,)``
+        self._per_output = False
+        self._output_loss: Tensor | None = None
         super().__init__(model, likelihood, *args, **kwargs)
+        self._check_backend_likelihood(self.lik)
         self._on_new_curvature()
+
+    def _check_backend_likelihood(self, lik) -> None:
+        """Refuse, before any work, a likelihood the backend cannot compute the
+        structure's curvature of (``CurvatureInterface.check_likelihood``)."""
+        structure = type(self).key[1] if hasattr(type(self), "key") else None
+        stochastic = bool(self.backend_kwargs.get("stochastic"))
+        self._backend_cls.check_likelihood(lik, structure, stochastic)
 
     @property
     def mean(self) -> Tensor | None:
@@ -104,7 +115,47 @@ class ParametricLaplace(BaseLaplace):
         raise NotImplementedError
 
     def _curvature_batch(self, x: Inputs, y: Tensor, N: int) -> tuple[Tensor, Any]:
+        """Summed loss and curvature of one batch from ``self.backend``."""
+        return self._curvature_of(self.backend, x, y, N)
+
+    def _curvature_of(self, backend, x: Inputs, y: Tensor, N: int):
+        """Summed loss and curvature of one batch from ``backend``."""
         raise NotImplementedError
+
+    def _output_curvature_batch(self, x: Inputs, y: Tensor, N: int, C: int):
+        """Losses ``(C,)`` and curvatures ``(C, ...)`` of each output alone (the
+        likelihood's ``output_column``): ``H = sum_c H_c / (sigma_c^2 T)``."""
+        if (
+            getattr(self, "_column_backends", None) is None
+            or len(self._column_backends) != C
+        ):
+            self._column_backends = [
+                self._make_backend(self.lik.output_column(c)) for c in range(C)
+            ]
+        parts = [self._curvature_of(b, x, y, N) for b in self._column_backends]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+    def _check_output_fit(self) -> None:
+        """Refuse a per-output noise with a backend whose curvature is not linear in
+        the outputs' precisions (the empirical Fisher), before any work."""
+        from laplace.curvature.curvature import EFInterface
+
+        if issubclass(self._backend_cls, EFInterface):
+            raise ValueError(
+                f"sigma_noise with one value per output is not available with "
+                f"backend={self._backend_cls.__name__}: the empirical Fisher is not a "
+                "sum of per-output curvatures (it is quadratic in 1/sigma_c^2). Use a "
+                "GGN backend (NativeGGN, the default) or a Hessian backend."
+            )
+        self._check_backend_likelihood(self.lik.output_column(0))
+
+    def _scaled_H(self) -> Any:
+        """The curvature as it enters the precision, ``H / (sigma^2 T)``; with one
+        curvature per output ``sum_c H_c / (sigma_c^2 T)``."""
+        factor = self._h_factor
+        if self._per_output:
+            return torch.tensordot(factor.expand(self.H.shape[0]), self.H, dims=1)
+        return factor * self.H
 
     def _fit_accumulator(self) -> Any:
         """What ``fit`` adds the first batch's curvature to (``_add_curvature``):
@@ -153,9 +204,19 @@ class ParametricLaplace(BaseLaplace):
         """
         N = dataset_size(train_loader)
         accumulate = not override and self.fitted
+        per_output = self.sigma_noise.ndim == 1
+        if per_output:
+            self._check_output_fit()
+        if accumulate and per_output != self._per_output:
+            raise ValueError(
+                "fit(override=False) needs the noise of the previous fit: one "
+                "sigma_noise per output in both fits or a scalar in both. Use "
+                "fit(override=True)."
+            )
         self.model.eval()
         mean = parameters_to_vector(self.params).detach()
-        H, loss, n_outputs = self._fit_accumulator(), torch.zeros_like(self.loss), None
+        H = None if per_output else self._fit_accumulator()
+        loss, n_outputs, output_loss = torch.zeros_like(self.loss), None, None
         batches = tqdm(train_loader, disable=not progress_bar, desc="fit")
         for i, batch in enumerate(batches):
             x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
@@ -164,22 +225,40 @@ class ParametricLaplace(BaseLaplace):
             if n_outputs is None:
                 with torch.no_grad():
                     n_outputs = self.model(x).shape[-1]
-            loss_b, H_b = self._curvature_batch(x, y, N)
-            if not torch.isfinite(loss_b) or not self._is_finite(H_b):
-                what = "loss" if not torch.isfinite(loss_b) else "curvature"
+                if per_output and self.sigma_noise.numel() != n_outputs:
+                    raise ValueError(
+                        f"sigma_noise must have one value per output, shape "
+                        f"({n_outputs},); got shape {tuple(self.sigma_noise.shape)}."
+                    )
+            if per_output:
+                loss_b, H_b = self._output_curvature_batch(x, y, N, n_outputs)
+            else:
+                loss_b, H_b = self._curvature_batch(x, y, N)
+            finite = bool(torch.isfinite(loss_b).all())
+            if not finite or not self._is_finite(H_b):
+                what = "loss" if not finite else "curvature"
                 raise RuntimeError(
                     f"The {what} of batch {i} is not finite (NaN or inf); check the "
                     "inputs and targets of that batch and the model's outputs. The "
                     "Laplace approximation was left as it was."
                 )
-            H = self._add_curvature(H, H_b)
+            if per_output:
+                H = H_b if H is None else H.add_(H_b)
+                loss_b = loss_b.detach()
+                output_loss = loss_b if output_loss is None else output_loss + loss_b
+                loss_b = loss_b.sum()
+            else:
+                H = self._add_curvature(H, H_b)
             loss = loss + loss_b.detach()
         if n_outputs is None:
             raise ValueError("train_loader yielded no batches.")
         if accumulate:
             H = self._combine_fits(self.H, H, self.n_data, N)
             loss, N = self.loss + loss, self.n_data + N
+            if per_output:
+                output_loss = self._output_loss + output_loss
         self.H, self.loss, self.n_data, self.n_outputs = H, loss, N, n_outputs
+        self._per_output, self._output_loss = per_output, output_loss
         self.mean = mean
         self.fitted = True
         self._on_new_curvature()
@@ -378,7 +457,9 @@ class ParametricLaplace(BaseLaplace):
             return super()._validation_predictions(
                 val_loader, pred_type, link_approx, n_samples
             )
-        marginal_link = link_approx == LinkApprox.PROBIT  # reads only diag(f_var)
+        lik = self._predictive_lik(fitting=True)
+        # e.g. probit reads only diag(f_var); regression yields the full (N, C, C)
+        diagonal = not lik.needs_covariance(link_approx, False)
         cached = []
         with torch.no_grad():
             for batch in val_loader:
@@ -389,11 +470,8 @@ class ParametricLaplace(BaseLaplace):
         def predictions():
             with torch.no_grad():
                 for terms, y in cached:
-                    if self._tunes_regression:
-                        yield (terms.f, self._glm_variance(terms)), y
-                        continue
-                    f_var = self._glm_variance(terms, marginal_link)
-                    yield apply_link(link_approx, terms.f, f_var, n_samples), y
+                    f_var = self._glm_variance(terms, diagonal)
+                    yield lik.predictive(terms.f, f_var, link_approx, n_samples), y
 
         return predictions
 
@@ -408,9 +486,9 @@ class ParametricLaplace(BaseLaplace):
         """The state as plain tensors, numbers and strings (no pickled code); before
         ``fit`` that of the prior-only posterior."""
         self._ensure_H("state_dict")
-        return {
+        state = {
             "cls_name": type(self).__name__,
-            "likelihood": self.likelihood.value,
+            "likelihood": str(self.lik.name),
             "param_shapes": [list(p.shape) for p in self.params],
             "mean": self.mean,
             "H": self._H_state(),
@@ -424,6 +502,9 @@ class ParametricLaplace(BaseLaplace):
             "enable_backprop": self.enable_backprop,
             "fitted": self.fitted,
         }
+        if self._per_output:  # the loss of each output (one noise per output)
+            state["output_loss"] = self._output_loss
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a fitted state (also onto another device or dtype: tensors are
@@ -440,6 +521,10 @@ class ParametricLaplace(BaseLaplace):
         )
         to = {"device": self._device, "dtype": self._dtype}
         H = self._load_H(state_dict["H"])
+        output_loss = state_dict.get("output_loss")
+        self._per_output = output_loss is not None
+        self._output_loss = None if output_loss is None else output_loss.to(**to)
+        self.n_outputs = state_dict["n_outputs"]  # a per-output noise is checked on it
         self.temperature = state_dict["temperature"]
         self.sigma_noise = state_dict["sigma_noise"].to(**to)
         self.prior_precision = state_dict["prior_precision"].to(**to)

@@ -16,18 +16,19 @@ class DiagLaplace(ParametricLaplace):
     diag(H) + diag(p0)``; see ``ParametricLaplace``."""
 
     key = ("all", "diag")
+    supports_output_noise = True
 
     def _init_H(self) -> Tensor:
         return torch.zeros(self.n_params, dtype=self._dtype, device=self._device)
 
-    def _curvature_batch(self, x, y, N):
-        return self.backend.diag(x, y)
+    def _curvature_of(self, backend, x, y, N):
+        return backend.diag(x, y)
 
     def _add_curvature(self, H, H_batch):
         return H.add_(H_batch)
 
     def _build_form(self) -> DiagPrecision:
-        p = self._h_factor * self.H + self.prior_precision_diag
+        p = self._scaled_H() + self.prior_precision_diag
         return DiagPrecision(p, [p_.shape for p_ in self.params])
 
     @property
@@ -38,6 +39,8 @@ class DiagLaplace(ParametricLaplace):
         if prior.numel() not in (1, self.n_layers) or prior.numel() == self.n_params:
             return super().log_det_posterior_precision
         self._ensure_H("log_det_posterior_precision")
+        if self._per_output:  # differentiable in each sigma_c through H: the form's
+            return super().log_det_posterior_precision
         c = self._h_factor
         if prior.numel() == 1:
             return affine_log_sum(c, prior[0], self.H)

@@ -36,14 +36,15 @@ class FullLaplace(ParametricLaplace):
     """
 
     key = ("all", "full")
+    supports_output_noise = True
 
     def _init_H(self) -> Tensor:
         return torch.zeros(
             self.n_params, self.n_params, dtype=self._dtype, device=self._device
         )
 
-    def _curvature_batch(self, x, y, N):
-        return self.backend.full(x, y)
+    def _curvature_of(self, backend, x, y, N):
+        return backend.full(x, y)
 
     def _add_curvature(self, H, H_batch):
         return H.add_(H_batch)
@@ -56,7 +57,7 @@ class FullLaplace(ParametricLaplace):
         self._H_spectrum_tried = False
 
     def _build_form(self) -> DensePrecision:
-        P = self._h_factor * self.H + torch.diag(self.prior_precision_diag)
+        P = self._scaled_H() + torch.diag(self.prior_precision_diag)
         return DensePrecision(P)
 
     @property
@@ -76,7 +77,7 @@ class FullLaplace(ParametricLaplace):
             if some ``factor * lambda_i + p0 <= 0``.
         """
         # before fit the posterior is the prior: its Cholesky factor (super)
-        if self.fitted and self.prior_precision.numel() == 1:
+        if self.fitted and self.prior_precision.numel() == 1 and not self._per_output:
             if not self._H_spectrum_tried:
                 self._H_eigenvalues = symmetric_eigenvalues(self.H.detach())
                 self._H_spectrum_tried = True

@@ -91,12 +91,12 @@ class KronLaplace(ParametricLaplace):
     def _init_H(self) -> Kron:
         return Kron.init_from_model(self.params, self._device, self._dtype)
 
-    def _curvature_batch(self, x, y, N):
+    def _curvature_of(self, backend, x, y, N):
         into = getattr(self, "_accumulating", None)
-        if into is not None and getattr(self.backend, "accumulates_kron", False):
+        if into is not None and getattr(backend, "accumulates_kron", False):
             # the batch's factors are added in place: no second Kron in memory
-            return self.backend.kron(x, y, N=N, into=into)
-        return self.backend.kron(x, y, N=N)
+            return backend.kron(x, y, N=N, into=into)
+        return backend.kron(x, y, N=N)
 
     def _fit_accumulator(self) -> None:
         self._accumulating: Kron | None = None

@@ -27,7 +27,7 @@ from laplace.curvature.curvature import (
     import_library,
 )
 from laplace.curvature.native import NativeInterface
-from laplace.data import dataset_size, split_batch, to_device
+from laplace.data import batch_size, dataset_size, split_batch, to_device
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
 from laplace.utils._checks import check_positive_int
@@ -155,6 +155,39 @@ class LowRankLaplace(ParametricLaplace):
         self.fitted = True
         self._on_new_curvature()
 
+    def _check_backend_likelihood(self, lik) -> None:
+        """The products of a library backend are Curvlinops' (``_operator``): its
+        rules for the likelihood apply, whatever the backend's library."""
+        backend = self._backend_cls
+        if issubclass(backend, NativeInterface) or backend in (
+            GGNInterface,
+            EFInterface,
+        ):
+            return super()._check_backend_likelihood(lik)
+        from laplace.curvature.curvlinops import (
+            CurvlinopsEF,
+            CurvlinopsGGN,
+            CurvlinopsHessian,
+        )
+
+        twin = (
+            CurvlinopsEF
+            if issubclass(backend, EFInterface)
+            else CurvlinopsGGN
+            if issubclass(backend, GGNInterface)
+            else CurvlinopsHessian
+        )
+        try:
+            twin.check_likelihood(
+                lik, "full", bool(self.backend_kwargs.get("stochastic"))
+            )
+        except ValueError as err:
+            message = str(err).replace(twin.__name__, backend.__name__, 1)
+            raise ValueError(
+                f"{message} (LowRankLaplace takes the products of "
+                f"{backend.__name__} from Curvlinops.)"
+            ) from None
+
     def _operator(self, data, N: int, progress_bar: bool):
         """The operator of the backend's curvature and its scale to the loss
         convention of DESIGN.md section 3."""
@@ -175,6 +208,18 @@ class LowRankLaplace(ParametricLaplace):
             key = self.dict_key_x
             kwargs["batch_size_fn"] = lambda x: x[key].shape[0]
         args = (self.model, backend.lossfunc, self.params, data)
+        from laplace.curvature.curvlinops import LIBRARY_LOSSES, _WhitenedOutputs
+
+        if (
+            isinstance(backend, GGNInterface)
+            and not backend.stochastic
+            and not isinstance(backend.lossfunc, LIBRARY_LOSSES)
+        ):
+            # the GGN of a loss Curvlinops does not know: MSELoss on L^T f
+            model = _WhitenedOutputs(self.model, backend.lik)
+            whitened = _WhitenedData(data, model)
+            args = (model, torch.nn.MSELoss(reduction="sum"), self.params, whitened)
+            return lib.GGNLinearOperator(*args, **kwargs), 0.5
         if isinstance(backend, EFInterface):
             return lib.EFLinearOperator(*args, **kwargs), backend.factor**2
         if isinstance(backend, GGNInterface) and backend.stochastic:
@@ -262,6 +307,24 @@ class _EngineOperator:
         return total
 
 
+class _WhitenedData:
+    """``(x, 0)`` over ``data``, the zero targets of ``MSELoss`` on the whitened
+    outputs of ``model`` (their number of columns from the first batch)."""
+
+    def __init__(self, data: _CheckedData, model) -> None:
+        self.data, self.model = data, model
+        self.columns: int | None = None
+
+    def __iter__(self):
+        for x, _ in self.data:
+            if self.columns is None:
+                with torch.no_grad():
+                    self.columns = self.model(x).shape[-1]
+            ref = next(self.model.parameters())
+            n = batch_size(x, self.data.backend.dict_key_x)
+            yield x, torch.zeros(n, self.columns, dtype=ref.dtype, device=ref.device)
+
+
 class _CheckedData:
     """Re-iterable ``(x, y)`` over a loader, on the device, with targets shaped as
     the backend's likelihood needs them (what Curvlinops' operators iterate over)."""
@@ -280,8 +343,11 @@ class _CheckedData:
             backend._check_batch(x, y)
             if self.output_shape is None:
                 with torch.no_grad():
-                    self.output_shape = backend.model(x).shape[1:]
-            f = torch.empty((len(y), *self.output_shape), device="meta")
+                    f = backend.model(x)
+                self.output_shape, self.output_dtype = f.shape[1:], f.dtype
+            f = torch.empty(
+                (len(y), *self.output_shape), dtype=self.output_dtype, device="meta"
+            )
             yield x, backend.lik.check_targets(f, y)
 
     def loss_and_outputs(self) -> tuple[Tensor, int]:

@@ -8,11 +8,15 @@ from laplace.predictive.links import (
     condition_sum_zero,
     dirichlet_from_gaussian,
     link,
+    lognormal_moments,
     marginal_variances,
     mc,
     mc_gaussian,
+    natural_gaussian_moments,
     probit,
     sample_outputs,
+    sigmoid_mc,
+    sigmoid_probit,
 )
 
 __all__ = [
@@ -23,9 +27,13 @@ __all__ = [
     "condition_sum_zero",
     "dirichlet_from_gaussian",
     "link",
+    "lognormal_moments",
     "marginal_variances",
     "mc",
     "mc_gaussian",
+    "natural_gaussian_moments",
     "probit",
     "sample_outputs",
+    "sigmoid_mc",
+    "sigmoid_probit",
 ]

@@ -43,11 +43,15 @@ __all__ = [
     "condition_sum_zero",
     "dirichlet_from_gaussian",
     "link",
+    "lognormal_moments",
     "marginal_variances",
     "mc",
     "mc_gaussian",
+    "natural_gaussian_moments",
     "probit",
     "sample_outputs",
+    "sigmoid_mc",
+    "sigmoid_probit",
     "SAMPLING_LINKS",
 ]
 
@@ -426,6 +430,116 @@ def mc_gaussian(
 ) -> Tensor:
     """``mc`` of ``n_samples`` draws from ``sample_outputs``, shape (N, C)."""
     return mc(sample_outputs(f_mu, f_var, n_samples, generator))
+
+
+# ------------------------------------------------- other likelihoods' links
+
+
+def sigmoid_probit(f_mu: Tensor, f_var: Tensor) -> Tensor:
+    r"""Probit approximation of ``E[sigmoid(f)]`` for independent labels.
+
+    $$
+        p_{ik} = \sigma\left(\frac{\mu_{ik}}{\sqrt{1 + \frac{\pi}{8}\,\Sigma_{i,kk}}}
+        \right)
+    $$
+
+    (MacKay, 1992): the sigmoid is replaced by the probit ``Phi(sqrt(pi/8) f)``,
+    whose Gaussian expectation is closed form. Each label reads its own variance.
+
+    Parameters
+    ----------
+    f_mu : torch.Tensor, shape (N, C)
+    f_var : torch.Tensor, shape (N, C, C) or (N, C)
+
+    Returns
+    -------
+    probs : torch.Tensor, shape (N, C)
+        the probability of each label being 1.
+    """
+    var = marginal_variances(f_mu, f_var)
+    return torch.sigmoid(f_mu * torch.rsqrt(1.0 + (math.pi / 8.0) * var))
+
+
+def sigmoid_mc(
+    f_mu: Tensor,
+    f_var: Tensor,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Monte-Carlo estimate ``(N, C)`` of ``E[sigmoid(f)]`` from ``n_samples`` draws
+    of each label's marginal ``N(mu_ik, Sigma_i,kk)`` (a label's expectation does not
+    depend on the covariances)."""
+    var = marginal_variances(f_mu, f_var)
+    return torch.sigmoid(sample_outputs(f_mu, var, n_samples, generator)).mean(0)
+
+
+def lognormal_moments(f_mu: Tensor, f_var: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Mean and covariance of ``exp(f)`` for Gaussian ``f ~ N(mu, S)``.
+
+    $$
+        E[e^{f_k}] = m_k = e^{\mu_k + S_{kk}/2}, \qquad
+        \mathrm{Cov}(e^{f_k}, e^{f_l}) = m_k m_l \left(e^{S_{kl}} - 1\right).
+    $$
+
+    Parameters
+    ----------
+    f_mu : torch.Tensor, shape (N, C), or (M,) for one joint Gaussian
+    f_var : torch.Tensor, shape (N, C, C) or its diagonal (N, C); (M, M) for
+        ``f_mu`` (M,)
+
+    Returns
+    -------
+    mean : torch.Tensor, the shape of ``f_mu``
+    var : torch.Tensor, the shape of ``f_var`` (variances for a diagonal ``f_var``)
+    """
+    if f_mu.ndim == 1:
+        if f_var.shape != (f_mu.shape[0], f_mu.shape[0]):
+            raise ValueError(
+                f"A joint f_var must have shape {(f_mu.shape[0],) * 2} to match f_mu "
+                f"{tuple(f_mu.shape)}; got {tuple(f_var.shape)}."
+            )
+        mean = torch.exp(f_mu + f_var.diagonal() / 2)
+        return mean, torch.outer(mean, mean) * torch.expm1(f_var)
+    var = marginal_variances(f_mu, f_var)
+    mean = torch.exp(f_mu + var / 2)
+    if f_var.ndim == 2:
+        return mean, mean.square() * torch.expm1(var)
+    return mean, mean.unsqueeze(-1) * mean.unsqueeze(-2) * torch.expm1(f_var)
+
+
+def natural_gaussian_moments(f_mu: Tensor, f_var: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Mean and covariance of ``y`` for a Gaussian over natural parameters, by the
+    delta method.
+
+    The outputs are ``f = (eta1, eta2)`` ``(N, 2C)`` with ``y_c ~ N(mu_c, s_c^2)``,
+    ``mu = -eta1 / (2 eta2)``, ``s^2 = -1 / (2 eta2)``. With ``f ~ N(m, S)`` and
+    ``G`` ``(C, 2C)`` the Jacobian of ``mu`` at ``m`` (``d mu_c / d eta1_c = s_c^2``,
+    ``d mu_c / d eta2_c = 2 mu_c s_c^2``):
+
+    $$ E[y] \approx \mu(m), \qquad \mathrm{Cov}[y] \approx \mathrm{diag}(s^2(m))
+       + G S G^\top. $$
+
+    Parameters
+    ----------
+    f_mu : torch.Tensor, shape (N, 2C), with ``f_mu[:, C:] < 0``
+    f_var : torch.Tensor, shape (N, 2C, 2C)
+
+    Returns
+    -------
+    mean : torch.Tensor, shape (N, C)
+    cov : torch.Tensor, shape (N, C, C)
+    """
+    n, d = f_mu.shape
+    if d % 2 or f_var.shape != (n, d, d):
+        raise ValueError(
+            f"f_mu must be (N, 2C) and f_var (N, 2C, 2C); got {tuple(f_mu.shape)} and "
+            f"{tuple(f_var.shape)}."
+        )
+    C = d // 2
+    var = -0.5 / f_mu[:, C:]
+    mu = f_mu[:, :C] * var
+    G = torch.cat([torch.diag_embed(var), torch.diag_embed(2 * mu * var)], dim=-1)
+    return mu, torch.diag_embed(var) + G @ f_var @ G.mT
 
 
 # -------------------------------------------------------------------- dispatch

@@ -136,6 +136,12 @@ def to_laplace(
         prior_precision=prior_precision,
         **laplace_kwargs,
     )
+    if la.sigma_noise.ndim == 1:
+        raise ValueError(
+            "to_laplace takes a scalar sigma_noise: a state's precision holds the "
+            "curvature of all outputs together, which one noise per output would "
+            "have to split. Fit Laplace(..., sigma_noise=vector) on the data instead."
+        )
     theta = torch.cat([t.detach().reshape(-1) for t in _leaves_in_order(state)])
     mean = theta[index].to(la._device, la._dtype)
     with torch.no_grad():

@@ -77,10 +77,10 @@ def check_state(la, state: dict, required: set[str]) -> None:
             f"{type(la).__name__}: create the Laplace object with the structure and "
             "subset it was saved with."
         )
-    if state["likelihood"] != la.likelihood.value:
+    if state["likelihood"] != str(la.lik.name):
         raise ValueError(
             f"The state dict is for likelihood={state['likelihood']!r}, not "
-            f"{la.likelihood.value!r}."
+            f"{str(la.lik.name)!r}."
         )
     shapes = [list(p.shape) for p in la.params]
     if state["param_shapes"] != shapes:

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["RunningNLLMetric", "RunningGaussianNLLMetric", "gaussian_nll"]
+__all__ = [
+    "RunningNLLMetric",
+    "RunningGaussianNLLMetric",
+    "RunningPredictiveNLLMetric",
+    "gaussian_nll",
+]
 
 
 class RunningNLLMetric(Metric):
@@ -157,6 +162,50 @@ class RunningGaussianNLLMetric(Metric):
         # out of place, so the state takes the (possibly higher) precision of mean
         self.nll_sum = self.nll_sum + gaussian_nll(mean, var, targets).sum()
         self.n_data = self.n_data + mean.shape[0]
+
+    def compute(self) -> Tensor:
+        """The mean NLL per datum so far (a scalar tensor)."""
+        return self.nll_sum / self.n_data
+
+
+class RunningPredictiveNLLMetric(Metric):
+    r"""Running mean negative log-likelihood of targets under a likelihood's
+    predictive (``OutputLikelihood.predictive_nll``).
+
+    The default loss of ``optimize_prior_precision(method="gridsearch")`` for the
+    likelihoods other than regression and classification: 'binary' and
+    'multilabel' score the Bernoulli NLL of the predicted probabilities, 'poisson'
+    the Poisson NLL at the predictive mean rate, 'heteroscedastic_regression' the
+    Gaussian NLL of the predictive mean and variance of ``y``.
+
+    Parameters
+    ----------
+    likelihood : laplace.likelihood.OutputLikelihood
+    **kwargs
+        passed on to ``torchmetrics.Metric``.
+    """
+
+    is_differentiable = True
+    higher_is_better = False
+    full_state_update = False
+
+    nll_sum: Tensor
+    n_data: Tensor
+
+    def __init__(self, likelihood, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.likelihood = likelihood
+        self.add_state("nll_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("n_data", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, *prediction_and_targets: Tensor) -> None:
+        """Add a batch: the parts of a prediction (probabilities, or a mean and a
+        variance), then the targets."""
+        *parts, targets = prediction_and_targets
+        prediction = parts[0] if len(parts) == 1 else tuple(parts)
+        nll = self.likelihood.predictive_nll(prediction, targets)
+        self.nll_sum = self.nll_sum + nll.sum()
+        self.n_data = self.n_data + nll.shape[0]
 
     def compute(self) -> Tensor:
         """The mean NLL per datum so far (a scalar tensor)."""
