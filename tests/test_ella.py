@@ -404,8 +404,6 @@ def test_bad_input_is_refused_before_any_work(device):
     with pytest.raises(ValueError, match="sigma_noise must be 1"):
         ELLA(model, "classification", 5, 2, sigma_noise=2.0)
     with pytest.raises(ValueError, match="defined for likelihood 'classification'"):
-        ELLA(model, "poisson", 5, 2)
-    with pytest.raises(ValueError, match="defined for likelihood 'classification'"):
         VaLLA(model, "multilabel", torch.zeros(2, 2).to(X))
     la = ELLA(model, "classification", subsample_size=13, n_eigenvalues=2)
     with pytest.raises(ValueError, match="subsample_size=13 exceeds the 12"):
@@ -531,6 +529,57 @@ class _Encoder(nn.Module):
 
     def forward(self, x):
         return self.head(self.layer(x).mean(1))
+
+
+@pytest.mark.parametrize("likelihood", ["binary", "multilabel", "poisson"])
+def test_the_other_likelihoods_give_their_exact_linearized_gp(device, likelihood):
+    """ELLA takes any likelihood with an output Hessian: with the whole training
+    set and every direction, ``J* (GGN + delta I)^-1 J*^T`` with the likelihood's
+    closed-form ``Lambda``; its predictive and validation score are the
+    likelihood's."""
+    from laplace.likelihood import get_likelihood
+
+    C = 1 if likelihood == "binary" else 2
+    model = _net(C, device)
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 2, generator=g, dtype=torch.float64).to(device)
+    if likelihood == "poisson":
+        y = torch.poisson(torch.full((30, C), 2.0), generator=g).to(X)
+    else:
+        y = torch.randint(2, (30, C), generator=g).to(X)
+    if likelihood == "binary":
+        y = y[:, 0]
+    P = sum(p.numel() for p in model.parameters())
+    la = ELLA(
+        model, likelihood, subsample_size=30, n_eigenvalues=P, prior_precision=0.7
+    )
+    la.fit(_loader(X, y), val_loader=_loader(X[:10], y[:10]))
+    lik = get_likelihood(likelihood)
+    J = oracles.jacobian(model, X)
+    Lam = lik.hessian(model(X).detach())
+    G = torch.einsum("ncp,ncd,ndq->pq", J, Lam, J)
+    Sigma = torch.linalg.inv(G + 0.7 * torch.eye(P).to(G))
+    Xs = torch.randn(4, 2, dtype=torch.float64, device=device)
+    Js = oracles.jacobian(model, Xs)
+    expected = torch.einsum("ncp,pq,ndq->ncd", Js, Sigma, Js)
+    mean, var = la.predictive_moments(Xs)
+    torch.testing.assert_close(var, expected)
+    # the predictive is the likelihood's, from the GP's moments
+    marginal = var if likelihood == "poisson" else var.diagonal(dim1=-2, dim2=-1)
+    expected_prediction = lik.predictive(mean, marginal)
+    if likelihood == "poisson":  # (mean, variance) of the rates
+        torch.testing.assert_close(la(Xs)[0], expected_prediction[0])
+        torch.testing.assert_close(la(Xs)[1], expected_prediction[1])
+    else:
+        torch.testing.assert_close(la(Xs), expected_prediction)
+    metric = lik.default_metric()
+    m10, v10 = la.predictive_moments(X[:10])
+    v10 = v10 if likelihood == "poisson" else v10.diagonal(dim1=-2, dim2=-1)
+    prediction = lik.predictive(m10, v10)
+    metric.update(*lik.metric_inputs(prediction, metric, la.sigma_noise), y[:10])
+    assert la.fit_history_["val_nll"] == [pytest.approx(float(metric.compute()))]
+    la.optimize_prior_precision(val_loader=_loader(X[:10], y[:10]), grid_size=3)
+    assert len(la.fit_history_["tuning"]) == 3
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "explicit", "transformer"])

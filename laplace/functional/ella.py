@@ -24,8 +24,12 @@ from tqdm.auto import tqdm
 from laplace.curvature.curvature import CurvatureInterface
 from laplace.data import batch_size, dataset_size, split_batch, to_device
 from laplace.functional import kernel, nystrom, subset
-from laplace.functional.scalable import ScalableFunctionalLaplace, check_scalar_hyper
-from laplace.likelihood import get_likelihood
+from laplace.functional.scalable import (
+    ScalableFunctionalLaplace,
+    _mean_of,
+    check_scalar_hyper,
+)
+from laplace.likelihood import OutputLikelihood
 from laplace.utils._checks import _check_int
 from laplace.utils.enums import (
     Likelihood,
@@ -181,7 +185,7 @@ class ELLA(ScalableFunctionalLaplace):
         if balanced and self.likelihood != Likelihood.CLASSIFICATION:
             raise ValueError(
                 "balanced=True draws the basis evenly over the classes; it needs "
-                f"likelihood='classification', not {self.likelihood.value!r}."
+                f"likelihood='classification', not {self.lik.name!r}."
             )
         N = dataset_size(train_loader)
         if self.subsample_size > N:
@@ -203,7 +207,7 @@ class ELLA(ScalableFunctionalLaplace):
         """The curvature pass: ``G`` over the training data, scored on the
         validation data every ``val_steps`` batches (or at the end)."""
         history = _empty_history()
-        lik = get_likelihood(self.likelihood)
+        lik = self.lik
         G = torch.zeros(V.shape[1], V.shape[1], dtype=V.dtype, device=V.device)
         self.dual_directions, self.feature_gram = V, G  # G grows in place
         n_seen = 0
@@ -391,7 +395,7 @@ class ELLA(ScalableFunctionalLaplace):
             before ``fit``.
         """
         self._check_fitted("optimize_hyperparameters")
-        candidates = [_candidate(c, self.likelihood) for c in grid]
+        candidates = [_candidate(c, self.lik) for c in grid]
         if not candidates:
             raise ValueError(
                 "grid is empty; give prior precisions, or (prior_precision, "
@@ -439,7 +443,7 @@ class ELLA(ScalableFunctionalLaplace):
             "cls_name": type(self).__name__,
             "n_params": self.n_params,
             "model_fingerprint": self._model_fingerprint(),
-            "likelihood": self.likelihood.value,
+            "likelihood": self.lik.name,
             "subsample_size": self.subsample_size,
             "n_eigenvalues": self.n_eigenvalues,
             "dual_directions": self.dual_directions.detach(),
@@ -520,18 +524,16 @@ class _GridScorer:
         la = self.la
         h = 1 / (sigma**2 * la.temperature)
         scale = 1 / (delta + h * self.d)
-        total, count = 0.0, 0
         noise = la._sigma_noise
         la._sigma_noise = torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device)
         try:
+            score = la._new_score()
             for f, R, y in self.batches:
                 var = torch.einsum("nck,k,ndk->ncd", R, scale, R)
-                total += float(la._nll_of_moments(f, var, y).sum())
-                count += f.shape[0]
+                la._add_to_score(score, f, var, y)
+            return _mean_of(score)
         finally:
             la._sigma_noise = noise
-        nll = total / count
-        return nll if nll == nll and nll != float("inf") else float("inf")
 
 
 def _labels(train_loader: DataLoader, la: ELLA) -> Tensor:
@@ -546,17 +548,17 @@ def _labels(train_loader: DataLoader, la: ELLA) -> Tensor:
     return torch.cat(labels)
 
 
-def _candidate(value: Any, likelihood: Likelihood) -> tuple[float, float | None]:
+def _candidate(value: Any, lik: OutputLikelihood) -> tuple[float, float | None]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != 2:
             raise ValueError(
                 "A grid candidate is a prior precision or a (prior_precision, "
                 f"sigma_noise) pair; got {value!r}."
             )
-        if likelihood != Likelihood.REGRESSION:
+        if not lik.has_noise:
             raise ValueError(
                 "(prior_precision, sigma_noise) pairs tune the noise of regression; "
-                f"with likelihood={likelihood.value!r} give prior precisions only."
+                f"with likelihood={lik.name!r} give prior precisions only."
             )
         return (
             check_scalar_hyper(value[0], "prior_precision"),

@@ -26,20 +26,9 @@ from laplace.curvature.curvature import CurvatureInterface
 from laplace.data import Inputs, batch_size, split_batch, to_device
 from laplace.functional import kernel
 from laplace.functional.base import BaseFunctionalLaplace, _check_gp_backend
-from laplace.likelihood import get_likelihood
-from laplace.predictive.links import probit
-from laplace.utils.enums import Likelihood, PredType, parse_enum
-from laplace.utils.metrics import gaussian_nll
+from laplace.utils.enums import Likelihood, LinkApprox, PredType, parse_enum
 
 Tensor = torch.Tensor
-
-#: the likelihoods of laplace-torch's ELLA and VaLLA: their validation score, the
-#: probit predictive and VaLLA's energies are written for these
-SUPPORTED_LIKELIHOODS = (
-    Likelihood.CLASSIFICATION,
-    Likelihood.REGRESSION,
-    Likelihood.REWARD_MODELING,
-)
 
 
 class ScalableFunctionalLaplace(BaseFunctionalLaplace):
@@ -49,6 +38,8 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
 
     pred_types: ClassVar[tuple[PredType, ...]] = (PredType.GP, PredType.GLM)
     supports_reward_modeling = True
+    #: the likelihoods the method is written for; None: every one
+    supported_likelihoods: ClassVar[tuple[Likelihood, ...] | None] = None
 
     def __init__(
         self,
@@ -88,8 +79,9 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
         )
-        if self.likelihood not in SUPPORTED_LIKELIHOODS:
-            names = ", ".join(repr(lik.value) for lik in SUPPORTED_LIKELIHOODS)
+        supported = self.supported_likelihoods
+        if supported is not None and self.likelihood not in supported:
+            names = ", ".join(repr(lik.value) for lik in supported)
             raise ValueError(
                 f"{type(self).__name__} is defined for likelihood {names}; got "
                 f"{getattr(self.likelihood, 'value', self.likelihood)!r}. Use a "
@@ -244,33 +236,33 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
 
     # -- validation ------------------------------------------------------------------
     def _validation_nll(self, val_loader: Iterable) -> float:
-        """Mean negative log predictive density of the validation data: the probit
-        predictive for classification (reward modeling: of its pairs), the Gaussian
-        ``N(f, f_var + sigma^2 I)`` for regression."""
-        total, count = 0.0, 0
+        """Mean negative log predictive density of the validation data (the
+        likelihood's ``default_metric``): the probit predictive for classification
+        (reward modeling: of its pairs), ``N(f, f_var + sigma^2 I)`` for regression,
+        the likelihood's own predictive otherwise."""
+        score = self._new_score()
         with torch.no_grad():
             for batch in val_loader:
                 x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
                 x, y = to_device(x, self._device), y.to(self._device)
-                total += float(self._batch_nll(x, y).sum())
-                count += batch_size(x, self.dict_key_x)
-        if count == 0:
-            raise ValueError("val_loader yielded no data.")
-        return total / count
+                f, var = self._glm_distribution(x, joint=False, diagonal_output=False)
+                self._add_to_score(score, f, var, y)
+        return _mean_of(score)
 
-    def _batch_nll(self, x: Inputs, y: Tensor) -> Tensor:
-        f, var = self._glm_distribution(x, joint=False, diagonal_output=False)
-        return self._nll_of_moments(f, var, y)
+    def _new_score(self):
+        """The running validation NLL (the likelihood's ``default_metric``)."""
+        return self._predictive_lik(fitting=True).default_metric().to(self._device)
 
-    def _nll_of_moments(self, f: Tensor, var: Tensor, y: Tensor) -> Tensor:
-        """Per-datum NLL ``(N,)`` of targets ``y`` under the moments ``(f, var)``."""
-        if self._tunes_regression:
-            eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-            return gaussian_nll(f, var + self.sigma_noise.square() * eye, y)
-        lik = get_likelihood(self.likelihood)
-        y = lik.check_targets(f, y)
-        p = probit(f, var.diagonal(dim1=-2, dim2=-1))
-        return -p.gather(-1, y[:, None]).squeeze(-1).clamp_min(1e-300).log()
+    def _add_to_score(self, score, f: Tensor, var: Tensor, y: Tensor) -> None:
+        """Add a batch of moments ``f`` ``(N, C)``, ``var`` ``(N, C, C)`` and targets
+        to the running score, through the likelihood's predictive (the probit link
+        where it has one)."""
+        lik = self._predictive_lik(fitting=True)
+        link = LinkApprox.PROBIT if LinkApprox.PROBIT in lik.links else LinkApprox.MC
+        if not lik.needs_covariance(link, False):
+            var = var.diagonal(dim1=-2, dim2=-1)
+        prediction = lik.predictive(f, var, link)
+        score.update(*lik.metric_inputs(prediction, score, self.sigma_noise), y)
 
     # -- checkpoints -----------------------------------------------------------------
     def _model_fingerprint(self) -> dict[str, Any]:
@@ -308,10 +300,10 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
             )
         if not state.get("fitted", False):
             raise ValueError("The state dict is of an unfitted approximation.")
-        if state["likelihood"] != self.likelihood.value:
+        if state["likelihood"] != self.lik.name:
             raise ValueError(
                 f"The state dict is for likelihood={state['likelihood']!r}, not "
-                f"{self.likelihood.value!r}."
+                f"{self.lik.name!r}."
             )
         mine, theirs = self._model_fingerprint(), state["model_fingerprint"]
         for key, what in (
@@ -325,6 +317,13 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
                     f"{what} differ from this model's. Load it into an approximation "
                     "of the model it was fitted to, unchanged."
                 )
+
+
+def _mean_of(score) -> float:
+    if int(getattr(score, "n_data", getattr(score, "n_valid_labels", 1))) == 0:
+        raise ValueError("val_loader yielded no data.")
+    value = float(score.compute())
+    return value if math.isfinite(value) else float("inf")
 
 
 def check_scalar_hyper(value: Any, name: str) -> float:

@@ -30,7 +30,6 @@ from laplace.data import (
 from laplace.functional import inducing, kernel, subset
 from laplace.functional.nystrom import basis_inputs
 from laplace.functional.scalable import ScalableFunctionalLaplace, check_scalar_hyper
-from laplace.likelihood import get_likelihood
 from laplace.predictive.links import sample_outputs
 from laplace.utils._checks import _check_int
 from laplace.utils.enums import Likelihood
@@ -110,6 +109,12 @@ class VaLLA(ScalableFunctionalLaplace):
     """
 
     key = ("all", "gp")
+    #: its alpha-energies are written for these (laplace-torch's)
+    supported_likelihoods = (
+        Likelihood.CLASSIFICATION,
+        Likelihood.REGRESSION,
+        Likelihood.REWARD_MODELING,
+    )
 
     def __init__(
         self,
@@ -222,11 +227,11 @@ class VaLLA(ScalableFunctionalLaplace):
                 f"sigma_noise must be a scalar; got shape {tuple(value.shape)}."
             )
         value = check_scalar_hyper(value, "sigma_noise")
-        if self.likelihood != Likelihood.REGRESSION:
+        if not self.lik.has_noise:
             if value != 1:
                 raise ValueError(
                     "sigma_noise must be 1 for likelihood="
-                    f"{self.likelihood.value!r}; only regression has observation "
+                    f"{self.lik.name!r}; only regression has observation "
                     f"noise (got {value})."
                 )
             return
@@ -486,7 +491,7 @@ class VaLLA(ScalableFunctionalLaplace):
 
     def _energy(self, f: Tensor, var: Tensor, y: Tensor) -> Tensor:
         """``E_alpha`` per datum ``(B,)``."""
-        lik = get_likelihood(self.likelihood)
+        lik = self.lik
         y = lik.check_targets(f, y)
         if self.likelihood == Likelihood.REGRESSION:
             v = var.diagonal(dim1=-2, dim2=-1)
@@ -545,7 +550,7 @@ class VaLLA(ScalableFunctionalLaplace):
             "cls_name": type(self).__name__,
             "n_params": self.n_params,
             "model_fingerprint": self._model_fingerprint(),
-            "likelihood": self.likelihood.value,
+            "likelihood": self.lik.name,
             "inducing_locations": _plain(self.inducing_locations),
             "inducing_classes": self.inducing_classes.detach().clone(),
             "inducing_strategy": self._strategy,
