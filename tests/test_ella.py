@@ -607,3 +607,24 @@ def test_projections_of_factored_jacobians_equal_the_dense_ones(device, kind):
     torch.testing.assert_close(
         kernel.selected_rows(X, outputs, params), J[torch.arange(5), outputs]
     )
+
+
+def test_validation_scores_the_last_batch_and_each_output_on_its_own(device):
+    """laplace-torch's rules: a score every ``val_steps`` batches and after the
+    last; regression scores each output by its own variance (plus the noise)."""
+    model = _net(2, device)
+    X, y = _data("regression", n=24, C=2, device=device)
+    la = ELLA(model, "regression", subsample_size=10, n_eigenvalues=6, sigma_noise=0.8)
+    val = _loader(X[:9], y[:9])
+    la.fit(_loader(X, y, batch_size=8), val_loader=val, val_steps=2)  # 3 batches
+    assert len(la.fit_history_["val_nll"]) == 2
+    mean, var = la.predictive_moments(X[:9])
+    s2 = var.diagonal(dim1=-2, dim2=-1) + 0.64
+    nll = 0.5 * (math.log(2 * math.pi) + s2.log() + (y[:9] - mean) ** 2 / s2)
+    assert la.fit_history_["val_nll"][-1] == pytest.approx(
+        float(nll.sum(-1).mean()), rel=1e-12
+    )
+    # explicit Jacobians of any number of outputs (reward models: one reward)
+    J = oracles.jacobian(model, X[:3])[:, :1]
+    assert la.functional_variance(J).shape == (3, 1, 1)
+    assert la.functional_covariance(J).shape == (3, 3)

@@ -585,3 +585,22 @@ def test_probit_energy_is_one_log_probability_per_datum():
     assert energy.shape == (2,)
     scaled = f / torch.sqrt(1 + math.pi / 8 * v)
     torch.testing.assert_close(energy, torch.log_softmax(scaled, -1)[[0, 1], [1, 0]])
+
+
+def test_validation_after_the_last_step_and_strategies_for_many_outputs(device):
+    model = _net(2, device)
+    X, y = _data("regression", C=2, device=device)
+    la = VaLLA(model, "regression", "random", num_inducing=5)
+    la.fit(_loader(X, y), iterations=5, lr=1e-2, val_loader=_loader(X, y), val_steps=2)
+    assert len(la.fit_history_["val_nll"]) == 3  # after steps 2, 4 and 5
+    assert la.inducing_classes.tolist() == [0] * 5
+    # reward models: the training outputs are pairs
+    torch.manual_seed(0)
+    reward = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1), nn.Flatten(-2))
+    reward = reward.to(device, torch.float64)
+    pairs = torch.randn(8, 2, 3, dtype=torch.float64, device=device)
+    rl = VaLLA(reward, "reward_modeling", torch.randn(3, 1, 3).to(pairs))
+    rl.fit(_loader(pairs, torch.randint(2, (8,), device=device)), iterations=2)
+    assert rl.n_outputs == 2 and rl.state_dict()["n_outputs"] == 2
+    J = oracles.jacobian(reward, torch.randn(4, 1, 3).to(pairs))
+    assert rl.functional_variance(J).shape == (4, 1, 1)

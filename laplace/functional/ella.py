@@ -235,7 +235,8 @@ class ELLA(ScalableFunctionalLaplace):
                 "outputs or Jacobians)."
             )
         self._posterior_cache = None
-        if val_loader is not None and val_steps is None:
+        # at the end: without val_steps, or when the last batch was not scored
+        if val_loader is not None and (val_steps is None or step % val_steps):
             history["val_nll"].append(self._validation_nll(val_loader))
         self.fit_history_ = history
 

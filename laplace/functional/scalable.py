@@ -170,13 +170,10 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
 
     def _explicit_jacobians(self, jacobians: Tensor) -> Tensor:
         self._check_predictable()
-        if jacobians.ndim != 3 or jacobians.shape[1:] != (
-            self.n_outputs,
-            self.n_params,
-        ):
+        if jacobians.ndim != 3 or jacobians.shape[-1] != self.n_params:
             raise ValueError(
-                "jacobians must have shape (batch, "
-                f"{self.n_outputs}, {self.n_params}); got {tuple(jacobians.shape)}."
+                "jacobians must have shape (batch, outputs, "
+                f"{self.n_params}); got {tuple(jacobians.shape)}."
             )
         return jacobians.to(self._dtype)
 
@@ -259,7 +256,8 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
         where it has one)."""
         lik = self._predictive_lik(fitting=True)
         link = LinkApprox.PROBIT if LinkApprox.PROBIT in lik.links else LinkApprox.MC
-        if not lik.needs_covariance(link, False):
+        # regression scores each output by its own variance (laplace-torch's)
+        if lik.has_noise or not lik.needs_covariance(link, False):
             var = var.diagonal(dim1=-2, dim2=-1)
         prediction = lik.predictive(f, var, link)
         score.update(*lik.metric_inputs(prediction, score, self.sigma_noise), y)

@@ -348,6 +348,7 @@ class VaLLA(ScalableFunctionalLaplace):
             self._check_fit_batch(x, y)
             with torch.no_grad():
                 f, X = self._jacobian_set(x)
+            self.n_outputs = f.shape[-1]  # of the training data (pairs: 2)
             J_Z = fixed if fixed is not None else self._inducing_rows(True)
             objective = self._objective(f, X, y, J_Z, N)
             if not bool(torch.isfinite(objective)):
@@ -368,7 +369,8 @@ class VaLLA(ScalableFunctionalLaplace):
             self.fit_history_["objective"].append(float(objective.detach()))
             if val_loader is not None and val_steps and step % val_steps == 0:
                 self.fit_history_["val_nll"].append(self._validation_nll(val_loader))
-        if val_loader is not None and val_steps is None:
+        # at the end: without val_steps, or when the last step was not scored
+        if val_loader is not None and (val_steps is None or iterations % val_steps):
             self.fit_history_["val_nll"].append(self._validation_nll(val_loader))
 
     def _snapshot(self) -> dict[str, Any]:
@@ -456,7 +458,9 @@ class VaLLA(ScalableFunctionalLaplace):
             labels = torch.cat([y.reshape(-1) for _, y in data])
             labels = labels[torch.cdist(centres, X.flatten(1)).argmin(1)]
         classes = (
-            labels.long() if classify else torch.zeros_like(labels, dtype=torch.long)
+            labels.long()
+            if classify
+            else torch.zeros(self.num_inducing, dtype=torch.long)
         )
         return locations, classes
 
@@ -525,7 +529,7 @@ class VaLLA(ScalableFunctionalLaplace):
         return inducing.blocks(X.self_blocks(False) / delta, W)
 
     def _jacobian_covariance(self, jacobians: Tensor, joint: bool) -> Tensor:
-        X = kernel.JacobianSet(jacobians.shape[0], self.n_outputs, [], jacobians)
+        X = kernel.JacobianSet(*jacobians.shape[:2], [], jacobians)
         Z, system, delta = self._posterior()
         W = system.whiten(self._cross(X, Z, delta))
         if joint:
