@@ -30,6 +30,7 @@ BENCHMARKS = (
     ("subnet", "Subnetworks and marglik_training"),
     ("transformer", "Transformers: all weights"),
     ("streaming", "Streaming (posteriors): one update of dense_ggn and diag_ggn"),
+    ("ella_valla", "ELLA and VaLLA (scalable function-space methods)"),
 )
 OURS, LT = "ours", "laplace-torch"
 #: the library a benchmark compares with, where it is not laplace-torch (its figures
@@ -50,12 +51,23 @@ PHASES_OF = {
     "subnet": {"marglik": "marglik_training, 5 epochs"},
     "transformer": {"epoch": "one fine-tuning epoch (SGD), the targets' reference"},
     "streaming": {"update": "one update"},
+    "ella_valla": {
+        "ella": "ELLA fit + predictive + grid search",
+        "valla": "VaLLA fit + predictive",
+    },
 }
+#: workloads whose figures are not timings (e.g. predictives at further seeds, to
+#: compare results): left out of the summary
+UNTIMED = {"seeds"}
 TOKENS = (
     (re.compile(r"^C(\d+)$"), "{} classes"),
     (re.compile(r"^S(\d+)$"), "subnetwork of {} weights"),
     (re.compile(r"^M(\d+)$"), "n_subset {}"),
     (re.compile(r"^P(\d+)$"), "{} weights"),
+    (re.compile(r"^N(\d+)$"), "{} samples"),
+    (re.compile(r"^s(\d+)$"), "subsample_size {}"),
+    (re.compile(r"^k(\d+)$"), "n_eigenvalues {}"),
+    (re.compile(r"^Z(\d+)$"), "num_inducing {}"),
 )
 
 
@@ -115,6 +127,8 @@ def rows_of(name: str, raw: dict) -> list[Row]:
     groups: dict[tuple[str, ...], dict[tuple[str | None, str], dict]] = {}
     for key, m in raw["results"].items():
         fields, backend, side = split_key(key)
+        if fields[0] in UNTIMED:
+            continue
         groups.setdefault(fields, {})[(backend, side)] = m
     rows = []
     for fields, runs in groups.items():

@@ -8,13 +8,13 @@
    torchvision); ``--lt-python`` names another interpreter instead. When none can be
    built or imported, the benchmarks run this library alone and the report says so;
 2. runs each benchmark script (``curvature``, ``laplace``, ``lllaplace``,
-   ``functional``, ``subnet``, ``transformer``, ``streaming``), each of which
-   measures every workload in fresh, memory-limited processes and writes its report
-   to ``benchmarks/output/``. ``streaming`` compares ``laplace.streaming`` with
-   posteriors 0.1.3 instead, run with ``--posteriors-python`` (else
-   ``$POSTERIORS_PYTHON``, else ``.posteriors-venv/bin/python``, which this script
-   does not build); where there is none, or with ``--no-posteriors``, it runs this
-   library alone;
+   ``functional``, ``subnet``, ``transformer``, ``streaming``, ``ella_valla``),
+   each of which measures every workload in fresh, memory-limited processes and
+   writes its report to ``benchmarks/output/``. ``streaming`` compares
+   ``laplace.streaming`` with posteriors 0.1.3 instead, run with
+   ``--posteriors-python`` (else ``$POSTERIORS_PYTHON``, else
+   ``.posteriors-venv/bin/python``, which this script does not build); where there
+   is none, or with ``--no-posteriors``, it runs this library alone;
 3. writes ``benchmarks/REPORT.md`` (see ``report.py``): a summary table of time and
    peak-memory ratios over all workloads, then every benchmark's own report. The
    documentation's benchmark page shows that file.

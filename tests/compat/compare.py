@@ -143,6 +143,49 @@ KNOWN = [
         "differences.md#fixed-behaviour (float32 weight samples)",
     ),
     (
+        "[ev]*lla/*", "state_dict/backend_class",
+        "the default backend is NativeGGN (laplace-torch: CurvlinopsGGN); the "
+        "checkpoint names it",
+        "differences.md#smaller-differences (The default backend is NativeGGN)",
+    ),
+    (
+        "ella/classification/balanced", "trajectory/*",
+        "ELLA's balanced basis takes each class's even share walking the seeded "
+        "permutation; laplace-torch's rule (not learnt) draws other inputs",
+        "differences.md#ella-and-valla (balanced=True)",
+    ),
+    (
+        "valla/*/random", "trajectory/*",
+        "VaLLA's 'random' draws the same inducing inputs in the permutation's order "
+        "(laplace-torch orders them otherwise); the packed factor's Adam steps "
+        "depend on the order",
+        "differences.md#ella-and-valla (VaLLA's strategies)",
+    ),
+    (
+        "valla/*/kmeans", "trajectory/*",
+        "VaLLA's 'kmeans' runs its own k-means++ and Lloyd's algorithm: other "
+        "centres than laplace-torch's",
+        "differences.md#ella-and-valla (VaLLA's strategies)",
+    ),
+    (
+        "valla-errors/classes_float", "result",
+        "inducing_classes of a floating-point dtype are refused; laplace-torch "
+        "accepts them",
+        "differences.md#ella-and-valla (Refused here, accepted by laplace-torch)",
+    ),
+    (
+        "valla-errors/classes_with_strategy", "result",
+        "inducing_classes given with a strategy (which takes the training labels) "
+        "are refused; laplace-torch accepts them",
+        "differences.md#ella-and-valla (Refused here, accepted by laplace-torch)",
+    ),
+    (
+        "valla-errors/strategy_reward_modeling", "result",
+        "inducing strategies are refused for reward modeling (its training inputs "
+        "are pairs); laplace-torch draws from them",
+        "differences.md#ella-and-valla (VaLLA's strategies)",
+    ),
+    (
         "workflow/huggingface/token_level-pick_last", "fit",
         "logits at every position are refused with a ValueError when the last layer "
         "is found; laplace-torch fails in fit with a shape mismatch",

@@ -2,7 +2,10 @@
 
 This script is the one source of truth for the differential harness: the pytest side
 (``test_compat.py``) runs it twice, once with this checkout's interpreter and once with
-laplace-torch 0.3's (``.lt-venv``), and compares what the two runs wrote.
+laplace-torch 0.3's (``.lt-venv``), and compares what the two runs wrote. Two families
+of scenarios live in modules of their own, run through this script: laplace-torch's
+example workflows (``workflows.py``) and the function-space methods ELLA and VaLLA
+(``ella_valla.py``).
 
 ``python scenarios.py --out DIR [--only GLOB ...] [--readme FILE]`` imports whichever
 ``laplace`` the interpreter finds, runs every scenario (or those matching a glob) and
@@ -26,7 +29,8 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import workflows  # noqa: E402 (this directory's, whichever interpreter runs this)
+import ella_valla  # noqa: E402 (this directory's, whichever interpreter runs this)
+import workflows  # noqa: E402
 
 #: (subset_of_weights, hessian_structure) the factory offers
 CLASSES = [
@@ -104,6 +108,9 @@ def scenario_table() -> dict[str, dict]:
     # laplace-torch's example workflows, written anew (workflows.py)
     for name in workflows.WORKFLOWS:
         table[f"workflow/{name}"] = dict(kind="workflow", workflow=name)
+    # ELLA and VaLLA (ella_valla.py)
+    for name in ella_valla.SCENARIOS:
+        table[name] = dict(kind="ella_valla")
     return table
 
 
@@ -582,6 +589,8 @@ def main(argv=None) -> int:
                 run_errors(laplace, table[name]["case"], rec)
             elif table[name]["kind"] == "workflow":
                 workflows.run(laplace, table[name]["workflow"], rec)
+            elif table[name]["kind"] == "ella_valla":
+                ella_valla.run(laplace, name, rec, sys.modules[__name__])
             else:
                 spec = table[name]
                 run_class(laplace, spec, rec, full=spec["kind"] == "class")
