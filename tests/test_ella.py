@@ -255,9 +255,11 @@ def test_regression_tunes_prior_and_noise_pairs(device):
     assert (float(la.prior_precision), float(la.sigma_noise)) == pytest.approx(best)
     la.prior_precision, la.sigma_noise = 10.0, 0.3
     assert la._validation_nll(val) == pytest.approx(scores[(10.0, 0.3)], rel=1e-10)
-    # a number keeps the current noise
+    # a number keeps the current noise, also after a pair in the same grid
     la.optimize_hyperparameters(val, [1.0])
     assert float(la.sigma_noise) == pytest.approx(0.3)
+    la.optimize_hyperparameters(val, [(1.0, 3.0), 2.0])
+    assert la.fit_history_["tuning"][-1]["sigma_noise"] == pytest.approx(0.3)
 
 
 def test_state_dict_restores_the_posterior_of_the_same_model(device):
