@@ -282,11 +282,6 @@ class ELLA(ScalableFunctionalLaplace):
     def _set_covariance(self, X: kernel.JacobianSet, joint: bool) -> Tensor:
         return self._feature_covariance(self._features(X), joint)
 
-    def _jacobian_covariance(self, jacobians: Tensor, joint: bool) -> Tensor:
-        return self._feature_covariance(
-            nystrom.project(self.dual_directions, jacobians), joint
-        )
-
     def _feature_covariance(self, Phi: Tensor, joint: bool) -> Tensor:
         if joint:
             return nystrom.functional_covariance(Phi, self.chol_precision)

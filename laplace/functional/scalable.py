@@ -4,8 +4,8 @@ linearized network, ``f(x) ~ GP(f_MAP(x), K(x, x'))`` with the prior kernel
 mean zero), approximated by a low-rank posterior that the subclass fits.
 
 A subclass says how the posterior covariance of the outputs follows from their
-Jacobians (``_set_covariance`` for the Jacobians of a batch of inputs,
-``_jacobian_covariance`` for explicit Jacobians); this base class turns that into
+Jacobians (``_set_covariance``, for the factored Jacobians of a batch of inputs or
+explicit ones); this base class turns that into
 the predictive, the samples, the validation score, and the checkpoint's identity
 of the pretrained model. The mean is the network's output: neither method moves
 it.
@@ -128,11 +128,11 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
 
     @property
     def log_det_ratio(self) -> Tensor:
-        raise NotImplementedError(self.log_marginal_likelihood.__doc__)
+        return self.log_marginal_likelihood()  # raises: not defined here
 
     @property
     def scatter(self) -> Tensor:
-        raise NotImplementedError(self.log_marginal_likelihood.__doc__)
+        return self.log_marginal_likelihood()  # raises: not defined here
 
     # -- the posterior of the outputs ----------------------------------------------
     def _set_covariance(self, X: kernel.JacobianSet, joint: bool) -> Tensor:
@@ -142,7 +142,8 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
 
     def _jacobian_covariance(self, jacobians: Tensor, joint: bool) -> Tensor:
         """As ``_set_covariance`` from explicit Jacobians ``(N, C, P)``."""
-        raise NotImplementedError
+        X = kernel.JacobianSet(*jacobians.shape[:2], [], jacobians)
+        return self._set_covariance(X, joint)
 
     def _check_predictable(self) -> None:
         if not self.fitted:
@@ -212,24 +213,6 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
         return BaseLaplace.functional_samples(
             self, x, PredType.GP, n_samples, diagonal_output, generator, joint=joint
         )
-
-    def predictive_samples(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GLM,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        fitting: bool = False,
-        joint: bool = False,
-    ) -> Tensor:
-        """``functional_samples`` through the softmax for classification (and for
-        reward modeling with ``fitting=True``); regression and rewards: the
-        latent samples, without observation noise."""
-        f = self.functional_samples(
-            x, pred_type, n_samples, diagonal_output, generator, joint=joint
-        )
-        return f if self._regression_output(fitting) else torch.softmax(f, dim=-1)
 
     # -- validation ------------------------------------------------------------------
     def _validation_nll(self, val_loader: Iterable) -> float:

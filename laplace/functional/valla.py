@@ -528,14 +528,6 @@ class VaLLA(ScalableFunctionalLaplace):
             return inducing.covariance(kernel.gram(X, X, False) / delta, W)
         return inducing.blocks(X.self_blocks(False) / delta, W)
 
-    def _jacobian_covariance(self, jacobians: Tensor, joint: bool) -> Tensor:
-        X = kernel.JacobianSet(*jacobians.shape[:2], [], jacobians)
-        Z, system, delta = self._posterior()
-        W = system.whiten(self._cross(X, Z, delta))
-        if joint:
-            return inducing.covariance(kernel.gram(X, X, False) / delta, W)
-        return inducing.blocks(X.self_blocks(False) / delta, W)
-
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The fitted state as plain tensors, numbers and strings: the factor, the
