@@ -12,7 +12,9 @@ library takes either the name of a built-in (a string or a
 What an object provides (conventions of DESIGN.md section 3):
 
 - ``loss(f, y)``: the negative log-likelihood summed over the batch (0-dim), up to
-  a constant only where ``has_noise`` (regression);
+  a constant only where ``has_noise`` (regression); ``datum_losses(f, y)``, the
+  terms of that sum ``(batch,)``, is derived from it (``torch.func.vmap``) unless
+  a subclass gives it;
 - ``hessian_sqrt(f)``: ``L`` ``(batch, C, K)`` with ``L L^T`` the output Hessian
   ``Lambda(f)`` of the loss (or its Fisher), per datum; or ``hessian(f)``,
   ``Lambda(f)`` ``(batch, C, C)`` itself: a subclass gives either, the other is
@@ -155,6 +157,23 @@ class OutputLikelihood:
         return self.inverse_link(f).mean(0)
 
     # -- defaults ----------------------------------------------------------------------
+    def datum_losses(self, f: Tensor, y: Tensor) -> Tensor:
+        """The loss of each datum ``(batch,)``, whose sum is ``loss(f, y)`` (the
+        negative log-likelihood ``-log p(y_n | f_n)``, up to ``log_normalizer``
+        where ``has_noise``); VaLLA's Monte-Carlo energies read it.
+
+        By default ``loss`` of each row alone, batched by ``torch.func.vmap`` (or
+        one row at a time where the loss cannot be vmapped, e.g. it calls
+        ``.item()``)."""
+
+        def one(f_n: Tensor, y_n: Tensor) -> Tensor:
+            return self.loss(f_n.unsqueeze(0), y_n.unsqueeze(0))
+
+        try:
+            return torch.func.vmap(one)(f, y)
+        except RuntimeError:
+            return torch.stack([one(f_n, y_n) for f_n, y_n in zip(f, y)])
+
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         """Validate ``y`` against outputs ``f`` ``(batch, C)`` and return it as
         ``loss`` takes it (by default: one target row per datum)."""
@@ -306,6 +325,9 @@ class RegressionLikelihood(OutputLikelihood):
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         return self.factor * F.mse_loss(f, y, reduction="sum")
 
+    def datum_losses(self, f: Tensor, y: Tensor) -> Tensor:
+        return self.factor * F.mse_loss(f, y, reduction="none").sum(-1)
+
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         if y.shape == f.shape:
             return y
@@ -395,8 +417,11 @@ class _RegressionColumn(RegressionLikelihood):
         return LikelihoodLoss(self)
 
     def loss(self, f, y):
+        return self.datum_losses(f, y).sum()
+
+    def datum_losses(self, f, y):
         c = self.column
-        return 0.5 * (f[:, c] - y[:, c]).square().sum()
+        return 0.5 * (f[:, c] - y[:, c]).square()
 
     def loss_gradient(self, f, y):
         return (f - y) * self._mask(f)
@@ -437,6 +462,9 @@ class ClassificationLikelihood(OutputLikelihood):
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(f, y, reduction="sum")
+
+    def datum_losses(self, f: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(f, y, reduction="none")
 
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         if f.ndim != 2:
@@ -555,6 +583,9 @@ class MultilabelLikelihood(OutputLikelihood):
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
 
+    def datum_losses(self, f: Tensor, y: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(f, y, reduction="none").sum(-1)
+
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         if f.ndim != 2 or y.shape != f.shape:
             raise ValueError(
@@ -641,8 +672,13 @@ class PoissonLoss(nn.Module):
 
     reduction = "sum"
 
+    @staticmethod
+    def terms(f: Tensor, y: Tensor) -> Tensor:
+        """The loss of each count, elementwise."""
+        return f.exp() - y * f + torch.lgamma(y + 1)
+
     def forward(self, f: Tensor, y: Tensor) -> Tensor:
-        return (f.exp() - y * f + torch.lgamma(y + 1)).sum()
+        return self.terms(f, y).sum()
 
 
 class PoissonLikelihood(OutputLikelihood):
@@ -666,6 +702,9 @@ class PoissonLikelihood(OutputLikelihood):
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         return PoissonLoss()(f, y)
+
+    def datum_losses(self, f: Tensor, y: Tensor) -> Tensor:
+        return PoissonLoss.terms(f, y).sum(-1)
 
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         if f.ndim == 2 and f.shape[1] == 1 and y.shape == f.shape[:1]:
@@ -758,7 +797,9 @@ class HeteroscedasticLoss(nn.Module):
 
     reduction = "sum"
 
-    def forward(self, f: Tensor, y: Tensor) -> Tensor:
+    @staticmethod
+    def terms(f: Tensor, y: Tensor) -> Tensor:
+        """The loss of each target ``(batch, C)``."""
         C = f.shape[-1] // 2
         eta1, eta2 = f[:, :C], f[:, C:]
         log_lik = (
@@ -768,7 +809,10 @@ class HeteroscedasticLoss(nn.Module):
             + 0.5 * torch.log(-2 * eta2)
             - 0.5 * math.log(2 * math.pi)
         )
-        return -log_lik.sum()
+        return -log_lik
+
+    def forward(self, f: Tensor, y: Tensor) -> Tensor:
+        return self.terms(f, y).sum()
 
 
 def natural_to_moments(f: Tensor) -> tuple[Tensor, Tensor]:
@@ -805,6 +849,9 @@ class HeteroscedasticRegressionLikelihood(OutputLikelihood):
 
     def loss(self, f: Tensor, y: Tensor) -> Tensor:
         return HeteroscedasticLoss()(f, y)
+
+    def datum_losses(self, f: Tensor, y: Tensor) -> Tensor:
+        return HeteroscedasticLoss.terms(f, y).sum(-1)
 
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         self._check_outputs(f)

@@ -405,8 +405,8 @@ def test_bad_input_is_refused_before_any_work(device):
         ELLA(model, "classification", 5, 2, prior_precision=torch.ones(21))
     with pytest.raises(ValueError, match="sigma_noise must be 1"):
         ELLA(model, "classification", 5, 2, sigma_noise=2.0)
-    with pytest.raises(ValueError, match="defined for likelihood 'classification'"):
-        VaLLA(model, "multilabel", torch.zeros(2, 2).to(X))
+    with pytest.raises(ValueError, match="energy is that of alpha = 1"):
+        VaLLA(model, "multilabel", torch.zeros(2, 2).to(X), alpha=0.5)
     la = ELLA(model, "classification", subsample_size=13, n_eigenvalues=2)
     with pytest.raises(ValueError, match="subsample_size=13 exceeds the 12"):
         la.fit(_loader(X, y))

@@ -120,6 +120,38 @@ def test_loss_and_gradient_are_the_negative_log_likelihood(family, device):
     torch.testing.assert_close(lik.loss_gradient(f.detach(), y), grad)
 
 
+@pytest.mark.parametrize("family", FAMILIES + ("classification", "regression"))
+def test_datum_losses_are_each_datums_negative_log_likelihood(family, device):
+    """``datum_losses``: the oracle's ``-log p(y_n | f_n)`` row by row, summing to
+    ``loss``; the protocol's default (vmap of ``loss`` over rows, or one row at a
+    time for a loss that cannot be vmapped) gives the same for a likelihood object
+    that only has ``loss``."""
+    lik = get_likelihood(family)
+    f = outputs(family, device)
+    if family == "classification":
+        y = torch.tensor([0, 2, 1, 1, 0, 2], device=device)
+    else:
+        y = family_data(family, device, n=f.shape[0])[1]
+    y = lik.check_targets(f, y)
+    expected = torch.stack(
+        [oracles.loss(family, f[n : n + 1], y[n : n + 1]) for n in range(len(f))]
+    )
+    torch.testing.assert_close(lik.datum_losses(f, y), expected)
+    torch.testing.assert_close(lik.datum_losses(f, y).sum(), lik.loss(f, y))
+
+    class OnlyLoss(OutputLikelihood):
+        def loss(self, f, y):
+            return lik.loss(f, y)
+
+    class NotVmappable(OutputLikelihood):
+        def loss(self, f, y):
+            assert f.shape[0] == int(torch.tensor(f.shape[0]).item())
+            return lik.loss(f, y) + 0 * float(f.detach().sum().item())
+
+    torch.testing.assert_close(OnlyLoss().datum_losses(f, y), expected)
+    torch.testing.assert_close(NotVmappable().datum_losses(f, y), expected)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hessian_moments_are_diagonals_and_sum(family, device):
     f = outputs(family, device)

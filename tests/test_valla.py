@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace import VaLLA
 from laplace.functional import inducing
 from laplace.functional.nystrom import basis_inputs
+from laplace.likelihood import OutputLikelihood
+from laplace.predictive import links
 from tests import oracles
 
 
@@ -31,6 +33,10 @@ def _data(likelihood, n=20, C=3, device="cpu", seed=1):
     X = torch.randn(n, 2, generator=g, dtype=torch.float64)
     if likelihood == "classification":
         y = torch.randint(C, (n,), generator=g)
+    elif likelihood in ("binary", "multilabel"):
+        y = torch.randint(2, (n, C), generator=g).to(torch.float64)
+    elif likelihood == "poisson":
+        y = torch.poisson(torch.full((n, C), 1.5), generator=g).to(torch.float64)
     else:
         y = torch.randn(n, C, generator=g, dtype=torch.float64)
     return X.to(device), y.to(device)
@@ -98,6 +104,40 @@ def _gauss_hermite_energy(y, m, v, s2, alpha, n=80):
     return torch.logsumexp(alpha * log_n + weights.log(), -1) / alpha
 
 
+def _gauss_hermite_mean(fn, m, v, n=80):
+    """``E[fn(f)]`` elementwise for ``f ~ N(m, v)`` by Gauss-Hermite quadrature
+    (``fn`` maps ``(..., n)`` nodes to values)."""
+    import numpy as np
+
+    nodes, weights = np.polynomial.hermite_e.hermegauss(n)
+    nodes = torch.as_tensor(nodes).to(m)
+    weights = torch.as_tensor(weights / weights.sum()).to(m)
+    return (weights * fn(m[..., None] + v.sqrt()[..., None] * nodes)).sum(-1)
+
+
+def test_the_poisson_energy_is_the_expected_log_likelihood():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    v = torch.rand(5, 3, generator=g, dtype=torch.float64) + 0.1
+    y = torch.poisson(torch.full((5, 3), 2.0), generator=g).to(torch.float64)
+
+    def log_lik(f, y=y[..., None]):
+        return torch.distributions.Poisson(f.exp()).log_prob(y.expand_as(f))
+
+    expected = _gauss_hermite_mean(log_lik, m, v).sum(-1)
+    got = inducing.poisson_expected_log_likelihood(m, v, y)
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_bernoulli_probit_energy_is_the_log_probit_predictive():
+    f = torch.tensor([[0.0, 1.0, -1.0], [2.0, -0.5, 0.0]], dtype=torch.float64)
+    v = torch.tensor([[1.0, 0.0, 4.0], [0.5, 2.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    p = links.sigmoid_probit(f, v)
+    expected = torch.where(y == 1, p, 1 - p).log().sum(-1)
+    torch.testing.assert_close(inducing.bernoulli_probit_energy(f, v, y), expected)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_the_gaussian_energy_is_the_quadrature_of_its_definition(alpha):
     g = torch.Generator().manual_seed(0)
@@ -111,16 +151,14 @@ def test_the_gaussian_energy_is_the_quadrature_of_its_definition(alpha):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_the_sampled_energy_averages_the_softmax_power(alpha):
+def test_the_sampled_energy_averages_the_likelihood_power(alpha):
     g = torch.Generator().manual_seed(0)
-    samples = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
-    y = torch.tensor([0, 4, 2])
-    p = torch.softmax(samples, -1)[:, torch.arange(3), y]  # (S, N)
+    p = torch.rand(4, 3, generator=g, dtype=torch.float64) + 0.01  # (S, N)
     if alpha == 0:
         expected = p.log().mean(0)
     else:
         expected = (p**alpha).mean(0).log() / alpha
-    torch.testing.assert_close(inducing.sampled_energy(samples, y, alpha), expected)
+    torch.testing.assert_close(inducing.sampled_energy(p.log(), alpha), expected)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +167,9 @@ def test_the_sampled_energy_averages_the_softmax_power(alpha):
         ("regression", 1, 0.0, 1.0),
         ("regression", 2, 0.5, 0.5),
         ("classification", 3, 1.0, 2.0),
+        ("binary", 1, 1.0, 1.0),
+        ("multilabel", 3, 1.0, 0.5),
+        ("poisson", 2, 0.0, 2.0),
     ],
 )
 def test_the_objective_is_minus_the_scaled_energy_plus_the_dense_kl(
@@ -147,7 +188,7 @@ def test_the_objective_is_minus_the_scaled_energy_plus_the_dense_kl(
         alpha=alpha,
         temperature=T,
         prior_precision=2.0,
-        sigma_noise=0.7 if C != 3 else 1.0,
+        sigma_noise=0.7 if likelihood == "regression" else 1.0,
     )
     la.fit(_loader(X, y), iterations=1, lr=1e-3)
     delta = 2.0
@@ -162,6 +203,15 @@ def test_the_objective_is_minus_the_scaled_energy_plus_the_dense_kl(
     if likelihood == "regression":
         v = var.diagonal(dim1=-2, dim2=-1)
         energy = _gauss_hermite_energy(y[:5], f, v, 0.49, alpha).sum()
+    elif likelihood in ("binary", "multilabel"):
+        # the probit predictive's probability of each label (links.sigmoid_probit)
+        p = links.sigmoid_probit(f, var.diagonal(dim1=-2, dim2=-1))
+        energy = (y[:5] * p.log() + (1 - y[:5]) * (1 - p).log()).sum()
+    elif likelihood == "poisson":
+        v = var.diagonal(dim1=-2, dim2=-1)
+        energy = _gauss_hermite_mean(
+            lambda f, y=y[:5, :, None]: y * f - f.exp() - torch.lgamma(y + 1), f, v
+        ).sum()
     else:
         scaled = f / torch.sqrt(1 + math.pi / 8 * var.diagonal(dim1=-2, dim2=-1))
         energy = torch.log_softmax(scaled, -1)[torch.arange(5), y[:5]].sum()
@@ -604,3 +654,165 @@ def test_validation_after_the_last_step_and_strategies_for_many_outputs(device):
     assert rl.n_outputs == 2 and rl.state_dict()["n_outputs"] == 2
     J = oracles.jacobian(reward, torch.randn(4, 1, 3).to(pairs))
     assert rl.functional_variance(J).shape == (4, 1, 1)
+
+
+class UserPoisson(OutputLikelihood):
+    """A user's Poisson likelihood: the loss and the output Hessian only."""
+
+    def loss(self, f, y):
+        return (f.exp() - y * f + torch.lgamma(y + 1)).sum()
+
+    def hessian(self, f):
+        return torch.diag_embed(f.exp())
+
+
+class UserGaussian(OutputLikelihood):
+    """A user's Gaussian with observation noise (``has_noise``)."""
+
+    has_noise = True
+    returns_moments = True
+
+    def loss(self, f, y):
+        return 0.5 * (f - y).square().sum()
+
+    def hessian(self, f):
+        return torch.eye(f.shape[1]).to(f).expand(f.shape[0], -1, -1)
+
+    def predictive(self, f_mu, f_var, link_approx=None, n_samples=100, generator=None):
+        return f_mu, f_var
+
+    def log_normalizer(self, sigma_noise, n_data, n_outputs):
+        return -n_data * n_outputs * torch.log(sigma_noise * math.sqrt(2 * math.pi))
+
+
+@pytest.mark.parametrize(
+    "likelihood,C,alpha",
+    [
+        ("poisson", 2, 0.5),
+        ("multilabel", 3, 0.0),
+        ("binary", 1, 0.5),
+        ("user_poisson", 2, 1.0),
+        ("user_gaussian", 2, 0.5),
+    ],
+)
+def test_monte_carlo_energies_are_the_sampled_log_likelihoods(
+    device, likelihood, C, alpha
+):
+    """With ``mc_softmax_samples`` the energy is ``(1/alpha) log mean_s p(y |
+    f_s)^alpha`` over output samples drawn with the seeded generator: the
+    objective of the first step against the dense covariance and
+    ``torch.distributions`` log-probabilities of the same samples (a user's
+    likelihood through the protocol's ``datum_losses``, its noise included)."""
+    model = _net(C, device)
+    data_lik = {"user_poisson": "poisson", "user_gaussian": "regression"}
+    X, y = _data(data_lik.get(likelihood, likelihood), C=C, device=device)
+    lik = {"user_poisson": UserPoisson(), "user_gaussian": UserGaussian()}.get(
+        likelihood, likelihood
+    )
+    sigma = 0.6 if likelihood == "user_gaussian" else 1.0
+    Z, S, delta = X[:4].clone(), 7, 2.0
+    la = VaLLA(
+        model,
+        lik,
+        Z,
+        alpha=alpha,
+        mc_softmax_samples=S,
+        seed=3,
+        prior_precision=delta,
+        sigma_noise=sigma,
+    )
+    la.fit(_loader(X, y), iterations=1, lr=1e-3)
+    Sigma = _weight_covariance(
+        model, Z, torch.zeros(4, dtype=torch.long), torch.eye(4).to(Z), delta
+    )
+    kl = 0.5 * (delta * Sigma.trace() - Sigma.shape[0] - torch.logdet(delta * Sigma))
+    Jb = oracles.jacobian(model, X[:5])
+    var = torch.einsum("ncp,pq,ndq->ncd", Jb, Sigma, Jb)
+    f = model(X[:5]).detach()
+    generator = torch.Generator(device=device).manual_seed(3)
+    samples = links.sample_outputs(f, var, S, generator)  # (S, 5, C)
+    targets = y[:5].expand_as(samples)
+    if likelihood in ("poisson", "user_poisson"):
+        log_p = torch.distributions.Poisson(samples.exp()).log_prob(targets)
+    elif likelihood == "user_gaussian":
+        log_p = torch.distributions.Normal(samples, sigma).log_prob(targets)
+    else:
+        log_p = torch.distributions.Bernoulli(logits=samples).log_prob(targets)
+    log_p = log_p.sum(-1)
+    if alpha == 0:
+        energy = log_p.mean(0)
+    else:
+        energy = (torch.logsumexp(alpha * log_p, 0) - math.log(S)) / alpha
+    expected = -(20 / 5 * energy.sum() - kl)
+    assert la.fit_history_["objective"][0] == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_a_users_likelihood_fits_as_the_built_in_it_writes(device):
+    """Monte Carlo through the protocol's default ``datum_losses`` (vmap of the
+    user's ``loss``) gives the built-in Poisson's trajectory, step for step."""
+    model = _net(2, device)
+    X, y = _data("poisson", C=2, device=device)
+    fits = []
+    for lik in ("poisson", UserPoisson()):
+        la = VaLLA(model, lik, X[:4].clone(), alpha=0.5, mc_softmax_samples=5)
+        la.fit(_loader(X, y), iterations=4, lr=0.05)
+        fits.append((la.fit_history_["objective"], la.predictive_moments(X[:3])[1]))
+    assert fits[0][0] == pytest.approx(fits[1][0], rel=1e-12)
+    torch.testing.assert_close(fits[0][1], fits[1][1])
+
+
+@pytest.mark.parametrize(
+    "likelihood,C", [("binary", 1), ("multilabel", 3), ("poisson", 2)]
+)
+def test_the_other_likelihoods_fit_from_drawn_inducing_outputs(device, likelihood, C):
+    """Inducing outputs drawn by a strategy take the outputs in turn (every output
+    gets some), the objective falls, the predictive is the likelihood's and the
+    model is left as it was."""
+    model = _net(C, device)
+    X, y = _data(likelihood, n=40, C=C, device=device)
+    before = [p.detach().clone() for p in model.parameters()]
+    alpha = 0.0 if likelihood == "poisson" else 1.0
+    la = VaLLA(model, likelihood, "random", num_inducing=6, alpha=alpha)
+    la.fit(_loader(X, y, batch_size=10), iterations=60, lr=0.05)
+    assert la.inducing_classes.tolist() == [m % C for m in range(6)]
+    objective = la.fit_history_["objective"]
+    assert sum(objective[-8:]) / 8 < sum(objective[:8]) / 8
+    pred = la(X[:4])
+    if likelihood == "poisson":
+        mean, var = pred
+        assert mean.shape == (4, C) and bool((mean > 0).all())
+    else:
+        assert pred.shape == (4, C) and bool(((pred > 0) & (pred < 1)).all())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_exact_closed_forms_are_used_even_with_samples(device):
+    """The Poisson energy of alpha = 0 is exact: Monte-Carlo samples do not replace
+    it (the probit, an approximation, is replaced: see the classification tests)."""
+    model = _net(2, device)
+    X, y = _data("poisson", C=2, device=device)
+    fits = []
+    for samples in (0, 5):
+        la = VaLLA(
+            model, "poisson", X[:4].clone(), alpha=0.0, mc_softmax_samples=samples
+        )
+        la.fit(_loader(X, y), iterations=3, lr=0.05)
+        fits.append(la.fit_history_["objective"])
+    assert fits[0] == fits[1]
+
+
+def test_likelihoods_without_an_energy_are_refused(device):
+    model = _net(2, device)
+    Z = torch.randn(4, 2, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="heteroscedastic_regression.*eta2 >= 0"):
+        VaLLA(model, "heteroscedastic_regression", Z)
+    with pytest.raises(ValueError, match="closed-form energy is that of alpha = 0"):
+        VaLLA(model, "poisson", Z)  # alpha = 1
+    with pytest.raises(ValueError, match="closed-form energy is that of alpha = 1"):
+        VaLLA(model, "multilabel", Z, alpha=0.0)
+    with pytest.raises(ValueError, match="custom.*no closed-form energy"):
+        VaLLA(model, UserPoisson(), Z)
+    # with samples, any alpha
+    VaLLA(model, "poisson", Z, mc_softmax_samples=2)
+    VaLLA(model, UserPoisson(), Z, alpha=0.3, mc_softmax_samples=2)

@@ -28,7 +28,10 @@ $$
 and the objective minimised by ``fit`` is ``-(N / (|b| T) sum_{n in b}
 E_alpha(n) - KL)`` on a minibatch ``b``, with the alpha-energy ``E_alpha(n) =
 (1 / alpha) log E_q[p(y_n | f_n)^alpha]`` (``alpha -> 0``: the expected log
-likelihood of the ELBO).
+likelihood of the ELBO): in closed form for the Gaussian (any alpha) and the
+Poisson (``alpha = 0``), by the probit approximation for the softmax and the
+Bernoulli (``alpha = 1``), and by Monte Carlo from the log-likelihoods of output
+samples for any likelihood.
 """
 
 from __future__ import annotations
@@ -134,16 +137,32 @@ def probit_energy(logits: Tensor, variances: Tensor, y: Tensor) -> Tensor:
     return torch.log_softmax(scaled, dim=-1).gather(-1, y[:, None]).squeeze(-1)
 
 
-def sampled_energy(samples: Tensor, y: Tensor, alpha: float) -> Tensor:
-    """Monte-Carlo energy ``(N,)`` from logit samples ``(S, N, C)``: ``(1/alpha)
-    log mean_s softmax(f_s)_y^alpha``, and ``mean_s log softmax(f_s)_y`` for
-    ``alpha = 0``."""
-    index = y[None, :, None].expand(samples.shape[0], -1, 1)
-    log_p = torch.log_softmax(samples, dim=-1).gather(-1, index).squeeze(-1)
+def bernoulli_probit_energy(logits: Tensor, variances: Tensor, y: Tensor) -> Tensor:
+    """``log`` of the probit approximation of ``E_q[prod_c Bernoulli(y_c |
+    sigmoid(f_c))]`` ``(N,)`` (the energy of ``alpha = 1``), each label from its own
+    marginal: ``sum_c log sigmoid((2 y_c - 1) mu_c / sqrt(1 + pi v_c / 8))``."""
+    scaled = logits / (1 + math.pi / 8 * variances).sqrt()
+    return torch.nn.functional.logsigmoid((2 * y - 1) * scaled).sum(-1)
+
+
+def poisson_expected_log_likelihood(
+    log_rates: Tensor, variances: Tensor, y: Tensor
+) -> Tensor:
+    """``E_q[log Poisson(y | exp(f))]`` ``(N,)`` for ``f ~ N(mu, v)`` per output (the
+    energy of ``alpha = 0``), in closed form by the lognormal mean ``E[exp(f)] =
+    exp(mu + v / 2)``: ``sum_c y_c mu_c - exp(mu_c + v_c / 2) - log(y_c!)``."""
+    rate = (log_rates + variances / 2).exp()
+    return (y * log_rates - rate - torch.lgamma(y + 1)).sum(-1)
+
+
+def sampled_energy(log_lik: Tensor, alpha: float) -> Tensor:
+    """Monte-Carlo energy ``(N,)`` from the log-likelihoods ``log p(y_n | f_s)``
+    ``(S, N)`` of ``S`` output samples: ``(1/alpha) log mean_s p(y | f_s)^alpha``,
+    and ``mean_s log p(y | f_s)`` for ``alpha = 0``."""
     if alpha == 0:
-        return log_p.mean(0)
-    S = samples.shape[0]
-    return (torch.logsumexp(alpha * log_p, dim=0) - math.log(S)) / alpha
+        return log_lik.mean(0)
+    S = log_lik.shape[0]
+    return (torch.logsumexp(alpha * log_lik, dim=0) - math.log(S)) / alpha
 
 
 def kmeans(X: Tensor, k: int, generator: torch.Generator, n_iter: int = 50) -> Tensor:
@@ -178,6 +197,8 @@ __all__ = [
     "blocks",
     "gaussian_energy",
     "probit_energy",
+    "bernoulli_probit_energy",
+    "poisson_expected_log_likelihood",
     "sampled_energy",
     "kmeans",
 ]

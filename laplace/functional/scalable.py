@@ -26,7 +26,7 @@ from laplace.curvature.curvature import CurvatureInterface
 from laplace.data import Inputs, batch_size, split_batch, to_device
 from laplace.functional import kernel
 from laplace.functional.base import BaseFunctionalLaplace, _check_gp_backend
-from laplace.utils.enums import Likelihood, LinkApprox, PredType, parse_enum
+from laplace.utils.enums import LinkApprox, PredType, parse_enum
 
 Tensor = torch.Tensor
 
@@ -38,8 +38,6 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
 
     pred_types: ClassVar[tuple[PredType, ...]] = (PredType.GP, PredType.GLM)
     supports_reward_modeling = True
-    #: the likelihoods the method is written for; None: every one
-    supported_likelihoods: ClassVar[tuple[Likelihood, ...] | None] = None
 
     def __init__(
         self,
@@ -79,14 +77,6 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
         )
-        supported = self.supported_likelihoods
-        if supported is not None and self.likelihood not in supported:
-            names = ", ".join(repr(lik.value) for lik in supported)
-            raise ValueError(
-                f"{type(self).__name__} is defined for likelihood {names}; got "
-                f"{getattr(self.likelihood, 'value', self.likelihood)!r}. Use a "
-                "weight-space Laplace (e.g. hessian_structure='kron') for it."
-            )
         _check_gp_backend(self._backend_cls, self.backend_kwargs)
         self.fit_history_: dict[str, list[Any]] = {}
 

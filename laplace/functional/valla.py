@@ -30,14 +30,90 @@ from laplace.data import (
 from laplace.functional import inducing, kernel, subset
 from laplace.functional.nystrom import basis_inputs
 from laplace.functional.scalable import ScalableFunctionalLaplace, check_scalar_hyper
+from laplace.likelihood import (
+    BinaryLikelihood,
+    ClassificationLikelihood,
+    HeteroscedasticRegressionLikelihood,
+    MultilabelLikelihood,
+    OutputLikelihood,
+    PoissonLikelihood,
+    RegressionLikelihood,
+    RewardModelingLikelihood,
+)
 from laplace.predictive.links import sample_outputs
 from laplace.utils._checks import _check_int
-from laplace.utils.enums import Likelihood
 
 Tensor = torch.Tensor
 
 #: the strategies that draw the inducing inputs from the training data
 STRATEGIES = ("random", "kmeans")
+
+
+# -- the alpha-energies ------------------------------------------------------------
+def _gaussian(la: VaLLA, f: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    noise = la.sigma_noise.square()
+    return inducing.gaussian_energy(y, f, v, noise, la.alpha).sum(-1)
+
+
+def _softmax_probit(la: VaLLA, f: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    return inducing.probit_energy(f, v, y)
+
+
+def _bernoulli_probit(la: VaLLA, f: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    return inducing.bernoulli_probit_energy(f, v, y)
+
+
+def _poisson(la: VaLLA, f: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    return inducing.poisson_expected_log_likelihood(f, v, y)
+
+
+#: the energies in closed form, by the likelihood's class (exactly: a subclass may
+#: change the loss): ``(alphas, exact, energy)``, ``alphas`` the values it holds
+#: for (None: any), ``exact`` False for an approximation (the probit), used only
+#: without Monte-Carlo samples; ``energy(la, f, v, y)`` from the outputs, their
+#: variances ``(B, C)`` and the checked targets. Any other case is Monte Carlo.
+CLOSED_FORM_ENERGIES = {
+    RegressionLikelihood: (None, True, _gaussian),
+    PoissonLikelihood: ((0.0,), True, _poisson),
+    ClassificationLikelihood: ((1.0,), False, _softmax_probit),
+    RewardModelingLikelihood: ((1.0,), False, _softmax_probit),
+    BinaryLikelihood: ((1.0,), False, _bernoulli_probit),
+    MultilabelLikelihood: ((1.0,), False, _bernoulli_probit),
+}
+
+
+def _closed_form_energy(lik: OutputLikelihood, alpha: float, mc_samples: int):
+    """The closed-form energy VaLLA uses, or None for Monte Carlo."""
+    entry = CLOSED_FORM_ENERGIES.get(type(lik))
+    if entry is None:
+        return None
+    alphas, exact, energy = entry
+    if alphas is not None and alpha not in alphas:
+        return None
+    return energy if exact or mc_samples == 0 else None
+
+
+def _check_energy(lik: OutputLikelihood, alpha: float, mc_samples: int) -> None:
+    """Refuse a likelihood and alpha whose energy VaLLA cannot compute."""
+    if isinstance(lik, HeteroscedasticRegressionLikelihood):
+        raise ValueError(
+            "VaLLA is not available for likelihood='heteroscedastic_regression': its "
+            "Gaussian posterior over the natural parameters puts mass on eta2 >= 0, "
+            "where the likelihood is undefined, so the energies E_q[p(y | f)^alpha] "
+            "do not exist. Use ELLA (functional_approximation='nystrom') or a "
+            "weight-space Laplace."
+        )
+    if mc_samples > 0 or _closed_form_energy(lik, alpha, 0) is not None:
+        return
+    entry = CLOSED_FORM_ENERGIES.get(type(lik))
+    if entry is None:
+        reason = "it has no closed-form energy"
+    else:
+        reason = f"its closed-form energy is that of alpha = {entry[0][0]:g}"
+    raise ValueError(
+        f"alpha={alpha} with likelihood={lik.name!r} needs mc_softmax_samples > 0 "
+        f"(Monte-Carlo samples of the energy): {reason}."
+    )
 
 
 class VaLLA(ScalableFunctionalLaplace):
@@ -61,7 +137,11 @@ class VaLLA(ScalableFunctionalLaplace):
     ----------
     model : torch.nn.Module
         the pretrained network; it is not changed.
-    likelihood : {'classification', 'regression', 'reward_modeling'}
+    likelihood : str or OutputLikelihood
+        laplace-torch's 'classification', 'regression' and 'reward_modeling', and
+        'binary', 'multilabel', 'poisson' or a likelihood object of your own;
+        'heteroscedastic_regression' is refused (its energies do not exist, see
+        ``_check_energy``).
     inducing_locations : torch.Tensor, mapping, or {'random', 'kmeans'}
         the inducing inputs ``(M, ...)``, or a strategy drawing ``num_inducing``
         of them from the training data in ``fit`` ('random': the first
@@ -73,7 +153,9 @@ class VaLLA(ScalableFunctionalLaplace):
         ``M``; needed by a strategy, and checked against explicit inputs.
     inducing_classes : torch.Tensor ``(M,)`` of ints, optional
         the output coordinate of each inducing input; default 0 for explicit
-        inputs, and with a strategy the training labels (classification) or 0.
+        inputs, and with a strategy the training labels (classification), 0
+        (regression, as laplace-torch) or the outputs in turn, ``m mod C`` (the
+        other likelihoods).
     sigma_noise, prior_precision, temperature, enable_backprop, dict_key_x,
     dict_key_y
         as ``BaseLaplace``; ``sigma_noise`` and ``prior_precision`` are the
@@ -88,8 +170,13 @@ class VaLLA(ScalableFunctionalLaplace):
     alpha : float in [0, 1], default=1
         the alpha-divergence; 0 is the ELBO (KL(q || p)).
     mc_softmax_samples : int, default=0
-        classification and reward modeling: Monte-Carlo samples of the softmax
-        term; 0 uses the probit approximation, defined for ``alpha = 1`` only.
+        Monte-Carlo samples of the energy ``(1/alpha) log E_q[p(y | f)^alpha]``
+        (from the likelihood's ``datum_losses``); 0 uses its closed form,
+        ``CLOSED_FORM_ENERGIES``: the probit approximation for the softmax and the
+        Bernoulli likelihoods (``alpha = 1`` only), the exact Poisson energy of
+        ``alpha = 0``. The Gaussian's and the Poisson's exact closed forms are
+        used whatever the number of samples; other likelihoods and alphas need
+        samples.
 
     Attributes
     ----------
@@ -100,7 +187,7 @@ class VaLLA(ScalableFunctionalLaplace):
     inducing_classes : torch.Tensor ``(M,)``
     log_prior_precision : torch.nn.Parameter ``(1,)``
     log_noise_variance : torch.nn.Parameter ``()`` or None
-        regression only.
+        likelihoods with observation noise (``has_noise``: regression) only.
     generator : torch.Generator
         on the model's device, seeded with ``seed``: the Monte-Carlo draws of
         ``fit``.
@@ -109,12 +196,6 @@ class VaLLA(ScalableFunctionalLaplace):
     """
 
     key = ("all", "gp")
-    #: its alpha-energies are written for these (laplace-torch's)
-    supported_likelihoods = (
-        Likelihood.CLASSIFICATION,
-        Likelihood.REGRESSION,
-        Likelihood.REWARD_MODELING,
-    )
 
     def __init__(
         self,
@@ -162,16 +243,7 @@ class VaLLA(ScalableFunctionalLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
         )
-        if (
-            self.likelihood != Likelihood.REGRESSION
-            and self.alpha != 1
-            and self.mc_softmax_samples == 0
-        ):
-            raise ValueError(
-                f"alpha={self.alpha} with likelihood={self.likelihood.value!r} needs "
-                "mc_softmax_samples > 0: the probit approximation of the softmax "
-                "term is that of alpha = 1."
-            )
+        _check_energy(self.lik, self.alpha, self.mc_softmax_samples)
         self._strategy, self.num_inducing = _inducing_spec(
             inducing_locations, num_inducing, dict_key_x
         )
@@ -406,13 +478,16 @@ class VaLLA(ScalableFunctionalLaplace):
                 raise ValueError(
                     f"num_inducing={self.num_inducing} exceeds the {N} training data."
                 )
-            locations, classes = self._draw_inducing(train_loader, N)
+            locations, labels = self._draw_inducing(train_loader, N)
         else:
-            locations, classes = self._initial_locations, self._initial_classes
+            locations, labels = self._initial_locations, None
         locations = _as_locations(to_device(locations, self._device))
-        classes = classes.to(self._device)
         with torch.no_grad():
             C = self._forward_model(locations).shape[-1]
+        classes = (
+            self._initial_classes if labels is None else self._coordinates(labels, C)
+        )
+        classes = classes.to(self._device)
         if int(classes.max()) >= C:
             raise ValueError(
                 f"inducing_classes must be output coordinates in 0..{C - 1}; got "
@@ -426,21 +501,20 @@ class VaLLA(ScalableFunctionalLaplace):
         self.fit_history_ = {"objective": [], "val_nll": []}
 
     def _draw_inducing(self, train_loader: DataLoader, N: int):
-        """Inducing inputs and classes drawn from the training data."""
-        if self.likelihood == Likelihood.REWARD_MODELING:
+        """Inducing inputs drawn from the training data, and their targets."""
+        if self.lik.pairs:
             raise ValueError(
                 "Inducing strategies draw single inputs from the training data; "
                 "reward-modeling data are pairs. Give inducing_locations "
                 "explicitly (inputs of the reward model)."
             )
-        classify = self.likelihood == Likelihood.CLASSIFICATION
         if self._strategy == "random":
             indices = basis_inputs(N, self.num_inducing, self.seed)
             data = subset.batches_of(
                 train_loader, indices, self.dict_key_x, self.dict_key_y, "cpu"
             )
             locations = concatenate_rows([x for x, _ in data])
-            labels = torch.cat([y.reshape(-1) for _, y in data])
+            labels = torch.cat([y.reshape(len(y), -1) for _, y in data])
         else:
             data = subset.batches_of(
                 train_loader, range(N), self.dict_key_x, self.dict_key_y, "cpu"
@@ -455,14 +529,21 @@ class VaLLA(ScalableFunctionalLaplace):
             generator = torch.Generator().manual_seed(self.seed)
             centres = inducing.kmeans(X.flatten(1), self.num_inducing, generator)
             locations = centres.reshape(-1, *X.shape[1:])
-            labels = torch.cat([y.reshape(-1) for _, y in data])
+            labels = torch.cat([y.reshape(len(y), -1) for _, y in data])
             labels = labels[torch.cdist(centres, X.flatten(1)).argmin(1)]
-        classes = (
-            labels.long()
-            if classify
-            else torch.zeros(self.num_inducing, dtype=torch.long)
-        )
-        return locations, classes
+        return locations, labels
+
+    def _coordinates(self, labels: Tensor, C: int) -> Tensor:
+        """The output coordinate of each drawn inducing input: its label
+        (classification), 0 (regression, as laplace-torch), or the outputs in turn
+        ``m mod C`` (the other likelihoods, so that every output has inducing
+        points)."""
+        M = self.num_inducing
+        if type(self.lik) is ClassificationLikelihood:
+            return labels.reshape(M).long()
+        if type(self.lik) is RegressionLikelihood:
+            return torch.zeros(M, dtype=torch.long)
+        return torch.arange(M) % C
 
     # -- the kernel and the objective ------------------------------------------------
     def _inducing_rows(self, create_graph: bool) -> Tensor:
@@ -494,17 +575,26 @@ class VaLLA(ScalableFunctionalLaplace):
         return -(N / (B * self.temperature) * energy.sum() - system.kl())
 
     def _energy(self, f: Tensor, var: Tensor, y: Tensor) -> Tensor:
-        """``E_alpha`` per datum ``(B,)``."""
-        lik = self.lik
-        y = lik.check_targets(f, y)
-        if self.likelihood == Likelihood.REGRESSION:
-            v = var.diagonal(dim1=-2, dim2=-1)
-            noise = self.sigma_noise.square()
-            return inducing.gaussian_energy(y, f, v, noise, self.alpha).sum(-1)
-        if self.mc_softmax_samples == 0:
-            return inducing.probit_energy(f, var.diagonal(dim1=-2, dim2=-1), y)
+        """``E_alpha`` per datum ``(B,)``: in closed form where the likelihood has
+        one (``CLOSED_FORM_ENERGIES``), else by Monte Carlo."""
+        y = self.lik.check_targets(f, y)
+        closed_form = _closed_form_energy(self.lik, self.alpha, self.mc_softmax_samples)
+        if closed_form is not None:
+            return closed_form(self, f, var.diagonal(dim1=-2, dim2=-1), y)
         samples = sample_outputs(f, var, self.mc_softmax_samples, self.generator)
-        return inducing.sampled_energy(samples, y, self.alpha)
+        return inducing.sampled_energy(self._log_likelihoods(samples, y), self.alpha)
+
+    def _log_likelihoods(self, samples: Tensor, y: Tensor) -> Tensor:
+        """``log p(y_n | f_s)`` ``(S, B)`` of output samples ``(S, B, C)``, from the
+        likelihood's ``datum_losses`` (scaled by the noise where it has one)."""
+        S, B, C = samples.shape
+        targets = y.expand(S, *y.shape).reshape(S * B, *y.shape[1:])
+        losses = self.lik.datum_losses(samples.reshape(S * B, C), targets)
+        log_lik = -losses.reshape(S, B)
+        if self.lik.has_noise:
+            sigma = self.sigma_noise
+            log_lik = log_lik / sigma.square() + self.lik.log_normalizer(sigma, 1, C)
+        return log_lik
 
     # -- the posterior ---------------------------------------------------------------
     def _posterior(self) -> tuple[Tensor, inducing.InducingSystem, Tensor]:
