@@ -80,8 +80,13 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
         _check_gp_backend(self._backend_cls, self.backend_kwargs)
         self.fit_history_: dict[str, list[Any]] = {}
 
-    def _check_prior_precision(self, value: Tensor) -> None:
-        if value.numel() != 1:
+    @BaseFunctionalLaplace.prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        self._check_prior_precision(value)  # before the base's message on lengths
+        BaseFunctionalLaplace.prior_precision.fset(self, value)
+
+    def _check_prior_precision(self, value: float | Tensor) -> None:
+        if isinstance(value, Tensor) and value.numel() != 1:
             raise ValueError(
                 f"{type(self).__name__} takes a scalar prior precision (the kernel is "
                 f"J J^T / delta); got {value.numel()} values."

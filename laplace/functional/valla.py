@@ -272,11 +272,7 @@ class VaLLA(ScalableFunctionalLaplace):
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        if isinstance(value, Tensor) and value.numel() != 1:
-            raise ValueError(
-                "VaLLA takes a scalar prior precision (the kernel is J J^T / delta); "
-                f"got {value.numel()} values."
-            )
+        self._check_prior_precision(value)
         value = check_scalar_hyper(value, "prior_precision")
         log = torch.tensor([math.log(value)], dtype=self._dtype, device=self._device)
         if self.log_prior_precision is None:
