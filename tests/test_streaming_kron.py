@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace.curvature.native import NativeGGN
+from laplace.likelihood import OutputLikelihood
 from laplace.parametric.kron import KronLaplace
-from laplace.streaming import kron_ggn
+from laplace.streaming import convert, kron_ggn
 from tests import models, oracles
 
 INIT_PREC = 0.7
@@ -388,8 +389,6 @@ def test_bad_inputs_raise_clear_errors(device):
         kron_ggn.build(model, init_prec="1.0")
     with pytest.raises(ValueError, match="init_prec must be a finite float >= 0"):
         kron_ggn.build(model, init_prec=-1.0)
-    with pytest.raises(ValueError, match="likelihood='reward_modeling'.*'regression'"):
-        kron_ggn.build(model, "reward_modeling")
     with pytest.raises(ValueError, match="likelihood='gauss'"):
         kron_ggn.build(model, "gauss")
     with pytest.raises(ValueError, match=r"kfac_approx must be one of.*'mean'"):
@@ -412,3 +411,219 @@ def test_the_default_initial_precision_is_zero(device):
     state = kron_ggn.build(model).init(_trainable(model))
     assert state.init_prec == 0.0 and not kron_ggn.precision(state).any()
     assert kron_ggn.init(_trainable(model), model).init_prec == 0.0
+
+
+# -- every likelihood of laplace.likelihood ----------------------------------------
+class SoftplusPoisson(OutputLikelihood):
+    """A likelihood of one's own: counts ``y ~ Poisson(softplus(f))``, of which only
+    the Fisher ``diag(sigmoid(f)^2 / softplus(f))`` is given (``hessian``: the
+    engine derives its square-root factor)."""
+
+    name = "softplus_poisson"
+
+    def loss(self, f, y):
+        rate = nn.functional.softplus(f)
+        return (rate - y * rate.log() + torch.lgamma(y + 1)).sum()
+
+    def hessian(self, f):
+        return torch.diag_embed(torch.sigmoid(f) ** 2 / nn.functional.softplus(f))
+
+
+class NaturalHead(nn.Module):
+    """``(a, b) -> (a, -softplus(b) - 0.1)``: natural parameters with ``eta2 < 0``."""
+
+    def forward(self, f):
+        C = f.shape[1] // 2
+        return torch.cat([f[:, :C], -nn.functional.softplus(f[:, C:]) - 0.1], 1)
+
+
+#: the likelihoods beyond classification and regression; "user" is SoftplusPoisson()
+FAMILIES = [
+    "binary",
+    "multilabel",
+    "poisson",
+    "heteroscedastic_regression",
+    "reward_modeling",
+    "user",
+]
+
+
+def _likelihood(family):
+    return SoftplusPoisson() if family == "user" else family
+
+
+def _family_model(family, device, hidden=True):
+    """An MLP (``hidden``) or a single linear layer with the family's outputs:
+    one logit for binary, ``2 C`` natural parameters behind ``NaturalHead`` for
+    heteroscedastic regression, the two rewards of a pair for reward modeling."""
+    torch.manual_seed(0)
+    n_out = 1 if family in ("binary", "reward_modeling") else 4
+    if hidden:
+        layers = [nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, n_out)]
+    else:
+        layers = [nn.Linear(3, n_out)]
+    if family == "heteroscedastic_regression":
+        layers.append(NaturalHead())
+    if family == "reward_modeling":  # (batch, 2, 3) -> (batch, 2, 1) -> (batch, 2)
+        layers.append(nn.Flatten(start_dim=1))
+    return nn.Sequential(*layers).to(device, torch.float64)
+
+
+def _family_data(family, device, n=10):
+    """Drawn on the CPU, moved to ``device``: inputs ``(n, 3)`` (pairs ``(n, 2,
+    3)`` for reward modeling) and targets the family's ``check_targets`` takes."""
+    g = torch.Generator().manual_seed(1)
+    shape = (n, 2, 3) if family == "reward_modeling" else (n, 3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if family in ("binary", "reward_modeling"):
+        y = torch.randint(0, 2, (n,), generator=g)
+    elif family == "multilabel":
+        y = torch.randint(0, 2, (n, 4), generator=g).to(torch.float64)
+    elif family in ("poisson", "user"):
+        y = torch.poisson(torch.full((n, 4), 2.0), generator=g).to(torch.float64)
+    else:  # heteroscedastic regression: C = 2 targets for 2 C = 4 outputs
+        y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return x.to(device), y.to(device)
+
+
+def _output_hessian(family, f):
+    """``Lambda(f)`` ``(N, C, C)`` in closed form (the user likelihood's Fisher
+    written out here, the built-ins' in ``tests/oracles.py``)."""
+    if family == "user":
+        return torch.diag_embed(torch.sigmoid(f) ** 2 / nn.functional.softplus(f))
+    return oracles.output_hessian(family, f)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_likelihood_streams_as_kron_laplace_fits(device, family):
+    """Names and a likelihood object of one's own: the updates over three batches
+    give ``KronLaplace.fit`` on the whole (``reward_modeling``: pairs the model maps
+    to their two logits, the classification of pairs)."""
+    model = _family_model(family, device)
+    x, y = _family_data(family, device)
+    likelihood = _likelihood(family)
+    state = _stream(model, likelihood, _splits(x, y))
+    la = _fit(model, likelihood, x, y)
+
+    _assert_same_kron(state.kron, la.H)
+    torch.testing.assert_close(
+        kron_ggn.precision(state), la.posterior_precision.to_matrix()
+    )
+    torch.testing.assert_close(state.loss, la.loss)
+    assert state.n_data == la.n_data == 10 and int(state.step) == 3
+    with torch.no_grad():
+        f = model(x)
+    if family == "user":
+        rate = nn.functional.softplus(f)
+        expected = (rate - y * rate.log() + torch.lgamma(y + 1)).sum()
+    elif family == "reward_modeling":
+        expected = nn.functional.cross_entropy(f, y, reduction="sum")
+    else:
+        expected = oracles.loss(family, f, y)
+    torch.testing.assert_close(state.loss, expected)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "reward_modeling"])
+def test_a_linear_layer_gives_the_kfac_of_the_dense_ggn(device, family):
+    """Independent oracle: ``H = sum_n J_n^T Lambda(f_n) J_n`` from ``jacrev``
+    Jacobians and the closed-form output Hessian. For ``f = W x + b`` (then the
+    natural-parameter head, for heteroscedastic regression) the bias block of ``H``
+    is the output side ``G = sum_n J_n^T Lambda_n J_n`` at the layer's output, and
+    KFAC's weight block is ``G (x) A``, ``A = sum_n x_n x_n^T / N``; with one datum
+    that is ``H``'s weight block itself (KFAC is exact for one datum)."""
+    model = _family_model(family, device, hidden=False)
+    x, y = _family_data(family, device)
+    likelihood = _likelihood(family)
+    state = _stream(model, likelihood, _splits(x, y))
+
+    def dense_ggn(x):
+        with torch.no_grad():
+            f = model(x)
+        J = oracles.jacobian(model, x)
+        return torch.einsum("ncp,ncd,ndq->pq", J, _output_hessian(family, f), J)
+
+    ggn = dense_ggn(x)
+    W = model[0].weight.numel()
+    G = ggn[W:, W:].contiguous()
+    A = x.T @ x / len(x)
+    expected = torch.block_diag(torch.kron(G, A), G)
+    eye = torch.eye(len(ggn), dtype=ggn.dtype, device=device)
+    torch.testing.assert_close(kron_ggn.precision(state), expected + INIT_PREC * eye)
+    assert not torch.allclose(ggn[:W, :W], torch.kron(G, A))  # KFAC approximates
+
+    one = _stream(model, likelihood, [(x[:1], y[:1])])
+    ggn = dense_ggn(x[:1])
+    expected = torch.block_diag(ggn[:W, :W], ggn[W:, W:])
+    torch.testing.assert_close(kron_ggn.precision(one), expected + INIT_PREC * eye)
+
+
+def test_reward_modeling_gives_the_kfac_expand_of_the_pairs(device):
+    """The two items of a pair are the positions of the shared reward layer
+    (KFAC-expand): ``G = sum_n sum_t Lambda_n[t, t]`` with the softmax Hessian of
+    the pair's two rewards ``Lambda_n``, ``A`` the mean over the ``2 N`` items of
+    ``x x^T``; the bias's block is ``G``."""
+    model = _family_model("reward_modeling", device, hidden=False)
+    x, y = _family_data("reward_modeling", device)
+    state = _stream(model, "reward_modeling", _splits(x, y))
+    with torch.no_grad():
+        f = model(x)  # (N, 2)
+    p = torch.softmax(f, -1)
+    Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    G = Lam.diagonal(dim1=1, dim2=2).sum().reshape(1, 1)
+    A = torch.einsum("nti,ntj->ij", x, x) / (2 * len(x))
+    expected = torch.block_diag(torch.kron(G, A), G)
+    eye = torch.eye(4, dtype=torch.float64, device=device)
+    torch.testing.assert_close(kron_ggn.precision(state), expected + INIT_PREC * eye)
+
+
+def test_a_likelihood_objects_state_converts_to_its_kron_laplace(device):
+    """``to_laplace`` of a ``kron_ggn`` state takes the likelihood object: the
+    ``KronLaplace`` fitted on the same data, evidence included, with the data (a
+    streamed state) or without (a state of ``from_laplace``, which has no outputs
+    to count: only a Gaussian noise's normalizer needs them)."""
+    model = _family_model("user", device)
+    x, y = _family_data("user", device)
+    lik = SoftplusPoisson()
+    state = _stream(model, lik, _splits(x, y))
+    la = _fit(model, lik, x, y)
+    streamed = convert.to_laplace(state, model, lik, backend=NativeGGN)
+    torch.testing.assert_close(
+        streamed.posterior_precision.to_matrix(), la.posterior_precision.to_matrix()
+    )
+    torch.testing.assert_close(
+        streamed.log_marginal_likelihood(), la.log_marginal_likelihood()
+    )
+    back = convert.to_laplace(convert.from_laplace(la), model, lik)
+    assert back.likelihood is lik
+    torch.testing.assert_close(
+        back.log_marginal_likelihood(), la.log_marginal_likelihood()
+    )
+
+    reg = _model("mlp", device)
+    xr, yr = models.data("mlp", "regression", n=10, device=device)
+    state = convert.from_laplace(_fit(reg, "regression", xr, yr))
+    with pytest.raises(ValueError, match="needs the number of outputs"):
+        convert.to_laplace(state, reg, "regression")
+
+
+def test_likelihoods_that_are_none_are_refused_up_front(device):
+    """An unknown name or an object that is not a likelihood, at ``build`` (before
+    any data) and at ``update`` (the state unchanged)."""
+
+    class NoCurvature(OutputLikelihood):
+        def loss(self, f, y):
+            return f.sum()
+
+    model = _model("mlp", device)
+    x, y = models.data("mlp", "regression", n=4, device=device)
+    with pytest.raises(ValueError, match="likelihood='gauss' is not valid.*'poisson'"):
+        kron_ggn.build(model, "gauss")
+    with pytest.raises(TypeError, match="OutputLikelihood object; got function"):
+        kron_ggn.build(model, nn.functional.mse_loss)
+    with pytest.raises(TypeError, match="NoCurvature must implement .*hessian_sqrt"):
+        kron_ggn.build(model, NoCurvature())
+    state = kron_ggn.init(_trainable(model), model, INIT_PREC)
+    snap = _snapshot(state)
+    with pytest.raises(TypeError, match="NoCurvature must implement"):
+        kron_ggn.update(state, (x, y), model, NoCurvature(), inplace=True)
+    _assert_snapshot(state, snap)

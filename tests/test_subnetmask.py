@@ -11,6 +11,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import DiagLaplace, DiagLLLaplace, KronLaplace
+from laplace.likelihood import OutputLikelihood
 from laplace.utils import (
     LargestMagnitudeSubnetMask,
     LargestVarianceDiagLaplaceSubnetMask,
@@ -356,10 +357,8 @@ def test_swag_mask_against_oracle():
     )
     with pytest.raises(ValueError, match="train_loader"):
         m.select()
-    with pytest.raises(ValueError, match="likelihood"):
-        LargestVarianceSWAGSubnetMask(reg, 4, likelihood="reward_modeling")
-    with pytest.raises(ValueError, match="likelihood="):
-        LargestVarianceSWAGSubnetMask(reg, 4, likelihood="poisson")
+    with pytest.raises(ValueError, match="likelihood='gauss' is not valid"):
+        LargestVarianceSWAGSubnetMask(reg, 4, likelihood="gauss")
     with pytest.raises(ValueError, match="n_snapshots_total"):
         LargestVarianceSWAGSubnetMask(reg, 4, swag_n_snapshots=1)
     with pytest.raises(ValueError, match="lr"):
@@ -552,3 +551,172 @@ def test_select_once_and_mask_conversion():
         mask.convert_subnet_mask_to_indices(binary[:-1])
     with pytest.raises(TypeError, match="tensor"):
         mask.convert_subnet_mask_to_indices([0, 1])
+
+
+# -- the SWAG mask with every likelihood ---------------------------------------------
+class SoftplusPoisson(OutputLikelihood):
+    """A likelihood of one's own: counts ``y ~ Poisson(softplus(f))``."""
+
+    name = "softplus_poisson"
+
+    def loss(self, f, y):
+        rate = nn.functional.softplus(f)
+        return (rate - y * rate.log() + torch.lgamma(y + 1)).sum()
+
+    def hessian(self, f):
+        return torch.diag_embed(torch.sigmoid(f) ** 2 / nn.functional.softplus(f))
+
+
+class NaturalHead(nn.Module):
+    """``(a, b) -> (a, -softplus(b) - 0.1)``: natural parameters with ``eta2 < 0``."""
+
+    def forward(self, f):
+        C = f.shape[1] // 2
+        return torch.cat([f[:, :C], -nn.functional.softplus(f[:, C:]) - 0.1], 1)
+
+
+def _per_datum_mean(nll):
+    """``(f, y) -> mean_n sum_c nll(f, y)[n, c]``, the criterion written out."""
+    return lambda f, y: nll(f, y).reshape(len(f), -1).sum(1).mean()
+
+
+def _heteroscedastic_nll(f, y):
+    s2 = -1 / (2 * f[:, 2:])
+    return -torch.distributions.Normal(f[:, :2] * s2, s2.sqrt()).log_prob(y)
+
+
+#: family -> (outputs, the SGD loss written with torch's own losses and
+#: distributions, independently of laplace.likelihood)
+SWAG_FAMILIES = {
+    "binary": (1, nn.BCEWithLogitsLoss()),
+    "multilabel": (
+        3,
+        _per_datum_mean(nn.BCEWithLogitsLoss(reduction="none")),
+    ),
+    "poisson": (
+        3,
+        _per_datum_mean(nn.PoissonNLLLoss(log_input=True, reduction="none")),
+    ),
+    "heteroscedastic_regression": (4, _per_datum_mean(_heteroscedastic_nll)),
+    "reward_modeling": (1, nn.CrossEntropyLoss()),
+    "user": (
+        3,
+        _per_datum_mean(
+            lambda f, y: (
+                -torch.distributions.Poisson(nn.functional.softplus(f)).log_prob(y)
+            )
+        ),
+    ),
+}
+
+
+def _swag_family(family, device, n=10, size=4):
+    """A model and batches for ``family`` on ``device``: the targets as the
+    likelihood takes them, the oracle's (binary: ``(N, 1)`` floats for
+    ``BCEWithLogitsLoss``) and the likelihood to give the mask."""
+    n_out, _ = SWAG_FAMILIES[family]
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, n_out)]
+    if family == "heteroscedastic_regression":
+        layers.append(NaturalHead())
+    if family == "reward_modeling":  # pairs (N, 2, 3) -> their rewards (N, 2)
+        layers.append(nn.Flatten(start_dim=1))
+    model = nn.Sequential(*layers).to(device, DT)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((n, 2, 3) if family == "reward_modeling" else (n, 3), generator=g)
+    if family in ("binary", "reward_modeling"):
+        y = torch.randint(0, 2, (n,), generator=g)
+        oracle_y = y.to(DT)[:, None] if family == "binary" else y
+    elif family == "multilabel":
+        y = oracle_y = torch.randint(0, 2, (n, 3), generator=g).to(DT)
+    elif family in ("poisson", "user"):
+        y = oracle_y = torch.poisson(torch.full((n, 3), 2.0), generator=g).to(DT)
+    else:
+        y = oracle_y = torch.randn(n, 2, generator=g, dtype=DT)
+    x, y, oracle_y = x.to(device, DT), y.to(device), oracle_y.to(device)
+
+    def split(y):
+        return [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
+
+    likelihood = SoftplusPoisson() if family == "user" else family
+    return model, split(y), split(oracle_y), likelihood
+
+
+@pytest.mark.parametrize("family", list(SWAG_FAMILIES))
+def test_swag_mask_runs_sgd_on_the_likelihoods_mean_loss(family, device):
+    """Every likelihood: the scores are the SWAG variances of SGD on its negative
+    log-likelihood per datum averaged over the batch, as the hand-written SGD loop
+    with the criterion written with torch's losses and distributions gives them
+    (``BCEWithLogitsLoss`` for binary, ``PoissonNLLLoss(log_input=True)`` summed
+    over the outputs for Poisson: its constant ``log y!`` left out changes no
+    gradient); the selection is their top entries."""
+    model, data, oracle_data, likelihood = _swag_family(family, device)
+    _, criterion = SWAG_FAMILIES[family]
+    theta0 = flat(model)
+    mask = LargestVarianceSWAGSubnetMask(
+        model, 5, likelihood, swag_n_snapshots=3, swag_snapshot_freq=2, swag_lr=0.05
+    )
+    scores = mask.compute_param_scores(data)
+    oracle = swag_oracle(model, oracle_data, criterion, 3, 2, 0.05, 0.9, 3e-4)
+    torch.testing.assert_close(scores, oracle.clamp(min=1e-30), rtol=1e-9, atol=1e-14)
+    assert bool((oracle > 1e-12).all())  # every weight moved: the loss drives SGD
+    idx = mask.select(data)
+    check_indices(idx, top_k(oracle.tolist(), 5), model_size(model))
+    torch.testing.assert_close(flat(model), theta0, rtol=0, atol=0)
+    if isinstance(likelihood, OutputLikelihood):
+        assert mask.likelihood is likelihood and mask.lik is likelihood
+    else:
+        assert mask.likelihood.value == family and mask.lik.name == family
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_swag_mask_keeps_laplace_torchs_losses(likelihood, device):
+    """Classification and regression keep ``nn.CrossEntropyLoss()`` and
+    ``nn.MSELoss()`` (the mean over all ``N C`` entries, not half the squared
+    error per datum): bitwise the SWAG of those criteria, and the hand-written
+    SGD loop's; with ``C = 3`` outputs the per-datum mean would differ."""
+    regression = likelihood == "regression"
+    model = mlp().to(device)
+    data = [(x.to(device), y.to(device)) for x, y in batches(regression)]
+    torch_loss = nn.MSELoss() if regression else nn.CrossEntropyLoss()
+    mask = LargestVarianceSWAGSubnetMask(model, 4, likelihood, 3, swag_lr=0.05)
+    scores = mask.compute_param_scores(data)
+    expected = fit_diagonal_swag_var(model, data, torch_loss, 3, lr=0.05)
+    assert torch.equal(scores, expected)
+    oracle = swag_oracle(model, data, torch_loss, 3, 1, 0.05, 0.9, 3e-4)
+    torch.testing.assert_close(scores, oracle, rtol=1e-9, atol=1e-14)
+    if regression:
+        half_squares = _per_datum_mean(lambda f, y: 0.5 * (f - y) ** 2)
+        per_datum = swag_oracle(model, data, half_squares, 3, 1, 0.05, 0.9, 3e-4)
+        assert not torch.allclose(scores, per_datum, rtol=1e-3)
+
+
+def test_swag_mask_refuses_what_is_no_likelihood_and_bad_targets(device):
+    """Up front: an unknown name (ValueError naming the built-ins) or an object
+    that is not a likelihood (TypeError); at the first batch, before any SGD step,
+    targets the likelihood's ``check_targets`` refuses (the model as it was)."""
+
+    class NoCurvature(OutputLikelihood):
+        def loss(self, f, y):
+            return f.sum()
+
+    model, data, _, _ = _swag_family("binary", device)
+    with pytest.raises(ValueError, match="likelihood='gauss' is not valid.*'poisson'"):
+        LargestVarianceSWAGSubnetMask(model, 4, "gauss")
+    with pytest.raises(
+        TypeError, match="OutputLikelihood object; got CrossEntropyLoss"
+    ):
+        LargestVarianceSWAGSubnetMask(model, 4, nn.CrossEntropyLoss())
+    with pytest.raises(TypeError, match="NoCurvature must implement"):
+        LargestVarianceSWAGSubnetMask(model, 4, NoCurvature())
+    theta0 = flat(model)
+    mask = LargestVarianceSWAGSubnetMask(model, 4, "binary", 2)
+    bad = [(x, torch.full_like(y, 2)) for x, y in data]
+    with pytest.raises(ValueError, match="Binary targets must be 0 or 1"):
+        mask.select(bad)
+    torch.testing.assert_close(flat(model), theta0, rtol=0, atol=0)
+    mask = LargestVarianceSWAGSubnetMask(model, 4, "poisson", 2)
+    with pytest.raises(ValueError, match="Poisson targets must have the outputs'"):
+        mask.select(
+            [(x, torch.ones(len(x), 3, dtype=DT, device=device)) for x, _ in data]
+        )

@@ -98,7 +98,9 @@ def to_laplace(
     model : nn.Module
         its weights are set to ``state.params`` (the Laplace object's mean, where
         its predictives evaluate the model).
-    likelihood : {'classification', 'regression'}
+    likelihood : str, Likelihood or OutputLikelihood
+        the state's likelihood, any that ``Laplace`` takes (a ``kron_ggn`` state's:
+        the one it was built with).
     prior_precision : float or tensor, optional
         the prior part of the state's precision: the ``init_prec`` it was built
         with (a float, or a tensor ``(P,)`` in the model's parameter order). Needed
@@ -152,9 +154,10 @@ def to_laplace(
     else:
         loss, n_data = state.loss.to(la._device, la._dtype), state.n_data
         n_outputs = None if state.aux is None else state.aux.shape[-1]
-        if n_outputs is None and la.likelihood.value == "regression":
+        if n_outputs is None and la.lik.has_noise:
             raise ValueError(
-                "A regression's log-likelihood needs the number of outputs, which "
+                "A regression's log-likelihood (Gaussian noise, "
+                f"likelihood={la.lik.name!r}) needs the number of outputs, which "
                 "this KronLaplaceState does not know (no update since from_laplace): "
                 "pass train_loader."
             )

@@ -2,14 +2,19 @@ r"""A Laplace approximation with a Kronecker-factored (KFAC) generalized Gauss-N
 precision, streamed over batches, from the library's curvature engine
 (``laplace.curvature.native.NativeGGN``).
 
-KFAC needs the model's layers, so ``build`` takes the ``nn.Module`` (and a
-likelihood string, as ``laplace.Laplace`` does) instead of posteriors' ``forward``
-and ``outer_log_likelihood``. The state's ``kron`` is a ``laplace.utils.matrix.Kron``
-in the library's normalisation: a weight's block is ``[G, A]`` with the output-side
-``G`` summed over all data seen and the input-side ``A`` (the factor marked
-``Kron.averaged``) averaged over them, a bias's block ``[G]``; a layer with no
-Kronecker form gets the engine's exact dense (or, when large, diagonal) block,
-summed, as in ``KronLaplace``. The precision is
+KFAC needs the model's layers, so ``build`` takes the ``nn.Module`` and a
+likelihood, as ``laplace.Laplace`` does (a built-in's name or an
+``laplace.likelihood.OutputLikelihood`` of your own), instead of posteriors'
+``forward`` and ``outer_log_likelihood``. The curvature approximates the
+generalized Gauss-Newton ``sum_n J_n^T Lambda(f_n) J_n`` of the likelihood's loss
+summed over the data, ``Lambda(f)`` its output Hessian (``hessian_sqrt``). There
+is no ``sigma_noise``: regression is the unit-variance Gaussian (``to_laplace``
+divides the curvature by ``sigma_noise^2``). The state's ``kron`` is a
+``laplace.utils.matrix.Kron`` in the library's normalisation: a weight's block is
+``[G, A]`` with the output-side ``G`` summed over all data seen and the input-side
+``A`` (the factor marked ``Kron.averaged``) averaged over them, a bias's block
+``[G]``; a layer with no Kronecker form gets the engine's exact dense (or, when
+large, diagonal) block, summed, as in ``KronLaplace``. The precision is
 
 $$
     \mathrm{init\_prec} \, I + \mathrm{kron},
@@ -54,15 +59,14 @@ from laplace.curvature import structures
 from laplace.curvature.kron_assembly import merge_data_sets
 from laplace.curvature.native import NativeGGN
 from laplace.data import batch_size, split_batch, to_device
+from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.streaming.tree import Transform, precision_dtype
-from laplace.utils.enums import Likelihood, parse_enum
+from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron
 
 Tensor = torch.Tensor
 #: ``sample``'s default: one draw, without a leading sample dimension
 EMPTY = torch.Size([])
-#: the likelihoods this approximation takes
-LIKELIHOODS = ("classification", "regression")
 
 
 @dataclass
@@ -84,8 +88,9 @@ class KronLaplaceState:
     n_data : int
         the number of examples seen.
     loss : Tensor
-        the summed training loss of all batches (0-dim), in the library's
-        convention (cross-entropy, or half the squared error).
+        the likelihood's ``loss`` (the negative log-likelihood) summed over all
+        batches (0-dim): e.g. the cross-entropy, or half the squared error for
+        regression.
     aux : Any
         the model's output on the last batch (detached), or None before any update.
     step : Tensor
@@ -103,7 +108,7 @@ class KronLaplaceState:
 
 def build(
     model: nn.Module,
-    likelihood: str = "classification",
+    likelihood: Likelihood | str | OutputLikelihood = "classification",
     init_prec: float = 0.0,
     kfac_approx: str = "expand",
     dict_key_x: str = "input_ids",
@@ -115,8 +120,14 @@ def build(
     ----------
     model : nn.Module
         the network; the curvature is over its parameters that require grad.
-    likelihood : {'classification', 'regression'}, default='classification'
-        cross-entropy on logits, or a unit-variance Gaussian (``0.5 * ||f - y||^2``).
+    likelihood : str, Likelihood or OutputLikelihood, default='classification'
+        every likelihood of ``laplace.likelihood``, as ``laplace.Laplace`` takes
+        it: a built-in's name ('classification', 'regression' (unit variance, ``0.5
+        * ||f - y||^2``), 'binary', 'multilabel', 'poisson',
+        'heteroscedastic_regression', 'reward_modeling': inputs are pairs
+        ``(batch, 2, ...)`` that the model maps to the two logits ``(batch, 2)``),
+        or an ``OutputLikelihood`` object of your own. Checked here: an unknown
+        name raises ValueError, an object that is not a likelihood TypeError.
     init_prec : float, default=0.0
         the prior precision: ``init_prec * I`` is added to the curvature.
     kfac_approx : {'expand', 'reduce'}, default='expand'
@@ -179,7 +190,7 @@ def update(
     state: KronLaplaceState,
     batch: Any,
     model: nn.Module,
-    likelihood: str = "classification",
+    likelihood: Likelihood | str | OutputLikelihood = "classification",
     kfac_approx: str = "expand",
     dict_key_x: str = "input_ids",
     dict_key_y: str = "labels",
@@ -189,8 +200,9 @@ def update(
     object, changed, with ``inplace``; a new one otherwise, the old unchanged).
 
     ``batch`` is ``(x, y)`` or a mapping with keys ``dict_key_x`` and ``dict_key_y``
-    (the whole mapping goes to the model). Raises RuntimeError, the state unchanged,
-    when the batch's loss or curvature is not finite.
+    (the whole mapping goes to the model); ``likelihood`` as in ``build``, its
+    ``check_targets`` validates the targets. Raises RuntimeError, the state
+    unchanged, when the batch's loss or curvature is not finite.
     """
     if not isinstance(state, KronLaplaceState):
         raise TypeError(
@@ -261,8 +273,12 @@ def sample(
     ValueError
         with ``init_prec == 0`` when the precision is singular: an eigenvalue at or
         below ``P * eps * `` the largest (``torch.linalg.matrix_rank``'s rule, ``eps``
-        of the factors' dtype), e.g. before any update, or for classification,
-        whose softmax Hessian makes the last layer's ``G`` singular. Give
+        of the factors' dtype), e.g. before any update, with fewer data than a
+        layer has inputs, or where the likelihood's output Hessian ``Lambda(f)``
+        is singular: the softmax Hessian of classification and reward modeling has
+        the constant direction in its null space, which makes the last layer's
+        ``G`` singular whatever the data (binary, multilabel, Poisson and
+        heteroscedastic regression have a positive definite ``Lambda(f)``). Give
         ``init_prec > 0``.
     """
     shape = torch.Size(sample_shape)
@@ -299,14 +315,10 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _check_likelihood(likelihood: Any) -> str:
-    value = parse_enum(Likelihood, likelihood, "likelihood").value
-    if value not in LIKELIHOODS:
-        raise ValueError(
-            f"likelihood={likelihood!r} is not supported by kron_ggn; expected one "
-            f"of {', '.join(map(repr, LIKELIHOODS))}."
-        )
-    return value
+def _check_likelihood(likelihood: Any) -> OutputLikelihood:
+    """The likelihood object of a name or an ``OutputLikelihood`` (as ``Laplace``):
+    ValueError for an unknown name, TypeError for anything else."""
+    return get_likelihood(likelihood)
 
 
 def _check_kfac_approx(kfac_approx: Any) -> None:

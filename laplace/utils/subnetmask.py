@@ -22,6 +22,7 @@ mask to select again).
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Iterable, MutableMapping, Sequence
 from numbers import Integral
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from laplace.data import to_device
+from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.utils.enums import Likelihood, parse_enum
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.swag import _check_swag_arguments, fit_diagonal_swag_var
@@ -331,8 +333,14 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
     ----------
     model : torch.nn.Module
     n_params_subnet : int
-    likelihood : {'classification', 'regression'}, default='classification'
-        the SGD loss: ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` (batch means).
+    likelihood : str, Likelihood or OutputLikelihood, default='classification'
+        any likelihood of ``laplace.likelihood`` (a built-in's name or an object of
+        your own); SGD runs on its negative log-likelihood per datum averaged over
+        the batch, ``likelihood.loss(f, y) / batch`` on the targets that its
+        ``check_targets`` validated. Classification and regression keep
+        laplace-torch's losses, ``nn.CrossEntropyLoss()`` and ``nn.MSELoss()``
+        (the mean over every entry of the squared error, ``loss / (0.5 batch
+        C)`` with ``C`` outputs); reward modeling is the cross-entropy of pairs.
     swag_n_snapshots : int, default=40
     swag_snapshot_freq : int, default=1
     swag_lr : float, default=0.01
@@ -355,12 +363,14 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
         dict_key_y: str = "labels",
     ) -> None:
         super().__init__(model, n_params_subnet)
-        self.likelihood = parse_enum(Likelihood, likelihood, "likelihood")
-        if self.likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
-            raise ValueError(
-                f"likelihood={self.likelihood.value!r} is not supported by the SWAG "
-                "mask; expected 'classification' or 'regression'."
-            )
+        #: the likelihood object whose mean loss SGD minimises
+        self.lik = get_likelihood(likelihood)
+        #: the likelihood as given: a ``Likelihood`` for a name, else the object
+        self.likelihood = (
+            likelihood
+            if isinstance(likelihood, OutputLikelihood)
+            else parse_enum(Likelihood, likelihood, "likelihood")
+        )
         _check_swag_arguments(swag_n_snapshots, swag_snapshot_freq, swag_lr, 0.0)
         self.swag_n_snapshots = swag_n_snapshots
         self.swag_snapshot_freq = swag_snapshot_freq
@@ -370,21 +380,44 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
     def compute_param_scores(self, train_loader: Iterable[Any] | None) -> Tensor:
         if train_loader is None:
             raise ValueError("The SWAG mask needs train_loader: pass it to select().")
-        criterion = (
-            nn.CrossEntropyLoss()
-            if self.likelihood == Likelihood.CLASSIFICATION
-            else nn.MSELoss()
-        )
         return fit_diagonal_swag_var(
             self.model,
             train_loader,
-            criterion,
+            _MeanLoss(self.lik),
             n_snapshots_total=self.swag_n_snapshots,
             snapshot_freq=self.swag_snapshot_freq,
             lr=self.swag_lr,
             dict_key_x=self.dict_key_x,
             dict_key_y=self.dict_key_y,
         )
+
+
+#: laplace-torch's SGD losses, kept as torch averages them (``MSELoss`` over every
+#: entry, not per datum): the SWAG mask's numbers of before the likelihood protocol
+_TORCH_MEAN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
+
+
+class _MeanLoss(nn.Module):
+    """The SGD loss of the SWAG mask: a likelihood's negative log-likelihood per
+    datum averaged over the batch, ``likelihood.loss(f, y) / batch`` with ``f``
+    ``(batch, C)`` and ``y`` validated by ``likelihood.check_targets``; or, where the
+    likelihood's ``loss_module()`` is one of ``_TORCH_MEAN_LOSSES``, that module's
+    mean (laplace-torch's ``nn.CrossEntropyLoss()`` and ``nn.MSELoss()``)."""
+
+    def __init__(self, likelihood: OutputLikelihood) -> None:
+        super().__init__()
+        self.likelihood = likelihood
+        module = likelihood.loss_module()
+        self.torch_mean: nn.Module | None = None
+        if type(module) in _TORCH_MEAN_LOSSES:
+            self.torch_mean = copy.copy(module)  # its settings, batch-mean reduced
+            self.torch_mean.reduction = "mean"
+
+    def forward(self, f: Tensor, y: Tensor) -> Tensor:
+        y = self.likelihood.check_targets(f, y)
+        if self.torch_mean is not None:
+            return self.torch_mean(f, y)
+        return self.likelihood.loss(f, y) / f.shape[0]
 
 
 # -- name-based -----------------------------------------------------------------------

@@ -74,8 +74,9 @@ def fit_diagonal_swag_var(
         the keys ``dict_key_x`` and ``dict_key_y`` (the whole mapping is passed to
         the model). They are moved to the parameters' device.
     criterion : callable ``(outputs, y) -> scalar loss``
-        e.g. ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` (batch means, as the
-        SWAG subnetwork mask uses).
+        e.g. ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` (batch means; the
+        SWAG subnetwork mask uses its likelihood's loss per datum averaged over
+        the batch).
     n_snapshots_total : int, default=40
         ``K >= 2`` (one snapshot has no variance).
     snapshot_freq : int, default=1
