@@ -325,8 +325,9 @@ class BaseLaplace:
             raise ValueError(
                 f"sigma_noise with one value per output (shape {tuple(value.shape)}) "
                 f"is not available for {type(self).__name__}: its curvature cannot "
-                "be split by output. Use hessian_structure='full' or 'diag' "
-                "(all weights, last layer or subnetwork), or a scalar sigma_noise."
+                "be split by output. Use hessian_structure='full', 'diag' or 'kron' "
+                "(all weights or last layer; 'full' and 'diag' also for a "
+                "subnetwork), or a scalar sigma_noise."
             )
         fitted = getattr(self, "fitted", False)
         if fitted and not getattr(self, "_per_output", False):

@@ -166,8 +166,10 @@ def marglik_training(
         initial prior precision, for every entry of ``prior_structure``.
     sigma_noise_init : float or torch.Tensor, default=1
         initial observation noise (regression only; ignored otherwise); a tensor
-        ``(C,)`` starts and tunes one noise per output (hessian_structure 'full' or
-        'diag'), with the MAP objective's data term weighting output ``c`` by
+        ``(C,)`` starts and tunes one noise per output (hessian_structure 'full',
+        'diag' or 'kron'; 'kron' needs a backend that computes KFAC for one output
+        alone, ``NativeGGN`` or ``CurvlinopsGGN``, not the default ``AsdlGGN``),
+        with the MAP objective's data term weighting output ``c`` by
         ``sigma_bar^2 / sigma_c^2`` and ``sigma_bar^2 = 1 / mean_c(1 / sigma_c^2)``
         in place of ``sigma^2`` above.
     temperature : float, default=1
@@ -212,7 +214,8 @@ def marglik_training(
     ValueError, TypeError
         for invalid arguments, before any training: unknown or unsupported
         likelihood/structure/subset/prior structure (e.g. ``prior_structure='diag'``
-        with ``hessian_structure='kron'``), a backend without the structure,
+        with ``hessian_structure='kron'``), a backend without the structure (or
+        without the curvature of one output alone, for a ``(C,)`` noise),
         non-positive counts or rates, or a schedule in which no epoch tunes the
         hyperparameters (``n_epochs_burnin`` or ``marglik_frequency`` beyond
         ``n_epochs``); targets or batches of the wrong form on the first batch.
@@ -235,6 +238,8 @@ def marglik_training(
         dict_key_y=dict_key_y,
         backend=s.backend,
     )
+    if la.sigma_noise.ndim == 1:  # the backend's per-output curvature, before training
+        la._check_output_fit()
     hyper = _Hyperparameters(s, dtype, device)
     optimizer = optimizer_cls(trainable, **s.optimizer_kwargs)
     scheduler = (

@@ -110,9 +110,29 @@ def merge_data_sets(
     ``Kron.averaged`` weighted by the counts, the summed ones added. With
     ``inplace``, ``old``'s factors are updated in place (and returned in a new
     ``Kron``)."""
+    blocks = merge_factors(
+        old.kfacs, new.kfacs, old.averaged, n_old, n_new, inplace=inplace
+    )
+    return Kron(blocks, old.averaged)
+
+
+def merge_factors(
+    old: Sequence[Sequence[torch.Tensor]],
+    new: Sequence[Sequence[torch.Tensor]],
+    averaged: Sequence[int | None],
+    n_old: int,
+    n_new: int,
+    inplace: bool = False,
+) -> list[list[torch.Tensor]]:
+    """The factors of ``n_old + n_new`` data from the factors ``old`` and ``new``
+    (lists of blocks, as ``Kron.kfacs``) of two disjoint data sets: the factor at
+    position ``averaged[i]`` of block ``i`` is the count-weighted mean of the two,
+    every other factor their sum. Factors may carry leading dimensions (e.g. one
+    per output, ``laplace.curvature.output_kron``); the rule is entrywise. With
+    ``inplace``, ``old``'s tensors are updated in place."""
     w_old, w_new = n_old / (n_old + n_new), n_new / (n_old + n_new)
     blocks = []
-    for block, other, mean in zip(old.kfacs, new.kfacs, old.averaged, strict=True):
+    for block, other, mean in zip(old, new, averaged, strict=True):
         merged = []
         for j, (f, g) in enumerate(zip(block, other, strict=True)):
             if inplace:
@@ -122,4 +142,4 @@ def merge_data_sets(
             else:
                 merged.append(w_old * f + w_new * g if j == mean else f + g)
         blocks.append(merged)
-    return Kron(blocks, old.averaged)
+    return blocks

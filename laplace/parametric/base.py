@@ -123,8 +123,9 @@ class ParametricLaplace(BaseLaplace):
         raise NotImplementedError
 
     def _output_curvature_batch(self, x: Inputs, y: Tensor, N: int, C: int):
-        """Losses ``(C,)`` and curvatures ``(C, ...)`` of each output alone (the
-        likelihood's ``output_column``): ``H = sum_c H_c / (sigma_c^2 T)``."""
+        """Losses ``(C,)`` and the curvatures of each output alone (the likelihood's
+        ``output_column``), kept per output by ``_stack_outputs``: ``H = sum_c H_c
+        / (sigma_c^2 T)``."""
         if (
             getattr(self, "_column_backends", None) is None
             or len(self._column_backends) != C
@@ -133,7 +134,14 @@ class ParametricLaplace(BaseLaplace):
                 self._make_backend(self.lik.output_column(c)) for c in range(C)
             ]
         parts = [self._curvature_of(b, x, y, N) for b in self._column_backends]
-        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        losses = torch.stack([p[0] for p in parts])
+        return losses, self._stack_outputs([p[1] for p in parts])
+
+    def _stack_outputs(self, curvatures: list[Any]) -> Any:
+        """The curvature of one batch kept per output, from the curvature of each
+        output alone: ``(C, ...)`` stacked (a subclass may keep what the outputs
+        share once)."""
+        return torch.stack(curvatures)
 
     def _check_output_fit(self) -> None:
         """Refuse a per-output noise with a backend whose curvature is not linear in
@@ -155,6 +163,8 @@ class ParametricLaplace(BaseLaplace):
         factor = self._h_factor
         if self._per_output:
             return torch.tensordot(factor.expand(self.H.shape[0]), self.H, dims=1)
+        if factor.ndim == 1:  # one noise per output before fit: H is zero
+            factor = factor.mean()
         return factor * self.H
 
     def _fit_accumulator(self) -> Any:

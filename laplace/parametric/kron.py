@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from laplace.curvature.kron_assembly import merge_data_sets
+from laplace.curvature.output_kron import OutputKron
 from laplace.parametric.base import ParametricLaplace, _all_finite
 from laplace.parametric.precision import KronPrecision
-from laplace.utils.logdet import affine_log_sum
+from laplace.utils.logdet import affine_log_sum, spectral_eigenvalues
 from laplace.utils.matrix import Kron, KronDecomposed, damped_factor_eigenvalues
 
 Tensor = torch.Tensor
@@ -30,6 +31,17 @@ class KronLaplace(ParametricLaplace):
     ``1 / (sigma^2 T)`` then act on the eigenvalues, so the evidence, its gradients
     and the predictive never refactorize.
 
+    With one noise per output (``sigma_noise`` of shape ``(C,)`` at ``fit``) the
+    curvature is kept per output (``laplace.curvature.output_kron.OutputKron``: the
+    output-side factor of each output, the input-side factor they share once), and
+    the posterior of a noise is that of ``c K + p0`` with ``w = 1 / (sigma^2 T)``,
+    ``c = mean_c w_c`` and ``K = sum_c (w_c / c) H_c``: exact KFAC of the weighted
+    loss at every noise (equal noises give the posterior of that scalar noise,
+    damping included). A new noise re-decomposes only the output-side factors of
+    ``K``; the evidence is differentiable in each ``sigma_c`` through the
+    eigenvalues (``laplace.utils.logdet.spectral_eigenvalues``), finite at repeated
+    ones.
+
     Parameters
     ----------
     damping : bool, default=False
@@ -47,6 +59,7 @@ class KronLaplace(ParametricLaplace):
     """
 
     key = ("all", "kron")
+    supports_output_noise = True
 
     def __init__(
         self,
@@ -114,9 +127,16 @@ class KronLaplace(ParametricLaplace):
             H += H_batch
         return H
 
-    def _check_layout(self, H: Kron, what: str) -> None:
+    def _stack_outputs(self, curvatures: list[Kron]) -> OutputKron | Kron:
+        self._check_layout(curvatures[0], "The backend's Kron")
+        broken = next((K for K in curvatures if not self._is_finite(K)), None)
+        if broken is not None:
+            return broken  # fit refuses it, naming the batch
+        return OutputKron.from_columns(curvatures)
+
+    def _check_layout(self, H: Kron | OutputKron, what: str) -> None:
         """One block per parameter tensor, each of the parameter's size."""
-        if not isinstance(H, Kron):
+        if not isinstance(H, (Kron, OutputKron)):
             raise TypeError(f"{what} must be a Kron, got {type(H).__name__}.")
         sizes = [p.numel() for p in self.params]
         if H.block_sizes() != sizes:
@@ -127,6 +147,8 @@ class KronLaplace(ParametricLaplace):
             )
 
     def _combine_fits(self, H_old: Kron, H_new: Kron, n_old: int, n_new: int) -> Kron:
+        if self._per_output:  # fit checked that both fits are per output
+            return H_old.merge_data_sets(H_new, n_old, n_new)
         if H_old._shapes() != H_new._shapes() or H_old.averaged != H_new.averaged:
             raise ValueError(
                 "fit(override=False) needs the Kron layout of the previous fit, "
@@ -145,12 +167,40 @@ class KronLaplace(ParametricLaplace):
         self._accumulating = None  # a finished fit accumulates no more
         self._decomposed: KronDecomposed | None = None
         self._flat: Tensor | None = None
+        #: one noise per output: the relative weights ``r`` and the decomposition of
+        #: ``sum_c r_c H_c`` last built
+        self._output_cache: tuple[Tensor, KronDecomposed] | None = None
 
     @property
     def H_decomposed(self) -> KronDecomposed:
-        """Eigendecomposition of the fitted factors (computed once per fit)."""
+        """Eigendecomposition of the fitted factors (computed once per fit); with one
+        noise per output that of ``K = sum_c (w_c / mean(w)) H_c`` at the current
+        noise, ``w = 1 / (sigma^2 T)`` (once per noise)."""
         self._check_fitted("H_decomposed")
         return self._decompose()
+
+    def _curvature_scale(self) -> tuple[Tensor, Tensor | None]:
+        """``(c, r)`` with ``P = c K + p0``: for a scalar noise ``c = 1 / (sigma^2 T)``
+        and ``K = H`` (``r`` None); for one noise per output ``w = 1 / (sigma^2 T)``
+        ``(C,)``, ``c = mean(w)`` and ``K = sum_c r_c H_c`` with ``r = w / c``, so
+        that equal noises give the scalar noise's ``c`` and ``K``."""
+        w = self._h_factor
+        if not self._per_output:  # a vector before fit: H is zero, c only a scale
+            return (w if w.ndim == 0 else w.mean()), None
+        w = w.expand(self.H.n_outputs)  # a scalar after the fit: equal noises
+        c = w.mean()
+        return c, w / c
+
+    def _output_decomposed(self, r: Tensor) -> KronDecomposed:
+        """The decomposition of ``sum_c r_c H_c``: cached for the last ``r``; built
+        afresh (differentiable through ``eigh``) while ``r`` requires grad."""
+        if r.requires_grad:
+            return self.H.decompose(r, damping=self.damping)
+        cached = self._output_cache
+        if cached is None or not torch.equal(cached[0], r):
+            cached = (r.clone(), self.H.decompose(r, damping=self.damping))
+            self._output_cache = cached
+        return cached[1]
 
     def _flat_eigenvalues(self) -> Tensor:
         """All eigenvalues of the fitted curvature ``(n_params,)`` (once per fit)."""
@@ -163,29 +213,56 @@ class KronLaplace(ParametricLaplace):
         return self._flat
 
     def _decompose(self) -> KronDecomposed:
+        if self._per_output:
+            return self._output_decomposed(self._curvature_scale()[1])
         if self._decomposed is None:
             self._decomposed = self.H.decompose(damping=self.damping)
         return self._decomposed
 
     def fit(self, train_loader, override: bool = True, progress_bar: bool = False):
+        self._accumulating = None  # a per-output fit accumulates no Kron in place
         super().fit(train_loader, override=override, progress_bar=progress_bar)
         self._decompose()  # eigendecompose the factors once, as part of the fit
 
     @property
     def log_det_posterior_precision(self) -> Tensor:
         """``log det P`` from the factors' eigenvalues, one pass per block
-        (``laplace.utils.logdet.affine_log_sum``)."""
+        (``laplace.utils.logdet.affine_log_sum``); with one noise per output,
+        differentiable in each noise through ``spectral_eigenvalues``."""
+        if self._per_output:
+            self._check_fitted("log_det_posterior_precision")
+            return self._output_log_det()
         K, c = self.H_decomposed, self._h_factor
         if not self.damping and self.prior_precision.numel() == 1:
             # every eigenvalue of P is c * h + d with the same d: one pass over all
             return affine_log_sum(c, self.prior_precision[0], self._flat_eigenvalues())
+        return self._log_det(K.eigenvalues, c)
+
+    def _output_log_det(self) -> Tensor:
+        """``log det P`` for one noise per output: the eigenvectors of ``K`` at the
+        current noise (cached), its eigenvalues differentiable in the noise as those
+        of the spectral function ``log det`` (no ``eigh`` backward)."""
+        c, r = self._curvature_scale()
+        K = self._output_decomposed(r.detach())
+        values = K.eigenvalues
+        if r.requires_grad:
+            weighted = self.H.weighted(r)
+            values = [
+                [spectral_eigenvalues(*term) for term in zip(Fs, Qs, lams)]
+                for Fs, Qs, lams in zip(weighted.kfacs, K.eigenvectors, values)
+            ]
+        return self._log_det(values, c)
+
+    def _log_det(self, eigenvalues: list[list[Tensor]], c: Tensor) -> Tensor:
+        """``log det(c K + p0)`` (damped where ``damping``) from the eigenvalues of
+        ``K``'s factors, block by block."""
         deltas = (
-            self.prior_precision.expand(len(K))
+            self.prior_precision.expand(len(eigenvalues))
             if self.prior_precision.numel() == 1
             else self.prior_precision
         )
         total = torch.zeros((), dtype=self._dtype, device=self._device)
-        for values, delta in zip(K.eigenvalues, deltas):
+        for values, delta in zip(eigenvalues, deltas):
             if len(values) == 1:
                 total = total + affine_log_sum(c, delta, values[0])
             elif self.damping:
@@ -198,7 +275,7 @@ class KronLaplace(ParametricLaplace):
 
     def _build_form(self) -> KronPrecision:
         return KronPrecision(
-            self.H_decomposed * self._h_factor + self.prior_precision,
+            self.H_decomposed * self._curvature_scale()[0] + self.prior_precision,
             [p.shape for p in self.params],
         )
 
@@ -208,17 +285,22 @@ class KronLaplace(ParametricLaplace):
         return self._posterior.K
 
     def _H_state(self) -> dict[str, Any]:
+        if self._per_output:
+            return self.H.state()
         return {
             "kfacs": [list(block) for block in self.H.kfacs],
             "averaged": list(self.H.averaged),
         }
 
-    def _load_H(self, state: Any) -> Kron:
+    def _load_H(self, state: Any) -> Kron | OutputKron:
         kfacs = [
             [F.to(self._device, self._dtype) for F in block] for block in state["kfacs"]
         ]
         try:
-            H = Kron(kfacs, state.get("averaged"))
+            if "shared" in state:  # one noise per output
+                H = OutputKron(kfacs, state["shared"], state["averaged"])
+            else:
+                H = Kron(kfacs, state.get("averaged"))
         except ValueError as err:
             raise ValueError(f"The state dict's Kronecker factors: {err}") from None
         self._check_layout(H, "The Kron of the state dict")

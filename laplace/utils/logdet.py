@@ -50,8 +50,8 @@ class _AffineLogSum(torch.autograd.Function):
 
 
 def affine_log_sum(c: Tensor, d: Tensor, h: Tensor, a: Tensor | None = None) -> Tensor:
-    """``sum_i log(c h_i + d)`` for constant ``h`` (or ``sum_ij log(c h_i a_j + d)``
-    with ``a`` given), differentiable in the 0-dim tensors ``c > 0`` and ``d``.
+    """``sum_i log(c h_i + d)`` (or ``sum_ij log(c h_i a_j + d)`` with ``a`` given),
+    differentiable in the 0-dim tensors ``c > 0`` and ``d``.
 
     Parameters
     ----------
@@ -59,10 +59,12 @@ def affine_log_sum(c: Tensor, d: Tensor, h: Tensor, a: Tensor | None = None) -> 
         0-dim; may require grad. Cast to ``h``'s dtype (gradients flow back through
         the cast).
     h : torch.Tensor
-        ``(n,)`` eigenvalues; not differentiated. Every ``c h_i + d`` must be
-        positive, else the result is NaN (or ``-inf``).
+        ``(n,)`` eigenvalues. Every ``c h_i + d`` must be positive, else the result
+        is NaN (or ``-inf``). Constant unless it requires grad (e.g.
+        ``spectral_eigenvalues``): then the sum is formed by autograd, without the
+        one-pass backward above.
     a : torch.Tensor, optional
-        ``(m,)`` second factor's eigenvalues; not differentiated.
+        ``(m,)`` second factor's eigenvalues; differentiated like ``h``.
 
     Returns
     -------
@@ -71,7 +73,47 @@ def affine_log_sum(c: Tensor, d: Tensor, h: Tensor, a: Tensor | None = None) -> 
     """
     c = torch.as_tensor(c, device=h.device).to(h.dtype).reshape(())
     d = torch.as_tensor(d, device=h.device).to(h.dtype).reshape(())
+    if h.requires_grad or (a is not None and a.requires_grad):
+        ha = h if a is None else torch.outer(h, a)
+        return torch.add(d, c * ha).log().sum()
     return _AffineLogSum.apply(c, d, h.detach(), None if a is None else a.detach())
 
 
-__all__ = ["affine_log_sum"]
+def spectral_eigenvalues(F: Tensor, Q: Tensor | None, lam: Tensor) -> Tensor:
+    r"""The eigenvalues ``lam`` of the symmetric ``F = Q diag(lam) Q^T`` (found
+    without gradient), differentiable in ``F`` as the argument of a spectral
+    function.
+
+    A function ``phi(F) = sum_i f(lam_i)`` of the eigenvalues (e.g. a log
+    determinant) has the gradient ``Q diag(f'(lam)) Q^T``, i.e.
+    ``d lam_i = q_i^T dF q_i`` inside it, at repeated eigenvalues too (any
+    orthonormal basis of their eigenspace gives the same sum). The value returned
+    is ``lam``, and its gradient is that of ``diag(Q^T F Q)`` with ``Q`` held
+    constant: exact for such functions, and finite where the backward of
+    ``torch.linalg.eigh`` (which differentiates the eigenvectors as well) divides by
+    differences of equal eigenvalues. It is not the gradient of the eigenvalues
+    one by one, nor of a function of the eigenvectors.
+
+    Parameters
+    ----------
+    F : torch.Tensor
+        ``(n, n)``, or ``(n,)`` standing for ``diag(F)``; may require grad.
+    Q : torch.Tensor or None
+        ``(n, n)`` eigenvectors of ``F`` in columns; None for a diagonal ``F`` (the
+        identity).
+    lam : torch.Tensor
+        ``(n,)`` eigenvalues of ``F`` in the order of ``Q``'s columns (e.g. clamped
+        at 0).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)``, equal to ``lam``.
+    """
+    if not F.requires_grad:
+        return lam
+    first = F if Q is None else (Q * (F @ Q)).sum(0)  # q_i^T F q_i
+    return lam.detach() + (first - first.detach())
+
+
+__all__ = ["affine_log_sum", "spectral_eigenvalues"]

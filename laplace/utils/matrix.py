@@ -398,7 +398,11 @@ class Kron:
 
     __rmul__ = __mul__
 
-    def decompose(self, damping: bool = False) -> KronDecomposed:
+    def decompose(
+        self,
+        damping: bool = False,
+        known: Sequence[Sequence[tuple[Tensor | None, Tensor] | None]] | None = None,
+    ) -> KronDecomposed:
         """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``;
         float16/bfloat16 factors are decomposed in float32, the result cast back).
         A diagonal factor ``d`` gives ``l = d`` and ``Q = None`` (the identity).
@@ -410,6 +414,10 @@ class Kron:
         ----------
         damping : bool, default=False
             Use the damped combination with deltas, see ``KronDecomposed``.
+        known : list[list[tuple or None]], optional
+            Per block and factor, an eigenpair ``(Q, l)`` computed before (e.g. of a
+            factor that several curvatures share), used as it is; None where the
+            factor is to be decomposed.
 
         Returns
         -------
@@ -425,7 +433,13 @@ class Kron:
             done.append((F, pair))
             return pair
 
-        pairs = [[eigh_once(F) for F in block] for block in self.kfacs]
+        pairs = [
+            [
+                eigh_once(F) if known is None or known[i][j] is None else known[i][j]
+                for j, F in enumerate(block)
+            ]
+            for i, block in enumerate(self.kfacs)
+        ]
         eigvecs = [[Q for Q, _ in block] for block in pairs]
         eigvals = [[lam for _, lam in block] for block in pairs]
         return KronDecomposed(eigvecs, eigvals, damping=damping)
