@@ -53,3 +53,13 @@ def test_float32_gradient_in_the_scale_has_no_cancellation(kron, device):
     (dc,) = torch.autograd.grad(value, c32)
     torch.testing.assert_close(dc.double().cpu(), expected_dc, rtol=1e-5, atol=0)
     torch.testing.assert_close(value.double().cpu(), expected_value, rtol=1e-6, atol=0)
+
+
+def test_affine_log_sum_takes_plain_numbers_at_the_eigenvalues_precision():
+    """``c`` and ``d`` given as Python numbers enter in ``h``'s dtype exactly (not
+    rounded through the default float32 first)."""
+    h = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
+    expected = torch.log(0.1 * h + 0.3).sum()
+    torch.testing.assert_close(
+        affine_log_sum(0.1, 0.3, h), expected, rtol=1e-15, atol=0
+    )

@@ -159,7 +159,11 @@ class KronLaplace(ParametricLaplace):
         return merge_data_sets(H_old, H_new, n_old, n_new)
 
     @staticmethod
-    def _is_finite(H: Kron) -> bool:
+    def _is_finite(H: Kron | OutputKron) -> bool:
+        if not isinstance(H, (Kron, OutputKron)):  # before its entries are read
+            raise TypeError(
+                f"The backend's Kron must be a Kron, got {type(H).__name__}."
+            )
         return all(_all_finite(F) for block in H.kfacs for F in block)
 
     def _on_new_curvature(self) -> None:

@@ -49,6 +49,14 @@ class _AffineLogSum(torch.autograd.Function):
         return grad_c, grad_d, None, None
 
 
+def _scalar_like(value, h: Tensor) -> Tensor:
+    """``value`` as a 0-dim tensor of ``h``'s dtype and device: a number exactly (not
+    through the default dtype), a tensor by a differentiable cast."""
+    if not isinstance(value, Tensor):
+        return torch.tensor(value, dtype=h.dtype, device=h.device)
+    return value.to(device=h.device, dtype=h.dtype).reshape(())
+
+
 def affine_log_sum(c: Tensor, d: Tensor, h: Tensor, a: Tensor | None = None) -> Tensor:
     """``sum_i log(c h_i + d)`` (or ``sum_ij log(c h_i a_j + d)`` with ``a`` given),
     differentiable in the 0-dim tensors ``c > 0`` and ``d``.
@@ -71,8 +79,8 @@ def affine_log_sum(c: Tensor, d: Tensor, h: Tensor, a: Tensor | None = None) -> 
     torch.Tensor
         0-dim, of ``h``'s dtype.
     """
-    c = torch.as_tensor(c, device=h.device).to(h.dtype).reshape(())
-    d = torch.as_tensor(d, device=h.device).to(h.dtype).reshape(())
+    c = _scalar_like(c, h)
+    d = _scalar_like(d, h)
     if h.requires_grad or (a is not None and a.requires_grad):
         ha = h if a is None else torch.outer(h, a)
         return torch.add(d, c * ha).log().sum()
