@@ -31,6 +31,7 @@ BENCHMARKS = (
     ("transformer", "Transformers: all weights"),
     ("streaming", "Streaming (posteriors): one update of dense_ggn and diag_ggn"),
     ("ella_valla", "ELLA and VaLLA (scalable function-space methods)"),
+    ("output_noise", "One noise per output (ours alone)"),
 )
 OURS, LT = "ours", "laplace-torch"
 #: the library a benchmark compares with, where it is not laplace-torch (its figures

@@ -8,7 +8,8 @@
    torchvision); ``--lt-python`` names another interpreter instead. When none can be
    built or imported, the benchmarks run this library alone and the report says so;
 2. runs each benchmark script (``curvature``, ``laplace``, ``lllaplace``,
-   ``functional``, ``subnet``, ``transformer``, ``streaming``, ``ella_valla``),
+   ``functional``, ``subnet``, ``transformer``, ``streaming``, ``ella_valla``,
+   ``output_noise``),
    each of which measures every workload in fresh, memory-limited processes and
    writes its report to ``benchmarks/output/``. ``streaming`` compares
    ``laplace.streaming`` with posteriors 0.1.3 instead, run with
@@ -53,6 +54,9 @@ POSTERIORS_PYTHON = os.environ.get(
 )
 #: the benchmarks compared with posteriors, not laplace-torch
 POSTERIORS_BENCHMARKS = ("streaming",)
+#: the benchmarks that do not run laplace-torch: this library's backends against
+#: their own libraries, and what laplace-torch does not have (one noise per output)
+WITHOUT_LAPLACE_TORCH = ("curvature", "output_noise")
 #: options of each benchmark in a full run (a quick run takes the scripts' own)
 FULL_OPTIONS = {
     # laplace-torch's GP fit on 2,000 points takes more than 20 minutes
@@ -124,7 +128,7 @@ def benchmark_command(
         cmd.append("--quick")
     else:
         cmd += FULL_OPTIONS.get(name, [])
-    if name == "curvature":  # this library's backends against their own libraries
+    if name in WITHOUT_LAPLACE_TORCH:
         return cmd
     if name in POSTERIORS_BENCHMARKS:
         if posteriors_python is None:
