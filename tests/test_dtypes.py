@@ -5,6 +5,7 @@ MLPs, classification and regression) works in float64 everywhere; in float16 and
 bfloat16 its Diag works throughout, its Full fits only (the predictive, the evidence,
 tuning and sampling fail: no half Cholesky/logdet on the CPU) and its Kron (all
 weights and last layer) exits the process during the fit. Here all of them work,
+LowRank and the GP view (all weights and last layer) included,
 with outputs and tuned precisions in the model's dtype (the decompositions run in
 float32, ``laplace.utils.matrix.linalg_dtype``).
 
@@ -24,7 +25,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 
-CASES = [("all", "full"), ("all", "kron"), ("all", "diag"), ("last_layer", "kron")]
+CASES = [
+    ("all", "full"),
+    ("all", "kron"),
+    ("all", "diag"),
+    ("last_layer", "kron"),
+    ("all", "lowrank"),
+    ("all", "gp"),
+    ("last_layer", "gp"),
+]
 LIKELIHOODS = ["classification", "regression"]
 HALF_TOL = {torch.float16: 0.05, torch.bfloat16: 0.1}
 
@@ -46,13 +55,15 @@ def _run(model, X, y, likelihood, subset, structure, dtype):
     model = copy.deepcopy(model).to(dtype)
     X = X.to(dtype)
     y = y.to(dtype) if y.is_floating_point() else y
-    la = Laplace(model, likelihood, subset, structure)
+    kwargs = {"n_subset": 16} if structure == "gp" else {}  # the GP on all data
+    la = Laplace(model, likelihood, subset, structure, **kwargs)
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
     out = {"pred": la(X[:4]), "lml": la.log_marginal_likelihood()}
     la.optimize_prior_precision(method="marglik", n_steps=20)
     out["prior_precision"] = la.prior_precision
     out["lml_tuned"] = la.log_marginal_likelihood()
-    out["sample"] = la.sample(3)
+    if structure != "gp":  # the GP view has no weight-space posterior to sample
+        out["sample"] = la.sample(3)
     if likelihood == "regression":
         out["f_mu"], out["f_var"] = out.pop("pred")
     return out

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from laplace.utils.matrix import linalg_dtype
+
 Tensor = torch.Tensor
 
 
@@ -29,11 +31,14 @@ class KernelSystem:
     stack of them ``(C, n, n)``, with its factorizations cached.
 
     The Cholesky factor is kept for the last ``c`` it was needed for; the spectrum
-    of ``S``, once computed, serves every ``c``.
+    of ``S``, once computed, serves every ``c``. A 16-bit ``S`` is held and factored
+    in float32 (``laplace.utils.matrix.linalg_dtype``); results come back in the
+    dtype of what is whitened (``logdet``: of ``S``).
     """
 
     def __init__(self, S: Tensor) -> None:
-        self.S = S
+        self.dtype = S.dtype
+        self.S = S.to(linalg_dtype(S.dtype))
         self._cholesky: tuple[float, Tensor] | None = None
         self._eigenvalues: Tensor | None = None
         self._eigenvectors: Tensor | None = None
@@ -56,9 +61,9 @@ class KernelSystem:
         """
         if self._eigenvalues is not None or c.requires_grad:
             values, _ = self.spectrum()
-            return torch.log1p(c * values).sum()
+            return torch.log1p(c * values).sum().to(self.dtype)
         R = self.cholesky(c)
-        return 2 * R.diagonal(dim1=-2, dim2=-1).log().sum()
+        return (2 * R.diagonal(dim1=-2, dim2=-1).log().sum()).to(self.dtype)
 
     def cholesky(self, c: Tensor) -> Tensor:
         """Lower Cholesky factor of ``B(c)`` (cached for the last value of ``c``)."""
@@ -76,21 +81,23 @@ class KernelSystem:
             R = torch.linalg.cholesky(_shifted(self.S, c))
         else:
             R = self.cholesky(c)
-        return torch.linalg.solve_triangular(R, Z, upper=False)
+        W = torch.linalg.solve_triangular(R, Z.to(self.S.dtype), upper=False)
+        return W.to(Z.dtype)
 
     def rotate(self, Z: Tensor) -> Tensor:
         """``U^T Z`` in the eigenbasis of ``S`` (computed once, reused for any c)."""
         _, vectors = self.spectrum(vectors=True)
-        return vectors.mT @ Z
+        return (vectors.mT @ Z.to(vectors.dtype)).to(Z.dtype)
 
     def scale_rotated(self, c: Tensor, Z_rotated: Tensor) -> Tensor:
         """``whiten`` of a rotated ``Z``: ``diag(1 + c s)^-1/2 U^T Z``."""
         values = self._eigenvalues
-        return Z_rotated * torch.rsqrt(1 + c * values)[..., None]
+        scale = torch.rsqrt(1 + c * values)[..., None]
+        return (Z_rotated.to(scale.dtype) * scale).to(Z_rotated.dtype)
 
 
 def _shifted(S: Tensor, c: Tensor) -> Tensor:
-    B = c * S
+    B = c.to(S.dtype) * S
     return B + torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
 
 

@@ -32,6 +32,7 @@ from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
 from laplace.utils._checks import check_positive_int
 from laplace.utils.lowrank import LowRankPlusDiagonal, top_eigenpairs
+from laplace.utils.matrix import linalg_dtype
 
 Tensor = torch.Tensor
 
@@ -133,18 +134,23 @@ class LowRankLaplace(ParametricLaplace):
             )
         operator, scale = self._operator(data, N, progress_bar)
 
+        # the eigensolver's linear algebra in float32 for a 16-bit model (no half
+        # QR on the CPU, too few digits); the products in the model's dtype
+        work = linalg_dtype(self._dtype)
+
         def matmat(X: Tensor) -> Tensor:
-            return scale * (operator @ X)
+            return (scale * (operator @ X.to(self._dtype))).to(work)
 
         eigenvalues, U = top_eigenpairs(
             matmat,
             self.n_params,
             self.rank,
-            dtype=self._dtype,
+            dtype=work,
             device=self._device,
             method=self.eig_method,
             **self.eig_kwargs,
         )
+        eigenvalues, U = eigenvalues.to(self._dtype), U.to(self._dtype)
         if not (torch.isfinite(eigenvalues).all() and torch.isfinite(U).all()):
             raise RuntimeError(
                 "The curvature's eigenpairs are not finite (NaN or inf)."

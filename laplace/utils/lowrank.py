@@ -36,6 +36,7 @@ import torch
 
 from laplace.utils._checks import _check_int, _check_scalar, _describe
 from laplace.utils.eigensolvers import top_eigenpairs
+from laplace.utils.matrix import linalg_dtype
 
 __all__ = ["LowRankPlusDiagonal", "top_eigenpairs"]
 
@@ -157,8 +158,9 @@ class LowRankPlusDiagonal:
             V = self.U / self.diagonal.unsqueeze(-1)
             A = self.eigenvalues.unsqueeze(-1) * (self.U.mT @ V)
             A = A + torch.eye(self.rank, dtype=self.dtype, device=self.device)
-            K = torch.linalg.solve(A, torch.diag(self.eigenvalues))
-            return A, V, 0.5 * (K + K.mT)
+            w = linalg_dtype(self.dtype)  # float32 for 16-bit factors
+            K = torch.linalg.solve(A.to(w), torch.diag(self.eigenvalues).to(w))
+            return A, V, (0.5 * (K + K.mT)).to(self.dtype)
 
         return self._cached("factors", compute)
 
@@ -169,11 +171,12 @@ class LowRankPlusDiagonal:
         def compute() -> tuple[Tensor, Tensor, Tensor]:
             with torch.no_grad():
                 d_isqrt = self.diagonal.rsqrt()
-                Q, R = torch.linalg.qr(self.U * d_isqrt.unsqueeze(-1))
-                C = (R * self.eigenvalues) @ R.mT
+                w = linalg_dtype(self.dtype)  # float32 for 16-bit factors
+                Q, R = torch.linalg.qr((self.U * d_isqrt.unsqueeze(-1)).to(w))
+                C = (R * self.eigenvalues.to(w)) @ R.mT
                 S, Vs = torch.linalg.eigh(0.5 * (C + C.mT))
                 c = (1.0 + S.clamp_min(0.0)).rsqrt() - 1.0
-                return d_isqrt, Q @ Vs, c
+                return d_isqrt, (Q @ Vs).to(self.dtype), c.to(self.dtype)
 
         if "sampling_factor" not in self._cache:
             self._cache["sampling_factor"] = compute()
@@ -276,7 +279,9 @@ class LowRankPlusDiagonal:
 
         def compute() -> Tensor:
             A, _, _ = self._factors()
-            return self.diagonal.log().sum() + torch.linalg.slogdet(A).logabsdet
+            w = linalg_dtype(self.dtype)  # float32 for 16-bit factors
+            logdet_A = torch.linalg.slogdet(A.to(w)).logabsdet.to(self.dtype)
+            return self.diagonal.log().sum() + logdet_A
 
         return self._cached("logdet", compute)
 
