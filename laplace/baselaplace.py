@@ -475,7 +475,8 @@ class BaseLaplace:
             self.prior_precision = prior_precision
         if sigma_noise is not None:
             self.sigma_noise = sigma_noise
-        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        value = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        return value.to(self._dtype)  # summed in the curvature's dtype
 
     # -- predictive ----------------------------------------------------------------
     def _parse_pred_type(self, pred_type: PredType | str) -> PredType:

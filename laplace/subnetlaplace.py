@@ -287,7 +287,7 @@ class FullSubnetLaplace(SubnetLaplace, FullLaplace):
 
     def _init_H(self) -> Tensor:
         S = self.n_params_subnet
-        return torch.zeros(S, S, dtype=self._dtype, device=self._device)
+        return torch.zeros(S, S, dtype=self._curvature_dtype, device=self._device)
 
 
 class DiagSubnetLaplace(SubnetLaplace, DiagLaplace):
@@ -297,7 +297,9 @@ class DiagSubnetLaplace(SubnetLaplace, DiagLaplace):
     key = ("subnetwork", "diag")
 
     def _init_H(self) -> Tensor:
-        return torch.zeros(self.n_params_subnet, dtype=self._dtype, device=self._device)
+        return torch.zeros(
+            self.n_params_subnet, dtype=self._curvature_dtype, device=self._device
+        )
 
     def _build_form(self) -> DiagPrecision:
         p = self._scaled_H() + self.prior_precision_diag

@@ -93,3 +93,54 @@ def test_outputs_keep_the_model_dtype_and_values(
             torch.testing.assert_close(got[name], expected, rtol=tol, atol=tol)
         else:  # evidences of ~10 and tuned precisions: relative digits only
             torch.testing.assert_close(got[name], expected, rtol=tol, atol=0)
+
+
+def _batch_curvatures(la, loader, structure, N):
+    """The backend's curvature of each batch, as the fit sees it (model dtype)."""
+    out = []
+    for x, y in loader:
+        if structure == "kron":
+            out.append(la.backend.kron(x, y, N=N)[1])
+        else:
+            out.append(getattr(la.backend, structure)(x, y)[1])
+    return out
+
+
+def _flat(H):
+    """A Kron's factors, one vector (the fit adds the batches factor by factor)."""
+    return torch.cat([F.flatten() for block in H.kfacs for F in block])
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_models_curvature_is_summed_in_float32(dtype, structure, device):
+    """Over 32 batches the curvature is the float32 sum of the batches' curvatures
+    (each computed in the model's dtype): closer to their exact sum than a sum in
+    the model's dtype, which keeps two or three digits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    model = model.to(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(128, 3, generator=g).to(device, dtype)
+    y = torch.randn(128, 2, generator=g).to(device, dtype)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)
+    la = Laplace(model, "regression", "all", structure)
+    la.fit(loader)
+    batches = _batch_curvatures(la, loader, structure, 128)
+    if structure == "kron":
+        assert all(F.dtype == torch.float32 for b in la.H.kfacs for F in b)
+        exact = sum(_flat(H).double() for H in batches)
+        in_float32 = _flat(la.H).double()
+        low = batches[0].clone()
+        for H in batches[1:]:
+            low += H
+        in_low = _flat(low).double()
+    else:
+        assert la.H.dtype == torch.float32
+        exact = sum(H.double() for H in batches)
+        in_float32 = la.H.double()
+        in_low = sum(batches[1:], batches[0].clone()).double()
+    torch.testing.assert_close(in_float32, exact, rtol=1e-5, atol=1e-5)
+    assert (in_float32 - exact).norm() < 0.1 * (in_low - exact).norm()
+    # and the posterior is seen in the model's dtype
+    assert la(X[:2])[1].dtype == dtype and la.sample(2).dtype == dtype

@@ -183,30 +183,40 @@ class OutputKron:
         ]
         return Kron(blocks, self.averaged)
 
-    def shared_eigenpairs(self) -> list[tuple[Tensor | None, Tensor] | None]:
+    def shared_eigenpairs(
+        self, computed_in: torch.dtype | None = None
+    ) -> list[tuple[Tensor | None, Tensor] | None]:
         """Per block, the eigenpair ``(Q, l)`` of the shared factor
         (``Kron.decompose``), None for a single block; computed once."""
         if self._shared_pairs is None:
             pairs: list = [None] * len(self)
             at = [i for i, j in enumerate(self.shared) if j is not None]
             if at:
-                K = Kron([[self.kfacs[i][self.shared[i]]] for i in at]).decompose()
+                K = Kron([[self.kfacs[i][self.shared[i]]] for i in at])
+                K = K.decompose(computed_in=computed_in)
                 for k, i in enumerate(at):
                     pairs[i] = (K.eigenvectors[k][0], K.eigenvalues[k][0])
             self._shared_pairs = pairs
         return self._shared_pairs
 
-    def decompose(self, weights: Tensor, damping: bool = False) -> KronDecomposed:
+    def decompose(
+        self,
+        weights: Tensor,
+        damping: bool = False,
+        computed_in: torch.dtype | None = None,
+    ) -> KronDecomposed:
         """Eigendecomposition of ``weighted(weights)``: the shared factors' from
         ``shared_eigenpairs``, the weighted ones by ``Kron.decompose`` (through
         ``torch.linalg.eigh``, differentiable where ``weights`` requires grad and
         the eigenvalues are distinct)."""
-        pairs = self.shared_eigenpairs()
+        pairs = self.shared_eigenpairs(computed_in)
         known = [
             [pairs[i] if j == self.shared[i] else None for j in range(len(block))]
             for i, block in enumerate(self.kfacs)
         ]
-        return self.weighted(weights).decompose(damping=damping, known=known)
+        return self.weighted(weights).decompose(
+            damping=damping, known=known, computed_in=computed_in
+        )
 
     # -- accumulation -----------------------------------------------------------
     def add_(self, other: OutputKron) -> OutputKron:

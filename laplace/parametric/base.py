@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature import backprop_factor
 from laplace.data import Inputs, dataset_size, split_batch, to_device
-from laplace.parametric.precision import PrecisionForm
+from laplace.parametric.precision import CastForm, PrecisionForm
 from laplace.predictive import glm
 from laplace.utils._checks import check_n_samples, check_state
 from laplace.utils.enums import PredType
+from laplace.utils.matrix import linalg_dtype
 
 Tensor = torch.Tensor
 
@@ -74,6 +75,15 @@ class ParametricLaplace(BaseLaplace):
         structure = type(self).key[1] if hasattr(type(self), "key") else None
         stochastic = bool(self.backend_kwargs.get("stochastic"))
         self._backend_cls.check_likelihood(lik, structure, stochastic)
+
+    @property
+    def _curvature_dtype(self) -> torch.dtype:
+        """The dtype the curvature is accumulated, decomposed and factored in: the
+        model's, but float32 for float16 and bfloat16 models (a sum over many
+        batches in 16 bits keeps two or three digits, and half precision has no
+        decompositions on the CPU). The predictives, the evidence and the samples
+        come back in the model's dtype (``CastForm``)."""
+        return linalg_dtype(self._dtype)
 
     @property
     def mean(self) -> Tensor | None:
@@ -141,7 +151,7 @@ class ParametricLaplace(BaseLaplace):
         """The curvature of one batch kept per output, from the curvature of each
         output alone: ``(C, ...)`` stacked (a subclass may keep what the outputs
         share once)."""
-        return torch.stack(curvatures)
+        return torch.stack(curvatures).to(self._curvature_dtype)
 
     def _check_output_fit(self) -> None:
         """Refuse a per-output noise with a backend whose curvature is not linear in
@@ -286,10 +296,18 @@ class ParametricLaplace(BaseLaplace):
         self._ensure_H("using the posterior")
         tracking = self.prior_precision.requires_grad or self.sigma_noise.requires_grad
         if tracking:
-            return self._build_form()
+            return self._model_form()
         if self._posterior_cache is None:
-            self._posterior_cache = self._build_form()
+            self._posterior_cache = self._model_form()
         return self._posterior_cache
+
+    def _model_form(self) -> PrecisionForm:
+        """``_build_form`` seen in the model's dtype (a 16-bit model's curvature is
+        held in float32: ``_curvature_dtype``)."""
+        form = self._build_form()
+        if self._curvature_dtype == self._dtype:
+            return form
+        return CastForm(form, self._curvature_dtype, self._dtype)
 
     @property
     def scatter(self) -> Tensor:
@@ -490,7 +508,7 @@ class ParametricLaplace(BaseLaplace):
         return self.H
 
     def _load_H(self, state: Any) -> Any:
-        return state.to(self._device, self._dtype)
+        return state.to(self._device, self._curvature_dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """The state as plain tensors, numbers and strings (no pickled code); before

@@ -19,7 +19,9 @@ class DiagLaplace(ParametricLaplace):
     supports_output_noise = True
 
     def _init_H(self) -> Tensor:
-        return torch.zeros(self.n_params, dtype=self._dtype, device=self._device)
+        return torch.zeros(
+            self.n_params, dtype=self._curvature_dtype, device=self._device
+        )
 
     def _curvature_of(self, backend, x, y, N):
         return backend.diag(x, y)

@@ -40,7 +40,10 @@ class FullLaplace(ParametricLaplace):
 
     def _init_H(self) -> Tensor:
         return torch.zeros(
-            self.n_params, self.n_params, dtype=self._dtype, device=self._device
+            self.n_params,
+            self.n_params,
+            dtype=self._curvature_dtype,
+            device=self._device,
         )
 
     def _curvature_of(self, backend, x, y, N):

@@ -102,7 +102,7 @@ class KronLaplace(ParametricLaplace):
             )
 
     def _init_H(self) -> Kron:
-        return Kron.init_from_model(self.params, self._device, self._dtype)
+        return Kron.init_from_model(self.params, self._device, self._curvature_dtype)
 
     def _curvature_of(self, backend, x, y, N):
         into = getattr(self, "_accumulating", None)
@@ -121,6 +121,7 @@ class KronLaplace(ParametricLaplace):
             # the engine hands over fresh tensors; others may keep (and reuse) theirs
             fresh = getattr(self.backend, "accumulates_kron", False)
             H = H_batch if fresh else H_batch.clone()
+            H = _in_dtype(H, self._curvature_dtype)
             self._accumulating = H
             return H
         if H_batch is not H:
@@ -132,7 +133,9 @@ class KronLaplace(ParametricLaplace):
         broken = next((K for K in curvatures if not self._is_finite(K)), None)
         if broken is not None:
             return broken  # fit refuses it, naming the batch
-        return OutputKron.from_columns(curvatures)
+        return OutputKron.from_columns(
+            [_in_dtype(K, self._curvature_dtype) for K in curvatures]
+        )
 
     def _check_layout(self, H: Kron | OutputKron, what: str) -> None:
         """One block per parameter tensor, each of the parameter's size."""
@@ -199,10 +202,11 @@ class KronLaplace(ParametricLaplace):
         """The decomposition of ``sum_c r_c H_c``: cached for the last ``r``; built
         afresh (differentiable through ``eigh``) while ``r`` requires grad."""
         if r.requires_grad:
-            return self.H.decompose(r, damping=self.damping)
+            return self.H.decompose(r, self.damping, computed_in=self._dtype)
         cached = self._output_cache
         if cached is None or not torch.equal(cached[0], r):
-            cached = (r.clone(), self.H.decompose(r, damping=self.damping))
+            decomposed = self.H.decompose(r, self.damping, computed_in=self._dtype)
+            cached = (r.clone(), decomposed)
             self._output_cache = cached
         return cached[1]
 
@@ -220,7 +224,9 @@ class KronLaplace(ParametricLaplace):
         if self._per_output:
             return self._output_decomposed(self._curvature_scale()[1])
         if self._decomposed is None:
-            self._decomposed = self.H.decompose(damping=self.damping)
+            self._decomposed = self.H.decompose(
+                damping=self.damping, computed_in=self._dtype
+            )
         return self._decomposed
 
     def fit(self, train_loader, override: bool = True, progress_bar: bool = False):
@@ -298,7 +304,8 @@ class KronLaplace(ParametricLaplace):
 
     def _load_H(self, state: Any) -> Kron | OutputKron:
         kfacs = [
-            [F.to(self._device, self._dtype) for F in block] for block in state["kfacs"]
+            [F.to(self._device, self._curvature_dtype) for F in block]
+            for block in state["kfacs"]
         ]
         try:
             if "shared" in state:  # one noise per output
@@ -309,3 +316,10 @@ class KronLaplace(ParametricLaplace):
             raise ValueError(f"The state dict's Kronecker factors: {err}") from None
         self._check_layout(H, "The Kron of the state dict")
         return H
+
+
+def _in_dtype(K: Kron, dtype: torch.dtype) -> Kron:
+    """``K`` with its factors in ``dtype`` (itself when they are)."""
+    if all(F.dtype == dtype for block in K.kfacs for F in block):
+        return K
+    return Kron([[F.to(dtype) for F in block] for block in K.kfacs], K.averaged)

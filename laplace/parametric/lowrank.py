@@ -150,7 +150,8 @@ class LowRankLaplace(ParametricLaplace):
             method=self.eig_method,
             **self.eig_kwargs,
         )
-        eigenvalues, U = eigenvalues.to(self._dtype), U.to(self._dtype)
+        # kept in float32 for a 16-bit model, as the other structures' curvature
+        eigenvalues, U = eigenvalues.to(work), U.to(work)
         if not (torch.isfinite(eigenvalues).all() and torch.isfinite(U).all()):
             raise RuntimeError(
                 "The curvature's eigenpairs are not finite (NaN or inf)."
@@ -240,7 +241,7 @@ class LowRankLaplace(ParametricLaplace):
     def _build_form(self) -> LowRankPrecision:
         U, eigenvalues = self.H
         M = LowRankPlusDiagonal(
-            U, self._h_factor * eigenvalues, self.prior_precision_diag
+            U, self._h_factor * eigenvalues, self.prior_precision_diag.to(U.dtype)
         )
         return LowRankPrecision(M)
 
@@ -281,8 +282,8 @@ class LowRankLaplace(ParametricLaplace):
         return {"eigenvectors": U, "eigenvalues": eigenvalues}
 
     def _load_H(self, state: Any) -> tuple[Tensor, Tensor]:
-        U = state["eigenvectors"].to(self._device, self._dtype)
-        eigenvalues = state["eigenvalues"].to(self._device, self._dtype)
+        U = state["eigenvectors"].to(self._device, self._curvature_dtype)
+        eigenvalues = state["eigenvalues"].to(self._device, self._curvature_dtype)
         if U.shape[0] != self.n_params or eigenvalues.shape != U.shape[1:]:
             raise ValueError("The state dict's eigenpairs do not fit this model.")
         return U, eigenvalues

@@ -239,6 +239,47 @@ class KronPrecision(PrecisionForm):
         return out
 
 
+class CastForm(PrecisionForm):
+    """A form held in a wider dtype ``work`` (float32 for a float16 or bfloat16
+    model) seen in the model's ``dtype``: operands are cast to ``work``, results
+    back to ``dtype``. Other attributes are the form's (e.g. ``K``)."""
+
+    def __init__(self, form: PrecisionForm, work: torch.dtype, dtype: torch.dtype):
+        self.form, self.work, self.dtype = form, work, dtype
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["form"], name)
+
+    def logdet(self) -> Tensor:
+        return self.form.logdet().to(self.dtype)
+
+    def square_form(self, delta: Tensor) -> Tensor:
+        return self.form.square_form(delta.to(self.work)).to(delta.dtype)
+
+    def inv_square_form(self, J: Tensor) -> Tensor:
+        return self.form.inv_square_form(J.to(self.work)).to(J.dtype)
+
+    def inv_diag(self) -> Tensor:
+        return self.form.inv_diag().to(self.dtype)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.form.sample(n, generator).to(self.dtype)
+
+    def to_matrix(self) -> Tensor:
+        return self.form.to_matrix().to(self.dtype)
+
+    def eigenbases(self) -> list[Basis] | None:
+        bases = self.form.eigenbases()
+        if bases is None:
+            return None
+        return [
+            tuple(None if Q is None else Q.to(self.dtype) for Q in b) for b in bases
+        ]
+
+    def inverse_eigenvalues(self) -> list[Tensor]:
+        return [v.to(self.dtype) for v in self.form.inverse_eigenvalues()]
+
+
 def _parameter_basis(
     Qs: Sequence[Tensor | None], eigenvalues: Sequence[Tensor], shape: torch.Size
 ) -> Basis | None:

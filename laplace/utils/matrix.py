@@ -161,17 +161,20 @@ def _factor_diagonal(F: Tensor) -> Tensor:
     return F if _is_diag(F) else F.diagonal()
 
 
-def _factor_eigh(F: Tensor) -> tuple[Tensor | None, Tensor]:
+def _factor_eigh(
+    F: Tensor, computed_in: torch.dtype | None = None
+) -> tuple[Tensor | None, Tensor]:
     """Eigenpairs ``(Q, l)`` of a PSD factor, ``l`` clamped at 0; a diagonal factor
     gives ``(None, d)`` (``None``: the identity). Float16/bfloat16 factors are
     decomposed in float32, the result cast back. Warns about clearly negative
-    eigenvalues (more than round-off)."""
+    eigenvalues (more than the round-off of ``computed_in``, the dtype the factor's
+    entries were computed in: by default its own)."""
     if _is_diag(F):
         Q, lam = None, F
     else:
         lam, Q = torch.linalg.eigh(F.to(linalg_dtype(F.dtype)))
         lam, Q = lam.to(F.dtype), Q.to(F.dtype)
-    tol = torch.finfo(lam.dtype).eps ** 0.5
+    tol = torch.finfo(computed_in or lam.dtype).eps ** 0.5
     if lam.numel() and bool((lam < -tol * lam.abs().max()).any()):
         warnings.warn(
             "Kronecker factor has clearly negative eigenvalues "
@@ -402,6 +405,7 @@ class Kron:
         self,
         damping: bool = False,
         known: Sequence[Sequence[tuple[Tensor | None, Tensor] | None]] | None = None,
+        computed_in: torch.dtype | None = None,
     ) -> KronDecomposed:
         """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``;
         float16/bfloat16 factors are decomposed in float32, the result cast back).
@@ -418,6 +422,10 @@ class Kron:
             Per block and factor, an eigenpair ``(Q, l)`` computed before (e.g. of a
             factor that several curvatures share), used as it is; None where the
             factor is to be decomposed.
+        computed_in : torch.dtype, optional
+            the dtype the factors' entries were computed in, if less precise than
+            theirs (a 16-bit model's, summed in float32): negative eigenvalues
+            within its round-off are clamped without a warning.
 
         Returns
         -------
@@ -429,7 +437,7 @@ class Kron:
             for G, pair in done:
                 if G.shape == F.shape and G.dtype == F.dtype and torch.equal(G, F):
                     return pair
-            pair = _factor_eigh(F)
+            pair = _factor_eigh(F, computed_in)
             done.append((F, pair))
             return pair
 
