@@ -144,3 +144,26 @@ def test_a_16_bit_models_curvature_is_summed_in_float32(dtype, structure, device
     assert (in_float32 - exact).norm() < 0.1 * (in_low - exact).norm()
     # and the posterior is seen in the model's dtype
     assert la(X[:2])[1].dtype == dtype and la.sample(2).dtype == dtype
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_noise_per_output_in_16_bits_equals_float32(dtype, structure, device):
+    """A ``(C,)`` noise: the per-output curvatures in float32, the predictive and the
+    evidence in the model's dtype, equal to float32's to the digits it carries."""
+    model, X, y = _problem("regression", device)
+    results = {}
+    for run_dtype in (dtype, torch.float32):
+        m = copy.deepcopy(model).to(run_dtype)
+        sigma = torch.tensor([0.5, 2.0], device=device)
+        la = Laplace(m, "regression", "all", structure, sigma_noise=sigma)
+        data = TensorDataset(X.to(run_dtype), y.to(run_dtype))
+        la.fit(DataLoader(data, batch_size=8))
+        f_mu, f_var = la(X[:4].to(run_dtype))
+        results[run_dtype] = (f_var, la.log_marginal_likelihood())
+    f_var, lml = results[dtype]
+    assert f_var.dtype == dtype and lml.dtype == dtype
+    tol = HALF_TOL[dtype]
+    ref_var, ref_lml = results[torch.float32]
+    torch.testing.assert_close(f_var, ref_var.to(dtype), rtol=tol, atol=tol)
+    torch.testing.assert_close(lml, ref_lml.to(dtype), rtol=tol, atol=0)

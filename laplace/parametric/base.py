@@ -172,7 +172,8 @@ class ParametricLaplace(BaseLaplace):
         curvature per output ``sum_c H_c / (sigma_c^2 T)``."""
         factor = self._h_factor
         if self._per_output:
-            return torch.tensordot(factor.expand(self.H.shape[0]), self.H, dims=1)
+            weights = factor.expand(self.H.shape[0]).to(self.H.dtype)
+            return torch.tensordot(weights, self.H, dims=1)
         if factor.ndim == 1:  # one noise per output before fit: H is zero
             factor = factor.mean()
         return factor * self.H
