@@ -167,3 +167,22 @@ def test_one_noise_per_output_in_16_bits_equals_float32(dtype, structure, device
     ref_var, ref_lml = results[torch.float32]
     torch.testing.assert_close(f_var, ref_var.to(dtype), rtol=tol, atol=tol)
     torch.testing.assert_close(lml, ref_lml.to(dtype), rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("approximation", ["nystrom", "variational"])
+def test_ella_and_valla_refuse_16_bit_models_up_front(approximation, dtype, device):
+    model, X, _ = _problem("classification", device)
+    kwargs = {
+        "nystrom": {"subsample_size": 8, "n_eigenvalues": 2},
+        "variational": {"inducing_locations": X[:3].to(dtype)},
+    }[approximation]
+    with pytest.raises(ValueError, match=f"does not take {dtype} models yet"):
+        Laplace(
+            copy.deepcopy(model).to(dtype),
+            "classification",
+            "all",
+            "gp",
+            functional_approximation=approximation,
+            **kwargs,
+        )

@@ -78,6 +78,15 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
             backend_kwargs=backend_kwargs,
         )
         _check_gp_backend(self._backend_cls, self.backend_kwargs)
+        if torch.finfo(self._dtype).bits == 16:
+            raise ValueError(
+                f"{type(self).__name__} does not take {self._dtype} models yet (its "
+                "Nyström basis and inducing system would need float32 Jacobians). "
+                "Fit it on a float32 copy of the model (copy.deepcopy(model).float()), "
+                "or use FunctionalLaplace (hessian_structure='gp' without "
+                "functional_approximation) or a weight-space Laplace, which take "
+                "16-bit models."
+            )
         self.fit_history_: dict[str, list[Any]] = {}
 
     @BaseFunctionalLaplace.prior_precision.setter
