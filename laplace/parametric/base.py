@@ -372,7 +372,7 @@ class ParametricLaplace(BaseLaplace):
             log_prob = log_prob + 0.5 * (
                 self.log_det_posterior_precision - self.n_params * math.log(2 * math.pi)
             )
-        return log_prob
+        return log_prob.to(self._dtype)  # log det P in the curvature's dtype
 
     def _check_weights(self, value: Tensor) -> Tensor:
         if not isinstance(value, Tensor) or value.shape[-1:] != (self.n_params,):

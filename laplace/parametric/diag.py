@@ -56,10 +56,10 @@ class DiagLaplace(ParametricLaplace):
 
     @property
     def posterior_scale(self) -> Tensor:
-        """``p^-1/2`` ``(n_params,)``."""
-        return self.posterior_precision.rsqrt()
+        """``p^-1/2`` ``(n_params,)``, in the model's dtype."""
+        return self.posterior_precision.rsqrt().to(self._dtype)
 
     @property
     def posterior_variance(self) -> Tensor:
-        """``p^-1`` ``(n_params,)``."""
-        return 1 / self.posterior_precision
+        """``p^-1`` ``(n_params,)``, in the model's dtype."""
+        return (1 / self.posterior_precision).to(self._dtype)

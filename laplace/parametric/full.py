@@ -93,7 +93,7 @@ class FullLaplace(ParametricLaplace):
                         f"its smallest eigenvalue is {float(smallest):.3g}"
                     )
                 logdet = affine_log_sum(self._h_factor, self.prior_precision[0], lam)
-                return logdet.to(self._dtype)
+                return logdet.to(self._curvature_dtype)
         return super().log_det_posterior_precision
 
     @property

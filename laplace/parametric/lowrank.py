@@ -275,7 +275,8 @@ class LowRankLaplace(ParametricLaplace):
         """``((U, factor * l), p0)``: ``P = U diag(factor * l) U^T + diag(p0)``."""
         self._check_fitted("posterior_precision")
         U, eigenvalues = self.H
-        return (U, self._h_factor * eigenvalues), self.prior_precision_diag
+        prior = self.prior_precision_diag.to(U.dtype)
+        return (U, self._h_factor * eigenvalues), prior
 
     def _H_state(self) -> dict[str, Tensor]:
         U, eigenvalues = self.H

@@ -241,8 +241,12 @@ class KronPrecision(PrecisionForm):
 
 class CastForm(PrecisionForm):
     """A form held in a wider dtype ``work`` (float32 for a float16 or bfloat16
-    model) seen in the model's ``dtype``: operands are cast to ``work``, results
-    back to ``dtype``. Other attributes are the form's (e.g. ``K``)."""
+    model) seen in the model's ``dtype``: operands are cast to ``work``; what lives
+    in parameter or output space (variances, draws, square forms, the predictive's
+    terms) comes back in ``dtype``, while ``logdet`` and ``to_matrix``, terms of the
+    evidence and the precision itself, stay in ``work`` (a 16-bit log-determinant
+    of a few thousand would keep no digit after the point). Other attributes are
+    the form's (e.g. ``K``)."""
 
     def __init__(self, form: PrecisionForm, work: torch.dtype, dtype: torch.dtype):
         self.form, self.work, self.dtype = form, work, dtype
@@ -251,7 +255,7 @@ class CastForm(PrecisionForm):
         return getattr(self.__dict__["form"], name)
 
     def logdet(self) -> Tensor:
-        return self.form.logdet().to(self.dtype)
+        return self.form.logdet()
 
     def square_form(self, delta: Tensor) -> Tensor:
         return self.form.square_form(delta.to(self.work)).to(delta.dtype)
@@ -266,7 +270,7 @@ class CastForm(PrecisionForm):
         return self.form.sample(n, generator).to(self.dtype)
 
     def to_matrix(self) -> Tensor:
-        return self.form.to_matrix().to(self.dtype)
+        return self.form.to_matrix()
 
     def eigenbases(self) -> list[Basis] | None:
         bases = self.form.eigenbases()
