@@ -126,3 +126,39 @@ def test_every_posterior_query_of_a_16_bit_model_comes_in_its_dtype(structure, d
         assert value.dtype == (F32 if in_float32 else torch.bfloat16), name
         expected = results[F32][name].to(value.dtype)
         torch.testing.assert_close(value, expected, rtol=0.1, atol=0.1, msg=name)
+
+
+def test_a_16_bit_low_rank_plus_diagonal_computes_in_float32():
+    """``LowRankPlusDiagonal`` built from bfloat16 tensors (``laplace.utils.lowrank``
+    is public): its Woodbury factors, log-determinant and sampling factor run in
+    float32 and agree with the float32 object's to bfloat16's digits, in
+    bfloat16."""
+    from laplace.utils.lowrank import LowRankPlusDiagonal
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(8, 3, generator=g))
+    values = torch.tensor([4.0, 2.0, 1.0])
+    diagonal = torch.rand(8, generator=g) + 0.5
+    X = torch.randn(8, 2, generator=g)
+    J = torch.randn(2, 4, 8, generator=g)
+    half = LowRankPlusDiagonal(U.bfloat16(), values.bfloat16(), diagonal.bfloat16())
+    full = LowRankPlusDiagonal(
+        U.bfloat16().float(), values, diagonal.bfloat16().float()
+    )
+    tol = {"rtol": 0.05, "atol": 0.05}
+    for name, got, expected in (
+        ("solve", half.solve(X.bfloat16()), full.solve(X.bfloat16().float())),
+        (
+            "inv_square_form",
+            half.inv_square_form(J.bfloat16()),
+            full.inv_square_form(J.bfloat16().float()),
+        ),
+        ("logdet", half.logdet(), full.logdet()),
+    ):
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got.float(), expected, **tol, msg=name)
+    draws = half.sample(4000, torch.Generator().manual_seed(1))
+    assert draws.dtype == torch.bfloat16
+    covariance = draws.float().T.cov()
+    dense = torch.linalg.inv(full.to_matrix())
+    torch.testing.assert_close(covariance, dense, rtol=0.15, atol=0.05)
