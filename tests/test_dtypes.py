@@ -186,3 +186,18 @@ def test_ella_and_valla_refuse_16_bit_models_up_front(approximation, dtype, devi
             functional_approximation=approximation,
             **kwargs,
         )
+
+
+@pytest.mark.parametrize("structure", ["full", "kron"])
+def test_a_fitted_16_bit_laplace_copies_and_pickles(structure, device):
+    """With its float32 posterior built (``CastForm``), a bfloat16 Laplace object
+    deep-copies and pickles, and the copies predict as it does."""
+    import pickle
+
+    model, X, y = _problem("classification", device)
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    la = Laplace(model, "classification", "all", structure)
+    la.fit(DataLoader(TensorDataset(X.to(torch.bfloat16), y), batch_size=8))
+    expected = la(X[:3].to(torch.bfloat16))
+    for other in (copy.deepcopy(la), pickle.loads(pickle.dumps(la))):
+        torch.testing.assert_close(other(X[:3].to(torch.bfloat16)), expected)

@@ -252,7 +252,10 @@ class CastForm(PrecisionForm):
         self.form, self.work, self.dtype = form, work, dtype
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__["form"], name)
+        form = self.__dict__.get("form")  # absent while copy or pickle rebuild it
+        if form is None:
+            raise AttributeError(name)
+        return getattr(form, name)
 
     def logdet(self) -> Tensor:
         return self.form.logdet()
