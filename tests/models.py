@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from laplace.likelihood import OutputLikelihood
+
 
 def mlp(n_in=3, n_hidden=5, n_out=4, frozen=True) -> nn.Module:
     model = nn.Sequential(
@@ -68,3 +70,26 @@ def model(kind: str, n_out: int = 4, dtype=torch.float64, device="cpu") -> nn.Mo
     torch.manual_seed(0)
     m = cnn(n_out) if kind == "cnn" else mlp(n_out=n_out)
     return m.to(device, dtype)
+
+
+class NaturalHead(nn.Module):
+    """``(a, b) -> (a, -softplus(b) - 0.1)``: natural parameters with ``eta2 < 0``."""
+
+    def forward(self, f):
+        C = f.shape[1] // 2
+        return torch.cat([f[:, :C], -nn.functional.softplus(f[:, C:]) - 0.1], 1)
+
+
+class SoftplusPoisson(OutputLikelihood):
+    """A likelihood of one's own: counts ``y ~ Poisson(softplus(f))``, of which only
+    the Fisher ``diag(sigmoid(f)^2 / softplus(f))`` is given (``hessian``: the
+    library derives its square-root factor)."""
+
+    name = "softplus_poisson"
+
+    def loss(self, f, y):
+        rate = nn.functional.softplus(f)
+        return (rate - y * rate.log() + torch.lgamma(y + 1)).sum()
+
+    def hessian(self, f):
+        return torch.diag_embed(torch.sigmoid(f) ** 2 / nn.functional.softplus(f))

@@ -39,18 +39,10 @@ from laplace.curvature import (
 )
 from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.predictive import links
-from models import mlp
+from models import NaturalHead, mlp
 
 FAMILIES = ("binary", "multilabel", "poisson", "heteroscedastic_regression")
 DTYPE = torch.float64
-
-
-class NaturalHead(nn.Module):
-    """``(a, b) -> (a, -softplus(b) - 0.1)``: natural parameters with ``eta2 < 0``."""
-
-    def forward(self, f):
-        C = f.shape[1] // 2
-        return torch.cat([f[:, :C], -nn.functional.softplus(f[:, C:]) - 0.1], 1)
 
 
 def n_outputs(family: str, C: int = 3) -> int:

@@ -16,6 +16,7 @@ from laplace.likelihood import OutputLikelihood
 from laplace.parametric.kron import KronLaplace
 from laplace.streaming import convert, kron_ggn
 from tests import models, oracles
+from tests.models import NaturalHead, SoftplusPoisson
 
 INIT_PREC = 0.7
 
@@ -414,29 +415,6 @@ def test_the_default_initial_precision_is_zero(device):
 
 
 # -- every likelihood of laplace.likelihood ----------------------------------------
-class SoftplusPoisson(OutputLikelihood):
-    """A likelihood of one's own: counts ``y ~ Poisson(softplus(f))``, of which only
-    the Fisher ``diag(sigmoid(f)^2 / softplus(f))`` is given (``hessian``: the
-    engine derives its square-root factor)."""
-
-    name = "softplus_poisson"
-
-    def loss(self, f, y):
-        rate = nn.functional.softplus(f)
-        return (rate - y * rate.log() + torch.lgamma(y + 1)).sum()
-
-    def hessian(self, f):
-        return torch.diag_embed(torch.sigmoid(f) ** 2 / nn.functional.softplus(f))
-
-
-class NaturalHead(nn.Module):
-    """``(a, b) -> (a, -softplus(b) - 0.1)``: natural parameters with ``eta2 < 0``."""
-
-    def forward(self, f):
-        C = f.shape[1] // 2
-        return torch.cat([f[:, :C], -nn.functional.softplus(f[:, C:]) - 0.1], 1)
-
-
 #: the likelihoods beyond classification and regression; "user" is SoftplusPoisson()
 FAMILIES = [
     "binary",

@@ -24,6 +24,7 @@ from laplace.utils import (
     SubnetMask,
     fit_diagonal_swag_var,
 )
+from tests.models import NaturalHead, SoftplusPoisson
 
 DT = torch.float64
 
@@ -554,27 +555,6 @@ def test_select_once_and_mask_conversion():
 
 
 # -- the SWAG mask with every likelihood ---------------------------------------------
-class SoftplusPoisson(OutputLikelihood):
-    """A likelihood of one's own: counts ``y ~ Poisson(softplus(f))``."""
-
-    name = "softplus_poisson"
-
-    def loss(self, f, y):
-        rate = nn.functional.softplus(f)
-        return (rate - y * rate.log() + torch.lgamma(y + 1)).sum()
-
-    def hessian(self, f):
-        return torch.diag_embed(torch.sigmoid(f) ** 2 / nn.functional.softplus(f))
-
-
-class NaturalHead(nn.Module):
-    """``(a, b) -> (a, -softplus(b) - 0.1)``: natural parameters with ``eta2 < 0``."""
-
-    def forward(self, f):
-        C = f.shape[1] // 2
-        return torch.cat([f[:, :C], -nn.functional.softplus(f[:, C:]) - 0.1], 1)
-
-
 def _per_datum_mean(nll):
     """``(f, y) -> mean_n sum_c nll(f, y)[n, c]``, the criterion written out."""
     return lambda f, y: nll(f, y).reshape(len(f), -1).sum(1).mean()

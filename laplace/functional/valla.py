@@ -522,7 +522,7 @@ class VaLLA(ScalableFunctionalLaplace):
                     "inputs; use 'random' for mappings or token ids."
                 )
             X = torch.cat(X)
-            generator = torch.Generator().manual_seed(self.seed)
+            generator = torch.Generator(device=X.device).manual_seed(self.seed)
             centres = inducing.kmeans(X.flatten(1), self.num_inducing, generator)
             locations = centres.reshape(-1, *X.shape[1:])
             labels = torch.cat([y.reshape(len(y), -1) for _, y in data])

@@ -32,7 +32,6 @@ from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
 from laplace.utils._checks import check_positive_int
 from laplace.utils.lowrank import LowRankPlusDiagonal, top_eigenpairs
-from laplace.utils.matrix import linalg_dtype
 
 Tensor = torch.Tensor
 
@@ -134,9 +133,9 @@ class LowRankLaplace(ParametricLaplace):
             )
         operator, scale = self._operator(data, N, progress_bar)
 
-        # the eigensolver's linear algebra in float32 for a 16-bit model (no half
-        # QR on the CPU, too few digits); the products in the model's dtype
-        work = linalg_dtype(self._dtype)
+        # the eigensolver and the eigenpairs in the curvature's dtype (float32 for
+        # a 16-bit model: no half QR on the CPU); the products in the model's
+        work = self._curvature_dtype
 
         def matmat(X: Tensor) -> Tensor:
             return (scale * (operator @ X.to(self._dtype))).to(work)
@@ -150,8 +149,6 @@ class LowRankLaplace(ParametricLaplace):
             method=self.eig_method,
             **self.eig_kwargs,
         )
-        # kept in float32 for a 16-bit model, as the other structures' curvature
-        eigenvalues, U = eigenvalues.to(work), U.to(work)
         if not (torch.isfinite(eigenvalues).all() and torch.isfinite(U).all()):
             raise RuntimeError(
                 "The curvature's eigenpairs are not finite (NaN or inf)."
