@@ -481,7 +481,7 @@ class ELLA(ScalableFunctionalLaplace):
                 f"{self.n_params} parameters and n_eigenvalues="
                 f"{state_dict['n_eigenvalues']}."
             )
-        to = {"device": self._device, "dtype": self._dtype}
+        to = {"device": self._device, "dtype": self._work_dtype}
         self.subsample_size = state_dict["subsample_size"]
         self.n_eigenvalues = state_dict["n_eigenvalues"]
         self.seed = state_dict["seed"]

@@ -51,6 +51,8 @@ class LayerJacobian:
     shared : ``(N, C, out * in)`` per-example weight Jacobian, when the weight is
         treated and shared over positions.
     bias : whether the bias is treated.
+    dtype : the dtype of the entries when they are not the module's (a 16-bit
+        model's Jacobians taken to float32: ``JacobianSet.to``), else None.
     """
 
     module: nn.Module
@@ -59,6 +61,7 @@ class LayerJacobian:
     a: Tensor | None = None
     shared: Tensor | None = None
     bias: bool = False
+    dtype: torch.dtype | None = None
 
     def select(self, rows: slice) -> LayerJacobian:
         return LayerJacobian(
@@ -68,7 +71,20 @@ class LayerJacobian:
             None if self.a is None else self.a[rows],
             None if self.shared is None else self.shared[rows],
             self.bias,
+            self.dtype,
         )
+
+    def to(self, dtype: torch.dtype) -> LayerJacobian:
+        """The same Jacobian with its entries in ``dtype``."""
+        g, a, shared = (
+            None if t is None else t.to(dtype) for t in (self.g, self.a, self.shared)
+        )
+        return LayerJacobian(self.module, self.n, g, a, shared, self.bias, dtype)
+
+    def _ones_like_entries(self, shape: tuple[int, ...]) -> Tensor:
+        """Ones in the entries' dtype, on the module's device."""
+        ref = self.module.bias if self.module.bias is not None else self.module.weight
+        return torch.ones(shape, dtype=self.dtype or ref.dtype, device=ref.device)
 
     def numel(self) -> int:
         return sum(t.numel() for t in (self.g, self.a, self.shared) if t is not None)
@@ -91,7 +107,7 @@ class LayerJacobian:
         if self.g is not None:
             return self.g
         ref = self.module.weight
-        eye = torch.eye(n_outputs, dtype=ref.dtype, device=ref.device)
+        eye = torch.eye(n_outputs, dtype=self.dtype or ref.dtype, device=ref.device)
         return eye[:, None, :].expand(n_outputs, self.n, n_outputs)
 
 
@@ -116,6 +132,13 @@ class JacobianSet:
         return JacobianSet(
             n, self.n_outputs, [la.select(rows) for la in self.layers], explicit
         )
+
+    def to(self, dtype: torch.dtype) -> JacobianSet:
+        """The same Jacobians with their entries in ``dtype`` (a 16-bit model's
+        taken to float32 for the linear algebra that follows)."""
+        explicit = None if self.explicit is None else self.explicit.to(dtype)
+        layers = [layer.to(dtype) for layer in self.layers]
+        return JacobianSet(self.n, self.n_outputs, layers, explicit)
 
     def dense(self, params: Sequence[nn.Parameter]) -> Tensor:
         """The explicit Jacobian ``(N, C, P)`` in the order of ``params``."""
@@ -273,9 +296,7 @@ def _input_products(la: LayerJacobian, lb: LayerJacobian, diagonal: bool):
     if la.a is None and not la.bias:
         return None
     if la.a is None:
-        ref = la.module.bias
-        shape = (la.n,) if diagonal else (la.n, lb.n)
-        return torch.ones(shape, dtype=ref.dtype, device=ref.device)
+        return la._ones_like_entries((la.n,) if diagonal else (la.n, lb.n))
     prod = la.a.square().sum(-1) if diagonal else la.a @ lb.a.T
     return prod + 1 if la.bias else prod
 
@@ -422,6 +443,7 @@ def cat(sets: Sequence[JacobianSet]) -> JacobianSet:
                 join("a", 0),
                 join("shared", 0),
                 layer.bias,
+                layer.dtype,
             )
         )
     return JacobianSet(sum(s.n for s in sets), first.n_outputs, layers, explicit)

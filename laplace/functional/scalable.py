@@ -27,6 +27,7 @@ from laplace.data import Inputs, batch_size, split_batch, to_device
 from laplace.functional import kernel
 from laplace.functional.base import BaseFunctionalLaplace, _check_gp_backend
 from laplace.utils.enums import LinkApprox, PredType, parse_enum
+from laplace.utils.matrix import linalg_dtype
 
 Tensor = torch.Tensor
 
@@ -78,16 +79,24 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
             backend_kwargs=backend_kwargs,
         )
         _check_gp_backend(self._backend_cls, self.backend_kwargs)
-        if torch.finfo(self._dtype).bits == 16:
-            raise ValueError(
-                f"{type(self).__name__} does not take {self._dtype} models yet (its "
-                "Nyström basis and inducing system would need float32 Jacobians). "
-                "Fit it on a float32 copy of the model (copy.deepcopy(model).float()), "
-                "or use FunctionalLaplace (hessian_structure='gp' without "
-                "functional_approximation) or a weight-space Laplace, which take "
-                "16-bit models."
-            )
         self.fit_history_: dict[str, list[Any]] = {}
+
+    @property
+    def _work_dtype(self) -> torch.dtype:
+        """The dtype the Jacobians, the fitted posterior and its linear algebra are
+        held in: the model's, but float32 for float16 and bfloat16 models (which
+        have no decompositions on the CPU and too few digits for a kernel's
+        eigenvalues); the predictive comes back in the model's dtype."""
+        return linalg_dtype(self._dtype)
+
+    def _jacobian_set(
+        self, x: Inputs, create_graph: bool = False
+    ) -> tuple[Tensor, kernel.JacobianSet]:
+        """Outputs and Jacobians at ``x`` (the model's), in ``_work_dtype``."""
+        f, X = super()._jacobian_set(x, create_graph)
+        if f.dtype == self._work_dtype:
+            return f, X
+        return f.to(self._work_dtype), X.to(self._work_dtype)
 
     @BaseFunctionalLaplace.prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
@@ -147,7 +156,7 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
     def _jacobian_covariance(self, jacobians: Tensor, joint: bool) -> Tensor:
         """As ``_set_covariance`` from explicit Jacobians ``(N, C, P)``."""
         X = kernel.JacobianSet(*jacobians.shape[:2], [], jacobians)
-        return self._set_covariance(X, joint)
+        return self._set_covariance(X, joint).to(self._dtype)
 
     def _check_predictable(self) -> None:
         if not self.fitted:
@@ -167,6 +176,7 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
             f = f.detach()
         with torch.set_grad_enabled(self.enable_backprop and torch.is_grad_enabled()):
             cov = self._set_covariance(X, joint)
+        f, cov = f.to(self._dtype), cov.to(self._dtype)  # 16-bit models: theirs
         if joint:
             return f.flatten(), cov
         if diagonal_output:
@@ -180,7 +190,7 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
                 "jacobians must have shape (batch, outputs, "
                 f"{self.n_params}); got {tuple(jacobians.shape)}."
             )
-        return jacobians.to(self._dtype)
+        return jacobians.to(self._work_dtype)
 
     def functional_variance(self, jacobians: Tensor) -> Tensor:
         """Posterior covariance of each input's outputs from their Jacobians.

@@ -42,6 +42,7 @@ from laplace.likelihood import (
 )
 from laplace.predictive.links import sample_outputs
 from laplace.utils._checks import _check_int
+from laplace.utils.matrix import linalg_dtype
 
 Tensor = torch.Tensor
 
@@ -257,7 +258,7 @@ class VaLLA(ScalableFunctionalLaplace):
         self.inducing_classes = self._initial_classes.clone()
         self.L = nn.Parameter(
             inducing.identity_packed(
-                self.num_inducing, dtype=self._dtype, device=self._device
+                self.num_inducing, dtype=self._work_dtype, device=self._device
             )
         )
         self.generator = torch.Generator(device=self._device).manual_seed(self.seed)
@@ -274,7 +275,9 @@ class VaLLA(ScalableFunctionalLaplace):
     def prior_precision(self, value: float | Tensor) -> None:
         self._check_prior_precision(value)
         value = check_scalar_hyper(value, "prior_precision")
-        log = torch.tensor([math.log(value)], dtype=self._dtype, device=self._device)
+        log = torch.tensor(
+            [math.log(value)], dtype=self._work_dtype, device=self._device
+        )
         if self.log_prior_precision is None:
             self.log_prior_precision = nn.Parameter(log)
         else:
@@ -285,7 +288,7 @@ class VaLLA(ScalableFunctionalLaplace):
     def sigma_noise(self) -> Tensor:
         """``exp(log_noise_variance / 2)`` for regression, else 1 (0-dim)."""
         if self.log_noise_variance is None:
-            return torch.ones((), dtype=self._dtype, device=self._device)
+            return torch.ones((), dtype=self._work_dtype, device=self._device)
         return (0.5 * self.log_noise_variance).exp()
 
     @sigma_noise.setter
@@ -303,7 +306,9 @@ class VaLLA(ScalableFunctionalLaplace):
                     f"noise (got {value})."
                 )
             return
-        log = torch.tensor(2 * math.log(value), dtype=self._dtype, device=self._device)
+        log = torch.tensor(
+            2 * math.log(value), dtype=self._work_dtype, device=self._device
+        )
         if self.log_noise_variance is None:
             self.log_noise_variance = nn.Parameter(log)
         else:
@@ -479,7 +484,7 @@ class VaLLA(ScalableFunctionalLaplace):
             locations, labels = self._initial_locations, None
         locations = _as_locations(to_device(locations, self._device))
         with torch.no_grad():
-            C = self._forward_model(locations).shape[-1]
+            C = self._forward_model(self._model_input(locations)).shape[-1]
         classes = (
             self._initial_classes if labels is None else self._coordinates(labels, C)
         )
@@ -542,11 +547,19 @@ class VaLLA(ScalableFunctionalLaplace):
         return torch.arange(M) % C
 
     # -- the kernel and the objective ------------------------------------------------
+    def _model_input(self, locations):
+        """The inducing inputs as the model takes them: trained floating-point ones,
+        held in float32 for a 16-bit model, cast to its dtype (differentiably)."""
+        if isinstance(locations, Tensor) and locations.is_floating_point():
+            return locations.to(self._dtype)
+        return locations
+
     def _inducing_rows(self, create_graph: bool) -> Tensor:
         """``J_Z`` ``(M, P)``: the Jacobian row of each inducing output
         (differentiable in the inducing inputs with ``create_graph``)."""
         with torch.set_grad_enabled(create_graph):
-            _, Z = self._jacobian_set(self.inducing_locations, create_graph)
+            Z_in = self._model_input(self.inducing_locations)
+            _, Z = self._jacobian_set(Z_in, create_graph)
             classes = self.inducing_classes.to(self._device)
             return kernel.selected_rows(Z, classes, self.params)
 
@@ -671,7 +684,7 @@ class VaLLA(ScalableFunctionalLaplace):
             state_dict, {"cls_name", "likelihood", "model_fingerprint", "L"}
         )
         M = state_dict["inducing_classes"].shape[0]
-        to = {"device": self._device, "dtype": self._dtype}
+        to = {"device": self._device, "dtype": self._work_dtype}
         self.num_inducing = M
         self._strategy = state_dict["inducing_strategy"]
         self._initial_locations = state_dict["initial_inducing_locations"]
@@ -776,11 +789,12 @@ def _inducing_classes(classes, M: int, explicit: bool) -> Tensor:
 
 
 def _as_locations(locations):
-    """Floating-point tensors become a trainable copy; others stay fixed."""
-    if isinstance(locations, nn.Parameter):
-        return nn.Parameter(locations.detach().clone())
+    """Floating-point tensors become a trainable copy (float32 for 16-bit inputs:
+    Adam's moments underflow in half precision; the model sees them cast back,
+    ``VaLLA._model_input``); others stay fixed."""
     if isinstance(locations, Tensor) and locations.is_floating_point():
-        return nn.Parameter(locations.detach().clone())
+        work = linalg_dtype(locations.dtype)
+        return nn.Parameter(locations.detach().to(work, copy=True))
     return locations
 
 
