@@ -53,7 +53,8 @@ GALLERY := docs/assets/gallery
 gallery: $(STAMP)
 	mkdir -p $(GALLERY)
 	for example in regression calibration bayesopt calibration_gp marglik_training \
-			huggingface reward_modeling curvature transformer continual; do \
+			huggingface reward_modeling curvature transformer continual \
+			lora_multiple_choice; do \
 		$(PY) examples/$${example}_example.py --out $(GALLERY)/$$example.png || exit 1; \
 	done
 

@@ -4,6 +4,7 @@ loaders, dense linear algebra, Gaussian samples, prior precisions, validation)."
 
 from laplace.data import SoDSampler
 from laplace.utils._checks import _is_batchnorm, _is_valid_scalar
+from laplace.utils.answer_tokens import AnswerTokenModel
 from laplace.utils.batches import (
     batch_size,
     classification_targets,
@@ -58,6 +59,7 @@ from laplace.utils.swag import fit_diagonal_swag_var
 from laplace.utils.validation import get_nll, validate
 
 __all__ = [
+    "AnswerTokenModel",
     "FeatureExtractor",
     "FeatureReduction",
     "FunctionalApproximation",
