@@ -281,8 +281,11 @@ class FullLLLaplace(LLLaplace, FullLaplace):
 
 class KronLLLaplace(LLLaplace, KronLaplace):
     """Last-layer Laplace with a Kronecker-factored precision: ``G (x) A`` for the
-    weight (``C x C`` and ``D x D``), ``G`` for the bias; ``damping`` as in
-    ``laplace.parametric.KronLaplace``."""
+    weight (``C x C`` and ``D x D``), ``G`` for the bias; ``damping``,
+    ``low_rank_factors`` and ``low_rank_threshold`` as in
+    ``laplace.parametric.KronLaplace`` (with the default backend the low-rank
+    ``A`` is built from the features, ``G`` truncated from the ``(C, C)`` output
+    moments)."""
 
     key = ("last_layer", "kron")
 
@@ -303,6 +306,8 @@ class KronLLLaplace(LLLaplace, KronLaplace):
         damping: bool = False,
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
+        low_rank_factors: int | None = None,
+        low_rank_threshold: int = 1024,
     ) -> None:
         super().__init__(
             model,
@@ -320,6 +325,8 @@ class KronLLLaplace(LLLaplace, KronLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
             damping=damping,
+            low_rank_factors=low_rank_factors,
+            low_rank_threshold=low_rank_threshold,
         )
 
 

@@ -44,6 +44,7 @@ from torch import nn
 from laplace.curvature import rules, sequence_rules
 from laplace.curvature.rules import Fallback, Outer, Record, Rule, Term, Vectors
 from laplace.curvature.structures import DENSE_BLOCK_LIMIT, Tape, param_kron
+from laplace.utils.lowrank_factor import LowRankSpec, add_factor_
 
 Tensor = torch.Tensor
 FactorFn = Callable[[Tensor], Tensor]
@@ -616,11 +617,15 @@ def kron_by_columns(
     N_data: int,
     approx: str = "expand",
     into: list[list[Tensor]] | None = None,
+    low_rank: LowRankSpec | None = None,
 ) -> list[list[Tensor]]:
     """The Kronecker blocks (``structures.param_kron``) of all columns of ``M``
     ``(N, C, K)``, as many columns per backward pass as keep their gradients below
     ``_COLUMN_ENTRIES`` entries (one at a time for a large model), added block by
     block ``into`` the blocks of an accumulating ``Kron`` (in place) when given.
+    With ``low_rank`` the factors it applies to are ``LowRankFactor``s built from
+    the side vectors and added by stacking square roots (``add_factor_``): no
+    ``(n, n)`` factor is formed.
 
     The blocks of the chunks of ``c`` columns add factor by factor (each chunk counts
     its forward side ``c`` times, so that the sums are those of ``param_kron`` over
@@ -637,14 +642,14 @@ def kron_by_columns(
         grams: dict = {}
         column = []
         for i, p in enumerate(tape.params):
-            block = param_kron(tape, p, N_data, approx, grams)
+            block = param_kron(tape, p, N_data, approx, grams, low_rank)
             if len(block) == 2 and cols.shape[-1] != K:
                 block[1].mul_(cols.shape[-1] / K)  # a fresh tensor (_kron_pair)
             if total is None:
                 column.append(block)
             else:
                 for acc, part in zip(total[i], block, strict=True):
-                    acc.add_(part)
+                    add_factor_(acc, part)
         if total is None:
             total = column
         del tape, grams

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from laplace.utils.lowrank_factor import LowRankFactor, add_factor_, add_factors
 from laplace.utils.matrix import Kron
 
 KFAC_LAYERS = (nn.Linear, nn.Conv2d)
@@ -117,18 +118,20 @@ def merge_data_sets(
 
 
 def merge_factors(
-    old: Sequence[Sequence[torch.Tensor]],
-    new: Sequence[Sequence[torch.Tensor]],
+    old: Sequence[Sequence[torch.Tensor | LowRankFactor]],
+    new: Sequence[Sequence[torch.Tensor | LowRankFactor]],
     averaged: Sequence[int | None],
     n_old: int,
     n_new: int,
     inplace: bool = False,
-) -> list[list[torch.Tensor]]:
+) -> list[list[torch.Tensor | LowRankFactor]]:
     """The factors of ``n_old + n_new`` data from the factors ``old`` and ``new``
     (lists of blocks, as ``Kron.kfacs``) of two disjoint data sets: the factor at
     position ``averaged[i]`` of block ``i`` is the count-weighted mean of the two,
     every other factor their sum. Factors may carry leading dimensions (e.g. one
-    per output, ``laplace.curvature.output_kron``); the rule is entrywise. With
+    per output, ``laplace.curvature.output_kron``); the rule is entrywise. A
+    ``LowRankFactor`` (``laplace.utils.lowrank_factor``) takes the same rule: the
+    weighted mean or the sum, truncated to its rank (trace kept). With
     ``inplace``, ``old``'s tensors are updated in place."""
     w_old, w_new = n_old / (n_old + n_new), n_new / (n_old + n_new)
     blocks = []
@@ -137,9 +140,15 @@ def merge_factors(
         for j, (f, g) in enumerate(zip(block, other, strict=True)):
             if inplace:
                 merged.append(
-                    f.mul_(w_old).add_(g, alpha=w_new) if j == mean else f.add_(g)
+                    add_factor_(f.mul_(w_old), g, alpha=w_new)
+                    if j == mean
+                    else add_factor_(f, g)
                 )
             else:
-                merged.append(w_old * f + w_new * g if j == mean else f + g)
+                merged.append(
+                    add_factors(w_old * f, w_new * g)
+                    if j == mean
+                    else add_factors(f, g)
+                )
         blocks.append(merged)
     return blocks

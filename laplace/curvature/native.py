@@ -27,6 +27,7 @@ from laplace.curvature.curvature import (
 from laplace.curvature.kron_assembly import LayerFactors, assemble_kron, kfac_layers
 from laplace.data import Inputs
 from laplace.utils.enums import Likelihood
+from laplace.utils.lowrank_factor import LowRankSpec
 from laplace.utils.matrix import Kron
 
 
@@ -85,13 +86,25 @@ class NativeInterface(CurvatureInterface):
 
     #: ``kron(..., into=H)`` adds the batch's factors into ``H`` in place
     accumulates_kron: ClassVar[bool] = True
+    #: ``kron(..., low_rank=spec)`` builds low-rank factors from the side vectors
+    builds_low_rank_kron: ClassVar[bool] = True
 
     def kron(
-        self, x: Inputs, y: torch.Tensor, N: int, into: Kron | None = None, **kwargs
+        self,
+        x: Inputs,
+        y: torch.Tensor,
+        N: int,
+        into: Kron | None = None,
+        low_rank: LowRankSpec | None = None,
+        **kwargs,
     ):
         """Kronecker-factored curvature of the batch (see ``CurvatureInterface``);
         with ``into``, a ``Kron`` of the same layout (an earlier batch's), the
-        batch's factors are added to it in place and it is returned."""
+        batch's factors are added to it in place and it is returned. With
+        ``low_rank`` the factors it applies to are ``LowRankFactor``s built from
+        the side vectors (``engine.kron_by_columns``); a linear last layer's
+        output-side factor, formed from the output moments ``(C, C)``, is
+        truncated."""
         self._check_structure("kron")
         self._check_batch(x, y)
         if N <= 0:
@@ -102,7 +115,11 @@ class NativeInterface(CurvatureInterface):
             # G = sum_n Lambda_n, A = phi^T phi: no factor per datum
             layers = kfac_layers(module, params)
             _, loss, (_, G) = self.last_layer_moments(module, inputs, y)
-            A = inputs.T @ inputs if module.weight.requires_grad else None
+            A = None
+            if module.weight.requires_grad:
+                A = inputs.T @ inputs if low_rank is None else low_rank.gram(inputs)
+            if low_rank is not None:
+                G = low_rank.truncate(G)
             factors = {name: LayerFactors(G, A) for name, _ in layers}
             K = assemble_kron(params, layers, factors, N)
             if into is not None:
@@ -119,10 +136,13 @@ class NativeInterface(CurvatureInterface):
         recording = engine.record(module, params, inputs)
         M = factor(recording.f.detach())
         loss = self.lik.loss(recording.outputs, targets["y"])
+        approx = self.kfac_approx
         if into is not None:
-            engine.kron_by_columns(recording, M, N, self.kfac_approx, into.kfacs)
+            engine.kron_by_columns(recording, M, N, approx, into.kfacs, low_rank)
             return loss, into
-        return loss, Kron(engine.kron_by_columns(recording, M, N, self.kfac_approx))
+        return loss, Kron(
+            engine.kron_by_columns(recording, M, N, approx, None, low_rank)
+        )
 
     def full(self, x: Inputs, y: torch.Tensor, **kwargs: Any):
         self._warn_once(self._target_module())

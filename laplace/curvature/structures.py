@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from laplace.curvature.rules import Outer, Term, Vectors
+from laplace.utils.lowrank_factor import LowRankFactor, LowRankSpec, add_factors
 
 Tensor = torch.Tensor
 
@@ -234,8 +235,13 @@ def _term_apply_transposed(term: Term, U: Tensor) -> Tensor:
 
 # -- Kronecker factors ----------------------------------------------------------------
 def param_kron(
-    tape: Tape, p: nn.Parameter, N_data: int, approx: str, grams: dict
-) -> list[Tensor]:
+    tape: Tape,
+    p: nn.Parameter,
+    N_data: int,
+    approx: str,
+    grams: dict,
+    low_rank: LowRankSpec | None = None,
+) -> list[Tensor | LowRankFactor]:
     """The block of ``p`` in ``laplace.utils.matrix.Kron`` for one batch (the engine's
     ``kron_by_columns`` runs it over the parameters and chunks of columns).
 
@@ -253,6 +259,11 @@ def param_kron(
     diagonal (a 1-D block). ``grams`` (a dict, empty at first) remembers the
     products of the backpropagated sides over the parameters of one batch, so that
     a weight and its bias compute theirs once.
+
+    With ``low_rank`` every dense factor (or dense block) of a dimension it applies
+    to is built as a ``LowRankFactor`` directly from its side vectors
+    (``LowRankSpec.gram``: ``V^T V`` is never formed); diagonal factors stay
+    diagonal.
     """
     terms = tape.of(p)
     outer = [t for t in terms if isinstance(t, Outer)]
@@ -260,12 +271,19 @@ def param_kron(
     if terms and len(outer) == len(terms) and len(views) == 1:
         (view,) = views
         if p.ndim == 1 and view[1] == 1 and all(t.g_rows for t in outer):
-            return [_side_sum(outer, tape.K, "g", approx, grams)]
-        return _kron_pair(outer, tape.K, N_data, approx, grams)
+            return [_side_sum(outer, tape.K, "g", approx, grams, low_rank)]
+        return _kron_pair(outer, tape.K, N_data, approx, grams, low_rank)
     if p.numel() <= DENSE_BLOCK_LIMIT:
         V = param_vectors(tape, p)
-        return [symmetric_gram(V.reshape(-1, V.shape[-1]))]
+        return [_gram_of(V.reshape(-1, V.shape[-1]), low_rank, symmetric_gram)]
     return [param_diagonal(tape, p)]
+
+
+def _gram_of(V: Tensor, low_rank: LowRankSpec | None, dense=None):
+    """``V^T V`` of rows ``V`` ``(m, n)``: ``dense(V)`` (default ``_gram``), or a
+    ``LowRankFactor`` where ``low_rank`` applies to ``n``."""
+    dense = dense or _gram
+    return dense(V) if low_rank is None else low_rank.gram(V, dense)
 
 
 def _reduced(term: Outer, approx: str) -> Outer:
@@ -275,20 +293,26 @@ def _reduced(term: Outer, approx: str) -> Outer:
 
 
 def _side_sum(
-    terms: list[Outer], K: int, side: str, approx: str, grams: dict
-) -> Tensor:
+    terms: list[Outer],
+    K: int,
+    side: str,
+    approx: str,
+    grams: dict,
+    low_rank: LowRankSpec | None = None,
+) -> Tensor | LowRankFactor:
     """``sum_i u_i u_i^T`` over the vectors ``u`` of one side of the terms: the
     backpropagated side (``'g'``) or the forward side (``'a'``, counted ``K`` times);
     a diagonal (1-D) when every forward side is one-hot. ``grams`` remembers the
     products of the backpropagated sides by tensor (a weight and its bias share
-    one), handing out copies (the blocks are accumulated in place)."""
+    one), handing out copies (the blocks are accumulated in place). With
+    ``low_rank``, a ``LowRankFactor`` from the vectors where it applies."""
     total = None
     for term in terms:
         if side == "g":
             key = (same_tensor_key(term.g), approx)
             if key not in grams:
                 g = _reduced(term, approx).g
-                grams[key] = (_gram(g.reshape(-1, g.shape[-1])), term.g)
+                grams[key] = (_gram_of(g.reshape(-1, g.shape[-1]), low_rank), term.g)
                 part = grams[key][0]
             else:
                 part = grams[key][0].clone()
@@ -299,13 +323,8 @@ def _side_sum(
             part = K * counts.to(term.g.dtype)
         else:
             a = _reduced(term, approx).a
-            part = _gram(a.reshape(-1, a.shape[-1])).mul_(K)
-        if total is None:
-            total = part
-        elif total.ndim != part.ndim:
-            total = _as_matrix(total) + _as_matrix(part)
-        else:
-            total = total + part
+            part = _gram_of(a.reshape(-1, a.shape[-1]), low_rank).mul_(K)
+        total = part if total is None else add_factors(total, part)
     return total
 
 
@@ -321,33 +340,31 @@ def _gram(V: Tensor) -> Tensor:
     return V.T @ V if V.shape[1] <= 1024 else symmetric_gram(V)
 
 
-def _as_matrix(F: Tensor) -> Tensor:
-    return torch.diag(F) if F.ndim == 1 else F
-
-
-def _kron_pair(terms: list[Outer], K: int, N_data: int, approx: str, grams: dict):
+def _kron_pair(
+    terms: list[Outer],
+    K: int,
+    N_data: int,
+    approx: str,
+    grams: dict,
+    low_rank: LowRankSpec | None = None,
+):
     rows_side = [t for t in terms if t.g_rows]
     cols_side = [t for t in terms if not t.g_rows]
     # the row factor: g of row-g terms, a of the others; the column factor likewise
-    left = _mixed_sum(rows_side, "g", cols_side, "a", K, approx, grams)
-    right = _mixed_sum(rows_side, "a", cols_side, "g", K, approx, grams)
+    left = _mixed_sum(rows_side, "g", cols_side, "a", K, approx, grams, low_rank)
+    right = _mixed_sum(rows_side, "a", cols_side, "g", K, approx, grams, low_rank)
     T = sum(1 if approx == "reduce" and t.index is None else t.positions for t in terms)
     right = right / (K * T * N_data)  # out of place: the gram may be shared
     return [left, right]
 
 
-def _mixed_sum(first, side1, second, side2, K, approx, grams):
+def _mixed_sum(first, side1, second, side2, K, approx, grams, low_rank=None):
     parts = []
     if first:
-        parts.append(_side_sum(first, K, side1, approx, grams))
+        parts.append(_side_sum(first, K, side1, approx, grams, low_rank))
     if second:
-        parts.append(_side_sum(second, K, side2, approx, grams))
-    if len(parts) == 1:
-        return parts[0]
-    a, b = parts
-    if a.ndim != b.ndim:
-        return _as_matrix(a) + _as_matrix(b)
-    return a + b
+        parts.append(_side_sum(second, K, side2, approx, grams, low_rank))
+    return parts[0] if len(parts) == 1 else add_factors(*parts)
 
 
 # -- Jacobian factors (M = I) ----------------------------------------------------------

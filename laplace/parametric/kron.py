@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,7 +11,9 @@ from laplace.curvature.kron_assembly import merge_data_sets
 from laplace.curvature.output_kron import OutputKron
 from laplace.parametric.base import ParametricLaplace, _all_finite
 from laplace.parametric.precision import KronPrecision
+from laplace.utils._checks import _check_int, check_positive_int
 from laplace.utils.logdet import affine_log_sum, spectral_eigenvalues
+from laplace.utils.lowrank_factor import LowRankFactor, LowRankSpec, spectral_groups
 from laplace.utils.matrix import Kron, KronDecomposed, damped_factor_eigenvalues
 
 Tensor = torch.Tensor
@@ -42,6 +45,28 @@ class KronLaplace(ParametricLaplace):
     eigenvalues (``laplace.utils.logdet.spectral_eigenvalues``), finite at repeated
     ones.
 
+    **Low-rank factors** (``low_rank_factors=r``, the approach of Laplace-LoRA for
+    the adapters of a language model, whose factors are ``width x width`` and
+    ``3 width x 3 width``): every Kronecker factor (and dense single block) of
+    dimension ``n > low_rank_threshold`` (and ``n > r``) is kept as
+    ``F = U diag(s) U^T + c I`` (``laplace.utils.LowRankFactor``): its ``r``
+    leading eigenpairs, exact, and ``c``, the mean of the rest of its spectrum, so
+    that the trace is kept. Memory is ``O(r n)`` per factor; with the default
+    backend (``NativeGGN``/``NativeEF``) no ``(n, n)`` factor is formed during
+    ``fit``: each batch's factor is built from its side vectors (activations,
+    backpropagated gradients) by a thin SVD of the stacked square roots, and
+    batches are added by stacking square roots and truncating again. Other
+    backends hand over dense per-batch factors, which are truncated as they arrive
+    (the per-batch factor is then dense for a moment). Because the remainder is
+    isotropic, ``G (x) A + d I`` and its damped form stay exactly
+    eigendecomposable (the complement of ``span(U)`` is one eigenspace), so the
+    evidence and its gradients, the predictives, sampling and the posterior
+    precision are exact for the kept factors; the approximation is in the factors
+    alone, and is exact where a factor has rank at most ``r`` (e.g. fewer data
+    rows than ``r``). The GLM predictive then takes the Jacobian route (there is
+    no complete eigenbasis to rotate the Jacobian factors into). One noise per
+    output is refused.
+
     Parameters
     ----------
     damping : bool, default=False
@@ -49,6 +74,14 @@ class KronLaplace(ParametricLaplace):
         (A + sqrt(d/c))`` for the curvature scaled by ``c`` (``(G + sqrt(d)) (x)
         (A + sqrt(d))`` at ``c = 1``), instead of to their product
         (``c G (x) A + d``).
+    low_rank_factors : int, optional
+        ``r >= 1``, the number of eigenpairs kept per low-rank factor; None (the
+        default) keeps every factor dense. Choose ``r`` by memory (``r (n + 1)``
+        numbers per factor) and by how fast the factor's spectrum decays: what is
+        beyond the ``r``-th eigenvalue is flattened into ``c``.
+    low_rank_threshold : int, default=1024
+        ``>= 0``: factors of dimension above it are low rank, smaller ones stay
+        dense (exact).
 
     Notes
     -----
@@ -56,6 +89,7 @@ class KronLaplace(ParametricLaplace):
     override=False)`` adds the summed factors (output side) and averages the
     factor marked ``Kron.averaged`` (input side) over all data seen, so fits on two
     halves equal one fit on the whole; both fits must have the same layout.
+    Low-rank factors are merged the same way, truncated again.
     """
 
     key = ("all", "kron")
@@ -76,8 +110,14 @@ class KronLaplace(ParametricLaplace):
         damping: bool = False,
         backend_kwargs=None,
         asdl_fisher_kwargs=None,
+        low_rank_factors: int | None = None,
+        low_rank_threshold: int = 1024,
     ) -> None:
         self.damping = bool(damping)
+        #: which factors are kept as ``LowRankFactor`` (None: all dense)
+        self.low_rank: LowRankSpec | None = _low_rank_spec(
+            low_rank_factors, low_rank_threshold
+        )
         super().__init__(
             model,
             likelihood,
@@ -102,14 +142,21 @@ class KronLaplace(ParametricLaplace):
             )
 
     def _init_H(self) -> Kron:
-        return Kron.init_from_model(self.params, self._device, self._curvature_dtype)
+        return Kron.init_from_model(
+            self.params, self._device, self._curvature_dtype, low_rank=self.low_rank
+        )
 
     def _curvature_of(self, backend, x, y, N):
+        kwargs = {}
+        if self.low_rank is not None and getattr(
+            backend, "builds_low_rank_kron", False
+        ):
+            kwargs["low_rank"] = self.low_rank  # no dense factor is formed
         into = getattr(self, "_accumulating", None)
         if into is not None and getattr(backend, "accumulates_kron", False):
             # the batch's factors are added in place: no second Kron in memory
-            return backend.kron(x, y, N=N, into=into)
-        return backend.kron(x, y, N=N)
+            return backend.kron(x, y, N=N, into=into, **kwargs)
+        return backend.kron(x, y, N=N, **kwargs)
 
     def _fit_accumulator(self) -> None:
         self._accumulating: Kron | None = None
@@ -121,6 +168,11 @@ class KronLaplace(ParametricLaplace):
             # the engine hands over fresh tensors; others may keep (and reuse) theirs
             fresh = getattr(self.backend, "accumulates_kron", False)
             H = H_batch if fresh else H_batch.clone()
+            if self.low_rank is not None:  # dense factors from another backend
+                H = Kron(
+                    [[self.low_rank.truncate(F) for F in block] for block in H.kfacs],
+                    H.averaged,
+                )
             H = _in_dtype(H, self._curvature_dtype)
             self._accumulating = H
             return H
@@ -161,13 +213,29 @@ class KronLaplace(ParametricLaplace):
             )
         return merge_data_sets(H_old, H_new, n_old, n_new)
 
+    def _check_output_fit(self) -> None:
+        if self.low_rank is not None:
+            raise ValueError(
+                "low_rank_factors is not available with one sigma_noise per output "
+                f"(shape {tuple(self.sigma_noise.shape)}): the per-output curvature "
+                "keeps dense factors. Use a scalar sigma_noise or "
+                "low_rank_factors=None."
+            )
+        super()._check_output_fit()
+
     @staticmethod
     def _is_finite(H: Kron | OutputKron) -> bool:
         if not isinstance(H, (Kron, OutputKron)):  # before its entries are read
             raise TypeError(
                 f"The backend's Kron must be a Kron, got {type(H).__name__}."
             )
-        return all(_all_finite(F) for block in H.kfacs for F in block)
+        return all(
+            all(_all_finite(t) for t in F.tensors())
+            if isinstance(F, LowRankFactor)
+            else _all_finite(F)
+            for block in H.kfacs
+            for F in block
+        )
 
     def _on_new_curvature(self) -> None:
         super()._on_new_curvature()
@@ -243,7 +311,7 @@ class KronLaplace(ParametricLaplace):
             self._check_fitted("log_det_posterior_precision")
             return self._output_log_det()
         K, c = self.H_decomposed, self._h_factor
-        if not self.damping and self.prior_precision.numel() == 1:
+        if not self.damping and self.prior_precision.numel() == 1 and not K.low_rank:
             # every eigenvalue of P is c * h + d with the same d: one pass over all
             return affine_log_sum(c, self.prior_precision[0], self._flat_eigenvalues())
         return self._log_det(K.eigenvalues, c)
@@ -265,7 +333,9 @@ class KronLaplace(ParametricLaplace):
 
     def _log_det(self, eigenvalues: list[list[Tensor]], c: Tensor) -> Tensor:
         """``log det(c K + p0)`` (damped where ``damping``) from the eigenvalues of
-        ``K``'s factors, block by block."""
+        ``K``'s factors, block by block; a low-rank factor's by groups
+        (``spectral_groups``: its ``U`` and its complement, counted with its
+        multiplicity)."""
         deltas = (
             self.prior_precision.expand(len(eigenvalues))
             if self.prior_precision.numel() == 1
@@ -273,14 +343,18 @@ class KronLaplace(ParametricLaplace):
         )
         total = torch.zeros((), dtype=self._dtype, device=self._device)
         for values, delta in zip(eigenvalues, deltas):
-            if len(values) == 1:
-                total = total + affine_log_sum(c, delta, values[0])
-            elif self.damping:
-                # the damped eigenvalues g_i a_j separate over i and j
-                g, a = damped_factor_eigenvalues(c * values[0], values[1], delta, c)
-                total = total + len(a) * g.log().sum() + len(g) * a.log().sum()
-            else:
-                total = total + affine_log_sum(c, delta, values[0], values[1])
+            for group in spectral_groups([None] * len(values), values):
+                times = math.prod(part.multiplicity for part in group)
+                parts = [part.values for part in group]
+                if len(parts) == 1:
+                    term = affine_log_sum(c, delta, parts[0])
+                elif self.damping:
+                    # the damped eigenvalues g_i a_j separate over i and j
+                    g, a = damped_factor_eigenvalues(c * parts[0], parts[1], delta, c)
+                    term = len(a) * g.log().sum() + len(g) * a.log().sum()
+                else:
+                    term = affine_log_sum(c, delta, parts[0], parts[1])
+                total = total + (term if times == 1 else times * term)
         return total
 
     def _build_form(self) -> KronPrecision:
@@ -297,16 +371,27 @@ class KronLaplace(ParametricLaplace):
     def _H_state(self) -> dict[str, Any]:
         if self._per_output:
             return self.H.state()
-        return {
-            "kfacs": [list(block) for block in self.H.kfacs],
+        return {  # a LowRankFactor as its plain state (a dict of tensors)
+            "kfacs": [
+                [F.state() if isinstance(F, LowRankFactor) else F for F in block]
+                for block in self.H.kfacs
+            ],
             "averaged": list(self.H.averaged),
         }
 
     def _load_H(self, state: Any) -> Kron | OutputKron:
-        kfacs = [
-            [F.to(self._device, self._curvature_dtype) for F in block]
-            for block in state["kfacs"]
-        ]
+        try:
+            kfacs = [
+                [
+                    (LowRankFactor.from_state(F) if isinstance(F, dict) else F).to(
+                        self._device, self._curvature_dtype
+                    )
+                    for F in block
+                ]
+                for block in state["kfacs"]
+            ]
+        except ValueError as err:
+            raise ValueError(f"The state dict's Kronecker factors: {err}") from None
         try:
             if "shared" in state:  # one noise per output
                 H = OutputKron(kfacs, state["shared"], state["averaged"])
@@ -316,6 +401,14 @@ class KronLaplace(ParametricLaplace):
             raise ValueError(f"The state dict's Kronecker factors: {err}") from None
         self._check_layout(H, "The Kron of the state dict")
         return H
+
+
+def _low_rank_spec(rank: int | None, threshold: int) -> LowRankSpec | None:
+    """The checked ``low_rank_factors`` and ``low_rank_threshold`` (None: dense)."""
+    threshold = _check_int(threshold, "low_rank_threshold", minimum=0)
+    if rank is None:
+        return None
+    return LowRankSpec(check_positive_int(rank, "low_rank_factors"), threshold)
 
 
 def _in_dtype(K: Kron, dtype: torch.dtype) -> Kron:

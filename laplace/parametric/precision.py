@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from laplace.utils.lowrank import LowRankPlusDiagonal
+from laplace.utils.lowrank_factor import is_low_rank
 from laplace.utils.matrix import KronDecomposed, linalg_dtype
 
 Tensor = torch.Tensor
@@ -218,8 +219,9 @@ class KronPrecision(PrecisionForm):
         """``(Q_out, Q_in)`` for a parameter of shape ``(out, ...)`` with at least two
         dimensions, ``(Q,)`` for the others (``None``: the identity), or ``None``
         when a block has no eigenbasis of that form: a pair not split as
-        ``(out, prod(...))`` or over a vector parameter, or a dense single block of
-        a matrix parameter (see ``_parameter_basis``)."""
+        ``(out, prod(...))`` or over a vector parameter, a dense single block of a
+        matrix parameter, or a low-rank factor, whose complement is never formed
+        (see ``_parameter_basis``); the predictive then takes the Jacobian."""
         K = self.K
         bases = [
             _parameter_basis(Qs, values, shape)
@@ -292,6 +294,8 @@ def _parameter_basis(
 ) -> Basis | None:
     """The eigenbasis of a block in the layout of its parameter (see
     ``KronPrecision.eigenbases``), or ``None`` where there is none."""
+    if any(is_low_rank(values) for values in eigenvalues):
+        return None  # U and a complement without a basis
     if len(shape) < 2:
         return tuple(Qs) if len(Qs) == 1 else None
     if len(Qs) == 2:

@@ -35,6 +35,7 @@ from laplace.utils.linalg import (
     kron,
     symeig,
 )
+from laplace.utils.lowrank_factor import LowRankFactor
 from laplace.utils.matrix import Kron, KronDecomposed
 from laplace.utils.metrics import RunningNLLMetric
 from laplace.utils.prior_precision import (
@@ -72,6 +73,7 @@ __all__ = [
     "LastLayerSubnetMask",
     "Likelihood",
     "LinkApprox",
+    "LowRankFactor",
     "ModuleNameSubnetMask",
     "ParamNameSubnetMask",
     "PredType",

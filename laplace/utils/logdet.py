@@ -118,6 +118,12 @@ def spectral_eigenvalues(F: Tensor, Q: Tensor | None, lam: Tensor) -> Tensor:
     torch.Tensor
         ``(n,)``, equal to ``lam``.
     """
+    if not isinstance(F, Tensor):
+        raise TypeError(
+            "spectral_eigenvalues takes a dense or diagonal factor (a tensor); got "
+            f"{type(F).__name__}. A LowRankFactor's eigenvalues are exact already "
+            "(laplace.utils.lowrank_factor)."
+        )
     if not F.requires_grad:
         return lam
     first = F if Q is None else (Q * (F @ Q)).sum(0)  # q_i^T F q_i

@@ -21,6 +21,14 @@ factor is the diagonal of token counts); both factors of a pair may be diagonal.
 Every operation below works on the factors (diagonal ones as vectors) and never
 forms a Kronecker product, except in the ``to_matrix`` methods meant for testing.
 
+A large factor may also be *low rank plus isotropic*, ``F = U diag(s) U^T + c I``
+(``laplace.utils.lowrank_factor.LowRankFactor``, ``O(r n)`` memory). The complement
+of ``span(U)`` is one eigenspace of ``F``, so the eigenbasis of a block is still a
+Kronecker product of the factors' eigenbases, each ``U`` plus a complement that is
+never formed: every operation below stays exact for that representation, damped
+or not (``laplace.utils.lowrank_factor`` holds the formulas; this module only
+dispatches to them).
+
 ``Kron`` holds the factors; ``KronDecomposed`` holds their eigenpairs plus
 additive ``deltas`` (e.g. a prior precision) and supports arbitrary real powers.
 The eigenvalues of a diagonal factor are its entries and its eigenvectors the
@@ -37,6 +45,18 @@ from numbers import Number
 
 import torch
 from torch import nn
+
+from laplace.utils.lowrank_factor import (
+    LowRankFactor,
+    LowRankSpec,
+    add_factor_,
+    add_factors,
+    is_low_rank,
+    spectral_diagonal,
+    spectral_grid,
+    spectral_logdet,
+    spectral_matmul,
+)
 
 #: half-precision dtypes have no linear algebra (eigh, Cholesky, solves) on the CPU
 _HALF = (torch.float16, torch.bfloat16)
@@ -69,22 +89,25 @@ def _check_blocks(blocks: Sequence[Sequence[Tensor]], name: str) -> _Blocks:
 
 
 def _check_factors(kfacs: _Blocks) -> None:
-    """Every factor is a vector (a diagonal factor) or a square matrix."""
+    """Every factor is a vector (a diagonal factor), a square matrix or a
+    ``LowRankFactor``."""
     for i, block in enumerate(kfacs):
         for j, F in enumerate(block):
+            if isinstance(F, LowRankFactor):
+                continue
             if not isinstance(F, Tensor) or not (
                 F.ndim == 1 or (F.ndim == 2 and F.shape[0] == F.shape[1])
             ):
                 got = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
                 raise ValueError(
-                    f"kfacs[{i}][{j}] must be a square matrix (n, n) or a vector "
-                    f"(n,) standing for its diagonal; got {got}."
+                    f"kfacs[{i}][{j}] must be a square matrix (n, n), a vector "
+                    f"(n,) standing for its diagonal or a LowRankFactor; got {got}."
                 )
 
 
-def _is_diag(F: Tensor) -> bool:
+def _is_diag(F: Tensor | LowRankFactor) -> bool:
     """Whether a factor is stored as its diagonal: a vector ``d`` for ``diag(d)``."""
-    return F.ndim == 1
+    return isinstance(F, Tensor) and F.ndim == 1
 
 
 def _dims(block: Sequence[Tensor]) -> tuple[int, ...]:
@@ -102,6 +125,8 @@ def _dense(F: Tensor | None, n: int, like: Tensor) -> Tensor:
     for ``None`` (on ``like``'s device and dtype). For testing only."""
     if F is None:
         return torch.eye(n, dtype=like.dtype, device=like.device)
+    if isinstance(F, LowRankFactor):
+        return F.to_dense()
     # contiguous: torch.kron of an identity and a strided eigh basis fails
     return torch.diag(F) if _is_diag(F) else F.contiguous()
 
@@ -110,6 +135,8 @@ def _left(F: Tensor | None, X: Tensor) -> Tensor:
     """``F X`` over the second-to-last axis of ``X``; ``None`` is the identity."""
     if F is None:
         return X
+    if isinstance(F, LowRankFactor):
+        return F.matmul(X)
     return F[:, None] * X if _is_diag(F) else F @ X
 
 
@@ -117,6 +144,8 @@ def _right(X: Tensor, F: Tensor | None) -> Tensor:
     """``X F^T`` over the last axis of ``X``; ``None`` is the identity."""
     if F is None:
         return X
+    if isinstance(F, LowRankFactor):
+        return F.rmatmul(X)
     return X * F if _is_diag(F) else X @ F.mT
 
 
@@ -151,13 +180,17 @@ def _eigen_matmul(
     return _block_matmul(Qs, rotated * lam.flatten(), dims)
 
 
-def _factor_logdet(F: Tensor) -> Tensor:
+def _factor_logdet(F: Tensor | LowRankFactor) -> Tensor:
     """``log det F`` (``sum log d`` for a diagonal factor), in ``linalg_dtype``."""
+    if isinstance(F, LowRankFactor):
+        return F.logdet()
     F = F.to(linalg_dtype(F.dtype))
     return F.log().sum() if _is_diag(F) else torch.logdet(F)
 
 
-def _factor_diagonal(F: Tensor) -> Tensor:
+def _factor_diagonal(F: Tensor | LowRankFactor) -> Tensor:
+    if isinstance(F, LowRankFactor):
+        return F.diagonal()
     return F if _is_diag(F) else F.diagonal()
 
 
@@ -168,7 +201,10 @@ def _factor_eigh(
     gives ``(None, d)`` (``None``: the identity). Float16/bfloat16 factors are
     decomposed in float32, the result cast back. Warns about clearly negative
     eigenvalues (more than the round-off of ``computed_in``, the dtype the factor's
-    entries were computed in: by default its own)."""
+    entries were computed in: by default its own). A ``LowRankFactor`` is its own
+    eigendecomposition: ``(U, LowRankSpectrum)``."""
+    if isinstance(F, LowRankFactor):
+        return F.U, F.eigenvalues()
     if _is_diag(F):
         Q, lam = None, F
     else:
@@ -265,9 +301,10 @@ class Kron:
         One entry per parameter tensor: a pair ``[F1, F2]`` representing
         ``F1 (x) F2`` over the parameter viewed row-major as ``(n1, n2)`` (``[G, A]``,
         output side first, from ``init_from_model`` and the built-in backends), or
-        a single block ``[B]``. Each factor is a square matrix ``(n, n)`` or a vector
-        ``(n,)`` standing for the diagonal matrix ``diag(d)``: ``[d]`` is a diagonal
-        block, ``[a, G]`` is ``diag(a) (x) G``.
+        a single block ``[B]``. Each factor is a square matrix ``(n, n)``, a vector
+        ``(n,)`` standing for the diagonal matrix ``diag(d)`` (``[d]`` is a diagonal
+        block, ``[a, G]`` is ``diag(a) (x) G``) or a ``LowRankFactor``
+        ``U diag(s) U^T + c I`` (``laplace.utils.lowrank_factor``).
     averaged : list[int or None], optional
         Per block, the position of the factor that is an average over the data set
         rather than a sum (``A`` of ``[G, A]``), or None where all factors are sums.
@@ -301,6 +338,7 @@ class Kron:
         model: nn.Module | Iterable[nn.Parameter],
         device: torch.device | str | None,
         dtype: torch.dtype | None = None,
+        low_rank: LowRankSpec | None = None,
     ) -> Kron:
         """Zero factors matching the parameters that require grad.
 
@@ -315,6 +353,9 @@ class Kron:
             Device of the factors; ``None`` keeps each parameter's device.
         dtype : torch.dtype, optional
             Dtype of the factors; defaults to each parameter's dtype.
+        low_rank : laplace.utils.lowrank_factor.LowRankSpec, optional
+            factors of the dimensions it applies to are zero ``LowRankFactor``s
+            (no ``(n, n)`` matrix is formed).
 
         Returns
         -------
@@ -327,16 +368,16 @@ class Kron:
                 continue
             kw = {"device": p.device if device is None else device}
             kw["dtype"] = p.dtype if dtype is None else dtype
+
+            def zeros(n: int, kw=kw) -> Tensor | LowRankFactor:
+                if low_rank is not None and low_rank.applies(n):
+                    return LowRankFactor.zeros(n, low_rank.rank, **kw)
+                return torch.zeros(n, n, **kw)
+
             if p.ndim >= 2:
-                p_in = p.numel() // p.shape[0]
-                kfacs.append(
-                    [
-                        torch.zeros(p.shape[0], p.shape[0], **kw),
-                        torch.zeros(p_in, p_in, **kw),
-                    ]
-                )
+                kfacs.append([zeros(p.shape[0]), zeros(p.numel() // p.shape[0])])
             else:
-                kfacs.append([torch.zeros(p.numel(), p.numel(), **kw)])
+                kfacs.append([zeros(p.numel())])
         return Kron(kfacs)
 
     def __len__(self) -> int:
@@ -353,7 +394,8 @@ class Kron:
 
     def __add__(self, other: Kron) -> Kron:
         """Add factor by factor: ``[F1 + F1', F2 + F2']`` and ``[B + B']`` (diagonal
-        factors as vectors).
+        factors as vectors; a sum with a ``LowRankFactor`` is one, truncated to its
+        rank).
 
         This accumulates factors over batches; it is *not* the sum of the two
         Kronecker products, ``F1 (x) F2 + F1' (x) F2'``.
@@ -361,7 +403,7 @@ class Kron:
         self._check_addable(other)
         return Kron(
             [
-                [f + g for f, g in zip(a, b, strict=True)]
+                [add_factors(f, g) for f, g in zip(a, b, strict=True)]
                 for a, b in zip(self.kfacs, other.kfacs, strict=True)
             ],
             self.averaged,
@@ -372,7 +414,7 @@ class Kron:
         self._check_addable(other)
         for a, b in zip(self.kfacs, other.kfacs, strict=True):
             for f, g in zip(a, b, strict=True):
-                f.add_(g)
+                add_factor_(f, g)
         return self
 
     def _check_addable(self, other: Kron) -> None:
@@ -409,7 +451,9 @@ class Kron:
     ) -> KronDecomposed:
         """Eigendecompose every factor, ``F = Q diag(l) Q^T`` (``torch.linalg.eigh``;
         float16/bfloat16 factors are decomposed in float32, the result cast back).
-        A diagonal factor ``d`` gives ``l = d`` and ``Q = None`` (the identity).
+        A diagonal factor ``d`` gives ``l = d`` and ``Q = None`` (the identity); a
+        ``LowRankFactor`` is its own decomposition, ``Q = U`` ``(n, k)`` and ``l`` a
+        ``LowRankSpectrum`` (``s + c`` on ``U``, ``c`` on its complement).
 
         The factors are PSD by construction, so eigenvalues are clamped at zero to
         remove round-off; a warning is emitted if a clearly negative one is found.
@@ -433,7 +477,9 @@ class Kron:
         """
         done: list[tuple[Tensor, tuple]] = []  # equal factors are decomposed once
 
-        def eigh_once(F: Tensor) -> tuple:
+        def eigh_once(F: Tensor | LowRankFactor) -> tuple:
+            if isinstance(F, LowRankFactor):
+                return _factor_eigh(F)
             for G, pair in done:
                 if G.shape == F.shape and G.dtype == F.dtype and torch.equal(G, F):
                     return pair
@@ -529,12 +575,22 @@ class KronDecomposed:
     ``None``, the identity: that of a diagonal factor (``Kron.decompose``), whose
     eigenvalues are its entries (neither sorted nor formed into a matrix).
 
+    A low-rank factor ``U diag(s) U^T + c I`` (``LowRankFactor``) has the
+    eigenvectors ``U`` ``(n, k)`` and, as eigenvalues, a ``LowRankSpectrum``:
+    ``s + c`` on ``U`` and ``c`` on the complement of ``span(U)`` (multiplicity
+    ``n - k``, its basis never formed). A block with such a factor is applied by
+    splitting each vector into its part in ``span(U)`` and the residual (for a
+    pair, four groups of eigenvalues: U or complement on each side;
+    ``laplace.utils.lowrank_factor.spectral_matmul``), exactly, at any exponent,
+    damped or not. Code that reads ``eigenvalues`` directly must handle a
+    ``LowRankSpectrum`` (``eigen_parts`` gives the multiplicities) or refuse it.
+
     Parameters
     ----------
     eigenvectors : list[list[torch.Tensor or None]]
         ``[Q_G, Q_A]`` or ``[Q]`` per block, mirroring ``Kron.kfacs``; ``None`` for
-        the identity.
-    eigenvalues : list[list[torch.Tensor]]
+        the identity; ``U`` ``(n, k)`` for a low-rank factor.
+    eigenvalues : list[list[torch.Tensor or LowRankSpectrum]]
         ``[l_G, l_A]`` or ``[l]`` per block.
     deltas : torch.Tensor, optional
         Added to each block, e.g. a prior precision: a scalar (shape ``()`` or
@@ -556,6 +612,15 @@ class KronDecomposed:
             raise ValueError(
                 "eigenvectors and eigenvalues must have the same structure."
             )
+        for i, (Qs, lams) in enumerate(zip(self.eigenvectors, self.eigenvalues)):
+            for j, (Q, lam) in enumerate(zip(Qs, lams)):
+                shape = (lam.n, lam.values.shape[0]) if is_low_rank(lam) else None
+                if shape is not None and (Q is None or tuple(Q.shape) != shape):
+                    got = None if Q is None else tuple(Q.shape)
+                    raise ValueError(
+                        f"eigenvectors[{i}][{j}] of a LowRankSpectrum must be U of "
+                        f"shape {shape}; got {got}."
+                    )
         self.damping = damping
         self.deltas = self._check_deltas(0.0 if deltas is None else deltas)
         #: the product of the scalars this was multiplied by (``*``), which the
@@ -630,23 +695,55 @@ class KronDecomposed:
             scale.detach() if isinstance(scale, Tensor) else scale,
         )
 
+    @property
+    def low_rank(self) -> bool:
+        """Whether a factor is low rank (``LowRankSpectrum`` eigenvalues)."""
+        return any(self._low_rank_block(i) for i in range(len(self)))
+
+    def _low_rank_block(self, i: int) -> bool:
+        return any(is_low_rank(lam) for lam in self.eigenvalues[i])
+
+    def _combine(self, i: int, exponent: float = 1) -> Callable[..., Tensor]:
+        """``lam ** exponent`` of block ``i`` as a function of its factors'
+        eigenvalues (broadcast against each other): ``l + d`` for a single block,
+        ``g a + d`` for a pair, ``damped_factor_eigenvalues`` multiplied when
+        damped."""
+        delta, n_factors = self.deltas[i], len(self.eigenvalues[i])
+
+        def combine(*values: Tensor) -> Tensor:
+            if n_factors == 1:
+                lam = values[0] + delta
+            elif self.damping:
+                g, a = damped_factor_eigenvalues(*values, delta, self.scale)
+                lam = g * a
+            else:
+                lam = values[0] * values[1] + delta
+            return lam if exponent == 1 else lam**exponent
+
+        return combine
+
     def block_eigenvalues(self, i: int, exponent: float = 1) -> Tensor:
-        """``lam ** exponent`` of block ``i``: shape ``(n1, n2)`` or ``(n,)``."""
-        vals, delta = self.eigenvalues[i], self.deltas[i]
+        """``lam ** exponent`` of block ``i``: shape ``(n1, n2)`` or ``(n,)``. With a
+        low-rank factor all of them, the complement's repeated (``spectral_grid``:
+        one value per parameter of the block), in the order of the eigenbasis
+        ``[U, U_perp]`` whose complement is never formed."""
+        vals, combine = self.eigenvalues[i], self._combine(i, exponent)
+        if self._low_rank_block(i):
+            return spectral_grid(vals, combine)
         if len(vals) == 1:
-            lam = vals[0] + delta
-        elif self.damping:
-            lam = torch.outer(
-                *damped_factor_eigenvalues(vals[0], vals[1], delta, self.scale)
-            )
-        else:
-            lam = torch.outer(vals[0], vals[1]) + delta
-        return lam if exponent == 1 else lam**exponent
+            return combine(vals[0])
+        return combine(vals[0][:, None], vals[1][None, :])
 
     def logdet(self) -> Tensor:
-        """Log determinant ``sum log lam`` over all blocks, deltas included (0-dim)."""
+        """Log determinant ``sum log lam`` over all blocks, deltas included (0-dim);
+        a low-rank factor's complement counts with its multiplicity."""
         return sum(
-            (self.block_eigenvalues(i).log().sum() for i in range(len(self))),
+            (
+                spectral_logdet(self.eigenvalues[i], self._combine(i))
+                if self._low_rank_block(i)
+                else self.block_eigenvalues(i).log().sum()
+                for i in range(len(self))
+            ),
             start=torch.zeros((), dtype=self.deltas.dtype, device=self.deltas.device),
         )
 
@@ -666,15 +763,16 @@ class KronDecomposed:
             Same shape as ``W``.
         """
         fns = [
-            lambda X, i=i: _eigen_matmul(
-                self.eigenvectors[i],
-                self.block_eigenvalues(i, exponent),
-                X,
-                _dims(self.eigenvalues[i]),
-            )
-            for i in range(len(self))
+            lambda X, i=i: self._apply_block(i, X, exponent) for i in range(len(self))
         ]
         return _apply_blockwise(W, self.block_sizes(), fns)
+
+    def _apply_block(self, i: int, X: Tensor, exponent: float) -> Tensor:
+        Qs, vals = self.eigenvectors[i], self.eigenvalues[i]
+        if self._low_rank_block(i):
+            return spectral_matmul(Qs, vals, self._combine(i, exponent), X)
+        lam = self.block_eigenvalues(i, exponent)
+        return _eigen_matmul(Qs, lam, X, _dims(vals))
 
     def inv_square_form(self, W: Tensor) -> Tensor:
         """``W M^-1 W^T`` per batch element, computed as ``V V^T``, ``V = W M^-1/2``.
@@ -700,9 +798,14 @@ class KronDecomposed:
         """
         diags = []
         for i, Qs in enumerate(self.eigenvectors):
+            vals = self.eigenvalues[i]
+            if self._low_rank_block(i):
+                combine = self._combine(i, exponent)
+                diags.append(spectral_diagonal(Qs, vals, combine))
+                continue
             lam = self.block_eigenvalues(i, exponent).flatten()
             squares = [_square(Q) for Q in Qs]
-            diags.append(_block_matmul(squares, lam, _dims(self.eigenvalues[i])))
+            diags.append(_block_matmul(squares, lam, _dims(vals)))
         return torch.cat(diags)
 
     def to_matrix(self, exponent: float = 1) -> Tensor:
@@ -710,6 +813,14 @@ class KronDecomposed:
         blocks = []
         for i, Qs in enumerate(self.eigenvectors):
             vals = self.eigenvalues[i]
+            if self._low_rank_block(i):  # the complement's basis is never formed
+                eye = torch.eye(
+                    math.prod(_dims(vals)),
+                    dtype=self.deltas.dtype,
+                    device=self.deltas.device,
+                )
+                blocks.append(self._apply_block(i, eye, exponent))
+                continue
             dense = [_dense(Q, l.shape[0], l) for Q, l in zip(Qs, vals, strict=True)]
             Q = torch.kron(*dense) if len(dense) == 2 else dense[0]
             lam = self.block_eigenvalues(i, exponent).flatten()
