@@ -308,6 +308,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         low_rank_factors: int | None = None,
         low_rank_threshold: int = 1024,
+        curvature_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -327,6 +328,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
             damping=damping,
             low_rank_factors=low_rank_factors,
             low_rank_threshold=low_rank_threshold,
+            curvature_dtype=curvature_dtype,
         )
 
 

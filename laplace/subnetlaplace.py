@@ -78,6 +78,7 @@ class SubnetLaplace(ParametricLaplace):
         enable_backprop: bool = False,
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
+        curvature_dtype: torch.dtype | None = None,
     ) -> None:
         self.subnetwork_indices = _as_indices(subnetwork_indices)
         super().__init__(
@@ -93,6 +94,7 @@ class SubnetLaplace(ParametricLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
+            curvature_dtype=curvature_dtype,
         )
 
     def _select_params(self) -> list[nn.Parameter]:

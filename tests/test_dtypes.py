@@ -50,14 +50,21 @@ def _problem(likelihood, device):
     return model, X.to(device), y.to(device)
 
 
-def _run(model, X, y, likelihood, subset, structure, dtype):
-    """Everything a user calls, in ``dtype``: the outputs, by name."""
+def _fit(model, X, y, likelihood, subset, structure, dtype, **kwargs):
+    """A copy of ``model`` in ``dtype`` and its Laplace approximation, fitted."""
     model = copy.deepcopy(model).to(dtype)
     X = X.to(dtype)
     y = y.to(dtype) if y.is_floating_point() else y
-    kwargs = {"n_subset": 16} if structure == "gp" else {}  # the GP on all data
+    if structure == "gp":
+        kwargs["n_subset"] = 16  # the GP on all data
     la = Laplace(model, likelihood, subset, structure, **kwargs)
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
+    return la, X
+
+
+def _run(model, X, y, likelihood, subset, structure, dtype, **kwargs):
+    """Everything a user calls, in ``dtype``: the outputs, by name."""
+    la, X = _fit(model, X, y, likelihood, subset, structure, dtype, **kwargs)
     out = {"pred": la(X[:4]), "lml": la.log_marginal_likelihood()}
     la.optimize_prior_precision(method="marglik", n_steps=20)
     out["prior_precision"] = la.prior_precision
@@ -93,6 +100,91 @@ def test_outputs_keep_the_model_dtype_and_values(
             torch.testing.assert_close(got[name], expected, rtol=tol, atol=tol)
         else:  # evidences of ~10 and tuned precisions: relative digits only
             torch.testing.assert_close(got[name], expected, rtol=tol, atol=0)
+
+
+def _tensors(H) -> list:
+    """The tensors a curvature holds (a tensor, a Kron's factors, a tuple's)."""
+    if isinstance(H, torch.Tensor):
+        return [H]
+    if hasattr(H, "kfacs"):
+        return [F for block in H.kfacs for F in block]
+    return [t for part in H for t in _tensors(part)]
+
+
+CURVATURE_DTYPE_CASES = [
+    ("all", "full"),
+    ("all", "kron"),
+    ("all", "diag"),
+    ("all", "lowrank"),
+    ("last_layer", "full"),
+    ("last_layer", "kron"),
+    ("last_layer", "diag"),
+]
+
+
+@pytest.mark.parametrize(("subset", "structure"), CURVATURE_DTYPE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_curvature_dtype_float64_holds_the_curvature_in_float64(
+    dtype, subset, structure, device
+):
+    """``curvature_dtype=torch.float64``: the curvature and the posterior precision
+    are float64; the predictive, the evidence, the tuned prior and the samples
+    come in the model's dtype and equal the default's (float32 curvature) to the
+    digits of that dtype."""
+    model, X, y = _problem("regression", device)
+    wide = torch.float64
+    la, _ = _fit(model, X, y, "regression", subset, structure, dtype,
+                 curvature_dtype=wide)  # fmt: skip
+    assert all(t.dtype == wide for t in _tensors(la.H))
+    if structure in ("full", "diag"):
+        assert la.posterior_precision.dtype == wide
+    got = _run(model, X, y, "regression", subset, structure, dtype,
+               curvature_dtype=wide)  # fmt: skip
+    reference = _run(model, X, y, "regression", subset, structure, dtype)
+    tol = HALF_TOL.get(dtype, 1e-4)
+    for name, value in got.items():
+        assert value.dtype == dtype, name
+        if name != "sample":  # draws differ between dtypes
+            torch.testing.assert_close(value, reference[name], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_curvature_dtype_float64_sums_a_float32_models_batches_in_float64(
+    structure, device
+):
+    """Over 32 batches of a float32 model, ``curvature_dtype=torch.float64`` sums
+    the batches' float32 curvatures in float64: their exact sum, closer to it than
+    the default float32 sum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(device)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(128, 3, generator=g).to(device)
+    y = torch.randn(128, 2, generator=g).to(device)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)
+    fits = {}
+    for dtype in (None, torch.float64):
+        la = Laplace(model, "regression", "all", structure, curvature_dtype=dtype)
+        la.fit(loader)
+        fits[dtype] = la
+    batches = _batch_curvatures(fits[None], loader, structure, 128)
+    flat = _flat if structure == "kron" else (lambda H: H)
+    exact = sum(flat(H).double() for H in batches)
+    wide, default = flat(fits[torch.float64].H), flat(fits[None].H)
+    assert wide.dtype == torch.float64 and default.dtype == torch.float32
+    torch.testing.assert_close(wide, exact, rtol=1e-12, atol=1e-12)
+    assert (wide - exact).norm() < 1e-3 * (default.double() - exact).norm()
+
+
+def test_curvature_dtype_refuses_what_it_cannot_hold(device):
+    model, _, _ = _problem("regression", device)
+    for bad in (torch.float16, torch.bfloat16, torch.int64, "float64"):
+        with pytest.raises(ValueError, match="curvature_dtype must be None"):
+            Laplace(model, "regression", "all", "full", curvature_dtype=bad)
+    with pytest.raises(ValueError, match="less precise than the torch.float64"):
+        Laplace(
+            copy.deepcopy(model).double(), "regression", "all", "kron",
+            curvature_dtype=torch.float32,
+        )  # fmt: skip
 
 
 def _batch_curvatures(la, loader, structure, N):

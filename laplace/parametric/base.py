@@ -46,19 +46,51 @@ class GLMTerms:
     features: Tensor | None = None
 
 
+#: the dtypes a curvature may be asked to be held in (``curvature_dtype``)
+CURVATURE_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_curvature_dtype(dtype: Any) -> torch.dtype | None:
+    """``curvature_dtype``: None (the default) or float32 or float64."""
+    if dtype is None or dtype in CURVATURE_DTYPES:
+        return dtype
+    raise ValueError(
+        f"curvature_dtype must be None (the model's dtype, float32 for 16-bit "
+        f"models), torch.float32 or torch.float64; got {dtype!r}."
+    )
+
+
 class ParametricLaplace(BaseLaplace):
     """Laplace approximation with a posterior precision over the treated weights.
 
-    See ``laplace.baselaplace.BaseLaplace`` for the parameters. Subclasses
+    See ``laplace.baselaplace.BaseLaplace`` for the other parameters. Subclasses
     implement ``_init_H``, ``_curvature_batch``, ``_add_curvature`` and
     ``_build_form``.
+
+    Parameters
+    ----------
+    curvature_dtype : torch.dtype, optional
+        the dtype the curvature is accumulated, decomposed and factored in, and
+        ``H``, ``posterior_precision`` and ``posterior_covariance`` are held in:
+        ``torch.float64`` on request (an ill-conditioned curvature, many batches),
+        by default the model's dtype, float32 for float16 and bfloat16 models.
+        The predictives, samples, variances and the evidence come back in the
+        model's dtype. Less precise than the default is refused.
     """
 
     #: ``(subset_of_weights, hessian_structure)`` of the class, for the registry and
     #: for state dicts
     key: ClassVar[tuple[str, str]]
 
-    def __init__(self, model, likelihood, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model,
+        likelihood,
+        *args: Any,
+        curvature_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._requested_curvature_dtype = _check_curvature_dtype(curvature_dtype)
         self._mean: Tensor | None = None
         self.H: Any = None
         #: whether ``H`` holds one curvature per output ``(C, ...)`` (a per-output
@@ -67,6 +99,8 @@ class ParametricLaplace(BaseLaplace):
         self._output_loss: Tensor | None = None
         super().__init__(model, likelihood, *args, **kwargs)
         self._check_backend_likelihood(self.lik)
+        if self._bound:  # a curvature_dtype less precise than the model's: now
+            _ = self._curvature_dtype
         self._on_new_curvature()
 
     def _check_backend_likelihood(self, lik) -> None:
@@ -79,11 +113,22 @@ class ParametricLaplace(BaseLaplace):
     @property
     def _curvature_dtype(self) -> torch.dtype:
         """The dtype the curvature is accumulated, decomposed and factored in: the
-        model's, but float32 for float16 and bfloat16 models (a sum over many
-        batches in 16 bits keeps two or three digits, and half precision has no
-        decompositions on the CPU). The predictives, the evidence and the samples
-        come back in the model's dtype (``CastForm``)."""
-        return linalg_dtype(self._dtype)
+        ``curvature_dtype`` asked for, else the model's, but float32 for float16
+        and bfloat16 models (a sum over many batches in 16 bits keeps two or three
+        digits, and half precision has no decompositions on the CPU). The
+        predictives, the evidence and the samples come back in the model's dtype
+        (``CastForm``)."""
+        default = linalg_dtype(self._dtype)
+        requested = self._requested_curvature_dtype
+        if requested is None or requested == default:
+            return default
+        if torch.finfo(requested).bits < torch.finfo(default).bits:
+            raise ValueError(
+                f"curvature_dtype={requested} is less precise than the {self._dtype} "
+                f"model's curvature needs ({default}); use curvature_dtype=None or "
+                "torch.float64."
+            )
+        return requested
 
     @property
     def mean(self) -> Tensor | None:

@@ -112,6 +112,7 @@ class KronLaplace(ParametricLaplace):
         asdl_fisher_kwargs=None,
         low_rank_factors: int | None = None,
         low_rank_threshold: int = 1024,
+        curvature_dtype: torch.dtype | None = None,
     ) -> None:
         self.damping = bool(damping)
         #: which factors are kept as ``LowRankFactor`` (None: all dense)
@@ -131,6 +132,7 @@ class KronLaplace(ParametricLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
+            curvature_dtype=curvature_dtype,
         )
 
     def _check_prior_precision(self, value: Tensor) -> None:

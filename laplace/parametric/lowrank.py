@@ -81,6 +81,7 @@ class LowRankLaplace(ParametricLaplace):
         rank: int = 20,
         eig_method: str = "lanczos",
         eig_kwargs: dict[str, Any] | None = None,
+        curvature_dtype: torch.dtype | None = None,
     ) -> None:
         if backend is CurvatureInterface:  # laplace-torch's default: none chosen
             backend = None
@@ -97,6 +98,7 @@ class LowRankLaplace(ParametricLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
+            curvature_dtype=curvature_dtype,
         )
         check_positive_int(rank, "rank")
         if eig_method not in ("lanczos", "randomized"):
