@@ -182,6 +182,13 @@ def test_conversions_refuse_what_they_cannot_convert(device):
     unfitted = Laplace(model, "classification", "all", "full")
     with pytest.raises(RuntimeError, match="not fitted"):
         convert.from_laplace(unfitted)
+    low_rank = Laplace(
+        model, "classification", "all", "kron", low_rank_factors=1,
+        low_rank_threshold=1,
+    )  # fmt: skip
+    low_rank.fit(loader)
+    with pytest.raises(ValueError, match=r"keeps low-rank factors \(low_rank_f"):
+        convert.from_laplace(low_rank)
 
 
 # -- the state as a prior ------------------------------------------------------------

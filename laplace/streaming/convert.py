@@ -265,6 +265,13 @@ def from_laplace(la: Any):
 
 
 def _kron_state(la: Any, params: dict[str, Tensor]) -> KronLaplaceState:
+    if getattr(la, "low_rank", None) is not None:
+        raise ValueError(
+            "from_laplace takes a KronLaplace with dense factors; this one keeps "
+            f"low-rank factors (low_rank_factors={la.low_rank.rank}), which the "
+            "streaming updates (kron_ggn) do not build. Fit it without "
+            "low_rank_factors, or keep using the KronLaplace."
+        )
     prior = la.prior_precision.detach()
     if prior.numel() != 1:
         raise ValueError(
