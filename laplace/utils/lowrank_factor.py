@@ -83,23 +83,32 @@ def truncate(B: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     Returns
     -------
     U, s, c_new : torch.Tensor
-        ``U`` ``(n, k)`` with ``k = min(rank, m, n)``: the eigenvectors of the ``k``
-        largest eigenvalues ``lam`` of ``B B^T`` (thin SVD of ``B``, a fresh
-        tensor); ``c_new = c + sum(lam[k:]) / (n - k)``, the mean of the other
-        ``n - k`` eigenvalues of ``F``; ``s = lam[:k] + c - c_new >= 0``, so that
-        ``U diag(s) U^T + c_new I`` has the eigenpairs ``(lam_i + c, u_i)`` of
-        ``F`` and its trace.
+        ``U`` ``(n, k)`` with ``k = min(rank, rank of B)``: the eigenvectors of the
+        ``k`` largest eigenvalues ``lam`` of ``B B^T`` (from the eigenpairs of the
+        Gram ``B^T B``; ``m <= n`` in practice); ``c_new = c + sum(lam[k:]) /
+        (n - k)``, the mean of the other ``n - k`` eigenvalues of ``F``;
+        ``s = lam[:k] + c - c_new >= 0``, so that ``U diag(s) U^T + c_new I`` has
+        the eigenpairs ``(lam_i + c, u_i)`` of ``F`` and its trace.
     """
-    n = B.shape[0]
-    if B.shape[1] == 0:  # nothing to keep (a zero factor)
+    n, m = B.shape
+    if m == 0:  # nothing to keep (a zero factor)
         return B.new_zeros(n, 0), B.new_zeros(0), c
-    W, sigma, _ = torch.linalg.svd(B, full_matrices=False)
-    lam = sigma.square()
-    k = min(rank, lam.shape[0])
-    spread = lam[k:].sum() / (n - k) if n > k else lam.new_zeros(())
-    # the kept columns as a tensor of their own: a view would hold all of W
-    U = W[:, :k].clone() if k < W.shape[1] else W
-    return U, (lam[:k] - spread).clamp(min=0), c + spread
+    # the eigenpairs of B B^T from the small Gram B^T B (m <= n here: an
+    # eigendecomposition of (m, m) and products of (n, m), several times faster
+    # than an SVD of B), the kept columns re-orthonormalized by a thin QR
+    lam, V = torch.linalg.eigh(B.mT @ B)
+    lam, V = lam.flip(0).clamp(min=0), V.flip(1)
+    resolved = lam > lam[0] * m * torch.finfo(lam.dtype).eps  # the rest is round-off
+    k = min(rank, int(resolved.sum()), n)
+    W = B @ (V[:, :k] / lam[:k].sqrt())  # (n, k): orthonormal up to round-off
+    Q, R = torch.linalg.qr(W)
+    mu, Z = torch.linalg.eigh((R * lam[:k]) @ R.mT)
+    mu, U = mu.flip(0).clamp(min=0), Q @ Z.flip(1)
+    # the trace B B^T loses: all of it but the kept eigenvalues' (not a sum of the
+    # small ones, which the Gram resolves only to round-off of the largest)
+    lost = (B.square().sum() - mu.sum()).clamp(min=0)
+    spread = lost / (n - k) if n > k else lam.new_zeros(())
+    return U, (mu - spread).clamp(min=0), c + spread
 
 
 def _top_eigenpairs(F: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
