@@ -169,6 +169,18 @@ def test_logits_equal_the_lms_at_the_last_real_position(kind, lora, side, device
     torch.testing.assert_close(got, lm_answer_logits(lm, batch))
 
 
+def test_a_mixed_peft_model_is_unwrapped_to_its_lm(device):
+    """``get_peft_model(..., mixed=True)`` has no ``get_base_model``: its tuner's
+    ``model`` is the LM (with the adapters in its layers)."""
+    lm = causal_lm("gpt2", device)
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    mixed = peft.get_peft_model(lm, config, mixed=True)
+    model = AnswerTokenModel(mixed, ANSWERS)
+    batch = padded_batch("left", device)
+    torch.testing.assert_close(model(batch), lm_answer_logits(mixed, batch))
+    assert any("lora" in name for name, _ in model.backbone.named_parameters())
+
+
 def test_a_tensor_of_ids_is_read_at_its_last_position(device):
     lm = causal_lm("gpt2", device)
     model = AnswerTokenModel(lm, ANSWERS)

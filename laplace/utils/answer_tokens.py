@@ -13,6 +13,7 @@ forms a vocabulary-sized tensor: its Jacobians are ``(batch, n_answers, P)``.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 from typing import Any
@@ -218,6 +219,10 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
             f"{type(model).__name__}."
         )
     lm = model
+    peft = sys.modules.get("peft")  # imported if model is a peft model
+    mixed = getattr(peft, "PeftMixedModel", None) if peft is not None else None
+    if mixed is not None and isinstance(model, mixed):  # its tuner wraps the LM
+        lm = model = model.base_model.model
     if callable(getattr(model, "get_base_model", None)):  # a peft model
         config = getattr(model, "active_peft_config", None)
         if getattr(config, "is_prompt_learning", False):
