@@ -96,19 +96,26 @@ def truncate(B: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     # the eigenpairs of B B^T from the small Gram B^T B (m <= n here: an
     # eigendecomposition of (m, m) and products of (n, m), several times faster
     # than an SVD of B), the kept columns re-orthonormalized by a thin QR
-    lam, V = torch.linalg.eigh(B.mT @ B)
+    lam, V = _eigh_wide(B.mT @ B)
     lam, V = lam.flip(0).clamp(min=0), V.flip(1)
     resolved = lam > lam[0] * m * torch.finfo(lam.dtype).eps  # the rest is round-off
     k = min(rank, int(resolved.sum()), n)
     W = B @ (V[:, :k] / lam[:k].sqrt())  # (n, k): orthonormal up to round-off
     Q, R = torch.linalg.qr(W)
-    mu, Z = torch.linalg.eigh((R * lam[:k]) @ R.mT)
+    mu, Z = _eigh_wide((R * lam[:k]) @ R.mT)
     mu, U = mu.flip(0).clamp(min=0), Q @ Z.flip(1)
     # the trace B B^T loses: all of it but the kept eigenvalues' (not a sum of the
     # small ones, which the Gram resolves only to round-off of the largest)
     lost = (B.square().sum() - mu.sum()).clamp(min=0)
     spread = lost / (n - k) if n > k else lam.new_zeros(())
     return U, (mu - spread).clamp(min=0), c + spread
+
+
+def _eigh_wide(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of a small symmetric ``G`` in float64 (a float32 Gram of an
+    ill-conditioned square root can defeat float32's ``eigh``), in ``G``'s dtype."""
+    lam, V = torch.linalg.eigh(G.to(torch.float64))
+    return lam.to(G.dtype), V.to(G.dtype)
 
 
 def _top_eigenpairs(F: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
