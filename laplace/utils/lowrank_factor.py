@@ -112,8 +112,14 @@ def truncate(B: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _eigh_wide(G: Tensor) -> tuple[Tensor, Tensor]:
-    """``eigh`` of a small symmetric ``G`` in float64 (a float32 Gram of an
-    ill-conditioned square root can defeat float32's ``eigh``), in ``G``'s dtype."""
+    """``eigh`` of a small symmetric ``G``, retried in float64 where float32's does
+    not converge (the Gram of an ill-conditioned square root can defeat it); in
+    ``G``'s dtype."""
+    try:
+        return torch.linalg.eigh(G)
+    except torch.linalg.LinAlgError:
+        if G.dtype == torch.float64:
+            raise
     lam, V = torch.linalg.eigh(G.to(torch.float64))
     return lam.to(G.dtype), V.to(G.dtype)
 
