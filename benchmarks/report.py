@@ -32,6 +32,7 @@ BENCHMARKS = (
     ("streaming", "Streaming (posteriors): one update of dense_ggn and diag_ggn"),
     ("ella_valla", "ELLA and VaLLA (scalable function-space methods)"),
     ("output_noise", "One noise per output (ours alone)"),
+    ("memory_plan", "Memory plans: estimates against measured peaks (ours alone)"),
 )
 OURS, LT = "ours", "laplace-torch"
 #: the library a benchmark compares with, where it is not laplace-torch (its figures

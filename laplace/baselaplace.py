@@ -37,6 +37,7 @@ from laplace.utils.enums import (
     TuningMethod,
     parse_enum,
 )
+from laplace.utils.memory import check_gridsearch, check_predictive
 
 Tensor = torch.Tensor
 
@@ -602,6 +603,7 @@ class BaseLaplace:
             )
         self._check_predictable()
         x = to_device(x, self._device)
+        check_predictive(self, x, pred_type, joint, n_samples)  # raises before work
         with self._forward_kwargs(model_kwargs):
             if pred_type == PredType.NN:
                 return lik.predictive_from_samples(
@@ -785,6 +787,7 @@ class BaseLaplace:
             )
             _check_grid_base(log_prior_prec_base)
             self._check_fitted("optimize_prior_precision")
+            check_gridsearch(self, val_loader, pred_type, n_samples)
             grid = torch.logspace(
                 log_prior_prec_min,
                 log_prior_prec_max,

@@ -44,6 +44,7 @@ from laplace.utils.enums import (
     SubsetOfWeights,
     parse_enum,
 )
+from laplace.utils.memory import check_marglik_training
 from laplace.utils.prior_precision import (
     expand_prior_precision,
     fix_prior_prec_structure,
@@ -240,6 +241,7 @@ def marglik_training(
     )
     if la.sigma_noise.ndim == 1:  # the backend's per-output curvature, before training
         la._check_output_fit()
+    check_marglik_training(la, train_loader)  # the memory plan, before training
     hyper = _Hyperparameters(s, dtype, device)
     optimizer = optimizer_cls(trainable, **s.optimizer_kwargs)
     scheduler = (

@@ -48,6 +48,7 @@ from laplace.utils.enums import (
     PriorStructure,
     TuningMethod,
 )
+from laplace.utils.memory import check_fit
 
 Tensor = torch.Tensor
 
@@ -211,6 +212,7 @@ class BaseFunctionalLaplace(BaseLaplace):
                 f"n_subset={self.n_subset} exceeds the {N} training data; choose "
                 f"n_subset <= {N}."
             )
+        train_loader = check_fit(self, train_loader)  # raises before any batch
         self.model.eval()
         loss, n_outputs = self._training_loss(train_loader, progress_bar)
         indices = subset_indices(N, self.n_subset, self.seed)

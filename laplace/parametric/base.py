@@ -28,6 +28,7 @@ from laplace.predictive import glm
 from laplace.utils._checks import check_n_samples, check_state
 from laplace.utils.enums import PredType
 from laplace.utils.matrix import linalg_dtype
+from laplace.utils.memory import check_fit
 
 Tensor = torch.Tensor
 
@@ -269,6 +270,7 @@ class ParametricLaplace(BaseLaplace):
             object keeps its previous state.
         """
         N = dataset_size(train_loader)
+        train_loader = check_fit(self, train_loader)  # raises before any batch
         accumulate = not override and self.fitted
         per_output = self.sigma_noise.ndim == 1
         if per_output:

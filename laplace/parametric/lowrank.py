@@ -32,6 +32,7 @@ from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
 from laplace.utils._checks import check_positive_int
 from laplace.utils.lowrank import LowRankPlusDiagonal, top_eigenpairs
+from laplace.utils.memory import check_fit
 
 Tensor = torch.Tensor
 
@@ -125,6 +126,7 @@ class LowRankLaplace(ParametricLaplace):
                 "eigenpairs are of one data set's curvature. Fit once on all the data."
             )
         N = dataset_size(train_loader)
+        train_loader = check_fit(self, train_loader)  # raises before any batch
         self.model.eval()
         data = _CheckedData(train_loader, self.backend, self._device)
         loss, n_outputs = data.loss_and_outputs()

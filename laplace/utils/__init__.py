@@ -37,6 +37,12 @@ from laplace.utils.linalg import (
 )
 from laplace.utils.lowrank_factor import LowRankFactor
 from laplace.utils.matrix import Kron, KronDecomposed
+from laplace.utils.memory import (
+    MemoryPlanError,
+    available_memory,
+    memory_limit,
+    memory_plan,
+)
 from laplace.utils.metrics import RunningNLLMetric
 from laplace.utils.prior_precision import (
     expand_prior_precision,
@@ -74,6 +80,7 @@ __all__ = [
     "Likelihood",
     "LinkApprox",
     "LowRankFactor",
+    "MemoryPlanError",
     "ModuleNameSubnetMask",
     "ParamNameSubnetMask",
     "PredType",
@@ -87,6 +94,7 @@ __all__ = [
     "TuningMethod",
     "_is_batchnorm",
     "_is_valid_scalar",
+    "available_memory",
     "batch_size",
     "block_diag",
     "classification_targets",
@@ -99,6 +107,8 @@ __all__ = [
     "get_nll",
     "invsqrt_precision",
     "kron",
+    "memory_limit",
+    "memory_plan",
     "normal_samples",
     "parameters_per_layer",
     "preserve_model_gradients",
