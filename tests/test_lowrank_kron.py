@@ -913,3 +913,29 @@ def test_one_noise_per_output_is_refused_before_any_work(device):
     with pytest.raises(ValueError, match="low_rank_factors is not available with one"):
         la.fit(loader("regression", device))
     assert not la.fitted
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_sum_of_16_bit_factors_is_taken_in_float32(dtype, device):
+    """The square roots of 16-bit factors are taken after the cast to float32: the
+    sum equals the float32 sum of the same (16-bit) values to float32 round-off."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(12, 3, generator=g))
+    one = LowRankFactor(Q.to(device), torch.tensor([3.1, 1.7, 0.3], device=device), 0.1)
+    two = LowRankFactor(
+        Q.flip(1).to(device), torch.tensor([2.3, 0.9, 0.7], device=device), 0.2
+    )
+    low = [F.to(dtype) for F in (one, two)]
+    total = low[0] + low[1]
+    exact = sum(F.to(torch.float32).to_dense() for F in low)
+    torch.testing.assert_close(total.to_dense().float(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rank_below_one_is_refused_before_any_decomposition(device):
+    V = torch.randn(4, 6, device=device)
+    for build in (
+        LowRankFactor.from_rows,
+        lambda V, r: LowRankFactor.from_dense(V.T @ V, r),
+    ):
+        with pytest.raises(ValueError, match="rank must be an int >= 1; got 0"):
+            build(V, 0)

@@ -214,6 +214,7 @@ class LowRankFactor:
         ``rank``, trace-preserving always. Computed in float32 for float16 and
         bfloat16 ``V`` (``linalg_dtype``), and returned in that dtype.
         """
+        _check_rank(rank)
         m, n = V.shape
         V = V.to(_work_dtype(V.dtype))
         step = min(ROWS_PER_STEP, max(n - rank - 1, rank, 1))
@@ -228,6 +229,7 @@ class LowRankFactor:
         """The dense PSD factor ``F`` ``(n, n)`` truncated to ``rank`` (its leading
         eigenpairs kept, the mean of the other eigenvalues as ``c``). Forms the
         eigendecomposition of ``F``: for factors that arrive dense."""
+        _check_rank(rank)
         dtype = _work_dtype(F.dtype)
         U, s, c = _top_eigenpairs(F.to(dtype), rank)
         return cls(U, s, c, rank)
@@ -300,7 +302,7 @@ class LowRankFactor:
             rank = max(self.rank, other.rank)
             work = _work_dtype(torch.promote_types(self.dtype, other.dtype))
             roots = [
-                (F.U * (a * F.s).sqrt()).to(work)
+                F.U.to(work) * (a * F.s.to(work)).sqrt()
                 for F, a in ((self, 1), (other, alpha))
             ]
             c = self.c.to(work) + alpha * other.c.to(work)
@@ -402,6 +404,12 @@ def _check_scale(scalar: Number | Tensor) -> Number | Tensor:
             f"{scalar}."
         )
     return scalar
+
+
+def _check_rank(rank: int) -> None:
+    """``rank``: an int >= 1, checked before any decomposition."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1; got {rank!r}.")
 
 
 def _check_size(n: int, m: int) -> None:
