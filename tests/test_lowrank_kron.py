@@ -939,3 +939,23 @@ def test_a_rank_below_one_is_refused_before_any_decomposition(device):
     ):
         with pytest.raises(ValueError, match="rank must be an int >= 1; got 0"):
             build(V, 0)
+
+
+def test_truncation_falls_back_to_an_svd_where_the_gram_fails(device, monkeypatch):
+    """Where the Gram's eigendecomposition fails (or gives non-finite values), the
+    truncation comes from a float64 SVD of the square root: the same top
+    eigenpairs and trace."""
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(9, 14, generator=g, dtype=torch.float64).to(device)
+    expected = LowRankFactor.from_rows(V, 3)
+
+    def fails(*args):
+        raise torch.linalg.LinAlgError("not converged")
+
+    monkeypatch.setattr(lowrank_factor, "_truncate_by_gram", fails)
+    got = LowRankFactor.from_rows(V, 3)
+    torch.testing.assert_close(got.to_dense(), expected.to_dense())
+    F = V.T @ V
+    torch.testing.assert_close(got.to_dense().trace(), F.trace())
+    top = torch.linalg.eigvalsh(F).flip(0)[:3]
+    torch.testing.assert_close(got.s + got.c, top)

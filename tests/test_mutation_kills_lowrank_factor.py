@@ -143,8 +143,9 @@ def test_an_eigh_that_fails_in_float32_is_retried_in_float64(device, monkeypatch
         raise torch.linalg.LinAlgError("eigh: the algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", eigh_failing)
-    with pytest.raises(torch.linalg.LinAlgError):
-        LowRankFactor.from_rows(V.to(DTYPE), rank=3)
+    # failing in float64 too: the truncation falls back to an SVD, the same factor
+    F = LowRankFactor.from_rows(V.to(DTYPE), rank=3)
+    assert_close(dense(F), expected.to(DTYPE), rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_the_zero_factor_keeps_its_rank_when_a_dense_factor_is_added(device):

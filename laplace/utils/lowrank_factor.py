@@ -90,6 +90,17 @@ def truncate(B: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
         ``s = lam[:k] + c - c_new >= 0``, so that ``U diag(s) U^T + c_new I`` has
         the eigenpairs ``(lam_i + c, u_i)`` of ``F`` and its trace.
     """
+    try:
+        U, s, c_new = _truncate_by_gram(B, c, rank)
+        if bool(torch.isfinite(s).all()) and bool(torch.isfinite(U).all()):
+            return U, s, c_new
+    except torch.linalg.LinAlgError:
+        pass
+    return _truncate_by_svd(B, c, rank)  # the slower, more robust way
+
+
+def _truncate_by_gram(B: Tensor, c: Tensor, rank: int):
+    """``truncate`` from the eigenpairs of the Gram ``B^T B``."""
     n, m = B.shape
     if m == 0:  # nothing to keep (a zero factor)
         return B.new_zeros(n, 0), B.new_zeros(0), c
@@ -109,6 +120,19 @@ def truncate(B: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     lost = (B.square().sum() - mu.sum()).clamp(min=0)
     spread = lost / (n - k) if n > k else lam.new_zeros(())
     return U, (mu - spread).clamp(min=0), c + spread
+
+
+def _truncate_by_svd(B: Tensor, c: Tensor, rank: int):
+    """``truncate`` from a thin SVD of ``B`` in float64, where the Gram's
+    eigendecomposition fails (a Gram of an ill-conditioned square root)."""
+    n = B.shape[0]
+    W, sigma, _ = torch.linalg.svd(B.to(torch.float64), full_matrices=False)
+    lam = sigma.square()
+    k = min(rank, lam.shape[0])
+    spread = lam[k:].sum() / (n - k) if n > k else lam.new_zeros(())
+    U = W[:, :k].to(B.dtype)
+    s = (lam[:k] - spread).clamp(min=0).to(B.dtype)
+    return U, s, c + spread.to(B.dtype)
 
 
 def _eigh_wide(G: Tensor) -> tuple[Tensor, Tensor]:
