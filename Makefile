@@ -54,7 +54,7 @@ gallery: $(STAMP)
 	mkdir -p $(GALLERY)
 	for example in regression calibration bayesopt calibration_gp marglik_training \
 			huggingface reward_modeling curvature transformer continual \
-			lora_multiple_choice; do \
+			lora_multiple_choice lora_reward_model; do \
 		$(PY) examples/$${example}_example.py --out $(GALLERY)/$$example.png || exit 1; \
 	done
 

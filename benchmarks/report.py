@@ -29,6 +29,7 @@ BENCHMARKS = (
     ("functional", "The GP view (FunctionalLaplace)"),
     ("subnet", "Subnetworks and marglik_training"),
     ("transformer", "Transformers: all weights"),
+    ("lora", "LoRA adapters of a GPT-2: Kron against one fine-tuning epoch"),
     ("streaming", "Streaming (posteriors): one update of dense_ggn and diag_ggn"),
     ("ella_valla", "ELLA and VaLLA (scalable function-space methods)"),
     ("output_noise", "One noise per output (ours alone)"),

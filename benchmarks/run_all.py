@@ -8,7 +8,7 @@
    torchvision); ``--lt-python`` names another interpreter instead. When none can be
    built or imported, the benchmarks run this library alone and the report says so;
 2. runs each benchmark script (``curvature``, ``laplace``, ``lllaplace``,
-   ``functional``, ``subnet``, ``transformer``, ``streaming``, ``ella_valla``,
+   ``functional``, ``subnet``, ``transformer``, ``lora``, ``streaming``, ``ella_valla``,
    ``output_noise``, ``memory_plan``),
    each of which measures every workload in fresh, memory-limited processes and
    writes its report to ``benchmarks/output/``. ``streaming`` compares
