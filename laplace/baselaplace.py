@@ -28,6 +28,7 @@ from laplace.curvature.curvature import CurvatureInterface, check_backend
 from laplace.data import Inputs, batch_size, split_batch, to_device
 from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.predictive.links import sample_outputs
+from laplace.utils import distributed
 from laplace.utils._checks import check_n_samples
 from laplace.utils.enums import (
     Likelihood,
@@ -118,6 +119,9 @@ class BaseLaplace:
                 "use hessian_structure='kron', 'diag' or 'full' (all weights or the "
                 "last layer)."
             )
+        # a DistributedDataParallel model: the module it wraps (the Laplace
+        # approximation's passes must not trigger DDP's gradient reduction)
+        model = distributed.unwrap(model)
         self.model = model
         self.enable_backprop = bool(enable_backprop)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
@@ -376,10 +380,11 @@ class BaseLaplace:
         if y is not None:
             self.lik.check_fit_targets(y)
 
-    def _training_loss(self, train_loader, progress_bar) -> tuple[Tensor, int]:
-        """Summed loss of all training data at the MAP, and the number of outputs."""
+    def _training_loss(self, train_loader, progress_bar) -> tuple[Tensor, int, int]:
+        """Summed loss of all training data at the MAP, the number of outputs and
+        the number of examples seen."""
         lik = self.lik
-        loss, n_outputs = torch.zeros_like(self.loss), None
+        loss, n_outputs, seen = torch.zeros_like(self.loss), None, 0
         batches = tqdm(train_loader, disable=not progress_bar, desc="loss")
         with torch.no_grad():
             for i, batch in enumerate(batches):
@@ -396,9 +401,10 @@ class BaseLaplace:
                     )
                 loss = loss + loss_b
                 n_outputs = f.shape[-1]
+                seen += f.shape[0]
         if n_outputs is None:
             raise ValueError("train_loader yielded no batches.")
-        return loss, n_outputs
+        return loss, n_outputs, seen
 
     # -- what subclasses provide -------------------------------------------------------
     def fit(self, train_loader: DataLoader) -> None:

@@ -41,6 +41,7 @@ from laplace.curvature.curvature import CurvatureInterface, GGNInterface
 from laplace.data import Inputs, dataset_size, split_batch, subset_indices, to_device
 from laplace.functional import kernel, subset
 from laplace.functional.gp import KernelSystem
+from laplace.utils import distributed
 from laplace.utils._checks import _check_int, check_state
 from laplace.utils.enums import (
     LinkApprox,
@@ -206,16 +207,26 @@ class BaseFunctionalLaplace(BaseLaplace):
                 "(override=False): the GP is conditioned on one subset. Fit once on "
                 "all the training data."
             )
-        N = dataset_size(train_loader)
-        if self.n_subset > N:
-            raise ValueError(
-                f"n_subset={self.n_subset} exceeds the {N} training data; choose "
-                f"n_subset <= {N}."
-            )
-        train_loader = check_fit(self, train_loader)  # raises before any batch
+        red = distributed.reduction()
+        with distributed.agreement(red, "fit", lambda: self._signature(train_loader)):
+            N = dataset_size(train_loader)
+            if self.n_subset > N:
+                raise ValueError(
+                    f"n_subset={self.n_subset} exceeds the {N} training data; choose "
+                    f"n_subset <= {N}."
+                )
+            train_loader = check_fit(self, train_loader)  # raises before any batch
+        distributed.check_loader(train_loader, red)
         self.model.eval()
-        loss, n_outputs = self._training_loss(train_loader, progress_bar)
-        indices = subset_indices(N, self.n_subset, self.seed)
+        with distributed.agreement(red, "fit") as agreed:
+            loss, n_outputs, seen = self._training_loss(train_loader, progress_bar)
+            agreed.report(seen=seen)
+        # the subset is drawn from the data set, the same on every rank: the
+        # ranks share the kernel's blocks
+        n_subset_of = N
+        if red is not None:
+            loss, N = distributed.all_reduce_sum(loss, red), agreed.total("seen")
+        indices = subset_indices(n_subset_of, self.n_subset, self.seed)
         inputs = subset.inputs_of(
             train_loader, indices, self.dict_key_x, self.dict_key_y, self._device
         )
@@ -237,7 +248,10 @@ class BaseFunctionalLaplace(BaseLaplace):
             device=self._device,
             block_entries=_BLOCK_ENTRIES,
             dict_key_x=self.dict_key_x,
+            share=None if red is None else (red.rank, red.world_size),
         )
+        if red is not None:
+            distributed.all_reduce_([G], red)
         if not bool(torch.isfinite(G.sum())):
             raise RuntimeError(
                 "The kernel of the subset is not finite (NaN or inf in the Jacobians "
@@ -252,6 +266,16 @@ class BaseFunctionalLaplace(BaseLaplace):
         self._sqrt_D = sqrt_D
         self._system = KernelSystem(G)
         self.fitted = True
+
+    def _signature(self, train_loader: DataLoader) -> dict:
+        """``distributed.signature`` and what draws the subset: it must be the same
+        data on every rank."""
+        return {
+            **distributed.signature(self),
+            "n_subset": self.n_subset,
+            "seed": self.seed,
+            "len(train_loader.dataset)": dataset_size(train_loader),
+        }
 
     def _subset_sets(self) -> Iterator[tuple[slice, kernel.JacobianSet]]:
         """The subset's Jacobian sets with their rows (data), cached or recomputed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -55,17 +56,28 @@ def gram(
     device: torch.device,
     block_entries: int,
     dict_key_x: str,
+    share: tuple[int, int] | None = None,
 ) -> Tensor:
     """``G = J_M J_M^T``: ``(M C, M C)`` datum-major, or ``(C, M, M)``.
 
     From the ``cached`` Jacobian sets of the batches of ``inputs``: the lower block
     rows, of at most ``block_entries`` entries, mirrored. Without them, every set
     is recomputed with ``jacobian_set``, pair by pair.
+
+    ``share=(rank, world)``: only the blocks ``k`` with ``k % world == rank`` (in
+    the order above), the others zero, so that the sum of the ``world`` ranks'
+    results is ``G`` (``laplace.utils.distributed``).
     """
     sizes = [batch_size(x, dict_key_x) for x in inputs]
     M = sum(sizes)
     shape = (C, M, M) if independent else (M * C, M * C)
-    G = torch.empty(shape, dtype=dtype, device=device)
+    rank, world = share if share is not None else (0, 1)
+    make = torch.empty if world == 1 else torch.zeros
+    G = make(shape, dtype=dtype, device=device)
+    blocks = itertools.count()
+
+    def mine() -> bool:
+        return next(blocks) % world == rank
 
     def put(rows: slice, cols: slice, block: Tensor) -> None:
         """Write the block and its transpose (symmetric)."""
@@ -82,15 +94,20 @@ def gram(
         U = kernel.cat(cached)
         step = max(1, block_entries // (M * C * C))
         for start in range(0, M, step):
+            if not mine():
+                continue
             rows = slice(start, min(start + step, M))
             cols = slice(0, rows.stop)
             put(rows, cols, kernel.gram(U.select(rows), U.select(cols), independent))
         return G
     offsets = np.cumsum([0, *sizes])
     for i, xi in enumerate(inputs):
+        pairs = [j for j in range(i + 1) if mine()]
+        if not pairs:
+            continue
         _, Ji = jacobian_set(xi)
         rows = slice(int(offsets[i]), int(offsets[i + 1]))
-        for j in range(i + 1):
+        for j in pairs:
             Jj = Ji if j == i else jacobian_set(inputs[j])[1]
             cols = slice(int(offsets[j]), int(offsets[j + 1]))
             put(rows, cols, kernel.gram(Ji, Jj, independent))

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature import backprop_factor
-from laplace.data import Inputs, dataset_size, split_batch, to_device
+from laplace.data import Inputs, batch_size, dataset_size, split_batch, to_device
 from laplace.parametric.precision import CastForm, PrecisionForm
 from laplace.predictive import glm
+from laplace.utils import distributed
 from laplace.utils._checks import check_n_samples, check_state
 from laplace.utils.enums import PredType
 from laplace.utils.matrix import linalg_dtype
@@ -269,22 +270,50 @@ class ParametricLaplace(BaseLaplace):
             if the loss or curvature of a batch is not finite (naming the batch); the
             object keeps its previous state.
         """
-        N = dataset_size(train_loader)
-        train_loader = check_fit(self, train_loader)  # raises before any batch
-        accumulate = not override and self.fitted
-        per_output = self.sigma_noise.ndim == 1
-        if per_output:
-            self._check_output_fit()
-        if accumulate and per_output != self._per_output:
-            raise ValueError(
-                "fit(override=False) needs the noise of the previous fit: one "
-                "sigma_noise per output in both fits or a scalar in both. Use "
-                "fit(override=True)."
-            )
+        red = distributed.reduction()
+        with distributed.agreement(red, "fit", lambda: distributed.signature(self)):
+            N = dataset_size(train_loader)
+            train_loader = check_fit(self, train_loader)  # raises before any batch
+            accumulate = not override and self.fitted
+            per_output = self.sigma_noise.ndim == 1
+            if per_output:
+                self._check_output_fit()
+            if accumulate and per_output != self._per_output:
+                raise ValueError(
+                    "fit(override=False) needs the noise of the previous fit: one "
+                    "sigma_noise per output in both fits or a scalar in both. Use "
+                    "fit(override=True)."
+                )
+        distributed.check_loader(train_loader, red)
         self.model.eval()
         mean = parameters_to_vector(self.params).detach()
+        with distributed.agreement(red, "fit") as agreed:
+            H, loss, n_outputs, output_loss, seen = self._accumulate(
+                train_loader, N, per_output, progress_bar
+            )
+            agreed.report(seen=seen, layout=_layout(H))
+        if red is not None:
+            H, loss, output_loss, N = self._reduce_fit(
+                red, H, loss, output_loss, N, agreed
+            )
+        if accumulate:
+            H = self._combine_fits(self.H, H, self.n_data, N)
+            loss, N = self.loss + loss, self.n_data + N
+            if per_output:
+                output_loss = self._output_loss + output_loss
+        self.H, self.loss, self.n_data, self.n_outputs = H, loss, N, n_outputs
+        self._per_output, self._output_loss = per_output, output_loss
+        self.mean = mean
+        self.fitted = True
+        self._on_new_curvature()
+
+    def _accumulate(self, train_loader, N: int, per_output: bool, progress_bar: bool):
+        """``(H, loss, n_outputs, output_loss, seen)`` of this process's batches:
+        the curvature and the summed loss (per output with one noise per output),
+        the number of outputs and of examples seen."""
         H = None if per_output else self._fit_accumulator()
         loss, n_outputs, output_loss = torch.zeros_like(self.loss), None, None
+        seen = 0
         batches = tqdm(train_loader, disable=not progress_bar, desc="fit")
         for i, batch in enumerate(batches):
             x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
@@ -318,18 +347,27 @@ class ParametricLaplace(BaseLaplace):
             else:
                 H = self._add_curvature(H, H_b)
             loss = loss + loss_b.detach()
+            seen += batch_size(x, self.dict_key_x)
         if n_outputs is None:
             raise ValueError("train_loader yielded no batches.")
-        if accumulate:
-            H = self._combine_fits(self.H, H, self.n_data, N)
-            loss, N = self.loss + loss, self.n_data + N
-            if per_output:
-                output_loss = self._output_loss + output_loss
-        self.H, self.loss, self.n_data, self.n_outputs = H, loss, N, n_outputs
-        self._per_output, self._output_loss = per_output, output_loss
-        self.mean = mean
-        self.fitted = True
-        self._on_new_curvature()
+        return H, loss, n_outputs, output_loss, seen
+
+    def _reduce_fit(self, red, H, loss, output_loss, N: int, agreed):
+        """The curvature, losses and number of data of all ranks from this rank's
+        (``laplace.utils.distributed``): every rank then holds the same."""
+        layouts = {repr(record["layout"]) for record in agreed.records}
+        if len(layouts) > 1:
+            raise ValueError(
+                "fit: the ranks' backends gave curvatures of different layouts "
+                f"({sorted(layouts)}), which cannot be summed. Use the same backend "
+                "and model on every rank."
+            )
+        n_total = agreed.total("seen")
+        H = distributed.reduce_curvature(H, red, N, n_total)
+        extra = [] if output_loss is None else [output_loss]
+        loss = loss.detach().clone()
+        distributed.all_reduce_([loss, *extra], red)
+        return H, loss, output_loss, n_total
 
     def _on_new_curvature(self) -> None:
         """Drop whatever was derived from the previous curvature (and mean)."""
@@ -617,6 +655,17 @@ class ParametricLaplace(BaseLaplace):
         else:  # a prior-only state: the mean is the prior mean, the model unchanged
             self.mean = None
         self._on_new_curvature()
+
+
+def _layout(H: Any) -> Any:
+    """The shapes of a curvature's tensors (compared between ranks before they are
+    summed)."""
+    if isinstance(H, torch.Tensor):
+        return tuple(H.shape)
+    kfacs = getattr(H, "kfacs", None)
+    if kfacs is None:
+        return type(H).__name__
+    return [[tuple(F.shape) for F in block] for block in kfacs]
 
 
 def _all_finite(t: Tensor) -> bool:

@@ -30,6 +30,7 @@ from laplace.curvature.native import NativeInterface
 from laplace.data import batch_size, dataset_size, split_batch, to_device
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.precision import LowRankPrecision
+from laplace.utils import distributed
 from laplace.utils._checks import check_positive_int
 from laplace.utils.lowrank import LowRankPlusDiagonal, top_eigenpairs
 from laplace.utils.memory import check_fit
@@ -120,16 +121,24 @@ class LowRankLaplace(ParametricLaplace):
 
         ``override=False`` is refused: eigenpairs of two data sets do not add.
         """
-        if not override:
-            raise ValueError(
-                "LowRankLaplace cannot accumulate fits (override=False): the "
-                "eigenpairs are of one data set's curvature. Fit once on all the data."
-            )
-        N = dataset_size(train_loader)
-        train_loader = check_fit(self, train_loader)  # raises before any batch
+        red = distributed.reduction()
+        with distributed.agreement(red, "fit", lambda: distributed.signature(self)):
+            if not override:
+                raise ValueError(
+                    "LowRankLaplace cannot accumulate fits (override=False): the "
+                    "eigenpairs are of one data set's curvature. Fit once on all the "
+                    "data."
+                )
+            N = dataset_size(train_loader)
+            train_loader = check_fit(self, train_loader)  # raises before any batch
+        distributed.check_loader(train_loader, red)
         self.model.eval()
         data = _CheckedData(train_loader, self.backend, self._device)
-        loss, n_outputs = data.loss_and_outputs()
+        with distributed.agreement(red, "fit") as agreed:
+            loss, n_outputs = data.loss_and_outputs()
+            agreed.report(seen=data.seen)
+        if red is not None:  # the products below are summed over the ranks too
+            loss, N = distributed.all_reduce_sum(loss, red), agreed.total("seen")
         if not torch.isfinite(loss):
             raise RuntimeError(
                 "The training loss is not finite (NaN or inf); check the data and the "
@@ -142,8 +151,15 @@ class LowRankLaplace(ParametricLaplace):
         work = self._curvature_dtype
 
         def matmat(X: Tensor) -> Tensor:
-            return (scale * (operator @ X.to(self._dtype))).to(work)
+            Y = (scale * (operator @ X.to(self._dtype))).to(work)
+            return distributed.all_reduce_sum(Y, red)
 
+        eig_kwargs = dict(self.eig_kwargs)
+        seed = distributed.shared_seed(red)
+        if seed is not None and eig_kwargs.get("generator") is None:
+            # every rank starts the iteration from the same block
+            generator = torch.Generator(self._device).manual_seed(seed)
+            eig_kwargs["generator"] = generator
         eigenvalues, U = top_eigenpairs(
             matmat,
             self.n_params,
@@ -151,7 +167,7 @@ class LowRankLaplace(ParametricLaplace):
             dtype=work,
             device=self._device,
             method=self.eig_method,
-            **self.eig_kwargs,
+            **eig_kwargs,
         )
         if not (torch.isfinite(eigenvalues).all() and torch.isfinite(U).all()):
             raise RuntimeError(
@@ -342,6 +358,8 @@ class _CheckedData:
         self.loader, self.backend, self.device = loader, backend, device
         self.mapping = False
         self.output_shape: torch.Size | None = None
+        #: the examples of the last ``loss_and_outputs`` pass
+        self.seen = 0
 
     def __iter__(self):
         backend = self.backend
@@ -363,10 +381,12 @@ class _CheckedData:
         """Summed loss over the data and the number of outputs."""
         loss, n_outputs = None, None
         backend = self.backend
+        self.seen = 0
         for x, y in self:
             with torch.no_grad():
                 f = backend.model(x)
             n_outputs = f.shape[-1]
+            self.seen += f.shape[0]
             value = backend.lik.loss(f, y)
             loss = value if loss is None else loss + value
         if loss is None:

@@ -217,7 +217,7 @@ def _training_loss(la: Any, train_loader: Any) -> tuple[Tensor, int, int | None]
     training = la.model.training
     la.model.eval()
     try:
-        loss, n_outputs = la._training_loss(train_loader, progress_bar=False)
+        loss, n_outputs, _ = la._training_loss(train_loader, progress_bar=False)
     finally:
         la.model.train(training)
     return loss, dataset_size(train_loader), n_outputs

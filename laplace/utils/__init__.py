@@ -16,6 +16,7 @@ from laplace.utils.batches import (
     to_device,
     training_indices,
 )
+from laplace.utils.distributed import distributed_reduction
 from laplace.utils.enums import (
     FeatureReduction,
     FunctionalApproximation,
@@ -100,6 +101,7 @@ __all__ = [
     "classification_targets",
     "concatenate_rows",
     "diagonal_add_scalar",
+    "distributed_reduction",
     "draw_gaussian",
     "expand_prior_precision",
     "fit_diagonal_swag_var",

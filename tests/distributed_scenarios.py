@@ -1,0 +1,367 @@
+"""Scenarios of data-parallel fitting, run by ``tests/test_distributed.py``: once in
+each of 2 gloo processes (this file as a script) and once in the test's own
+process without a process group, the reference of one process on all the data.
+
+Each scenario is a function ``(rank, world, device) -> dict`` of tensors, numbers or
+strings. With ``world == 1`` (no process group) the loader yields all the data;
+with ``world == 2`` a ``DistributedSampler`` gives rank ``r`` the examples ``r,
+r + 2, ...``. Every data set has a size divisible by 2 (no padding).
+
+    python tests/distributed_scenarios.py --rank R --world 2 --init URL --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from datetime import timedelta
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from laplace import Laplace
+from laplace.utils import distributed_reduction
+
+N, D, C, BATCH = 24, 4, 3, 4
+#: a subnetwork's weights (indices into the flattened parameters)
+SUBNET = torch.tensor([0, 3, 7, 12, 20, 31, 40, 45, 49, 50])
+
+
+def model(device, hidden: int = 6) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D, hidden), nn.Tanh(), nn.Linear(hidden, C))
+    return net.to(device=device, dtype=torch.float64)
+
+
+def dataset(likelihood: str, n: int = N, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, D, generator=g, dtype=torch.float64)
+    if likelihood == "classification":
+        y = torch.randint(0, C, (n,), generator=g)
+    else:
+        y = torch.randn(n, C, generator=g, dtype=torch.float64)
+    return TensorDataset(X, y)
+
+
+class DictData(Dataset):
+    """Mapping batches, as Hugging Face data sets give."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return {"input_ids": x, "labels": y}
+
+
+class DictModel(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch):
+        return self.net(batch["input_ids"])
+
+
+def loader(data, rank: int, world: int, sampler: bool = True) -> DataLoader:
+    """All of ``data`` in one process; rank ``rank``'s shard under ``world``."""
+    if world == 1 or not sampler:
+        return DataLoader(data, batch_size=BATCH)
+    shard = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+    return DataLoader(data, batch_size=BATCH, sampler=shard)
+
+
+def x_test(device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(5, D, generator=g, dtype=torch.float64).to(device)
+
+
+def summary(la, device, x=None) -> dict:
+    """What must agree with one process on all the data (the predictive at ``x``,
+    by default ``x_test``)."""
+    out = {
+        "loss": la.loss.detach(),
+        "n_data": la.n_data,
+        "log_marglik": la.log_marginal_likelihood(
+            prior_precision=torch.tensor(0.7, dtype=torch.float64, device=device)
+        ).detach(),
+    }
+    H = la.H if hasattr(la, "H") else None
+    if isinstance(H, tuple):  # LowRankLaplace: (U, eigenvalues)
+        U, e = H
+        out["H"] = (U * e) @ U.T
+    elif hasattr(H, "to_matrix"):
+        out["H"] = H.to_matrix()
+    elif isinstance(H, torch.Tensor):
+        out["H"] = H
+    pred = la(x_test(device) if x is None else x, pred_type="glm")
+    if isinstance(pred, tuple):
+        out["f_mu"], out["f_var"] = pred[0].detach(), pred[1].detach()
+    else:
+        out["probs"] = pred.detach()
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def fit(
+    subset: str,
+    structure: str,
+    likelihood: str = "regression",
+    **kwargs,
+):
+    def scenario(rank, world, device):
+        la = Laplace(model(device), likelihood, subset, structure, **kwargs)
+        la.fit(loader(dataset(likelihood), rank, world))
+        return summary(la, device)
+
+    return scenario
+
+
+def backend(name: str, structure: str = "kron"):
+    def scenario(rank, world, device):
+        import laplace.curvature as curvature
+
+        cls = getattr(curvature, name)
+        la = Laplace(model(device), "classification", "all", structure, backend=cls)
+        la.fit(loader(dataset("classification"), rank, world))
+        return summary(la, device)
+
+    return scenario
+
+
+def output_noise(rank, world, device):
+    sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, device=device)
+    la = Laplace(model(device), "regression", "all", "kron", sigma_noise=sigma)
+    la.fit(loader(dataset("regression"), rank, world))
+    return summary(la, device)
+
+
+def low_rank_factors(rank, world, device):
+    """The input-side factor of the first layer (6 x 6, of rank 2: the inputs lie
+    in a plane) kept as a rank-2 LowRankFactor, every other factor (3 x 3) dense:
+    exact, so the ranks' factors reduced (gathered square roots, truncated) equal
+    one process's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, C))
+    net = net.to(device=device, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(N, 2, generator=g, dtype=torch.float64)
+    X = X @ torch.randn(2, 6, generator=g, dtype=torch.float64)
+    data = TensorDataset(X, torch.randn(N, C, generator=g, dtype=torch.float64))
+    la = Laplace(
+        net, "regression", "all", "kron", low_rank_factors=2, low_rank_threshold=3
+    )
+    la.fit(loader(data, rank, world))
+    out = summary(la, device, x=X[:5].to(device))
+    out["low rank blocks"] = sum(
+        type(F).__name__ == "LowRankFactor" for block in la.H.kfacs for F in block
+    )
+    return out
+
+
+def subnetwork(rank, world, device):
+    la = Laplace(
+        model(device),
+        "classification",
+        "subnetwork",
+        "full",
+        subnetwork_indices=SUBNET.to(device),
+    )
+    la.fit(loader(dataset("classification"), rank, world))
+    return summary(la, device)
+
+
+def gp(rank, world, device):
+    la = Laplace(model(device), "regression", "all", "gp", n_subset=10)
+    la.fit(loader(dataset("regression"), rank, world))
+    return summary(la, device)
+
+
+def ddp(rank, world, device):
+    net = model(device)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net)
+    la = Laplace(net, "classification", "all", "kron")
+    la.fit(loader(dataset("classification"), rank, world))
+    out = summary(la, device)
+    out["unwrapped"] = type(la.model).__name__
+    return out
+
+
+def dict_batches(rank, world, device):
+    data = DictData(dataset("classification"))
+    la = Laplace(DictModel(model(device)), "classification", "all", "full")
+    la.fit(loader(data, rank, world))
+    return summary(la, device, x={"input_ids": x_test(device)})
+
+
+def two_fits(rank, world, device):
+    """``fit(override=False)`` on a second data set: both reduced."""
+    la = Laplace(model(device), "regression", "all", "kron")
+    la.fit(loader(dataset("regression"), rank, world))
+    second = dataset("regression", n=16, seed=2)
+    la.fit(loader(second, rank, world), override=False)
+    return summary(la, device)
+
+
+def per_rank(rank, world, device):
+    """The reduction turned off: the posterior of this rank's shard alone (the
+    reference runs each rank's shard in one process)."""
+    with distributed_reduction(False):
+        la = Laplace(model(device), "regression", "all", "full")
+        shard = DistributedSampler(
+            dataset("regression"), num_replicas=2, rank=rank, shuffle=False
+        )
+        la.fit(DataLoader(dataset("regression"), batch_size=BATCH, sampler=shard))
+    return summary(la, device)
+
+
+def different_models(rank, world, device):
+    """Rank 1 builds a wider model: every rank refuses before any batch."""
+    net = model(device, hidden=6 if rank == 0 else 7)
+    la = Laplace(net, "regression", "all", "diag")
+    try:
+        la.fit(loader(dataset("regression"), rank, world))
+    except ValueError as err:
+        return {"error": str(err), "fitted": la.fitted}
+    return {"error": "", "fitted": la.fitted}
+
+
+def failing_rank(rank, world, device):
+    """Rank 1's data hold a NaN: rank 1 raises its error, rank 0 names rank 1."""
+    data = dataset("regression")
+    if rank == 1:
+        data.tensors[0][5, 0] = float("nan")
+    la = Laplace(model(device), "regression", "all", "diag")
+    try:
+        la.fit(loader(data, rank, world))
+    except RuntimeError as err:
+        return {"error": f"{type(err).__name__}: {err}", "fitted": la.fitted}
+    return {"error": "", "fitted": la.fitted}
+
+
+def no_sampler(rank, world, device):
+    """Every rank iterates all the data: a warning, and the data counted on each
+    rank (the reference: the data set twice in one process)."""
+    data = dataset("regression")
+    la = Laplace(model(device), "regression", "all", "diag")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if world == 1:
+            twice = torch.utils.data.ConcatDataset([data, data])
+            la.fit(DataLoader(twice, batch_size=BATCH))
+        else:
+            la.fit(loader(data, rank, world, sampler=False))
+    out = summary(la, device)
+    out["warnings"] = " | ".join(
+        str(w.message) for w in caught if "DistributedSampler" in str(w.message)
+    )
+    return out
+
+
+def padded(rank, world, device):
+    """A data set of 23 on 2 ranks: the sampler pads one example, with a warning;
+    the reference holds that example twice."""
+    data = dataset("regression", n=23)
+    la = Laplace(model(device), "regression", "all", "diag")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if world == 1:
+            X, y = data.tensors
+            twice = TensorDataset(torch.cat([X, X[:1]]), torch.cat([y, y[:1]]))
+            la.fit(DataLoader(twice, batch_size=BATCH))
+        else:
+            la.fit(loader(data, rank, world))
+    out = summary(la, device)
+    out["warnings"] = " | ".join(str(w.message) for w in caught if "pads" in str(w))
+    return out
+
+
+def own_shards(rank, world, device):
+    """One data set per rank, of different sizes (16 and 8 examples), no sampler:
+    each rank's input-side Kronecker factors average over its own 16 or 8, so the
+    reduction weights them by the counts; the reference: all 24 in one process."""
+    X, y = dataset("regression").tensors
+    if world > 1:
+        part = slice(0, 16) if rank == 0 else slice(16, N)
+        X, y = X[part], y[part]
+    la = Laplace(model(device), "regression", "all", "kron")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no DistributedSampler: shards by hand
+        la.fit(DataLoader(TensorDataset(X, y), batch_size=BATCH))
+    return summary(la, device)
+
+
+SCENARIOS = {
+    **{
+        f"all-{structure}-{lik}": fit("all", structure, lik)
+        for structure in ("full", "kron", "diag")
+        for lik in ("regression", "classification")
+    },
+    "all-lowrank-regression": fit("all", "lowrank", "regression", backend=None),
+    **{
+        f"last_layer-{structure}": fit("last_layer", structure, "classification")
+        for structure in ("full", "kron", "diag")
+    },
+    "kron-damping": fit("all", "kron", "regression", damping=True),
+    "subnetwork": subnetwork,
+    "gp": gp,
+    "output-noise-kron": output_noise,
+    "low-rank-factors": low_rank_factors,
+    **{
+        f"backend-{name}": backend(name)
+        for name in ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN")
+    },
+    "backend-CurvlinopsEF-diag": backend("CurvlinopsEF", "diag"),
+    "ddp": ddp,
+    "dict-batches": dict_batches,
+    "two-fits": two_fits,
+    "per-rank": per_rank,
+    "different-models": different_models,
+    "failing-rank": failing_rank,
+    "own-shards-kron": own_shards,
+    "no-sampler": no_sampler,
+    "padded": padded,
+}
+#: scenarios whose reference is each rank's own (``per_rank``) or that check
+#: errors rather than numbers
+PER_RANK = {"per-rank"}
+ERRORS = {"different-models", "failing-rank"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--init", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=args.init,
+        rank=args.rank,
+        world_size=args.world,
+        timeout=timedelta(seconds=120),
+    )
+    results = {}
+    for device in args.devices.split(","):
+        for name, scenario in SCENARIOS.items():
+            try:
+                results[(device, name)] = scenario(args.rank, args.world, device)
+            except Exception:  # reported by the test
+                results[(device, name)] = {"crash": traceback.format_exc()}
+    torch.save(results, os.path.join(args.out, f"rank{args.rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
