@@ -266,12 +266,13 @@ class OutputLikelihood:
         module = self.loss_module()
         return None if isinstance(module, LikelihoodLoss) else type(module)
 
-    def default_metric(self):
+    def default_metric(self, **kwargs):
         """The running loss of the grid search over the prior precision: the
-        negative log-likelihood of the validation targets under the predictive."""
+        negative log-likelihood of the validation targets under the predictive
+        (``kwargs``: torchmetrics' ``Metric`` options, e.g. ``sync_on_compute``)."""
         from laplace.utils.metrics import RunningPredictiveNLLMetric
 
-        return RunningPredictiveNLLMetric(self)
+        return RunningPredictiveNLLMetric(self, **kwargs)
 
     def predictive_nll(self, prediction: Any, y: Tensor) -> Tensor:
         """Negative log-likelihood ``(N,)`` of targets ``y`` under a prediction of
@@ -379,10 +380,10 @@ class RegressionLikelihood(OutputLikelihood):
             return -n_data * n_outputs * log_terms.reshape(())
         return -n_data * log_terms.sum()
 
-    def default_metric(self):
+    def default_metric(self, **kwargs):
         from laplace.utils.metrics import RunningGaussianNLLMetric
 
-        return RunningGaussianNLLMetric()
+        return RunningGaussianNLLMetric(**kwargs)
 
     def metric_inputs(self, prediction, metric, sigma_noise):
         """The Gaussian NLL reads the mean and the variance of a new observation
@@ -540,10 +541,10 @@ class ClassificationLikelihood(OutputLikelihood):
         # probit reads only the output variances: no (N, C, C) where avoidable
         return not (diagonal_output or link_approx == LinkApprox.PROBIT)
 
-    def default_metric(self):
+    def default_metric(self, **kwargs):
         from laplace.utils.metrics import RunningNLLMetric
 
-        return RunningNLLMetric()
+        return RunningNLLMetric(**kwargs)
 
 
 class RewardModelingLikelihood(ClassificationLikelihood):

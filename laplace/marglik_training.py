@@ -37,6 +37,7 @@ from laplace.curvature.curvature import CurvatureInterface, check_backend
 from laplace.data import batch_size, dataset_size, split_batch, to_device
 from laplace.laplace import Laplace
 from laplace.likelihood import OutputLikelihood, get_likelihood
+from laplace.utils import distributed
 from laplace.utils.enums import (
     HessianStructure,
     Likelihood,
@@ -226,22 +227,29 @@ def marglik_training(
     s = _Settings.check(**locals())  # every argument, before any work
     trainable = [p for p in model.parameters() if p.requires_grad]
     device, dtype = trainable[0].device, trainable[0].dtype
-    la = Laplace(
-        model,
-        s.likelihood,
-        subset_of_weights=s.subset,
-        hessian_structure=s.structure,
-        sigma_noise=s.sigma_noise_init,
-        prior_precision=s.prior_prec_init,
-        temperature=s.temperature,
-        enable_backprop=enable_backprop,
-        dict_key_x=dict_key_x,
-        dict_key_y=dict_key_y,
-        backend=s.backend,
-    )
-    if la.sigma_noise.ndim == 1:  # the backend's per-output curvature, before training
-        la._check_output_fit()
-    check_marglik_training(la, train_loader)  # the memory plan, before training
+    red = distributed.reduction()
+    built: dict[str, BaseLaplace] = {}
+    with distributed.agreement(
+        red, "marglik_training", lambda: distributed.signature(built["la"])
+    ):
+        _check_data_parallel(model, red)
+        la = built["la"] = Laplace(
+            model,
+            s.likelihood,
+            subset_of_weights=s.subset,
+            hessian_structure=s.structure,
+            sigma_noise=s.sigma_noise_init,
+            prior_precision=s.prior_prec_init,
+            temperature=s.temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=s.backend,
+        )
+        if la.sigma_noise.ndim == 1:  # the per-output curvature, before training
+            la._check_output_fit()
+        check_marglik_training(la, train_loader)  # the memory plan, before training
+    distributed.check_loader(train_loader, red)
     hyper = _Hyperparameters(s, dtype, device)
     optimizer = optimizer_cls(trainable, **s.optimizer_kwargs)
     scheduler = (
@@ -260,12 +268,13 @@ def marglik_training(
     for epoch in epochs:
         model.train()
         prior_groups = hyper.prior_groups(la, trainable)
+        _set_epoch(train_loader, epoch)
         batches = _batches(train_loader, s, dict_key_x, dict_key_y, device, epoch)
         sum_loss = 0.0
         for i, (x, y) in enumerate(batches):
             optimizer.zero_grad()
             loss, M = objective(model, x, y, prior_groups, hyper.sigma_noise)
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss, red):
                 raise RuntimeError(
                     f"The training loss became {loss.item()} at epoch {epoch}, batch "
                     f"{i}; try a smaller learning rate (optimizer_kwargs) or check the "
@@ -276,6 +285,9 @@ def marglik_training(
             if scheduler is not None:
                 scheduler.step()
             sum_loss += loss.item() * M
+        if red is not None:  # the loss of all ranks' batches
+            total = torch.tensor(sum_loss, dtype=torch.float64, device=device)
+            sum_loss = distributed.all_reduce_sum(total, red).item()
         losses.append(sum_loss / objective.N)
 
         if epoch < s.n_epochs_burnin or epoch % s.marglik_frequency != 0:
@@ -482,6 +494,40 @@ def _check_schedule(
             f"from n_epochs_burnin={n_epochs_burnin} on) but n_epochs={n_epochs}. "
             "Lower n_epochs_burnin or marglik_frequency, or raise n_epochs."
         )
+
+
+def _check_data_parallel(model: nn.Module, red) -> None:
+    """Under a reduction the ranks' gradients must be averaged: the model must be
+    a ``DistributedDataParallel``."""
+    if red is None or isinstance(model, nn.parallel.DistributedDataParallel):
+        return
+    raise ValueError(
+        f"marglik_training under a process group of {red.world_size} ranks trains "
+        f"each rank's model on its shard: got a {type(model).__name__}, whose "
+        "ranks' weights would drift apart. Wrap it in "
+        "torch.nn.parallel.DistributedDataParallel (the Laplace fits then reduce "
+        "over the ranks), or turn the reduction off with "
+        "laplace.utils.distributed_reduction(False) to train each rank alone."
+    )
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """A ``DistributedSampler`` shuffles anew each epoch (``set_epoch``)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    for sampler in (
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+
+
+def _finite_everywhere(loss: Tensor, red) -> bool:
+    """Whether the batch's loss is finite on every rank (one small all-reduce
+    under a reduction, so that the ranks stop together)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
+    return not bool(distributed.all_reduce_sum(bad, red).item())
 
 
 def _batches(loader, s: _Settings, dict_key_x, dict_key_y, device, epoch):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from laplace.utils import distributed
 from laplace.utils._checks import check_positive_int
 from laplace.utils.enums import (
     LinkApprox,
@@ -207,7 +208,18 @@ def default_loss(la: BaseLaplace):
     likelihoods: the running NLL of the targets under their predictive
     (``RunningPredictiveNLLMetric``).
     """
-    return la._predictive_lik(fitting=True).default_metric().to(la._device)
+    return distributed_metric(la._predictive_lik(fitting=True)).to(la._device)
+
+
+def distributed_metric(lik):
+    """``lik.default_metric()``, summed over the ranks at ``compute`` where the
+    reduction is on (``laplace.utils.distributed``), this rank's alone where it
+    is off."""
+    red = distributed.reduction()
+    return lik.default_metric(
+        sync_on_compute=red is not None,
+        process_group=None if red is None else red.group,
+    )
 
 
 def _loss_inputs(
@@ -239,7 +251,10 @@ def _evaluate(loss: Any, batches: list[tuple[tuple[torch.Tensor, ...], Any]]) ->
             loss.update(*inputs, y)
         return float(loss.compute())
     inputs, targets = zip(*batches)
-    return float(loss(*map(torch.cat, zip(*inputs)), torch.cat(targets)))
+    red = distributed.reduction()  # a callable sees all ranks' predictions
+    columns = [distributed.all_gather_rows(torch.cat(c), red) for c in zip(*inputs)]
+    targets = distributed.all_gather_rows(torch.cat(targets), red)
+    return float(loss(*columns, targets))
 
 
 def tune_by_gridsearch(

@@ -299,6 +299,131 @@ def own_shards(rank, world, device):
     return summary(la, device)
 
 
+def marglik(rank, world, device):
+    """marglik_training of a DistributedDataParallel model, batches of 4 per rank:
+    the same weights, evidences and losses as one process with batches of 8 (the
+    union of the ranks' batches: DDP averages their gradients)."""
+    from laplace import marglik_training
+    from laplace.utils.distributed import unwrap
+
+    net = model(device)
+    data = dataset("classification")
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net)
+        batches = loader(data, rank, world)
+    else:
+        batches = DataLoader(data, batch_size=2 * BATCH)
+    la, net, margliks, losses = marglik_training(
+        net,
+        batches,
+        "classification",
+        "kron",
+        n_epochs=3,
+        n_epochs_burnin=1,
+        marglik_frequency=1,
+        n_hypersteps=5,
+        optimizer_kwargs={"lr": 1e-2},
+    )
+    weights = torch.nn.utils.parameters_to_vector(unwrap(net).parameters())
+    return {
+        "weights": weights.detach().cpu(),
+        "margliks": torch.tensor(margliks, dtype=torch.float64),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "prior_precision": la.prior_precision.detach().cpu(),
+        **summary(la, device),
+    }
+
+
+def marglik_without_ddp(rank, world, device):
+    """marglik_training of a plain model under the process group: refused."""
+    from laplace import marglik_training
+
+    try:
+        marglik_training(model(device), loader(dataset("regression"), rank, world))
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"error": ""}
+
+
+def validation(rank, world, device):
+    """validate and the grid search on a validation loader sharded over the
+    ranks: the losses of all the validation data (the default running NLL, a
+    torchmetrics Metric, and a callable), the prior precision of all of it."""
+    from laplace.utils import validate
+
+    la = Laplace(model(device), "classification", "all", "kron")
+    la.fit(loader(dataset("classification"), rank, world))
+    val = loader(dataset("classification", n=16, seed=4), rank, world)
+
+    def nll(probs, y):
+        return -probs.log().gather(1, y.reshape(-1, 1)).mean()
+
+    from laplace.prior import default_loss
+
+    out = {
+        "metric": validate(la, val, default_loss(la)),  # the grid search's default
+        "callable": validate(la, val, nll),
+        "n_val": validate(la, val, lambda probs, y: torch.tensor(float(len(y)))),
+    }
+    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=21)
+    out["gridsearch, metric"] = la.prior_precision.detach().cpu()
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=val, grid_size=21, loss=nll
+    )
+    out["gridsearch, callable"] = la.prior_precision.detach().cpu()
+    return out
+
+
+def streaming(kind: str):
+    """The streaming ``update`` of each rank's batch of 4: the state of one
+    process updated with batches of 8 (the union of the ranks' batches)."""
+
+    def scenario(rank, world, device):
+        from torch.func import functional_call
+
+        from laplace.streaming import dense_ggn, dense_hessian, diag_ggn, kron_ggn
+
+        net = model(device)
+        params = {k: v.detach().clone() for k, v in net.named_parameters()}
+
+        def forward(p, batch):
+            return functional_call(net, p, (batch[0],)), torch.tensor([])
+
+        def outer_log_likelihood(logits, batch):
+            return -nn.functional.cross_entropy(logits, batch[1], reduction="sum")
+
+        def log_posterior(p, batch):
+            value = outer_log_likelihood(forward(p, batch)[0], batch)
+            return value, torch.tensor([])
+
+        transform = {
+            "dense_ggn": lambda: dense_ggn.build(forward, outer_log_likelihood, 0.5),
+            "diag_ggn": lambda: diag_ggn.build(forward, outer_log_likelihood, 0.5),
+            "dense_hessian": lambda: dense_hessian.build(log_posterior, 0.5, 0.3),
+            "kron_ggn": lambda: kron_ggn.build(net, "classification", 0.5),
+        }[kind]()
+        data = dataset("classification")
+        batches = (
+            DataLoader(data, batch_size=2 * BATCH)
+            if world == 1
+            else loader(data, rank, world)
+        )
+        state = transform.init(params)
+        for x, y in batches:
+            state = transform.update(state, (x.to(device), y.to(device)))
+        if kind == "kron_ggn":
+            prec = kron_ggn.precision(state)
+            extra = {"n_data": state.n_data, "loss": state.loss.detach().cpu()}
+        elif kind == "diag_ggn":
+            prec = torch.cat([v.reshape(-1) for v in state.prec_diag.values()])
+            extra = {}
+        else:
+            prec, extra = state.prec, {}
+        return {"prec": prec.detach().cpu(), "step": int(state.step), **extra}
+
+    return scenario
+
+
 SCENARIOS = {
     **{
         f"all-{structure}-{lik}": fit("all", structure, lik)
@@ -327,13 +452,20 @@ SCENARIOS = {
     "different-models": different_models,
     "failing-rank": failing_rank,
     "own-shards-kron": own_shards,
+    "marglik-training": marglik,
+    "validation": validation,
+    **{
+        f"streaming-{kind}": streaming(kind)
+        for kind in ("dense_ggn", "diag_ggn", "dense_hessian", "kron_ggn")
+    },
+    "marglik-without-ddp": marglik_without_ddp,
     "no-sampler": no_sampler,
     "padded": padded,
 }
 #: scenarios whose reference is each rank's own (``per_rank``) or that check
 #: errors rather than numbers
 PER_RANK = {"per-rank"}
-ERRORS = {"different-models", "failing-rank"}
+ERRORS = {"different-models", "failing-rank", "marglik-without-ddp"}
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ import sys
 import distributed_scenarios as scenarios
 import pytest
 import torch
-from conftest import DEVICES
 
 from laplace.utils import distributed
 from laplace.utils.distributed import distributed_reduction
@@ -24,6 +23,8 @@ from laplace.utils.distributed import distributed_reduction
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORLD = 2
+#: the devices of the ``device`` fixture (conftest.py), for the spawned ranks
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 #: how long the two processes may take for all the scenarios
 TIMEOUT = 600
 
@@ -140,6 +141,13 @@ def test_a_failing_rank_stops_every_rank(ranks, device):
     assert "not finite" in other
     for rank in range(WORLD):
         assert _result(ranks, rank, device, "failing-rank")["fitted"] is False
+
+
+def test_marglik_training_refuses_a_model_without_ddp(ranks, device):
+    for rank in range(WORLD):
+        message = _result(ranks, rank, device, "marglik-without-ddp")["error"]
+        assert "wrap it in" in message.lower() and "DistributedDataParallel" in message
+        assert "got a Sequential" in message
 
 
 def test_a_loader_without_a_sampler_warns(ranks, device):

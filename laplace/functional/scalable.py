@@ -245,7 +245,9 @@ class ScalableFunctionalLaplace(BaseFunctionalLaplace):
 
     def _new_score(self):
         """The running validation NLL (the likelihood's ``default_metric``)."""
-        return self._predictive_lik(fitting=True).default_metric().to(self._device)
+        from laplace.prior import distributed_metric
+
+        return distributed_metric(self._predictive_lik(fitting=True)).to(self._device)
 
     def _add_to_score(self, score, f: Tensor, var: Tensor, y: Tensor) -> None:
         """Add a batch of moments ``f`` ``(N, C)``, ``var`` ``(N, C, C)`` and targets

@@ -19,6 +19,7 @@ from laplace.streaming.dense_ggn import (
     sample,
 )
 from laplace.streaming.tree import Transform, example_gradients
+from laplace.utils import distributed
 
 
 def build(
@@ -51,7 +52,8 @@ def update(
 ) -> DenseLaplaceState:
     """Add the empirical Fisher of ``batch`` to the precision; returns the state
     (the same object, changed, with ``inplace``)."""
-    G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
+    with distributed.agreement(distributed.reduction(), "update"):
+        G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
     return add_to_precision(state, [(G, G)], aux, inplace)  # a Gram matrix
 
 

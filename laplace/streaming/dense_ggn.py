@@ -23,6 +23,7 @@ import torch
 
 from laplace.streaming import ggn
 from laplace.streaming.tree import TensorTree, Transform, flatten, precision_dtype
+from laplace.utils import distributed
 
 Tensor = torch.Tensor
 #: ``sample``'s default: one draw, without a leading sample dimension
@@ -101,20 +102,47 @@ def update(
 ) -> DenseLaplaceState:
     """Add the GGN of ``batch`` to the precision; returns the state (the same
     object, changed, with ``inplace``; a new one otherwise)."""
-    aux, pieces = ggn.terms(forward, outer_log_likelihood, state.params, batch)
+    with distributed.agreement(distributed.reduction(), "update"):
+        aux, pieces = ggn.terms(forward, outer_log_likelihood, state.params, batch)
     return add_to_precision(state, pieces, aux, inplace)
 
 
 def add_to_precision(
-    state: DenseLaplaceState, pieces: Iterable, aux: Any, inplace: bool
+    state: DenseLaplaceState,
+    pieces: Iterable,
+    aux: Any,
+    inplace: bool,
+    once: Tensor | None = None,
 ) -> DenseLaplaceState:
     """``state`` with ``pieces`` added to its precision, ``aux`` and one more step:
     the same object, changed, with ``inplace``; a new one otherwise. Each piece is
     a matrix ``(P, P)``, added, or a pair ``(A, B)`` of rows ``(R, P)``, whose
     ``A^T B`` is added without a ``(P, P)`` temporary; a pair of one tensor twice,
     ``(S, S)``, adds the Gram matrix ``S^T S`` at half the cost (its blocks below
-    the diagonal, copied above it at the end)."""
-    prec = state.prec if inplace else state.prec.clone()
+    the diagonal, copied above it at the end).
+
+    Under a process group (``laplace.utils.distributed``) the pieces of every
+    rank's batch are added (summed over the ranks in a ``(P, P)`` buffer); the
+    matrix ``once`` (e.g. a damping) is added once, not once per rank."""
+    red = distributed.reduction()
+    with distributed.agreement(red, "update"):
+        prec = state.prec if inplace else state.prec.clone()
+        target = prec if red is None else torch.zeros_like(prec)
+        _add_pieces(target, pieces)
+    if red is not None:
+        distributed.all_reduce_([target], red)
+        prec.add_(target)
+    if once is not None:
+        prec.add_(once.to(prec.dtype))
+    if inplace:
+        state.aux = aux
+        state.step.add_(1)
+        return state
+    return DenseLaplaceState(state.params, prec, aux, state.step + 1)
+
+
+def _add_pieces(prec: Tensor, pieces: Iterable) -> None:
+    """Add the pieces of ``add_to_precision`` to ``prec`` in place."""
     gram = False
     for piece in pieces:
         if isinstance(piece, Tensor):
@@ -128,11 +156,6 @@ def add_to_precision(
             prec.addmm_(A.T.to(prec.dtype), B.to(prec.dtype))
     if gram:
         mirror_lower(prec)
-    if inplace:
-        state.aux = aux
-        state.step.add_(1)
-        return state
-    return DenseLaplaceState(state.params, prec, aux, state.step + 1)
 
 
 #: the side of the blocks of ``add_lower_gram``

@@ -23,6 +23,7 @@ from laplace.streaming.dense_ggn import (
     sample,
 )
 from laplace.streaming.tree import Transform, flatten, pair
+from laplace.utils import distributed
 
 
 def build(
@@ -72,11 +73,14 @@ def update(
             )
         return out.reshape(()), aux
 
-    H, aux = torch.func.jacfwd(torch.func.jacrev(value, has_aux=True), has_aux=True)(
-        theta
-    )
+    with distributed.agreement(distributed.reduction(), "update"):
+        hessian = torch.func.jacfwd(
+            torch.func.jacrev(value, has_aux=True), has_aux=True
+        )
+        H, aux = hessian(theta)
     eye = torch.eye(theta.numel(), dtype=theta.dtype, device=theta.device)
-    return add_to_precision(state, [-rescale * H + epsilon * eye], aux, inplace)
+    # epsilon once per update, also when the ranks' Hessians are summed
+    return add_to_precision(state, [-rescale * H], aux, inplace, once=epsilon * eye)
 
 
 __all__ = ["DenseLaplaceState", "build", "init", "update", "sample"]

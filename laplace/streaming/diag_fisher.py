@@ -16,6 +16,7 @@ from laplace.streaming.diag_ggn import (
     sample,
 )
 from laplace.streaming.tree import Transform, example_gradients
+from laplace.utils import distributed
 
 
 def build(
@@ -38,7 +39,8 @@ def update(
     inplace: bool = False,
 ) -> DiagLaplaceState:
     """Add the diagonal of the empirical Fisher of ``batch`` to the precision."""
-    G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
+    with distributed.agreement(distributed.reduction(), "update"):
+        G, aux = example_gradients(log_posterior, state.params, batch, per_sample)
     return add_to_diagonal(state, G.square().sum(0), aux, inplace)
 
 

@@ -25,6 +25,7 @@ from laplace.streaming.tree import (
     rebuild,
     same_structure,
 )
+from laplace.utils import distributed
 
 Tensor = torch.Tensor
 #: ``sample``'s default: one draw, without a leading sample dimension
@@ -88,8 +89,9 @@ def update(
 ) -> DiagLaplaceState:
     """Add ``diag(J^T H J)`` of ``batch`` to the precision; returns the state (the
     same object, changed, with ``inplace``; a new one otherwise)."""
-    aux, pieces = ggn.terms(forward, outer_log_likelihood, state.params, batch)
-    diagonal = sum((J * HJ).sum(0) for J, HJ in pieces)
+    with distributed.agreement(distributed.reduction(), "update"):
+        aux, pieces = ggn.terms(forward, outer_log_likelihood, state.params, batch)
+        diagonal = sum((J * HJ).sum(0) for J, HJ in pieces)
     return add_to_diagonal(state, diagonal, aux, inplace)
 
 
@@ -98,7 +100,10 @@ def add_to_diagonal(
 ) -> DiagLaplaceState:
     """``state`` with ``diagonal`` ``(P,)`` (over the flattened parameters) added to
     its precision tree, ``aux`` and one more step: the same object, changed, with
-    ``inplace``; a new one otherwise."""
+    ``inplace``; a new one otherwise. Under a process group
+    (``laplace.utils.distributed``) the diagonals of every rank's batch are
+    added."""
+    diagonal = distributed.all_reduce_sum(diagonal, distributed.reduction())
     means, spec = leaves(state.params)
     parts = diagonal.split([m.numel() for m in means])
     added = [d.reshape(m.shape) for d, m in zip(parts, means, strict=True)]

@@ -61,6 +61,7 @@ from laplace.curvature.native import NativeGGN
 from laplace.data import batch_size, split_batch, to_device
 from laplace.likelihood import OutputLikelihood, get_likelihood
 from laplace.streaming.tree import Transform, precision_dtype
+from laplace.utils import distributed
 from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron
 
@@ -224,20 +225,35 @@ def update(
         dict_key_y=dict_key_y,
         kfac_approx=kfac_approx,
     )
-    with _evaluated_at(model, params) as output:
-        loss, K = backend.kron(x, y, N=n)
-    dtype = precision_dtype(ref.dtype)
-    loss = loss.detach().to(dtype)
-    K = Kron([[F.detach().to(dtype) for F in block] for block in K.kfacs], K.averaged)
-    finite = [torch.isfinite(loss)] + [
-        torch.isfinite(F).all() for block in K.kfacs for F in block
-    ]
-    if not bool(torch.stack(finite).all()):  # one synchronization
-        what = "loss" if not bool(finite[0]) else "curvature"
-        raise RuntimeError(
-            f"The {what} of the batch is not finite (NaN or inf); check its inputs "
-            "and targets and the model's outputs. The state was left as it was."
+    red = distributed.reduction()
+    with distributed.agreement(red, "update") as agreed:
+        with _evaluated_at(model, params) as output:
+            loss, K = backend.kron(x, y, N=n)
+        dtype = precision_dtype(ref.dtype)
+        loss = loss.detach().to(dtype)
+        K = Kron(
+            [[F.detach().to(dtype) for F in block] for block in K.kfacs], K.averaged
         )
+        finite = [torch.isfinite(loss)] + [
+            torch.isfinite(F).all() for block in K.kfacs for F in block
+        ]
+        if not bool(torch.stack(finite).all()):  # one synchronization
+            what = "loss" if not bool(finite[0]) else "curvature"
+            raise RuntimeError(
+                f"The {what} of the batch is not finite (NaN or inf); check its "
+                "inputs and targets and the model's outputs. The state was left as "
+                "it was."
+            )
+        agreed.report(seen=n, layout=K._shapes())
+    if red is not None:  # every rank's batch: the Kron of their union
+        if len({repr(r["layout"]) for r in agreed.records}) > 1:
+            raise ValueError(
+                "update: the ranks' batches gave Kronecker factors of different "
+                "shapes; use the same model on every rank."
+            )
+        total = agreed.total("seen")
+        K = distributed.reduce_curvature(K, red, n, total)
+        loss, n = distributed.all_reduce_sum(loss, red), total
     aux = output[0] if output else None
     kron = _combine(state.kron, K, state.n_data, n, inplace)
     if inplace:

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from laplace.data import split_batch, to_device
+from laplace.utils import distributed
 from laplace.utils._checks import check_n_samples
 from laplace.utils.enums import LinkApprox, PredType, parse_enum
 
@@ -64,7 +65,10 @@ def validate(
         a Metric is updated batch by batch with ``(prediction, y)`` (the mean for
         regression) and computed; a callable gets all predictions at once:
         ``loss(probs, y)`` for classification, ``loss(f_mu, y, f_var)`` for
-        regression.
+        regression. Under a process group (``laplace.utils.distributed``) the
+        callable gets the predictions of every rank's validation shard, in rank
+        order; a Metric syncs its states by its own settings
+        (``sync_on_compute``, ``process_group``).
     pred_type : {'glm', 'nn'}
     link_approx : {'probit', 'bridge', 'bridge_norm', 'mc'}
     n_samples : int
@@ -110,9 +114,12 @@ def validate(
                 variances.append(_marginal(var, mean))
     if isinstance(loss, Metric):
         return float(loss.compute())
-    mean, y = torch.cat(means), torch.cat(targets)
+    red = distributed.reduction()  # a callable sees all ranks' predictions
+    mean = distributed.all_gather_rows(torch.cat(means), red)
+    y = distributed.all_gather_rows(torch.cat(targets), red)
     if regression:
-        return float(loss(mean, y, torch.cat(variances)))
+        variance = distributed.all_gather_rows(torch.cat(variances), red)
+        return float(loss(mean, y, variance))
     return float(loss(mean, y))
 
 
