@@ -424,6 +424,33 @@ def streaming(kind: str):
     return scenario
 
 
+def ella(rank, world, device):
+    """ELLA: the basis from the data set (the same on every rank), the projected
+    curvature summed over the ranks, the final validation on all ranks' data."""
+    from laplace import ELLA
+
+    la = ELLA(model(device), "classification", subsample_size=10, n_eigenvalues=6)
+    val = loader(dataset("classification", n=16, seed=4), rank, world)
+    la.fit(loader(dataset("classification"), rank, world), val_loader=val)
+    return {
+        "feature_gram": la.feature_gram.detach().cpu(),
+        "n_data": la.n_data,
+        "val_nll": torch.tensor(la.fit_history_["val_nll"]),
+        "probs": la(x_test(device)).detach().cpu(),
+    }
+
+
+def valla_refused(rank, world, device):
+    from laplace import VaLLA
+
+    la = VaLLA(model(device), "classification", "random", num_inducing=4)
+    try:
+        la.fit(loader(dataset("classification"), rank, world), iterations=2)
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"error": ""}
+
+
 SCENARIOS = {
     **{
         f"all-{structure}-{lik}": fit("all", structure, lik)
@@ -458,14 +485,16 @@ SCENARIOS = {
         f"streaming-{kind}": streaming(kind)
         for kind in ("dense_ggn", "diag_ggn", "dense_hessian", "kron_ggn")
     },
+    "ella": ella,
     "marglik-without-ddp": marglik_without_ddp,
+    "valla-refused": valla_refused,
     "no-sampler": no_sampler,
     "padded": padded,
 }
 #: scenarios whose reference is each rank's own (``per_rank``) or that check
 #: errors rather than numbers
 PER_RANK = {"per-rank"}
-ERRORS = {"different-models", "failing-rank", "marglik-without-ddp"}
+ERRORS = {"different-models", "failing-rank", "marglik-without-ddp", "valla-refused"}
 
 
 def main() -> None:

@@ -150,6 +150,12 @@ def test_marglik_training_refuses_a_model_without_ddp(ranks, device):
         assert "got a Sequential" in message
 
 
+def test_valla_is_refused_under_a_process_group(ranks, device):
+    for rank in range(WORLD):
+        message = _result(ranks, rank, device, "valla-refused")["error"]
+        assert message.startswith("VaLLA cannot fit over a process group of 2 ranks")
+
+
 def test_a_loader_without_a_sampler_warns(ranks, device):
     for rank in range(WORLD):
         warning = _result(ranks, rank, device, "no-sampler")["warnings"]

@@ -30,6 +30,7 @@ from laplace.functional.scalable import (
     check_scalar_hyper,
 )
 from laplace.likelihood import OutputLikelihood
+from laplace.utils import distributed
 from laplace.utils._checks import _check_int
 from laplace.utils.enums import (
     Likelihood,
@@ -180,37 +181,84 @@ class ELLA(ScalableFunctionalLaplace):
             a basis with fewer than ``n_eigenvalues`` positive kernel directions,
             or a curvature pass without data. The approximation is left as it was.
         """
-        if val_steps is not None:
-            _check_int(val_steps, "val_steps", minimum=1)
-        if balanced and self.likelihood != Likelihood.CLASSIFICATION:
-            raise ValueError(
-                "balanced=True draws the basis evenly over the classes; it needs "
-                f"likelihood='classification', not {self.lik.name!r}."
-            )
-        N = dataset_size(train_loader)
-        if self.subsample_size > N:
-            raise ValueError(
-                f"subsample_size={self.subsample_size} exceeds the {N} training "
-                f"data; choose subsample_size <= {N}."
-            )
+        red = distributed.reduction()
+
+        def signature() -> dict:  # the basis is drawn from the data set by index
+            return {
+                **distributed.signature(self),
+                "subsample_size": self.subsample_size,
+                "seed": self.seed,
+                "len(train_loader.dataset)": dataset_size(train_loader),
+            }
+
+        with distributed.agreement(red, "fit", signature):
+            if val_steps is not None:
+                _check_int(val_steps, "val_steps", minimum=1)
+                if red is not None:
+                    raise ValueError(
+                        "val_steps scores the posterior of the data seen so far, "
+                        f"which under a process group of {red.world_size} ranks is "
+                        "each rank's own: use val_steps=None (the validation at the "
+                        "end sees all ranks' data), or turn the reduction off with "
+                        "laplace.utils.distributed_reduction(False)."
+                    )
+            if balanced and self.likelihood != Likelihood.CLASSIFICATION:
+                raise ValueError(
+                    "balanced=True draws the basis evenly over the classes; it needs "
+                    f"likelihood='classification', not {self.lik.name!r}."
+                )
+            N = dataset_size(train_loader)
+            if self.subsample_size > N:
+                raise ValueError(
+                    f"subsample_size={self.subsample_size} exceeds the {N} training "
+                    f"data; choose subsample_size <= {N}."
+                )
+        distributed.check_loader(train_loader, red)
         self.model.eval()
         V = self._basis(train_loader, N, balanced, progress_bar)
         previous = {name: getattr(self, name) for name in _FITTED_STATE}
         try:
-            self._accumulate(train_loader, V, val_loader, val_steps, progress_bar)
+            self._accumulate(train_loader, V, val_loader, val_steps, progress_bar, red)
         except BaseException:
             for name, value in previous.items():  # leave it as it was
                 setattr(self, name, value)
             raise
 
-    def _accumulate(self, train_loader, V, val_loader, val_steps, progress_bar):
+    def _accumulate(
+        self, train_loader, V, val_loader, val_steps, progress_bar, red=None
+    ):
         """The curvature pass: ``G`` over the training data, scored on the
-        validation data every ``val_steps`` batches (or at the end)."""
+        validation data every ``val_steps`` batches (or at the end); under a
+        reduction ``red``, ``G`` and the count summed over the ranks."""
         history = _empty_history()
-        lik = self.lik
         G = torch.zeros(V.shape[1], V.shape[1], dtype=V.dtype, device=V.device)
         self.dual_directions, self.feature_gram = V, G  # G grows in place
-        n_seen = 0
+        with distributed.agreement(red, "fit") as agreed:
+            n_seen, step = self._curvature_pass(
+                train_loader, G, history, val_loader, val_steps, progress_bar
+            )
+            agreed.report(seen=n_seen)
+        if red is not None:
+            distributed.all_reduce_([G], red)
+            n_seen = self.n_data = agreed.total("seen")
+            history["processed_examples"] = [float(n_seen)]
+        if not bool(torch.isfinite(G).all()):
+            raise RuntimeError(
+                "The projected curvature is not finite (NaN or inf in the model's "
+                "outputs or Jacobians)."
+            )
+        self._posterior_cache = None
+        # at the end: without val_steps, or when the last batch was not scored
+        if val_loader is not None and (val_steps is None or step % val_steps):
+            history["val_nll"].append(self._validation_nll(val_loader))
+        self.fit_history_ = history
+
+    def _curvature_pass(
+        self, train_loader, G, history, val_loader, val_steps, progress_bar
+    ) -> tuple[int, int]:
+        """This process's batches added to ``G`` in place: ``(examples, steps)``."""
+        lik = self.lik
+        n_seen, step = 0, 0
         batches = tqdm(train_loader, disable=not progress_bar, desc="curvature")
         for step, batch in enumerate(batches, 1):
             x, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
@@ -229,16 +277,7 @@ class ELLA(ScalableFunctionalLaplace):
                 history["val_nll"].append(self._validation_nll(val_loader))
         if n_seen == 0:
             raise ValueError("train_loader yielded no data for the curvature pass.")
-        if not bool(torch.isfinite(G).all()):
-            raise RuntimeError(
-                "The projected curvature is not finite (NaN or inf in the model's "
-                "outputs or Jacobians)."
-            )
-        self._posterior_cache = None
-        # at the end: without val_steps, or when the last batch was not scored
-        if val_loader is not None and (val_steps is None or step % val_steps):
-            history["val_nll"].append(self._validation_nll(val_loader))
-        self.fit_history_ = history
+        return n_seen, step
 
     def _basis(self, train_loader, N: int, balanced: bool, progress_bar: bool):
         """The directions ``V`` ``(P, k)`` of the basis rows."""

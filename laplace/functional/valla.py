@@ -41,6 +41,7 @@ from laplace.likelihood import (
     RewardModelingLikelihood,
 )
 from laplace.predictive.links import sample_outputs
+from laplace.utils import distributed
 from laplace.utils._checks import _check_int
 from laplace.utils.matrix import linalg_dtype
 
@@ -378,6 +379,15 @@ class VaLLA(ScalableFunctionalLaplace):
             raise ValueError(f"lr must be a positive finite number; got {lr!r}.")
         if val_steps is not None:
             _check_int(val_steps, "val_steps", minimum=1)
+        red = distributed.reduction()
+        if red is not None:
+            raise ValueError(
+                f"VaLLA cannot fit over a process group of {red.world_size} ranks "
+                "yet: its variational objective is optimized on minibatches, whose "
+                "steps are not reduced over the ranks. Fit it in one process, or "
+                "turn the reduction off with "
+                "laplace.utils.distributed_reduction(False) for per-rank posteriors."
+            )
         N = dataset_size(train_loader)
         self.model.eval()
         previous = self._snapshot()
