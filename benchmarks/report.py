@@ -34,6 +34,7 @@ BENCHMARKS = (
     ("ella_valla", "ELLA and VaLLA (scalable function-space methods)"),
     ("output_noise", "One noise per output (ours alone)"),
     ("memory_plan", "Memory plans: estimates against measured peaks (ours alone)"),
+    ("distributed", "Data-parallel fitting: 1 and 2 processes (ours alone)"),
 )
 OURS, LT = "ours", "laplace-torch"
 #: the library a benchmark compares with, where it is not laplace-torch (its figures

@@ -9,7 +9,7 @@
    built or imported, the benchmarks run this library alone and the report says so;
 2. runs each benchmark script (``curvature``, ``laplace``, ``lllaplace``,
    ``functional``, ``subnet``, ``transformer``, ``lora``, ``streaming``, ``ella_valla``,
-   ``output_noise``, ``memory_plan``),
+   ``output_noise``, ``memory_plan``, ``distributed``),
    each of which measures every workload in fresh, memory-limited processes and
    writes its report to ``benchmarks/output/``. ``streaming`` compares
    ``laplace.streaming`` with posteriors 0.1.3 instead, run with
@@ -56,7 +56,7 @@ POSTERIORS_PYTHON = os.environ.get(
 POSTERIORS_BENCHMARKS = ("streaming",)
 #: the benchmarks that do not run laplace-torch: this library's backends against
 #: their own libraries, and what laplace-torch does not have (one noise per output)
-WITHOUT_LAPLACE_TORCH = ("curvature", "output_noise", "memory_plan")
+WITHOUT_LAPLACE_TORCH = ("curvature", "output_noise", "memory_plan", "distributed")
 #: options of each benchmark in a full run (a quick run takes the scripts' own)
 FULL_OPTIONS = {
     # laplace-torch's GP fit on 2,000 points takes more than 20 minutes
