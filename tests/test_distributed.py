@@ -121,7 +121,11 @@ def test_the_switch_gives_each_rank_its_own_posterior(ranks, device):
     results = [_result(ranks, r, device, "per-rank") for r in range(WORLD)]
     for rank in range(WORLD):
         _assert_same(results[rank], scenarios.per_rank(rank, WORLD, device))
-    assert not torch.allclose(results[0]["H"], results[1]["H"])
+    # each holds about half the curvature of all the data (laplace-torch's
+    # posterior under torchrun: docs/differences.md)
+    whole = scenarios.SCENARIOS["all-full-regression"](0, 1, device)["H"]
+    errors = [(r["H"] - whole).norm() / whole.norm() for r in results]
+    assert all(0.45 < e < 0.6 for e in errors), errors
 
 
 def test_ranks_with_different_models_are_refused_naming_them(ranks, device):
