@@ -166,22 +166,28 @@ def low_rank_factors(rank, world, device):
     return out
 
 
-def subnetwork(rank, world, device):
-    la = Laplace(
-        model(device),
-        "classification",
-        "subnetwork",
-        "full",
-        subnetwork_indices=SUBNET.to(device),
-    )
-    la.fit(loader(dataset("classification"), rank, world))
-    return summary(la, device)
+def subnetwork(structure: str):
+    def scenario(rank, world, device):
+        la = Laplace(
+            model(device),
+            "classification",
+            "subnetwork",
+            structure,
+            subnetwork_indices=SUBNET.to(device),
+        )
+        la.fit(loader(dataset("classification"), rank, world))
+        return summary(la, device)
+
+    return scenario
 
 
-def gp(rank, world, device):
-    la = Laplace(model(device), "regression", "all", "gp", n_subset=10)
-    la.fit(loader(dataset("regression"), rank, world))
-    return summary(la, device)
+def gp(subset: str):
+    def scenario(rank, world, device):
+        la = Laplace(model(device), "regression", subset, "gp", n_subset=10)
+        la.fit(loader(dataset("regression"), rank, world))
+        return summary(la, device)
+
+    return scenario
 
 
 def ddp(rank, world, device):
@@ -459,17 +465,20 @@ SCENARIOS = {
     },
     "all-lowrank-regression": fit("all", "lowrank", "regression", backend=None),
     **{
-        f"last_layer-{structure}": fit("last_layer", structure, "classification")
+        f"last_layer-{structure}-{lik}": fit("last_layer", structure, lik)
         for structure in ("full", "kron", "diag")
+        for lik in ("regression", "classification")
     },
     "kron-damping": fit("all", "kron", "regression", damping=True),
-    "subnetwork": subnetwork,
-    "gp": gp,
+    "subnetwork-full": subnetwork("full"),
+    "subnetwork-diag": subnetwork("diag"),
+    "gp": gp("all"),
+    "last_layer-gp": gp("last_layer"),
     "output-noise-kron": output_noise,
     "low-rank-factors": low_rank_factors,
     **{
         f"backend-{name}": backend(name)
-        for name in ("CurvlinopsGGN", "BackPackGGN", "AsdlGGN")
+        for name in ("NativeEF", "CurvlinopsGGN", "BackPackGGN", "AsdlGGN")
     },
     "backend-CurvlinopsEF-diag": backend("CurvlinopsEF", "diag"),
     "ddp": ddp,
