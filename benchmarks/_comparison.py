@@ -28,7 +28,7 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import Measurement, measure_in_subprocess, worker_main  # noqa: E402
@@ -140,6 +140,8 @@ class Sides:
     lt_note: str | None
     #: the commit at which laplace-torch's figures were measured
     lt_commit: str | None = None
+    #: the commit of each measurement reused by ``--resume``
+    commits: dict[str, str] = field(default_factory=dict)
 
 
 def start(args, raw_path: str) -> Sides:
@@ -149,8 +151,34 @@ def start(args, raw_path: str) -> Sides:
     pythons = {OURS: sys.executable}
     probes = {OURS: run_probe(sys.executable, OURS)}
     lt_note = lt_commit = None
-    earlier = load_raw(raw_path, args.quick) if args.reuse_lt else None
-    if earlier is not None:
+    resume = getattr(args, "resume", False)
+    earlier = load_raw(raw_path, args.quick) if args.reuse_lt or resume else None
+    if earlier is not None and resume:
+        # a failed measurement is measured again where --only selects it
+        results = {
+            k: Measurement(**v)
+            for k, v in earlier["results"].items()
+            if not v.get("error") or args.only not in k
+        }
+        outputs = {k: v for k, v in earlier.get("outputs", {}).items() if k in results}
+        probes.update(earlier["probes"])
+        lt_commit = earlier.get("lt_commit", earlier["commit"])
+        commits = {
+            k: earlier.get("commits", {}).get(k, earlier["commit"]) for k in results
+        }
+        by_commit: dict[str, list[str]] = {}
+        for k, c in commits.items():
+            by_commit.setdefault(c, []).append(f"`{k}`")
+        lt_note = (
+            "measurements reused from earlier runs (`--resume`): "
+            + "; ".join(
+                f"at commit {c}: {', '.join(ks)}" for c, ks in by_commit.items()
+            )
+            + "; the others measured at this commit."
+        )
+        if not args.ours_only:
+            pythons[LT] = args.lt_python
+    elif earlier is not None:
         results = {
             k: Measurement(**v)
             for k, v in earlier["results"].items()
@@ -176,7 +204,8 @@ def start(args, raw_path: str) -> Sides:
             pythons[LT] = args.lt_python
     if isinstance(probes[OURS], str):
         print(f"our library cannot be imported: {probes[OURS]}", file=sys.stderr)
-    return Sides(results, outputs, pythons, probes, lt_note, lt_commit)
+    reused = commits if earlier is not None and resume else {}
+    return Sides(results, outputs, pythons, probes, lt_note, lt_commit, reused)
 
 
 def worker_arguments(args, repeats: int, budget: float) -> list[str]:
@@ -272,6 +301,8 @@ def save(
             "lt_commit": sides.lt_commit or checkout(),
             "probes": sides.probes,
             "results": {k: m.__dict__ for k, m in sides.results.items()},
+            # the commit of each measurement (--resume keeps earlier ones)
+            "commits": {k: sides.commits.get(k, checkout()) for k in sides.results},
             "outputs": {
                 k: v
                 for k, v in sides.outputs.items()

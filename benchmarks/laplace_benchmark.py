@@ -640,6 +640,13 @@ def common_arguments(description: str, output_name: str) -> argparse.ArgumentPar
         "this library); measure only what that run lacks",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="take every measurement that succeeded in the last run's raw results "
+        "(both libraries; the report names that run's commit) and measure only "
+        "those that failed or are missing (e.g. again with a longer --timeout)",
+    )
+    parser.add_argument(
         "--lt-python",
         default=os.environ.get("LAPLACE_TORCH_PYTHON", DEFAULT_LT_PYTHON),
         help="interpreter with laplace-torch installed",

@@ -152,10 +152,10 @@ def test_the_report_checks_the_targets_and_compares_the_libraries(lb):
     assert kron[1][1:4] == [LT, "default (CurvlinopsGGN)", "45"]
     assert kron[1][7:] == ["3×", "2×"]  # laplace-torch / ours
     assert [r[3] for r in table_rows(attn, "diag")] == ["5", "refused"]
-    assert line("- Target (LoRA on c_attn): our Kron fit's time").endswith(
+    assert line("- Target (LoRA on c_attn): the time of our Kron fit").endswith(
         "at most 2× the epoch's: 1.5×, **met**."
     )
-    assert line("- Target (LoRA on c_attn): our Kron fit's peak memory").endswith(
+    assert line("- Target (LoRA on c_attn): the peak memory of our Kron fit").endswith(
         "at most 1.3× the epoch's: 2×, **NOT met**."
     )
     assert line("- LoRA on c_attn: our fitted Kron factors alone take 80.0 MB")
