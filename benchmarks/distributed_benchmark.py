@@ -103,8 +103,9 @@ def worker(args) -> None:
         else None
     )
     loader = DataLoader(data, batch_size=batch, sampler=sampler)
-    first = DataLoader(TensorDataset(X[:batch], y[:batch]), batch_size=batch)
     kwargs = dict(extra)
+    warm = max(batch, kwargs.get("n_subset", 0))  # the GP's subset must fit in it
+    first = DataLoader(TensorDataset(X[:warm], y[:warm]), batch_size=batch)
     if structure == "lowrank":
         kwargs.pop("backend")
 

@@ -38,6 +38,7 @@ ranks would never join its collectives.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -130,8 +131,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 class Traffic:
     """What the collectives of this library sent while a ``traffic`` context was
     open: ``bytes``, the payload of each call summed (the size of the tensors
-    reduced or gathered by this rank; a ring all-reduce sends about ``2 (W - 1) /
-    W`` times that over the network), and ``calls``, per kind of collective."""
+    reduced by this rank, or of what a gather collects from all ranks, pickled
+    records included; a ring all-reduce sends about ``2 (W - 1) / W`` times its
+    payload over the network), and ``calls``, per kind of collective."""
 
     bytes: int = 0
     calls: dict[str, int] = field(default_factory=dict)
@@ -221,7 +223,7 @@ def agreement(
     }
     records: list[Any] = [None] * red.world_size
     torch.distributed.all_gather_object(records, record, group=red.group)
-    _count("all_gather_object", 0)
+    _count("all_gather_object", len(pickle.dumps(record)) * red.world_size)
     agreed.records = records
     if error is not None:
         raise error
