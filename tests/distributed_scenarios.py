@@ -387,7 +387,14 @@ def streaming(kind: str):
     def scenario(rank, world, device):
         from torch.func import functional_call
 
-        from laplace.streaming import dense_ggn, dense_hessian, diag_ggn, kron_ggn
+        from laplace.streaming import (
+            dense_fisher,
+            dense_ggn,
+            dense_hessian,
+            diag_fisher,
+            diag_ggn,
+            kron_ggn,
+        )
 
         net = model(device)
         params = {k: v.detach().clone() for k, v in net.named_parameters()}
@@ -407,6 +414,8 @@ def streaming(kind: str):
             "diag_ggn": lambda: diag_ggn.build(forward, outer_log_likelihood, 0.5),
             "dense_hessian": lambda: dense_hessian.build(log_posterior, 0.5, 0.3),
             "kron_ggn": lambda: kron_ggn.build(net, "classification", 0.5),
+            "dense_fisher": lambda: dense_fisher.build(log_posterior, False, 0.5),
+            "diag_fisher": lambda: diag_fisher.build(log_posterior, False, 0.5),
         }[kind]()
         data = dataset("classification")
         batches = (
@@ -420,7 +429,7 @@ def streaming(kind: str):
         if kind == "kron_ggn":
             prec = kron_ggn.precision(state)
             extra = {"n_data": state.n_data, "loss": state.loss.detach().cpu()}
-        elif kind == "diag_ggn":
+        elif kind in ("diag_ggn", "diag_fisher"):
             prec = torch.cat([v.reshape(-1) for v in state.prec_diag.values()])
             extra = {}
         else:
@@ -492,7 +501,14 @@ SCENARIOS = {
     "validation": validation,
     **{
         f"streaming-{kind}": streaming(kind)
-        for kind in ("dense_ggn", "diag_ggn", "dense_hessian", "kron_ggn")
+        for kind in (
+            "dense_ggn",
+            "diag_ggn",
+            "dense_hessian",
+            "kron_ggn",
+            "dense_fisher",
+            "diag_fisher",
+        )
     },
     "ella": ella,
     "marglik-without-ddp": marglik_without_ddp,
