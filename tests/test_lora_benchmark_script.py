@@ -243,8 +243,8 @@ def test_lora_benchmark_quick_run_ours_only(tmp_path):
         assert float(row[3]) > 0 and float(row[5]) >= 0  # measured, no error
     for what, target in (("time", "2"), ("peak memory", "1.3")):
         assert re.search(
-            rf"- Target \(LoRA on c_attn\): our Kron fit's {what} at most {target}× "
-            r"the epoch's: [\d.]+×, \*\*(NOT )?met\*\*\.",
+            rf"- Target \(LoRA on c_attn\): the {what} of our Kron fit at most "
+            rf"{target}× the epoch's: [\d.]+×, \*\*(NOT )?met\*\*\.",
             text,
         )
     assert "laplace-torch not run (`--ours-only`)" in text
