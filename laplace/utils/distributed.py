@@ -246,7 +246,7 @@ def _compare_signatures(records: list[dict], red: Reduction, what: str) -> None:
     if not differ:
         return
     other = records[differ[0]]["signature"]
-    keys = [k for k in first if first.get(k) != other.get(k)]
+    keys = [k for k in {**first, **other} if first.get(k) != other.get(k)]
     shown = "; ".join(
         f"rank {r}: "
         + ", ".join(f"{k}={records[r]['signature'].get(k)!r}" for k in keys)
@@ -421,6 +421,7 @@ def all_gather_rows(t: Tensor, red: Reduction | None) -> Tensor:
     n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
     counts = [torch.empty_like(n) for _ in range(red.world_size)]
     dist.all_gather(counts, n, group=red.group)
+    _count("all_gather", _nbytes(n) * red.world_size)
     longest = max(int(c) for c in counts)
     padded = t.new_zeros((longest, *t.shape[1:]))
     padded[: t.shape[0]] = t
@@ -438,7 +439,10 @@ def shared_seed(red: Reduction | None) -> int | None:
         return None
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     objects = [int(seed)]
-    torch.distributed.broadcast_object_list(objects, src=_global_rank(red, 0))
+    torch.distributed.broadcast_object_list(
+        objects, src=_global_rank(red, 0), group=red.group
+    )
+    _count("broadcast_object_list", len(pickle.dumps(objects[0])))
     return int(objects[0])
 
 
