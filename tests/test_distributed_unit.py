@@ -890,11 +890,6 @@ def test_check_loader_finds_a_sampler_in_a_batch_sampler():
         D.check_loader([torch.zeros(2)], red)
 
 
-def test_count_examples():
-    assert D.count_examples(torch.zeros(5, 2), "input_ids") == 5
-    assert D.count_examples({"input_ids": torch.zeros(3, 4)}, "input_ids") == 3
-
-
 # -- what the first mutation run left (tools/mutation/distributed.cfg) --------------
 def test_check_loader_sampler_without_batch_sampler():
     """A loader with ``batch_size=None`` has its sampler but no batch sampler."""

@@ -291,7 +291,7 @@ class ParametricLaplace(BaseLaplace):
             H, loss, n_outputs, output_loss, seen = self._accumulate(
                 train_loader, N, per_output, progress_bar
             )
-            agreed.report(seen=seen, layout=_layout(H))
+            agreed.report(seen=seen, layout=distributed.layout(H))
         if red is not None:
             H, loss, output_loss, N = self._reduce_fit(
                 red, H, loss, output_loss, N, agreed
@@ -355,15 +355,7 @@ class ParametricLaplace(BaseLaplace):
     def _reduce_fit(self, red, H, loss, output_loss, N: int, agreed):
         """The curvature, losses and number of data of all ranks from this rank's
         (``laplace.utils.distributed``): every rank then holds the same."""
-        layouts = {repr(record["layout"]) for record in agreed.records}
-        if len(layouts) > 1:
-            raise ValueError(
-                "fit: the ranks' backends gave curvatures of different layouts "
-                f"({sorted(layouts)}), which cannot be summed. Use the same backend "
-                "and model on every rank."
-            )
-        n_total = agreed.total("seen")
-        H = distributed.reduce_curvature(H, red, N, n_total)
+        H, n_total = distributed.reduce_accumulated(H, red, N, agreed, "fit")
         extra = [] if output_loss is None else [output_loss]
         loss = loss.detach().clone()
         distributed.all_reduce_([loss, *extra], red)
@@ -655,17 +647,6 @@ class ParametricLaplace(BaseLaplace):
         else:  # a prior-only state: the mean is the prior mean, the model unchanged
             self.mean = None
         self._on_new_curvature()
-
-
-def _layout(H: Any) -> Any:
-    """The shapes of a curvature's tensors (compared between ranks before they are
-    summed)."""
-    if isinstance(H, torch.Tensor):
-        return tuple(H.shape)
-    kfacs = getattr(H, "kfacs", None)
-    if kfacs is None:
-        return type(H).__name__
-    return [[tuple(F.shape) for F in block] for block in kfacs]
 
 
 def _all_finite(t: Tensor) -> bool:

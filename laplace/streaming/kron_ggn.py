@@ -244,15 +244,9 @@ def update(
                 "inputs and targets and the model's outputs. The state was left as "
                 "it was."
             )
-        agreed.report(seen=n, layout=K._shapes())
+        agreed.report(seen=n, layout=distributed.layout(K))
     if red is not None:  # every rank's batch: the Kron of their union
-        if len({repr(r["layout"]) for r in agreed.records}) > 1:
-            raise ValueError(
-                "update: the ranks' batches gave Kronecker factors of different "
-                "shapes; use the same model on every rank."
-            )
-        total = agreed.total("seen")
-        K = distributed.reduce_curvature(K, red, n, total)
+        K, total = distributed.reduce_accumulated(K, red, n, agreed, "update")
         loss, n = distributed.all_reduce_sum(loss, red), total
     aux = output[0] if output else None
     kron = _combine(state.kron, K, state.n_data, n, inplace)

@@ -351,6 +351,34 @@ def reduce_curvature(H: Any, red: Reduction, n_local: int, n_total: int) -> Any:
     )
 
 
+def layout(H: Any) -> Any:
+    """The shapes of a curvature's tensors (``agreement`` compares them between
+    the ranks before they are summed)."""
+    if isinstance(H, Tensor):
+        return tuple(H.shape)
+    kfacs = getattr(H, "kfacs", None)
+    if kfacs is None:
+        return type(H).__name__
+    return [[tuple(F.shape) for F in block] for block in kfacs]
+
+
+def reduce_accumulated(
+    H: Any, red: Reduction, n_local: int, agreed: Agreement, what: str
+) -> tuple[Any, int]:
+    """``(H of all ranks, examples of all ranks)`` after an ``agreement`` whose
+    records ``report``-ed ``seen`` (this rank's examples) and ``layout(H)``:
+    different layouts are refused on every rank, then ``reduce_curvature``."""
+    layouts = {repr(record["layout"]) for record in agreed.records}
+    if len(layouts) > 1:
+        raise ValueError(
+            f"{what}: the ranks gave curvatures of different layouts "
+            f"({sorted(layouts)}), which cannot be summed. Use the same model and "
+            "backend on every rank."
+        )
+    n_total = agreed.total("seen")
+    return reduce_curvature(H, red, n_local, n_total), n_total
+
+
 def _reduce_tensor(H: Tensor, red: Reduction, n_local: int, n_total: int) -> Tensor:
     all_reduce_([H], red)
     return H
@@ -495,12 +523,6 @@ def check_loader(
         )
 
 
-def count_examples(x: Any, dict_key_x: str) -> int:
-    from laplace.data import batch_size
-
-    return batch_size(x, dict_key_x)
-
-
 __all__ = [
     "BUCKET_BYTES",
     "Reduction",
@@ -511,7 +533,9 @@ __all__ = [
     "all_reduce_",
     "all_reduce_sum",
     "check_loader",
+    "layout",
     "distributed_reduction",
+    "reduce_accumulated",
     "reduce_curvature",
     "reduction",
     "shared_seed",
